@@ -1,0 +1,1 @@
+"""Storage backends behind :class:`streamdata.TokenStore` (internal; use :func:`streamdata.open_store`)."""

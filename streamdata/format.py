@@ -1,0 +1,224 @@
+"""On-disk layout of a token store (format version 1), and the manifest that seals it.
+
+This module is the single description of the bytes on disk; the writer
+(:mod:`streamdata.writer`) and the readers (:mod:`streamdata.backends`) point back here.
+
+Layout of a ``npy`` store::
+
+    STORE/
+      manifest.json                 written LAST, atomically; without it the folder is not a store
+      shards/tokens-00000.bin       raw little-endian token ids, dtype uint16 or uint32 (manifest
+                                    "dtype"), no header: nanoGPT-style readers can np.memmap it
+      shards/tokens-00001.bin       ...
+      index/doc_offsets.npy         int64 [num_documents + 1]: global token offset of each document
+                                    start, last entry == total tokens (documents never span shards)
+      index/doc_bytes.npy           int64 [num_documents]: UTF-8 bytes of each document's text
+      index/doc_words.npy           int64 [num_documents]: whitespace-separated words (str.split())
+      _build/                       only while building: per-shard ledgers for resuming (see writer)
+
+Token address space: shards are concatenated in order, so token ``i`` of the store is token
+``i - shards[k].start`` of shard ``k``. A document's span includes the EOS/BOS ids the policy adds
+(``manifest["special_tokens"]``); its byte and word counts are of the text alone.
+
+Commit order (levanter's rule: data, then counts, then the seal): shard files are written and
+fsynced, the merged index is written and fsynced, and only then ``manifest.json`` is written to a
+temporary name, fsynced and renamed. A crash at any point leaves a folder without a manifest,
+which :func:`streamdata.open_store` refuses and ``streamdata tokenize`` resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError, TokenizerError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "Manifest",
+    "ShardInfo",
+    "choose_dtype",
+    "read_manifest",
+    "write_manifest",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "sha256_file",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+INDEX_DIR = "index"
+BUILD_DIR = "_build"
+SHARD_PATTERN = "tokens-{:05d}.bin"
+
+# Token ids are stored as unsigned integers, little-endian, never int64.
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def choose_dtype(vocab_size: int) -> str:
+    """Smallest on-disk dtype that holds every id in ``[0, vocab_size)``.
+
+    uint16 holds ids 0..65535, i.e. a vocabulary of up to 65536 entries. Known failure elsewhere:
+    ids above 65535 silently wrapped when written as uint16; we choose from the vocabulary size,
+    and the writer also checks every id it writes.
+    """
+    if vocab_size <= 0:
+        raise TokenizerError(f"tokenizer vocabulary size {vocab_size} is not positive: check the tokenizer file")
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    if vocab_size <= 1 << 32:
+        return "uint32"
+    raise TokenizerError(
+        f"tokenizer vocabulary size {vocab_size} does not fit uint32 token ids (max 4294967296): "
+        "use a smaller vocabulary"
+    )
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise StoreError(f"unknown token dtype {name!r} in manifest: expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One token shard: ``tokens`` ids covering documents ``[doc_start, doc_start + documents)``."""
+
+    file: str  # path relative to the store root
+    tokens: int
+    documents: int
+    sha256: str
+    start: int = 0  # global token offset (derived: sum of earlier shards' tokens)
+    doc_start: int = 0  # global index of its first document (derived)
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to trust and interpret a store. Serialised as ``manifest.json``."""
+
+    dtype: str
+    tokenizer: dict[str, Any]  # name, sha256 (of its JSON), vocab_size, special token ids
+    special_tokens: dict[str, Any]  # EOS/BOS policy: {"bos": id|None, "eos": id|None, ...}
+    source: dict[str, Any]  # dataset id/config/split/revision or file list, text column
+    shards: list[ShardInfo]
+    totals: dict[str, int]  # tokens, documents, bytes, words
+    format: str = "npy"
+    format_version: int = FORMAT_VERSION
+    created_by: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.totals["tokens"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.totals["documents"])
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["shards"] = [{k: v for k, v in s.items() if k not in ("start", "doc_start")} for s in d["shards"]]
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+        try:
+            version = int(d["format_version"])
+            if version != FORMAT_VERSION:
+                raise StoreError(
+                    f"{where}: format_version {version} is not supported (this reader knows {FORMAT_VERSION}): "
+                    "upgrade streamdata or rebuild the store"
+                )
+            shards, start, doc_start = [], 0, 0
+            for s in d["shards"]:
+                info = ShardInfo(str(s["file"]), int(s["tokens"]), int(s["documents"]), str(s["sha256"]), start, doc_start)
+                shards.append(info)
+                start += info.tokens
+                doc_start += info.documents
+            m = cls(
+                dtype=str(d["dtype"]),
+                tokenizer=dict(d["tokenizer"]),
+                special_tokens=dict(d["special_tokens"]),
+                source=dict(d["source"]),
+                shards=shards,
+                totals={k: int(v) for k, v in d["totals"].items()},
+                format=str(d.get("format", "npy")),
+                format_version=version,
+                created_by=dict(d.get("created_by", {})),
+                extra=dict(d.get("extra", {})),
+            )
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where} is malformed ({type(e).__name__}: {e}): rebuild the store") from None
+        numpy_dtype(m.dtype)
+        if start != m.num_tokens or doc_start != m.num_documents:
+            raise StoreError(
+                f"{where}: shards hold {start} tokens / {doc_start} documents but totals say "
+                f"{m.num_tokens} / {m.num_documents}: the store is damaged, rebuild it"
+            )
+        return m
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss (POSIX)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, manifest.to_json().encode())
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and validate ``root/manifest.json``; a folder without one is not a store."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.exists():
+        raise StoreError(f"store {str(root)!r} does not exist: check the path or build it with 'streamdata tokenize'")
+    if not path.is_file():
+        hint = (
+            "an unfinished build is there: rerun the same 'streamdata tokenize' command to resume it"
+            if (root / BUILD_DIR).exists()
+            else "it is not a store: build one with 'streamdata tokenize'"
+        )
+        raise StoreError(f"{str(root)!r} has no {MANIFEST_NAME}: {hint}")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{str(path)!r} is not readable JSON ({e}): the store is damaged, rebuild it") from None
+    if not isinstance(d, dict):
+        raise StoreError(f"{str(path)!r} is not a JSON object: the store is damaged, rebuild it")
+    return Manifest.from_dict(d, where=str(path))
+
+
+def sha256_file(path: Path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

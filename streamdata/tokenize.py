@@ -1,0 +1,333 @@
+"""Tokenize stage: load a Hugging Face ``tokenizers`` tokenizer, apply the EOS/BOS policy, and run
+the source -> tokenizer -> writer pipeline (:func:`tokenize_dataset`).
+
+Throughput notes (measured on the 2-core build machine, see benchmarks/RESULTS.md):
+- ``Tokenizer.encode_batch_fast`` encodes a batch on all cores in Rust (rayon) and releases the GIL;
+  it skips the character offsets that ``encode_batch`` computes and we never use.
+- Reading the next batch of texts out of Arrow runs in a background thread, so it overlaps the
+  Rust encoding of the current batch.
+- Ids are flattened with one ``np.fromiter`` over all documents of a batch; per-document numpy
+  arrays cost more than the tokenizer on short documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, TokenizerError
+from .format import Manifest, choose_dtype
+from .source import Source, SourceSpec, load_source
+from .writer import StoreWriter
+
+__all__ = ["TokenizeConfig", "LoadedTokenizer", "load_tokenizer", "tokenize_dataset", "tokenizer_sha256"]
+
+# Names tried, in order, when a tokenizer's configuration does not say which token is EOS/BOS.
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[BOS]", "<|endoftext|>")
+
+
+def tokenizer_sha256(tok: Any) -> str:
+    """sha256 of the tokenizer's canonical JSON (``Tokenizer.to_str()``): equal for the same tokenizer
+    whether it came from a file, a folder or the hub, so stores and models can be matched."""
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+@dataclass
+class LoadedTokenizer:
+    tokenizer: Any  # tokenizers.Tokenizer
+    name: str
+    sha256: str
+    vocab_size: int
+    config_tokens: dict[str, str | None] = field(default_factory=dict)  # eos/bos from tokenizer_config.json
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def identity(self) -> dict[str, Any]:
+        added = self.tokenizer.get_added_tokens_decoder()
+        specials = {t.content: int(i) for i, t in sorted(added.items()) if getattr(t, "special", False)}
+        return {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "special_ids": specials}
+
+
+def _read_token_config(folder: Path) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        p = folder / fname
+        if not p.is_file():
+            continue
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in ("eos_token", "bos_token"):
+            v = d.get(key)
+            if isinstance(v, dict):  # AddedToken serialised as a dict
+                v = v.get("content")
+            if isinstance(v, str) and key[:3] not in out:
+                out[key[:3]] = v
+    return out
+
+
+def load_tokenizer(spec: str) -> LoadedTokenizer:
+    """Load ``spec``: a ``tokenizer.json`` path, a folder holding one, or a hub id."""
+    from tokenizers import Tokenizer
+
+    p = Path(os.path.expanduser(spec))
+    cfg: dict[str, str | None] = {}
+    if p.is_file():
+        try:
+            tok = Tokenizer.from_file(str(p))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise TokenizerError(f"cannot load tokenizer file {spec!r} ({str(e).splitlines()[0][:200]}): pass a valid tokenizer.json") from None
+        cfg = _read_token_config(p.parent)
+        name = str(p.resolve())
+    elif p.is_dir():
+        f = p / "tokenizer.json"
+        if not f.is_file():
+            raise TokenizerError(f"tokenizer folder {spec!r} has no tokenizer.json: pass the file or a folder saved by save_pretrained")
+        try:
+            tok = Tokenizer.from_file(str(f))
+        except Exception as e:
+            raise TokenizerError(f"cannot load {str(f)!r} ({str(e).splitlines()[0][:200]}): pass a valid tokenizer.json") from None
+        cfg = _read_token_config(p)
+        name = str(p.resolve())
+    else:
+        try:
+            tok = Tokenizer.from_pretrained(spec)
+        except Exception as e:  # offline, unknown repo, no tokenizer.json in the repo
+            raise TokenizerError(
+                f"unknown tokenizer {spec!r}: not a tokenizer.json file, a folder with one, or a reachable hub id "
+                f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+            ) from None
+        name = spec
+        try:  # EOS/BOS names live in tokenizer_config.json on the hub; optional
+            from huggingface_hub import hf_hub_download
+
+            cfg = _read_token_config(Path(hf_hub_download(spec, "tokenizer_config.json")).parent)
+        except Exception:  # noqa: BLE001 - absent config is normal; we fall back to known names
+            cfg = {}
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    return LoadedTokenizer(tok, name, tokenizer_sha256(tok), int(vocab), cfg)
+
+
+def _resolve_special(tok: LoadedTokenizer, choice: str, which: str) -> tuple[int | None, str | None]:
+    """``choice``: 'auto' (the tokenizer's own, if any), 'none', or a token string such as '</s>'."""
+    if choice == "none":
+        return None, None
+    if choice == "auto":
+        names = ([tok.config_tokens[which]] if tok.config_tokens.get(which) else []) + list(
+            _EOS_NAMES if which == "eos" else _BOS_NAMES
+        )
+        for n in names:
+            i = tok.token_id(n)
+            if i is not None:
+                return int(i), n
+        return None, None
+    i = tok.token_id(choice)
+    if i is None:
+        raise TokenizerError(f"--{which} token {choice!r} is not in the tokenizer's vocabulary: pass auto, none, or an existing token")
+    return int(i), choice
+
+
+@dataclass
+class TokenizeConfig:
+    """Settings of one ``streamdata tokenize`` run (validated on construction)."""
+
+    source: Sequence[str] | str
+    tokenizer: str
+    out: str
+    config_name: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    text_column: str = "text"
+    streaming: bool = False
+    sample_by: str = "document"
+    max_docs: int | None = None
+    max_tokens: int | None = None  # stop after the document that brings the total to this many or more
+    shard_tokens: int = 1 << 26  # 64Mi tokens: 128 MiB uint16 shard files
+    eos: str = "auto"  # auto | none | TOKEN: appended to every document
+    bos: str = "none"  # auto | none | TOKEN: prepended to every document
+    batch_size: int = 1000  # documents per encode call
+    overwrite: bool = False
+    format: str = "npy"
+    cache_dir: str | None = None
+    progress: bool = False
+    data_files_builder: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.source, str):
+            self.source = (self.source,)
+        self.source = tuple(str(s) for s in self.source)
+        for name in ("max_docs", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}={v} must be >= 1 (or unset for no limit)")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"shard_tokens={self.shard_tokens} must be >= 1: pass e.g. --shard-tokens 67108864")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.format != "npy":
+            raise ConfigError(f"format {self.format!r} is not supported by this version: use npy")
+        if not self.out:
+            raise ConfigError("no output folder: pass --out DIR")
+
+    def source_spec(self) -> SourceSpec:
+        return SourceSpec(
+            paths=tuple(self.source), config=self.config_name, split=self.split, revision=self.revision,
+            text_column=self.text_column, streaming=self.streaming, sample_by=self.sample_by,
+            cache_dir=self.cache_dir, data_files_builder=self.data_files_builder,
+        )
+
+
+def _prefetch(it: Iterator[list[str]], depth: int = 2) -> Iterator[list[str]]:
+    """Run ``it`` in a background thread, ``depth`` batches ahead; errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    _END = object()
+
+    def work():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", _END))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(("error", e))
+
+    t = threading.Thread(target=work, name="streamdata-source", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "item":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
+
+
+def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` -> (flat int64 ids of all documents, int64 length of each). No special tokens
+    from the tokenizer's post-processor: the explicit BOS/EOS policy is the only one applied."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encs = encode(list(texts), add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    extra = (bos is not None) + (eos is not None)
+    lens = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
+    if extra == 0:
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
+    else:
+        pre, post = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
+        flat = np.fromiter(itertools.chain.from_iterable(pre + x + post for x in ids), dtype=np.int64, count=int(lens.sum()))
+    return flat, lens
+
+
+def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> Manifest:
+    """Tokenize a dataset into a store at ``config.out`` and return its manifest.
+
+    Resumes an unfinished build of the same settings; refuses to replace a finished store unless
+    ``overwrite`` (a finished store built with the same settings is returned as is).
+    """
+    cfg = config if config is not None else TokenizeConfig(**kwargs)
+    tok = load_tokenizer(cfg.tokenizer)
+    dtype = choose_dtype(tok.vocab_size)
+    eos_id, eos_tok = _resolve_special(tok, cfg.eos, "eos")
+    bos_id, bos_tok = _resolve_special(tok, cfg.bos, "bos")
+    special = {
+        "eos": eos_id, "eos_token": eos_tok, "eos_policy": cfg.eos,
+        "bos": bos_id, "bos_token": bos_tok, "bos_policy": cfg.bos,
+        "placement": "bos + text + eos for every document; the tokenizer's own post-processor is not applied",
+    }
+    source = load_source(cfg.source_spec())
+    settings = {
+        "source": source.identity,
+        "tokenizer_sha256": tok.sha256,
+        "special": special,
+        "dtype": dtype,
+        "shard_tokens": cfg.shard_tokens,
+        "max_docs": cfg.max_docs,
+        "max_tokens": cfg.max_tokens,
+    }
+    writer = StoreWriter(cfg.out, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
+                         settings=settings, overwrite=cfg.overwrite)
+    if writer.finished is not None:
+        return writer.finished
+    created = {
+        "tool": "streamdata", "python": sys.version.split()[0], "numpy": np.__version__,
+        "tokenizers": _version("tokenizers"), "datasets": _version("datasets"),
+        "time_unix": int(time.time()),
+    }
+    skip = writer.documents_done
+    bar = None
+    try:
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=source.num_rows if cfg.max_docs is None else min(cfg.max_docs, source.num_rows or cfg.max_docs),
+                       initial=skip, unit="doc", desc="tokenize", file=sys.stderr, dynamic_ncols=True)
+        done = cfg.max_docs is not None and skip >= cfg.max_docs or (
+            cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens)
+        for texts in ([] if done else _prefetch(source.batches(cfg.batch_size, skip=skip))):
+            if cfg.max_docs is not None:
+                texts = texts[: cfg.max_docs - writer.documents_written]
+            flat, lens = encode_documents(tok.tokenizer, texts, bos_id, eos_id)
+            if cfg.max_tokens is not None:
+                cum = np.cumsum(lens) + writer.tokens_written
+                keep = int(np.searchsorted(cum, cfg.max_tokens, side="left")) + 1
+                if keep < len(lens):
+                    texts, lens = texts[:keep], lens[:keep]
+                    flat = flat[: int(lens.sum())]
+            nbytes = [len(t.encode("utf-8")) for t in texts]
+            nwords = [len(t.split()) for t in texts]
+            writer.add_documents(flat, lens, nbytes, nwords)
+            if bar is not None:
+                bar.update(len(texts))
+            if (cfg.max_docs is not None and writer.documents_written >= cfg.max_docs) or (
+                cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens
+            ):
+                break
+        return writer.commit(tokenizer=tok.identity(), special_tokens=special, source=source.identity,
+                             created_by=created)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:  # noqa: BLE001 - metadata is informational only
+        return None
+
