@@ -207,6 +207,8 @@ def load_source(spec: SourceSpec) -> Source:
                 ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                            streaming=spec.streaming, **kwargs)
             except Exception as e:  # parse errors come as several pyarrow/datasets types
+                if "corresponds to no data" in str(e):
+                    raise SourceError(f"the data files hold no documents (empty dataset): {paths[0]!r}{' ...' if len(paths) > 1 else ''}") from None
                 raise SourceError(f"cannot read data files ({_first_line(e)}): check that they are valid {builder}") from None
             identity.update(kind=kind, builder=builder,
                             files=[{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files])
@@ -227,6 +229,8 @@ def load_source(spec: SourceSpec) -> Source:
     except SourceError:
         raise
     identity["streaming"] = spec.streaming
+    if not spec.streaming and len(ds) == 0:
+        raise SourceError(f"the dataset {paths[0]!r} (split {spec.split!r}) holds no documents (empty dataset): check the source and split")
     columns = _columns(ds)
     if columns is not None and spec.text_column not in columns:
         raise SourceError(f"text column {spec.text_column!r} not found (columns: {columns}): pass --text-column NAME")

@@ -3,6 +3,15 @@ fails any test which leaks a thread (the loader's and tokenizer's background thr
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# No network in tests (and none on CI): fail fast instead of waiting on hub timeouts, and keep the
+# datasets cache out of the user's home. Set before anything imports datasets/huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="streamdata-tests-hf-"))
+
 import threading
 import time
 from pathlib import Path

@@ -1,0 +1,178 @@
+"""``streamdata`` command line: a thin layer over the Python API.
+
+    streamdata tokenize SOURCE... --tokenizer T --out DIR [options]
+    streamdata info STORE [--json]
+    streamdata verify STORE
+
+Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import StreamdataError
+
+__all__ = ["main"]
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamdata", description="Tokenize datasets once into memory-mapped token stores; inspect and verify stores.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tokenize", help="tokenize a dataset into a store",
+                       description="Tokenize a Hugging Face dataset (hub id, local files/globs, or a save_to_disk folder) "
+                                   "into a token store. Interrupted runs resume when the same command is run again.")
+    t.add_argument("source", nargs="+", metavar="SOURCE", help="hub dataset id, data files/globs (json, jsonl, parquet, csv, tsv, txt), or a save_to_disk folder")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.json path, a folder holding one, or a hub id")
+    t.add_argument("--out", required=True, help="output store folder")
+    t.add_argument("--config", dest="config_name", help="dataset configuration name (hub datasets)")
+    t.add_argument("--split", help="split to tokenize (default: the only split, or 'train' for data files)")
+    t.add_argument("--revision", help="dataset revision (hub datasets)")
+    t.add_argument("--text-column", default="text", help="column holding the document text (default: text)")
+    t.add_argument("--sample-by", default="document", choices=("document", "paragraph", "line"),
+                   help="plain-text files: one document per file, paragraph or line (default: document)")
+    t.add_argument("--streaming", action="store_true", help="stream the dataset (IterableDataset) instead of materialising it")
+    t.add_argument("--max-docs", type=_positive, help="stop after this many documents")
+    t.add_argument("--max-tokens", type=_positive, help="stop after the document that brings the total to this many tokens")
+    t.add_argument("--shard-tokens", type=_positive, default=1 << 26, help="tokens per shard file, closed at a document boundary (default: 67108864)")
+    t.add_argument("--eos", default="auto", help="EOS appended to every document: auto (the tokenizer's, if any), none, or a token (default: auto)")
+    t.add_argument("--bos", default="none", help="BOS prepended to every document: none, auto, or a token (default: none)")
+    t.add_argument("--batch-size", type=_positive, default=1000, help="documents per tokenizer call (default: 1000)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing store or unfinished build at --out")
+    t.add_argument("--cache-dir", help="datasets cache folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="summarise a store", description="Print a human summary of a store (or JSON with --json).")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="print the manifest and derived figures as JSON")
+
+    v = sub.add_parser("verify", help="check checksums, token ids and the document index",
+                       description="Verify a store: shard checksums, ids < vocab size, document index consistency. "
+                                   "Exit 1 and list every defect if any is found.")
+    v.add_argument("store")
+    return p
+
+
+def _cmd_tokenize(a: argparse.Namespace) -> int:
+    from .tokenize import TokenizeConfig, tokenize_dataset
+
+    cfg = TokenizeConfig(
+        source=a.source, tokenizer=a.tokenizer, out=a.out, config_name=a.config_name, split=a.split,
+        revision=a.revision, text_column=a.text_column, streaming=a.streaming, sample_by=a.sample_by,
+        max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
+        batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
+    )
+    t0 = time.perf_counter()
+    m = tokenize_dataset(cfg)
+    dt = time.perf_counter() - t0
+    tot = m.totals
+    print(f"{a.out}: {tot['tokens']:,} tokens, {tot['documents']:,} documents, {len(m.shards)} shard(s), "
+          f"dtype {m.dtype} ({dt:.1f} s, {tot['tokens'] / max(dt, 1e-9):,.0f} tok/s)")
+    return 0
+
+
+def _disk_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from .store import open_store
+
+    with open_store(a.store) as s:
+        m = s.manifest
+        tot = m.totals
+        derived = {
+            "disk_bytes": _disk_bytes(a.store) if os.path.isdir(a.store) else None,
+            "tokens_per_document": tot["tokens"] / max(1, tot["documents"]),
+            "bytes_per_token": (tot.get("bytes", 0) / tot["tokens"]) if tot["tokens"] else None,
+        }
+        if a.json:
+            d = json.loads(m.to_json())
+            d["derived"] = derived
+            print(json.dumps(d, indent=2, sort_keys=True))
+            return 0
+        tk, sp, src = m.tokenizer, m.special_tokens, m.source
+        rows = [
+            ("store", f"{s.path} (format {m.format} v{m.format_version})"),
+            ("tokens", f"{tot['tokens']:,} ({m.dtype})"),
+            ("documents", f"{tot['documents']:,} ({derived['tokens_per_document']:,.1f} tokens/doc)"),
+            ("text", f"{tot.get('bytes', 0):,} UTF-8 bytes, {tot.get('words', 0):,} words"
+                     + (f", {derived['bytes_per_token']:.2f} bytes/token" if derived["bytes_per_token"] else "")),
+            ("shards", f"{len(m.shards)}" + (f", {derived['disk_bytes'] / 2**20:,.1f} MiB on disk" if derived["disk_bytes"] else "")),
+            ("tokenizer", f"{tk.get('name')} (vocab {tk.get('vocab_size')}, sha256 {str(tk.get('sha256'))[:12]})"),
+            ("special", f"bos={sp.get('bos')} ({sp.get('bos_token')}), eos={sp.get('eos')} ({sp.get('eos_token')})"),
+            ("source", _describe_source(src)),
+        ]
+        w = max(len(k) for k, _ in rows)
+        for k, val in rows:
+            print(f"{k:<{w}}  {val}")
+    return 0
+
+
+def _describe_source(src: dict) -> str:
+    kind = src.get("kind")
+    if kind == "hub":
+        parts = [src.get("id")] + [f"{k}={src[k]}" for k in ("config", "split", "revision") if src.get(k)]
+        return "hub " + " ".join(str(p) for p in parts)
+    if kind == "files":
+        files = src.get("files", [])
+        first = Path(files[0]["path"]).name if files else "?"
+        return f"{len(files)} {src.get('builder')} file(s) ({first}{', ...' if len(files) > 1 else ''}), column {src.get('text_column')!r}"
+    if kind == "saved":
+        return f"saved dataset {src.get('path')} split={src.get('split')}"
+    return json.dumps(src)[:120]
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from .verify import verify_store
+
+    r = verify_store(a.store)
+    if r.ok:
+        print(f"{a.store}: OK ({r.checked_tokens:,} tokens, {r.checked_documents:,} documents checked)")
+        return 0
+    for d in r.defects:
+        print(f"{a.store}: DEFECT: {d}")
+    print(f"{a.store}: {len(r.defects)} defect(s) found", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify}[args.command]
+    try:
+        return cmd(args)
+    except StreamdataError as e:
+        print(f"streamdata: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamdata: interrupted (finished shards are kept: rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
