@@ -1,0 +1,207 @@
+"""Window plan: property tests against a brute-force enumeration written here in plain Python."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamdata.errors import ConfigError
+from streamdata.windows import WindowPlan, plan_windows
+
+
+def brute_windows(offsets, L, O, mode, bos):
+    """Reference: walk each stream window by window, exactly as the semantics read.
+
+    Returns (start, length, score_from, doc, bos) tuples in reading order.
+    """
+    N = offsets[-1]
+    streams = [(0, N, -1)] if mode == "stream" else [(offsets[i], offsets[i + 1], i) for i in range(len(offsets) - 1)]
+    out = []
+    b = 1 if bos else 0
+    for a, e, d in streams:
+        v = e - a + b  # virtual stream: [BOS] + tokens
+        if v < 2:
+            continue
+        s, first = 0, True
+        while True:
+            length = min(L, v - 1 - s)
+            out.append((a - b + s, length, 0 if first else O, d, bool(b) and s == 0))
+            if s + L >= v - 1:  # target v-1 (the stream's last token) is scored
+                break
+            s += L - O
+            first = False
+    return out
+
+
+def scored_targets(plan: WindowPlan):
+    """{(stream id, global target position): context length} from a plan; asserts no duplicates."""
+    seen = {}
+    for s, n, f, d, _ in zip(plan.start.tolist(), plan.length.tolist(), plan.score_from.tolist(),
+                             plan.doc.tolist(), plan.bos.tolist()):
+        for j in range(f, n):
+            key = (d, s + 1 + j)
+            assert key not in seen, f"target {key} scored twice"
+            seen[key] = j + 1  # tokens of its stream (BOS included) the prediction sees
+    return seen
+
+
+@st.composite
+def layouts(draw):
+    lens = draw(st.lists(st.integers(0, 40) | st.sampled_from([0, 1, 2]), min_size=0, max_size=12))
+    off = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=off[1:])
+    L = draw(st.integers(1, 12))
+    O = draw(st.integers(0, L - 1))
+    mode = draw(st.sampled_from(["stream", "document"]))
+    bos = draw(st.booleans())
+    return off, L, O, mode, bos
+
+
+def as_tuples(plan):
+    return list(zip(plan.start.tolist(), plan.length.tolist(), plan.score_from.tolist(), plan.doc.tolist(),
+                    plan.bos.tolist()))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_plan_matches_brute_force_and_scores_every_target_once(layout):
+    off, L, O, mode, bos = layout
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos)
+    assert as_tuples(plan) == brute_windows(off.tolist(), L, O, mode, bos)
+    for arr in (plan.start, plan.length, plan.score_from, plan.doc):
+        assert arr.dtype == np.int64
+    assert plan.bos.dtype == bool
+
+    # Every target of every stream is scored exactly once ...
+    N = int(off[-1])
+    b = 1 if bos else 0
+    streams = [(0, N, -1)] if mode == "stream" else [(int(off[i]), int(off[i + 1]), i) for i in range(len(off) - 1)]
+    expected = {(d, p) for a, e, d in streams for p in range(a + 1 - b, e) if e - a + b >= 2}
+    seen = scored_targets(plan)
+    assert set(seen) == expected
+    assert plan.num_scored == len(expected)
+    if mode == "stream":
+        assert plan.num_scored == max(N - 1 + b, 0)
+
+    # ... with the most context the semantics allow: q = position in the virtual stream.
+    stream_start = {d: a for a, e, d in streams}
+    S = L - O
+    for (d, p), ctx in seen.items():
+        q = p - stream_start[d] + b
+        if q <= L:
+            assert ctx == q  # first window: the whole history
+        else:
+            assert ctx == O + 1 + (q - L - 1) % S  # a later window: overlap + 1 .. L tokens
+            assert O + 1 <= ctx <= L
+
+    # Windows stay inside their stream, never read past it, and the last one reaches its end.
+    for (s, n, f, d, w_bos) in as_tuples(plan):
+        a, e = (0, N) if d == -1 else (int(off[d]), int(off[d + 1]))
+        assert a - b <= s and s + n + 1 <= e
+        assert 1 <= n <= L and 0 <= f < n
+        assert w_bos == (bos and s == a - 1)
+    for a, e, d in streams:
+        ends = [s + n + 1 for (s, n, f, dd, _) in as_tuples(plan) if dd == d]
+        if e - a + b >= 2:
+            assert max(ends) == e  # the last (possibly partial) window reads the stream's last token
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts(), st.integers(1, 5), st.data())
+def test_shard_blocks_union_is_the_plan(layout, world, data):
+    off, L, O, mode, bos = layout
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos)
+    parts = [plan.shard(r, world) for r in range(world)]
+    assert sum(len(p) for p in parts) == len(plan)
+    assert sum(p.num_scored for p in parts) == plan.num_scored
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    glued = [t for p in parts for t in as_tuples(p)]
+    assert glued == as_tuples(plan)
+    firsts = [p.first for p in parts]
+    assert firsts == sorted(firsts) and firsts[0] == 0
+    i = data.draw(st.integers(0, len(plan)))
+    tail = plan[i:]
+    assert tail.first == i and as_tuples(tail) == as_tuples(plan)[i:]
+
+
+def test_worked_example_from_the_docstring():
+    plan = plan_windows(np.array([0, 10]), 4, 1, "stream")
+    assert as_tuples(plan) == [(0, 4, 0, -1, False), (3, 4, 1, -1, False), (6, 3, 1, -1, False)]
+    assert plan.num_scored == 9
+
+
+def test_plan_is_document_and_shard_agnostic_in_stream_mode():
+    # Shards never enter the plan; in stream mode the document layout does not either.
+    rng = np.random.default_rng(0)
+    lens = rng.integers(0, 50, size=200)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    a = plan_windows(off, 64, 16, "stream")
+    b = plan_windows(np.array([0, off[-1]]), 64, 16, "stream")
+    assert as_tuples(a) == as_tuples(b)
+
+
+def test_document_mode_small_documents():
+    off = np.array([0, 0, 1, 3, 3, 4], np.int64)  # docs of 0, 1, 2, 0, 1 tokens
+    plan = plan_windows(off, 8, 0, "document")
+    assert as_tuples(plan) == [(1, 1, 0, 2, False)]  # only the 2-token doc has a target
+    plan = plan_windows(off, 8, 0, "document", prepend_bos=True)
+    # BOS: 1-token docs give one window of length 1 scoring their token; 0-token docs nothing.
+    assert as_tuples(plan) == [(-1, 1, 0, 1, True), (0, 2, 0, 2, True), (2, 1, 0, 4, True)]
+    assert plan.num_scored == 4
+
+
+def test_max_tokens_cuts_the_store():
+    off = np.array([0, 5, 12, 30], np.int64)
+    for mode in ("stream", "document"):
+        for M in (0, 1, 5, 6, 13, 30, 100):
+            got = plan_windows(off, 4, 1, mode, max_tokens=M)
+            want = plan_windows(np.minimum(off, M), 4, 1, mode)
+            assert as_tuples(got) == as_tuples(want)
+            assert all(p < M for (_, p) in scored_targets(got))
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(chunk_size=0, overlap=0), "chunk_size=0"),
+        (dict(chunk_size=8, overlap=8), "overlap=8"),
+        (dict(chunk_size=8, overlap=-1), "overlap=-1"),
+        (dict(chunk_size=8, overlap=0, mode="sliding"), "mode='sliding'"),
+        (dict(chunk_size=2.5, overlap=0), "chunk_size=2.5"),
+    ],
+)
+def test_bad_config_raises_one_line_config_error(kw, word):
+    with pytest.raises(ConfigError) as e:
+        plan_windows(np.array([0, 100]), **kw)
+    msg = str(e.value)
+    assert word in msg and "\n" not in msg and ":" in msg
+
+
+def test_bad_offsets_and_shards_raise():
+    with pytest.raises(ConfigError):
+        plan_windows(np.array([1, 5]), 4)
+    with pytest.raises(ConfigError):
+        plan_windows(np.array([0, 5, 3]), 4)
+    plan = plan_windows(np.array([0, 100]), 4)
+    with pytest.raises(ConfigError, match="rank=2"):
+        plan.shard(2, 2)
+    with pytest.raises(ConfigError, match="world_size=0"):
+        plan.shard(0, 0)
+
+
+def test_vectorised_on_a_million_documents():
+    rng = np.random.default_rng(1)
+    lens = rng.integers(0, 3000, size=1_000_000)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    t0 = time.perf_counter()
+    plan = plan_windows(off, 1024, 256, "document", prepend_bos=True)
+    elapsed = time.perf_counter() - t0
+    assert plan.num_scored == int(lens.sum())  # BOS: every token of every document is scored
+    assert elapsed < 5.0, f"planning 1e6 documents took {elapsed:.2f} s: a Python loop crept in"
+    t0 = time.perf_counter()
+    plan = plan_windows(off, 1024, 512, "stream")
+    assert plan.num_scored == int(off[-1]) - 1 and time.perf_counter() - t0 < 2.0
