@@ -116,14 +116,34 @@ class TokenStore(ABC):
 
 
 def open_store(path: str | os.PathLike) -> TokenStore:
-    """Open a finished store read-only. A folder without a complete manifest is refused."""
+    """Open a finished store read-only. A folder without a complete manifest is refused.
+
+    ``path``: an npy or zarr store folder; an fsspec URL of a store (``memory://``, ``file://``,
+    ``s3://``, ...; zarr streams remotely); or existing token files read in place without
+    re-tokenizing (:mod:`streamdata.imports`): a raw nanoGPT-style ``.bin`` (uint16; use
+    ``open_raw_bin`` for another dtype or EOS document bounds) or a Megatron ``.idx``/``.bin``/prefix.
+    """
     if isinstance(path, TokenStore):
         return path
-    root = Path(path)
+    text = os.fspath(path)
+    if "://" in text:  # fsspec URL (memory://, file://, s3://, gs://, https://): read-only, streamed
+        from .backends.zarr import open_url_store
+
+        return open_url_store(text)
+    root = Path(text)
+    if root.is_file() or (not root.exists() and (Path(text + ".idx").is_file() or Path(text + ".bin").is_file())):
+        # existing token files, read in place: a raw .bin (uint16) or a Megatron .bin/.idx pair or prefix
+        from .imports import open_token_files
+
+        return open_token_files(root)
     manifest = read_manifest(root)
     fmt = manifest.format
     if fmt == "npy":
         from .backends.npy import NpyTokenStore
 
         return NpyTokenStore(root, manifest)
+    if fmt == "zarr":
+        from .backends.zarr import ZarrTokenStore
+
+        return ZarrTokenStore(root, manifest)
     raise StoreError(f"store {str(root)!r} has format {fmt!r}, which this version cannot read: upgrade streamdata")
