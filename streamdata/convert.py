@@ -1,0 +1,135 @@
+"""Convert any TokenStore (npy, zarr, raw .bin, Megatron) into an npy or zarr store.
+
+Tokens and document bounds are copied exactly; the manifest keeps the source's identity
+(tokenizer, special tokens, source, created_by, extra) and records where it came from in
+``extra["converted_from"]`` (format, path, dtype, totals and shard checksums of the source).
+Byte/word counts the source does not know (imports) are written as zeros (totals 0).
+
+- ``format="zarr"``: :func:`streamdata.backends.zarr.write_zarr_store` (bounded memory, resumable,
+  local folder or fsspec URL).
+- ``format="npy"``: :class:`streamdata.writer.StoreWriter` fed whole documents in blocks of about
+  ``block_tokens`` ids (resumable the same way as ``tokenize``). Trap: the writer takes whole
+  documents, so peak memory is about twice the larger of ``block_tokens`` and the longest
+  document; a raw .bin opened without ``eos_id`` is one document as large as the file (convert it
+  to zarr, or open it with ``eos_id``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url, write_zarr_store
+from .errors import ConfigError
+from .format import Manifest
+from .store import TokenStore, open_store
+
+__all__ = ["FORMATS", "convert_store"]
+
+FORMATS = ("npy", "zarr")
+_DEFAULT_SHARD_TOKENS = 1 << 26  # npy shard files, as tokenize's default
+_BLOCK_TOKENS = 1 << 24  # ids per StoreWriter.add_documents call: 32-64 MiB
+# keys of a source's extra that describe how *it* was built; they do not carry over
+_BUILD_KEYS = ("build_settings", "zarr_build", "zarr", "converted_from")
+
+
+def _converted_from(m: Manifest, path: str) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "format": m.format, "path": path, "dtype": m.dtype, "tokens": m.num_tokens, "documents": m.num_documents,
+        "shards": [{"file": s.file, "tokens": s.tokens, "sha256": s.sha256} for s in m.shards],
+    }
+    if "converted_from" in m.extra:  # keep the chain of earlier conversions
+        d["converted_from"] = m.extra["converted_from"]
+    return d
+
+
+def convert_store(
+    src: TokenStore | str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str = "npy",
+    compression: str = "none",
+    overwrite: bool = False,
+    *,
+    shard_tokens: int = _DEFAULT_SHARD_TOKENS,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunks_per_shard: int = DEFAULT_CHUNKS_PER_SHARD,
+    block_tokens: int = _BLOCK_TOKENS,
+    storage_options: dict | None = None,
+) -> Manifest:
+    """Copy ``src`` (a TokenStore, or anything :func:`streamdata.open_store` opens) into a new store
+    at ``dst`` in ``format`` ("npy" or "zarr"; ``compression`` none|zstd|blosc applies to zarr).
+
+    An interrupted conversion resumes when rerun with the same arguments; a finished identical
+    one is returned as is; an existing store is replaced only with ``overwrite=True``.
+    ``shard_tokens`` sizes npy shard files; ``chunk_tokens``/``chunks_per_shard`` the zarr layout.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown store format {format!r}: pass one of {', '.join(FORMATS)}")
+    check_compression(compression)
+    if format == "npy" and compression != "none":
+        raise ConfigError(f"npy stores are uncompressed, so compression {compression!r} does not apply: "
+                          "drop --compression or pass --format zarr")
+    if format == "npy" and is_url(os.fspath(dst)):
+        raise ConfigError(f"npy output must be a local folder, not {os.fspath(dst)!r}: pass --format zarr for a URL")
+    for name, v in (("shard_tokens", shard_tokens), ("block_tokens", block_tokens)):
+        if v < 1:
+            raise ConfigError(f"{name}={v} must be >= 1")
+    owned = not isinstance(src, TokenStore)
+    store = open_store(src) if owned else src
+    try:
+        if not is_url(store.path) and not is_url(os.fspath(dst)):
+            if Path(store.path).resolve() == Path(dst).resolve():
+                raise ConfigError(f"source and destination are the same path {os.fspath(dst)!r}: choose another output")
+        m = store.manifest
+        extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
+        extra["converted_from"] = _converted_from(m, store.path)
+        if format == "zarr":
+            return write_zarr_store(store, dst, compression=compression, chunk_tokens=chunk_tokens,
+                                    chunks_per_shard=chunks_per_shard, overwrite=overwrite, extra=extra,
+                                    storage_options=storage_options)
+        return _to_npy(store, Path(dst), extra, shard_tokens, block_tokens, overwrite)
+    finally:
+        if owned:
+            store.close()
+
+
+def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_tokens: int,
+            overwrite: bool) -> Manifest:
+    from .writer import StoreWriter
+
+    m = store.manifest
+    dtype = store.dtype
+    # ids are checked against the vocabulary; unknown (imports): anything the dtype holds
+    vocab = store.vocab_size or (1 << (8 * dtype.itemsize))
+    settings = {"converted_from": extra["converted_from"], "shard_tokens": shard_tokens, "dtype": m.dtype}
+    w = StoreWriter(dst, dtype=m.dtype, vocab_size=vocab, shard_tokens=shard_tokens, settings=settings,
+                    overwrite=overwrite)
+    if w.finished is not None:
+        return w.finished
+    try:
+        off = np.asarray(store.doc_offsets)
+        nb, nw = store.doc_bytes, store.doc_words
+        n = store.num_documents
+        i = w.documents_done  # documents already in finished shards of an interrupted run
+        while i < n:
+            # whole documents up to ~block_tokens ids (at least one, however long)
+            j = int(np.searchsorted(off, off[i] + block_tokens, side="right")) - 1
+            j = min(n, max(j, i + 1))
+            a, b = int(off[i]), int(off[j])
+            flat = np.empty(b - a, dtype=dtype)
+            store.read_into(a, b, flat)
+            lens = np.diff(off[i : j + 1])
+            zeros = np.zeros(j - i, np.int64)
+            w.add_documents(flat, lens, zeros if nb is None else nb[i:j], zeros if nw is None else nw[i:j])
+            store.release(a, b)
+            i = j
+        created = {**m.created_by, "converted_by": {"tool": "streamdata.convert", "python": sys.version.split()[0]}}
+        return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
+                        created_by=created, extra=extra)
+    except BaseException:
+        w.abort()
+        raise
