@@ -1,0 +1,130 @@
+"""Typed settings of one streaming evaluation, validated on construction.
+
+Every error names the offending value and the fix in one line (the CLI prints it as is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import ConfigError
+
+__all__ = ["StreamingEvalConfig", "MODES", "DOC_MODES", "DTYPES", "resolve_device"]
+
+MODES = ("auto", "sliding", "stateful", "kv-cache")
+DOC_MODES = ("stream", "document")
+DTYPES = ("float32", "bfloat16", "float16")
+_BOS_WORDS = ("none", "model", "eos")
+
+
+@dataclass
+class StreamingEvalConfig:
+    """Settings of a :class:`~evaluator.StreamingEvaluator`.
+
+    The first six fields are those of the original quick reference (same names, same meaning);
+    the rest are additions. Units: tokens unless said otherwise.
+    """
+
+    # Window length L: inputs x[s:s+L] predict targets x[s+1:s+L+1]. None: the model's context
+    # length from its config (n_positions, max_position_embeddings, ...).
+    chunk_size: int | None = 8192
+    # Sliding mode only: targets each window re-reads as context (scored by the window before).
+    # Windows advance by chunk_size - overlap. Stateful and kv-cache modes carry the whole past
+    # instead, so they need overlap == 0.
+    overlap: int = 0
+    max_tokens: int | None = None  # evaluate only the stream's first max_tokens tokens
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    verbose: bool = True  # progress lines on stderr every log_interval chunks
+    log_interval: int = 10  # chunks (windows) between progress lines; each line syncs the device once
+    # auto: stateful protocol or recurrent model (RWKV) -> stateful; transformers attention model
+    # whose context holds every stream -> kv-cache; otherwise sliding. With overlap > 0, auto means
+    # sliding (overlap is a sliding-window setting).
+    mode: str = "auto"
+    # stream: the store is one token stream (documents joined by their EOS ids), context crosses
+    # documents. document: every document is evaluated on its own (state/cache reset at its start).
+    doc_mode: str = "stream"
+    # Windows per forward in sliding mode (an int, or "auto": from free device memory; a fixed
+    # default on CPU). A batch that runs out of device memory is retried in halves.
+    batch_size: Union[int, str] = "auto"
+    # "bfloat16"/"float16": autocast for the model (a model given by name is also loaded in this
+    # dtype); the loss is always computed in fp32 and summed in fp64.
+    dtype: str = "float32"
+    # Scored tokens whose logits are materialised at once (rows of the [tokens, vocab] fp32 matrix).
+    # 4096 x a 50k vocabulary = 0.8 GB of fp32 logits plus as much for log-softmax.
+    loss_slice: int = 4096
+    # BOS prefix: None/"none" (the first token of each stream/document is context only), an int id,
+    # "model" (the model config's bos_token_id) or "eos" (the store's EOS id, GPT-2's convention).
+    # Stream mode prefixes the whole stream once; document mode prefixes every document, so its
+    # first token is scored too. The choice is recorded in the results.
+    bos: Union[str, int, None] = None
+    # Per-token losses (float32, nats) go to this file as a raw memmap; None: a temporary file.
+    per_token_path: str | None = None
+    # Refuse a store whose tokenizer sha256 differs from the model's when both are known.
+    check_tokenizer: bool = True
+
+    def __post_init__(self):
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+                raise ConfigError(f"chunk_size={self.chunk_size!r} must be an int >= 1 (or None for the model's context length)")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
+            raise ConfigError(f"overlap={self.overlap!r} must be an int >= 0")
+        if self.chunk_size is not None and self.overlap >= self.chunk_size:
+            raise ConfigError(
+                f"overlap={self.overlap} must be smaller than chunk_size={self.chunk_size} (windows advance by "
+                f"chunk_size - overlap): pass e.g. overlap={self.chunk_size // 2}"
+            )
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 2):
+            raise ConfigError(f"max_tokens={self.max_tokens!r} must be an int >= 2 (one input and one target) or None")
+        if not isinstance(self.log_interval, int) or self.log_interval < 1:
+            raise ConfigError(f"log_interval={self.log_interval!r} must be an int >= 1")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.doc_mode not in DOC_MODES:
+            raise ConfigError(f"doc_mode={self.doc_mode!r} is not one of {', '.join(DOC_MODES)}")
+        if self.mode in ("stateful", "kv-cache") and self.overlap:
+            raise ConfigError(
+                f"overlap={self.overlap} does not apply to mode={self.mode!r} (it carries the whole past): "
+                "pass overlap=0, or mode='sliding'"
+            )
+        bs = self.batch_size
+        if bs != "auto" and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+            raise ConfigError(f"batch_size={bs!r} must be an int >= 1 or 'auto'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if isinstance(self.loss_slice, bool) or not isinstance(self.loss_slice, int) or self.loss_slice < 1:
+            raise ConfigError(f"loss_slice={self.loss_slice!r} must be an int >= 1 (scored tokens per loss slice), e.g. 4096")
+        b = self.bos
+        if b is None:
+            self.bos = "none"
+        elif isinstance(b, bool) or not (isinstance(b, int) and b >= 0 or b in _BOS_WORDS):
+            raise ConfigError(f"bos={b!r} must be None/'none', 'model', 'eos' or a token id >= 0")
+        if self.device is not None and not isinstance(self.device, str):
+            self.device = str(self.device)  # accept torch.device
+
+
+def resolve_device(spec: str | None):
+    """``None`` -> cuda when available, else cpu. A device that is not there is a ConfigError."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={spec!r} is not a device name ({str(e).splitlines()[0]}): pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={spec!r} is not available (no CUDA device or no CUDA build of torch): pass device='cpu' or leave it unset")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device={spec!r} is not available (this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={spec!r} is not available (no Apple MPS backend here): pass device='cpu' or leave it unset")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as e:  # noqa: BLE001 - any backend failure means "not usable here"
+            raise ConfigError(f"device={spec!r} is not available ({str(e).splitlines()[0][:120]}): pass device='cpu' or leave it unset") from None
+    return dev

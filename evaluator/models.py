@@ -1,0 +1,436 @@
+"""Model stage: adapters that give the engine one interface over every kind of model it evaluates.
+
+Kinds, and the context modes each supports:
+
+- any ``nn.Module`` whose forward(input_ids [B, T]) returns logits [B, T, V], an object with
+  ``.logits``, a dict with ``"logits"`` or a tuple whose first item is the logits: ``sliding``;
+- a module with the stateful protocol ``get_state() / set_state(s) / reset_state()``: ``sliding``
+  and ``stateful``. Protocol: ``forward(x)`` continues from the current state and leaves the state
+  after ``x`` in place; ``reset_state()`` starts a new sequence; ``get_state()`` returns an object
+  that ``set_state`` accepts (the engine clones its tensors before a chunk so it can roll back
+  after an out-of-memory error);
+- a transformers causal LM (by object, hub id or local folder): attention models support
+  ``sliding`` and ``kv-cache`` (a DynamicCache carried across chunks: exact full-context evaluation
+  while the stream fits the model's positions); recurrent models (RWKV, whose ``state`` is passed
+  back in) support ``sliding`` and ``stateful``;
+- ``package.module:factory``: a user's callable returning any of the above.
+
+Loss memory: when a transformers model's output embedding (lm head) is reachable and applying it
+to the body's last hidden state reproduces the model's logits (checked once on 8 tokens), the
+engine calls the body and applies the head per loss slice, so [tokens, vocab] logits exist only
+for one slice at a time. Otherwise the model returns full logits and only the fp32 upcast and
+log-softmax are sliced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "ForwardOutput",
+    "ModelAdapter",
+    "ModuleAdapter",
+    "StatefulModuleAdapter",
+    "HFAdapter",
+    "load_model",
+    "wrap_model",
+]
+
+# The embedded default model (trained by ``python -m evaluator.train_default``).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
+
+# Config attributes that name a model's context length, most specific first.
+_CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len", "max_sequence_length",
+                  "seq_length", "block_size", "context_length", "max_positions")
+_RECURRENT_HF = ("rwkv",)  # transformers models whose state is passed back in as `state`
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+@dataclass
+class ForwardOutput:
+    """What a forward produced: either ``hidden`` [B, T, H] with the ``head`` that maps hidden
+    states to logits (applied per loss slice by the metrics stage), or full ``logits`` [B, T, V]."""
+
+    hidden: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+
+
+def _extract_logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise ModelError(
+            f"the model returned {type(out).__name__}, not logits: return a [B, T, vocab] tensor, an object with "
+            ".logits, or a tuple whose first item is the logits"
+        )
+    return logits
+
+
+def _first_attr(objs: tuple[Any, ...], names: tuple[str, ...]) -> Any:
+    for o in objs:
+        if o is None:
+            continue
+        for n in names:
+            v = getattr(o, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _clone_tree(x: Any) -> Any:
+    """Deep copy of the tensors in a state object (tensor, tuple/list/dict of them, or None)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_clone_tree(v) for v in x)
+    if isinstance(x, list):
+        return [_clone_tree(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    return x
+
+
+class ModelAdapter:
+    """The engine's view of a model. Subclasses implement the modes they list in ``modes``."""
+
+    kind = "module"
+    modes: tuple[str, ...] = ("sliding",)
+
+    def __init__(self, module: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        self.module = module
+        self.name = name or type(module).__name__
+        cfg = getattr(module, "config", None)
+        self.vocab_size: int | None = self._find_vocab(module, cfg)
+        # max_positions: positions one sequence may use (absolute position embeddings): a hard limit
+        # for sliding windows and kv-cache streams. context_length: the default chunk_size.
+        self.context_length: int | None = _first_attr((module, cfg), _CONTEXT_ATTRS)
+        self.max_positions: int | None = self.context_length
+        self.bos_token_id: int | None = _first_attr((module, cfg), ("bos_token_id",))
+        sha = tokenizer_sha256 or getattr(module, "tokenizer_sha256", None) or getattr(cfg, "tokenizer_sha256", None)
+        self.tokenizer_sha256: str | None = sha if isinstance(sha, str) and sha else None
+
+    @staticmethod
+    def _find_vocab(module: nn.Module, cfg: Any) -> int | None:
+        v = _first_attr((module, cfg), ("vocab_size", "n_vocab", "num_tokens"))
+        if v is not None:
+            return v
+        # No declared vocabulary: the largest embedding table bounds valid ids (a position table
+        # can only make this bound looser, never reject a valid id).
+        rows = [m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)]
+        return max(rows) if rows else None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def to(self, device: torch.device) -> "ModelAdapter":
+        self.module.to(device)
+        self.module.eval()  # dropout off: chunked and full evaluation must agree
+        self.device = device
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "modes": list(self.modes), "vocab_size": self.vocab_size,
+                "max_positions": self.max_positions, "tokenizer_sha256": self.tokenizer_sha256}
+
+    def supports_kv_cache(self) -> bool:
+        return "kv-cache" in self.modes
+
+    # ---- sliding: rows are independent sequences starting from an empty context ----------
+    def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
+        return ForwardOutput(logits=_extract_logits(self.module(inputs)))
+
+    # ---- stateful / kv-cache: one sequence fed chunk by chunk ---------------------------
+    def begin_stream(self) -> None:
+        raise ModelError(f"model {self.name} carries no state: use mode='sliding'")
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        raise ModelError(f"model {self.name} carries no state: use mode='sliding'")
+
+    def snapshot(self) -> Any:
+        """State before a chunk, so an out-of-memory chunk can be rolled back and re-fed in halves."""
+        return None
+
+    def restore(self, snap: Any) -> None:
+        pass
+
+
+class ModuleAdapter(ModelAdapter):
+    """Any module returning logits: sliding windows only."""
+
+
+class StatefulModuleAdapter(ModelAdapter):
+    """A module with ``get_state()/set_state(s)/reset_state()`` (see the module docstring)."""
+
+    kind = "stateful-protocol"
+    modes = ("sliding", "stateful")
+
+    def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
+        self.module.reset_state()  # each batch of windows is a fresh set of sequences
+        try:
+            return ForwardOutput(logits=_extract_logits(self.module(inputs)))
+        finally:
+            self.module.reset_state()
+
+    def begin_stream(self) -> None:
+        self.module.reset_state()
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        return ForwardOutput(logits=_extract_logits(self.module(inputs)))
+
+    def snapshot(self) -> Any:
+        return _clone_tree(self.module.get_state())
+
+    def restore(self, snap: Any) -> None:
+        self.module.set_state(_clone_tree(snap))
+
+
+class HFAdapter(ModelAdapter):
+    """A transformers causal LM. Attention models: sliding + kv-cache; RWKV: sliding + stateful."""
+
+    kind = "transformers"
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name or getattr(model, "name_or_path", None) or type(model).__name__, tokenizer_sha256)
+        cfg = model.config
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(emb, nn.Embedding):  # ids must index the input table (may exceed config.vocab_size)
+            self.vocab_size = int(emb.num_embeddings)
+        self.model_type = str(getattr(cfg, "model_type", ""))
+        self.recurrent = self.model_type in _RECURRENT_HF
+        if self.recurrent:
+            self.kind, self.modes = "transformers-recurrent", ("sliding", "stateful")
+            self.max_positions = None  # RWKV has no position table: context_length is only the default chunk
+        else:
+            self.kind, self.modes = "transformers-attention", ("sliding", "kv-cache")
+        body = getattr(model, "base_model", None)
+        self.body = body if isinstance(body, nn.Module) and body is not model else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = head if isinstance(head, nn.Module) else None
+        self.split = False  # set by prepare(): body + per-slice head reproduces the logits
+        fwd = self.body.forward if self.body is not None else model.forward
+        params = inspect.signature(fwd).parameters
+        full_params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed past_key_values -> cache; support both spellings.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._full_cache_arg = "cache" if "cache" in full_params else "past_key_values"
+        self.cache = None
+        self.state = None
+
+    def to(self, device: torch.device) -> "HFAdapter":
+        super().to(device)
+        self._check_split()
+        return self
+
+    def _check_split(self) -> None:
+        """Use body + head only where it reproduces the model's logits (no softcap/scale after the head)."""
+        self.split = False
+        if self.body is None or self.head is None:
+            return
+        n = max(2, min(8, self.vocab_size or 8))
+        x = torch.arange(n, device=self.device).remainder(self.vocab_size or n)[None]
+        with torch.inference_mode():
+            try:
+                full = _extract_logits(self.module(input_ids=x, use_cache=False)).float()
+                hid = self._body(x, use_cache=False).last_hidden_state
+                split = self.head(hid).float()
+            except Exception:  # noqa: BLE001 - an unusual body signature just means: no split
+                return
+        if split.shape == full.shape:
+            self.split = _close(split, full)
+
+    def _body(self, x: torch.Tensor, **kw: Any) -> Any:
+        return self.body(input_ids=x, **kw)
+
+    def _out(self, x: torch.Tensor, **kw: Any) -> ForwardOutput:
+        if self.split:
+            out = self._body(x, **kw)
+            return ForwardOutput(hidden=out.last_hidden_state, head=self.head), out
+        out = self.module(input_ids=x, **{self._full_cache_arg if k == self._cache_arg else k: v for k, v in kw.items()})
+        return ForwardOutput(logits=_extract_logits(out)), out
+
+    def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
+        # Right padding needs no attention mask: causal attention never lets a position see later
+        # (padded) ones, and padded targets are not scored.
+        return self._out(inputs, use_cache=False)[0]
+
+    def begin_stream(self) -> None:
+        if self.recurrent:
+            self.state = None
+        else:
+            self.cache = _new_dynamic_cache(self.module.config)
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        if self.recurrent:
+            res, out = self._out(inputs, state=self.state, use_cache=True)
+            self.state = out.state  # RWKV updates the state tensors in place and returns them
+            return res
+        if self.max_positions is not None:
+            used = self.cache.get_seq_length()
+            if used + inputs.shape[1] > self.max_positions:
+                raise ModelError(
+                    f"kv-cache stream reached {used + inputs.shape[1]} positions, beyond the model's "
+                    f"{self.max_positions}: use mode='sliding' (with overlap) for streams longer than the context"
+                )
+        res, out = self._out(inputs, **{self._cache_arg: self.cache}, use_cache=True)
+        new = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if new is not None:
+            self.cache = new
+        return res
+
+    def snapshot(self) -> Any:
+        if self.recurrent:
+            return _clone_tree(self.state)
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def restore(self, snap: Any) -> None:
+        if self.recurrent:
+            self.state = _clone_tree(snap)
+            return
+        if self.cache.get_seq_length() != snap:
+            if hasattr(self.cache, "is_croppable") and not self.cache.is_croppable:
+                raise ModelError("the model's cache cannot be rolled back after running out of memory: lower chunk_size")
+            self.cache.crop(snap)
+
+    def verify_kv_cache(self) -> bool:
+        """True when feeding 8 tokens as 4 + 4 with a carried cache reproduces one forward of 8."""
+        if self.recurrent:
+            return False
+        n = 8 if self.max_positions is None else min(8, self.max_positions)
+        if n < 2:
+            return False
+        x = torch.arange(n, device=self.device).remainder(self.vocab_size or n)[None]
+        with torch.inference_mode():
+            try:
+                full = self._logits(self._out(x, use_cache=False)[0])
+                self.begin_stream()
+                a = self._logits(self.forward_stream(x[:, : n // 2]))
+                b = self._logits(self.forward_stream(x[:, n // 2 :]))
+            except Exception:  # noqa: BLE001 - a model that cannot take a DynamicCache
+                return False
+            finally:
+                self.cache = None
+        return _close(torch.cat([a, b], dim=1), full)
+
+    @staticmethod
+    def _logits(o: ForwardOutput) -> torch.Tensor:
+        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding of the model's dtype (a wrong split/cache differs by O(1))."""
+    tol = 1e-4 if a.dtype == torch.float32 else 5e-2
+    return bool(((a - b).abs().max() <= tol * (1 + b.abs().max())).item())
+
+
+def _new_dynamic_cache(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)  # transformers >= 4.56: per-layer types (sliding, full)
+    except TypeError:
+        return DynamicCache()
+
+
+def _is_hf_model(m: Any) -> bool:
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        return False
+    try:
+        return isinstance(m, tf.PreTrainedModel)
+    except AttributeError:
+        return False
+
+
+def wrap_model(model: Any, name: str | None = None, tokenizer_sha256: str | None = None) -> ModelAdapter:
+    """Adapter for an in-memory model (nn.Module, transformers model, or an adapter)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"cannot evaluate a {type(model).__name__}: pass an nn.Module, a transformers model, a hub id/folder or package.module:factory")
+    if _is_hf_model(model):
+        return HFAdapter(model, name, tokenizer_sha256)
+    if all(callable(getattr(model, a, None)) for a in ("get_state", "set_state", "reset_state")):
+        return StatefulModuleAdapter(model, name, tokenizer_sha256)
+    return ModuleAdapter(model, name, tokenizer_sha256)
+
+
+def _tokenizer_sha_of_folder(folder: Path) -> str | None:
+    f = folder / "tokenizer.json"
+    if not f.is_file():
+        return None
+    from streamdata.tokenize import tokenizer_sha256
+    from tokenizers import Tokenizer
+
+    try:
+        return tokenizer_sha256(Tokenizer.from_file(str(f)))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer just leaves the identity unknown
+        return None
+
+
+def _tokenizer_sha_of_hub(repo: str) -> str | None:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _tokenizer_sha_of_folder(Path(hf_hub_download(repo, "tokenizer.json")).parent)
+    except Exception:  # noqa: BLE001 - offline or no tokenizer.json: identity unknown
+        return None
+
+
+def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> ModelAdapter:
+    """Resolve ``spec`` into an adapter.
+
+    ``spec``: an nn.Module/transformers model/adapter; ``"default"`` (the embedded model); a local
+    folder or hub id of a transformers causal LM (loaded with ``from_pretrained`` in ``dtype``);
+    or ``"package.module:factory"`` (called without arguments; may return any of these).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return wrap_model(spec)
+    s = os.fspath(spec)
+    if s == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise ModelError(f"the embedded default model is missing from {str(DEFAULT_MODEL_DIR)!r}: run 'python -m evaluator.train_default'")
+        s = str(DEFAULT_MODEL_DIR)
+    if _FACTORY_RE.match(s) and not os.path.exists(s):
+        mod_name, fn_name = s.split(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ModelError(f"cannot import {mod_name!r} for model factory {s!r} ({e}): check the module is on PYTHONPATH") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise ModelError(f"{mod_name!r} has no callable {fn_name!r}: pass package.module:factory naming a function")
+        made = fn()
+        if isinstance(made, (str, os.PathLike)):
+            return load_model(made, dtype=dtype, trust_remote_code=trust_remote_code)
+        return wrap_model(made, name=s)
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"loading {s!r} needs transformers, which is not installed: pip install 'streamdata[hf]'") from None
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    local = Path(os.path.expanduser(s))
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else s, dtype=torch_dtype,
+                                                                  trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - unknown id, offline, not a causal LM: all one user error
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {s!r} ({first}): pass a transformers causal LM folder or hub id, or package.module:factory") from None
+    sha = _tokenizer_sha_of_folder(local) if local.is_dir() else _tokenizer_sha_of_hub(s)
+    return HFAdapter(model, name=s, tokenizer_sha256=sha)
