@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["SourceSpec", "Source", "load_source", "default_corpus_files"]
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SourceSpec", "Source", "load_source", "default_corpus_files"]
 
 # file extension -> datasets packaged builder
 _BUILDERS = {
@@ -37,6 +37,8 @@ _BUILDERS = {
     ".py": "text",
     ".md": "text",
 }
+#: SOURCE prefix naming the embedded default corpus: ``stdlib:eval``, ``stdlib:train``, ``stdlib:all``
+DEFAULT_CORPUS_PREFIX = "stdlib:"
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
 
@@ -174,6 +176,16 @@ def load_source(spec: SourceSpec) -> Source:
     if spec.cache_dir:
         kwargs["cache_dir"] = spec.cache_dir
     single = paths[0] if len(paths) == 1 else None
+    if single is not None and single.startswith(DEFAULT_CORPUS_PREFIX):
+        # the embedded default corpus: local stdlib files through the same datasets path
+        part = single[len(DEFAULT_CORPUS_PREFIX):] or "eval"
+        files = default_corpus_files(part)
+        inner = load_source(SourceSpec(paths=tuple(files), text_column="text", streaming=spec.streaming,
+                                       sample_by="document", cache_dir=spec.cache_dir, data_files_builder="text"))
+        digest = hashlib.sha256("\n".join(f"{Path(f).name}:{os.path.getsize(f)}" for f in files).encode()).hexdigest()
+        inner.identity = {"kind": "default", "id": single, "part": part, "python": sys.version.split()[0],
+                          "files": len(files), "files_sha256": digest, "text_column": "text", "streaming": spec.streaming}
+        return inner
     try:
         if single is not None and os.path.isdir(single) and any(os.path.exists(os.path.join(single, m)) for m in _SAVED_MARKERS):
             kind = "saved"

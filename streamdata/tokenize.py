@@ -233,12 +233,16 @@ def _prefetch(it: Iterator[list[str]], depth: int = 2) -> Iterator[list[str]]:
             t.join(timeout=0.05)
 
 
-def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``texts`` -> (flat int64 ids of all documents, int64 length of each). No special tokens
-    from the tokenizer's post-processor: the explicit BOS/EOS policy is the only one applied."""
+def _encode(tok: Any, texts: Sequence[str]) -> list:
+    """Rust-side encoding of a batch (all cores, GIL released). No special tokens from the
+    tokenizer's post-processor: the explicit BOS/EOS policy is the only one applied."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    encs = encode(list(texts), add_special_tokens=False)
-    ids = [e.ids for e in encs]
+    return encode(list(texts), add_special_tokens=False)
+
+
+def _flatten(encodings: Sequence[Any], bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Encodings -> (flat int64 ids of all documents with BOS/EOS added, int64 length of each)."""
+    ids = [e.ids for e in encodings]
     extra = (bos is not None) + (eos is not None)
     lens = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
     if extra == 0:
@@ -247,6 +251,11 @@ def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int |
         pre, post = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
         flat = np.fromiter(itertools.chain.from_iterable(pre + x + post for x in ids), dtype=np.int64, count=int(lens.sum()))
     return flat, lens
+
+
+def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` -> (flat int64 ids of all documents, int64 length of each)."""
+    return _flatten(_encode(tok, texts), bos, eos)
 
 
 def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> Manifest:
@@ -294,10 +303,21 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
                        initial=skip, unit="doc", desc="tokenize", file=sys.stderr, dynamic_ncols=True)
         done = cfg.max_docs is not None and skip >= cfg.max_docs or (
             cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens)
-        for texts in ([] if done else _prefetch(source.batches(cfg.batch_size, skip=skip))):
-            if cfg.max_docs is not None:
-                texts = texts[: cfg.max_docs - writer.documents_written]
-            flat, lens = encode_documents(tok.tokenizer, texts, bos_id, eos_id)
+
+        def encoded():
+            # Runs in the background thread: reading Arrow and the (GIL-free) Rust encoding of batch
+            # k+1 overlap the Python-side flattening and writing of batch k in this thread.
+            remaining = None if cfg.max_docs is None else cfg.max_docs - skip
+            for texts in source.batches(cfg.batch_size, skip=skip):
+                if remaining is not None:
+                    texts = texts[:remaining]
+                    remaining -= len(texts)
+                yield texts, _encode(tok.tokenizer, texts)
+                if remaining == 0:
+                    return
+
+        for texts, encodings in ([] if done else _prefetch(encoded())):
+            flat, lens = _flatten(encodings, bos_id, eos_id)
             if cfg.max_tokens is not None:
                 cum = np.cumsum(lens) + writer.tokens_written
                 keep = int(np.searchsorted(cum, cfg.max_tokens, side="left")) + 1
