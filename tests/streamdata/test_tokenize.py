@@ -270,3 +270,20 @@ def test_public_api_imports():
 
     for name in streamdata.__all__:
         assert getattr(streamdata, name) is not None
+
+
+def test_embedded_default_corpus(tmp_path, bpe_tokenizer):
+    from streamdata.source import default_corpus_files
+
+    train, ev = default_corpus_files("train"), default_corpus_files("eval")
+    assert train and ev and not set(train) & set(ev)
+    assert sorted(train + ev) == default_corpus_files("all")
+    m = tokenize_dataset(source="stdlib:eval", tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"), max_docs=5)
+    assert m.source["kind"] == "default" and m.source["part"] == "eval" and m.source["files"] == len(ev)
+    tok = Tokenizer.from_file(str(bpe_tokenizer))
+    with open_store(tmp_path / "s") as s:
+        for i in range(5):
+            text = Path(ev[i]).read_text(encoding="utf-8")
+            assert tok.decode(doc_tokens(s, i)[:-1]) == text
+    with pytest.raises(ConfigError, match="default corpus part 'dev' must be train, eval or all"):
+        tokenize_dataset(source="stdlib:dev", tokenizer=str(bpe_tokenizer), out=str(tmp_path / "t"))
