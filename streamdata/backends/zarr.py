@@ -32,10 +32,19 @@ tokens are done (local: after fsync of the shard file). A rerun with the same se
 there (rehashing the finished prefix from the source, which is cheaper than keeping hash state)
 and gives byte-identical objects; other settings are refused unless ``overwrite``.
 
-Reader (:class:`ZarrTokenStore`): never one zarr ``__getitem__`` per window (~1.1 ms each for 8Ki
-ids on the 2-core build machine, i.e. 6-7M tok/s). Small reads are served from a cache of the last
-two decoded blocks (``block_tokens`` ids, aligned to inner chunks, >= 1Mi); reads of a block or more
-go straight to zarr into the caller's buffer.
+Reader (:class:`ZarrTokenStore`): never one zarr ``__getitem__`` per window (~1.1-2.5 ms each for
+8Ki ids on the 2-core build machine, i.e. 3-7M tok/s). Two read paths:
+
+- **block cache** (compressed or remote stores): small reads are served from a cache of the last
+  two decoded blocks (``block_tokens`` ids, aligned to inner chunks, >= 1Mi); reads of a block or
+  more go straight to zarr into the caller's buffer. zarr decodes at most ~0.5-1.1G tok/s here,
+  which bounds this path.
+- **direct** (local, uncompressed, exactly the codec chain we write): shard files are memory-mapped
+  and sliced like npy shards, using the sharding codec's published binary layout (zarr v3 sharding
+  spec): the shard ends with an index of ``chunks_per_shard`` pairs (offset, nbytes) as little-endian
+  uint64, followed by its crc32c (4 bytes LE); (2^64-1, 2^64-1) marks an inner chunk that was not
+  stored because it equals the fill value (all-zero ids), which reads as zeros; a stored inner chunk
+  is always ``chunk_tokens`` ids (also the array's partial last one). The index crc is checked.
 """
 
 from __future__ import annotations
@@ -254,6 +263,140 @@ class _Location:
 
 
 # ---- reader -----------------------------------------------------------------------------------
+_NO_CHUNK = (1 << 64) - 1  # sharding index entry of an inner chunk that is not stored (fill value)
+_LE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_DIRECT_CODECS = [{"name": "sharding_indexed", "configuration": {
+    "codecs": [_LE_BYTES], "index_codecs": [_LE_BYTES, {"name": "crc32c"}], "index_location": "end"}}]
+
+
+def _direct_eligible(arr) -> bool:
+    """True when ``arr`` uses exactly the uncompressed codec chain the direct reader understands."""
+    codecs = _norm(arr.metadata.to_dict().get("codecs"))
+    if not isinstance(codecs, list) or len(codecs) != 1:
+        return False
+    cfg = dict(codecs[0].get("configuration", {}))
+    cfg.pop("chunk_shape", None)
+    return [{"name": codecs[0].get("name"), "configuration": cfg}] == _DIRECT_CODECS
+
+
+class _MappedShard:
+    __slots__ = ("fd", "mm", "views", "offsets")
+
+    def __init__(self, fd, mm, views, offsets):
+        self.fd, self.mm, self.views, self.offsets = fd, mm, views, offsets
+
+    def close(self) -> None:
+        self.views = [None] * len(self.views)  # drop the exported buffers before unmapping
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _DirectShards:
+    """Uncompressed local shard files, memory-mapped and sliced without zarr (layout: module docstring).
+
+    Shard files are mapped lazily on first use and stay mapped until :meth:`close` (like the npy
+    backend's shards); pieces are zero-copy views of the mappings, copied out by ``read_into``.
+    """
+
+    def __init__(self, root: Path, arr, dtype: np.dtype):
+        self.root, self.arr, self.dtype = root, arr, dtype
+        self.chunk = int(arr.chunks[0])
+        self.per_shard = int(arr.shards[0]) // self.chunk
+        self.cbytes = self.chunk * dtype.itemsize
+        self._shards: dict[int, _MappedShard] = {}
+        self._lock = threading.Lock()
+
+    def _shard(self, k: int) -> _MappedShard:
+        got = self._shards.get(k)  # dict reads are atomic under the GIL; inserts take the lock
+        if got is None:
+            with self._lock:
+                got = self._shards.get(k)
+                if got is None:
+                    got = self._shards[k] = self._map(k)
+        return got
+
+    def _map(self, k: int) -> _MappedShard:
+        import mmap
+
+        import google_crc32c  # a zarr dependency (its crc32c codec)
+
+        path = self.root / "tokens" / self.arr.metadata.encode_chunk_key((k,))
+        none = [None] * self.per_shard
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # the whole shard equals the fill value: zarr stores nothing
+            return _MappedShard(None, None, none, none)
+        except OSError as e:
+            raise StoreError(f"cannot open zarr shard {str(path)!r} ({e.strerror}): the store is damaged, rebuild it") from None
+        shard = _MappedShard(fd, None, none, none)
+        try:
+            size = os.fstat(fd).st_size
+            ib = self.per_shard * 16 + 4  # index: (offset, nbytes) uint64 LE per inner chunk + crc32c
+            bad = f"zarr shard {str(path)!r} has a damaged index: the store is damaged, rebuild it"
+            if size < ib:
+                raise StoreError(bad)
+            shard.mm = mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            raw = mm[size - ib : size - 4]  # bytes (a copy): no buffer export to release later
+            if google_crc32c.value(raw) != int.from_bytes(mm[size - 4 : size], "little"):
+                raise StoreError(bad + " (crc32c mismatch)")
+            views, offsets = [], []
+            for off, nb in np.frombuffer(raw, "<u8").reshape(-1, 2).tolist():
+                if off == _NO_CHUNK:
+                    views.append(None)
+                    offsets.append(None)
+                elif nb != self.cbytes or off + nb > size - ib:
+                    raise StoreError(bad)
+                else:
+                    views.append(np.frombuffer(mm, self.dtype, self.chunk, off))
+                    offsets.append(off)
+            shard.views, shard.offsets = views, offsets
+            return shard
+        except BaseException:
+            shard.close()
+            raise
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        C, P = self.chunk, self.per_shard
+        pos = start
+        while pos < stop:
+            c = pos // C
+            base = c * C
+            hi = min(stop, base + C)
+            piece = self._shard(c // P).views[c % P]
+            if piece is None:  # inner chunk not stored: all fill value
+                out[pos - start : hi - start] = 0
+            else:
+                out[pos - start : hi - start] = piece[pos - base : hi - base]
+            pos = hi
+
+    def drop(self, start: int, stop: int) -> None:
+        """madvise/fadvise DONTNEED on whole pages of ids [start, stop) (why both: backends/npy.py)."""
+        import mmap
+
+        C, P, isz, page = self.chunk, self.per_shard, self.dtype.itemsize, mmap.PAGESIZE
+        for c in range(start // C, -(-stop // C)):
+            sh = self._shards.get(c // P)
+            off = None if sh is None or sh.mm is None else sh.offsets[c % P]
+            if off is None:
+                continue
+            lo, hi = max(start, c * C) - c * C, min(stop, (c + 1) * C) - c * C
+            b0 = -(-(off + lo * isz) // page) * page  # never drop a page still partly needed
+            b1 = (off + hi * isz) // page * page
+            if b1 > b0:
+                sh.mm.madvise(mmap.MADV_DONTNEED, b0, b1 - b0)
+                os.posix_fadvise(sh.fd, b0, b1 - b0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        with self._lock:
+            for sh in self._shards.values():
+                sh.close()
+            self._shards.clear()
+
+
 def _open_array(group, name: str, where: str):
     try:
         arr = group[name]
@@ -288,13 +431,17 @@ def _check_array(arr, name: str, where: str, dtype: np.dtype, length: int) -> No
 class ZarrTokenStore(TokenStore):
     """Read-only zarr v3 store (layout: module docstring), local or remote.
 
+    ``direct``: None (default) memory-maps local uncompressed shards when the codec chain is exactly
+    ours, else uses the block cache; False forces the block cache; True requires direct reads.
     ``block_tokens``: size of a cached block (rounded up to whole inner chunks, >= 1 chunk). Reads
     shorter than a block go through the cache of the last two blocks; longer ones go straight to
-    zarr. One lock guards the cache, so a reader thread and the main thread may share a store.
+    zarr. Locks guard the cache and the shard maps, so a reader thread and the main thread may share
+    a store. :attr:`read_path` says which path is in use ("direct" or "block-cache").
     """
 
     def __init__(self, where: str | os.PathLike, manifest: Manifest | None = None, *,
-                 storage_options: dict | None = None, block_tokens: int | None = None):
+                 storage_options: dict | None = None, block_tokens: int | None = None,
+                 direct: bool | None = None):
         self._loc = _Location(where, storage_options)
         self.path = self._loc.url
         self.manifest = manifest if manifest is not None else self._loc.read_manifest()
@@ -302,14 +449,15 @@ class ZarrTokenStore(TokenStore):
             raise StoreError(f"store {self.path!r} has format {self.manifest.format!r}, not 'zarr': open it with streamdata.open_store")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._direct: _DirectShards | None = None
         self._zstore = self._loc.zarr_store(read_only=True)
         try:
-            self._open(block_tokens)
+            self._open(block_tokens, direct)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, block_tokens: int | None) -> None:
+    def _open(self, block_tokens: int | None, direct: bool | None) -> None:
         import zarr
 
         m = self.manifest
@@ -341,6 +489,13 @@ class ZarrTokenStore(TokenStore):
             raise ConfigError(f"block_tokens={want} must be >= 1")
         #: tokens per cached block: whole inner chunks, so a block read never decodes a chunk twice
         self.block_tokens = -(-want // self.chunk_tokens) * self.chunk_tokens
+        eligible = not self._loc.remote and _direct_eligible(self._tokens)
+        if direct and not eligible:
+            raise ConfigError(f"direct=True needs a local, uncompressed store with streamdata's codec chain; {self.path!r} "
+                              "is not: pass direct=None")
+        if eligible if direct is None else direct:
+            self._direct = _DirectShards(Path(self._loc.root), self._tokens, dtype)
+        self.read_path = "direct" if self._direct is not None else "block-cache"
 
     # ---- index -------------------------------------------------------------------------------
     @property
@@ -381,9 +536,12 @@ class ZarrTokenStore(TokenStore):
         n = stop - start
         if n == 0:
             return
+        if self._direct is not None:
+            self._direct.read_into(start, stop, out)
+            return
         B = self.block_tokens
         if n >= B:
-            self._read_direct(start, stop, out[:n])
+            self._read_large(start, stop, out[:n])
             return
         pos = start
         while pos < stop:
@@ -394,7 +552,7 @@ class ZarrTokenStore(TokenStore):
             out[pos - start : hi - start] = blk[pos - base : hi - base]
             pos = hi
 
-    def _read_direct(self, start: int, stop: int, out: np.ndarray) -> None:
+    def _read_large(self, start: int, stop: int, out: np.ndarray) -> None:
         """Large reads: decode straight into ``out`` when it is a contiguous array of our dtype."""
         if out.flags.c_contiguous and out.dtype == self.dtype and type(out) is np.ndarray:
             from zarr.core.buffer import default_buffer_prototype
@@ -405,10 +563,14 @@ class ZarrTokenStore(TokenStore):
             out[:] = self._tokens[start:stop]
 
     def release(self, start: int, stop: int) -> None:
-        """Drop cached blocks that lie wholly inside ``[start, stop)`` (``release(0, len(store))`` drops
-        all). A block still partly ahead of a sequential reader is kept: dropping it would cost a
-        full block decode for the next window."""
+        """Block cache: drop cached blocks that lie wholly inside ``[start, stop)``
+        (``release(0, len(store))`` drops all); a block still partly ahead of a sequential reader is
+        kept, as dropping it would cost a full block decode for the next window. Direct: drop the
+        pages of the mapped shard files, as the npy backend does."""
         start, stop = self._check_range(start, stop)
+        if self._direct is not None:
+            self._direct.drop(start, stop)
+            return
         B = self.block_tokens
         with self._lock:
             for b in list(self._cache):
@@ -419,6 +581,8 @@ class ZarrTokenStore(TokenStore):
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
+        if self._direct is not None:
+            self._direct.close()
         zs = getattr(self, "_zstore", None)
         if zs is not None and hasattr(zs, "close"):
             zs.close()
