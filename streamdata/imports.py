@@ -120,7 +120,12 @@ class _MappedFile:
 
     def close(self) -> None:
         if self.mm is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                # a numpy view is still alive (e.g. in an exception's traceback): the mapping is
+                # unmapped when the last view goes; mmap holds its own duplicate of the fd
+                pass
             self.mm = None
         if self.fd is not None:
             os.close(self.fd)
@@ -160,6 +165,8 @@ class _ImportedStore(TokenStore):
     """Shared parts: no byte/word counts, a mapped data file, page hints."""
 
     _file: _MappedFile | None = None
+    _arr: np.ndarray | None = None  # zero-copy views of _file
+    _flat: np.ndarray | None = None
 
     @property
     def doc_offsets(self) -> np.ndarray:
@@ -174,6 +181,8 @@ class _ImportedStore(TokenStore):
         return None
 
     def close(self) -> None:
+        # numpy views of the mapping must go first: an mmap with exported buffers cannot close
+        self._arr = self._flat = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -288,7 +288,10 @@ class _MappedShard:
     def close(self) -> None:
         self.views = [None] * len(self.views)  # drop the exported buffers before unmapping
         if self.mm is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:  # a view still alive elsewhere: unmapped when it goes (mmap dups the fd)
+                pass
             self.mm = None
         if self.fd is not None:
             os.close(self.fd)
