@@ -155,7 +155,7 @@ class _TensorWindows:
     def __init__(self, tokens: torch.Tensor, doc_offsets: np.ndarray, spec: WindowSpec, device: torch.device):
         self.tokens, self.spec, self.device = tokens, spec, device
         self.plan = plan_windows_np(doc_offsets, spec)
-        self._off_dev = torch.as_tensor(np.asarray(doc_offsets, np.int64), device=device)
+        self._off_dev = torch.tensor(np.asarray(doc_offsets, np.int64), device=device)  # copy: store index is read-only
 
     def __len__(self) -> int:
         return -(-len(self.plan) // self.spec.batch_windows)
@@ -191,7 +191,7 @@ class _TensorWindows:
             doc = doc.clamp(0, len(self._off_dev) - 2)
             pos = tgt_g - self._off_dev[doc]
             yield WindowBatch(
-                inputs=tok[:, :L].contiguous(),
+                inputs=tok[:, :L].masked_fill(~in_len, 0),  # the last target is not an input
                 targets=tok[:, 1:].contiguous(),
                 score_mask=score,
                 doc_ids=torch.where(in_len, doc, 0),
@@ -296,12 +296,22 @@ class EvalData:
                 raise DataError(_bad_id_message(int(blk[i]), lo + i, vocab, self.name))
 
     # ---- windows -----------------------------------------------------------------------
-    def windows(self, spec: WindowSpec, device: torch.device):
-        """An iterable of :class:`WindowBatch` (with ``len()``; call ``close()`` when done early)."""
+    def windows(self, spec: WindowSpec, device: torch.device, backend: str = "auto"):
+        """An iterable of :class:`WindowBatch` (with ``len()`` and ``plan``; call ``close()`` at the end).
+
+        ``backend``: "auto" (stores: streamdata's WindowLoader when installed; tensors: in memory),
+        "loader" or "fallback" (the in-memory implementation, also for stores: tests compare both).
+        """
+        if backend not in ("auto", "loader", "fallback"):
+            raise ConfigError(f"backend={backend!r} must be auto, loader or fallback")
         if self.kind == "tensor":
+            if backend == "loader":
+                raise ConfigError("backend='loader' needs a store; tensors are windowed in memory")
             return _TensorWindows(self.tokens, self.doc_offsets, spec, device)
-        loader = _loader_class()
+        loader = _loader_class() if backend != "fallback" else None
         if loader is None:
+            if backend == "loader":
+                raise ConfigError("backend='loader' but streamdata.loader is not installed: upgrade streamdata")
             return _StoreWindows(self.store, spec, device)
         return _LoaderWindows(loader, self.store, spec, device)
 

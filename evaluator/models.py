@@ -85,13 +85,14 @@ def _extract_logits(out: Any) -> torch.Tensor:
     return logits
 
 
-def _first_attr(objs: tuple[Any, ...], names: tuple[str, ...]) -> Any:
+def _first_attr(objs: tuple[Any, ...], names: tuple[str, ...], minimum: int = 1) -> Any:
+    """The first int attribute >= minimum among ``names`` of ``objs`` (a module, then its config)."""
     for o in objs:
         if o is None:
             continue
         for n in names:
             v = getattr(o, n, None)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= minimum:
                 return v
     return None
 
@@ -124,7 +125,7 @@ class ModelAdapter:
         # for sliding windows and kv-cache streams. context_length: the default chunk_size.
         self.context_length: int | None = _first_attr((module, cfg), _CONTEXT_ATTRS)
         self.max_positions: int | None = self.context_length
-        self.bos_token_id: int | None = _first_attr((module, cfg), ("bos_token_id",))
+        self.bos_token_id: int | None = _first_attr((module, cfg), ("bos_token_id",), minimum=0)
         sha = tokenizer_sha256 or getattr(module, "tokenizer_sha256", None) or getattr(cfg, "tokenizer_sha256", None)
         self.tokenizer_sha256: str | None = sha if isinstance(sha, str) and sha else None
 
@@ -303,10 +304,16 @@ class HFAdapter(ModelAdapter):
         if self.recurrent:
             self.state = _clone_tree(snap)
             return
-        if self.cache.get_seq_length() != snap:
+        extra = self.cache.get_seq_length() - snap
+        if extra > 0:
+            if snap == 0:
+                self.cache = _new_dynamic_cache(self.module.config)
+                return
             if hasattr(self.cache, "is_croppable") and not self.cache.is_croppable:
                 raise ModelError("the model's cache cannot be rolled back after running out of memory: lower chunk_size")
-            self.cache.crop(snap)
+            # A negative argument removes that many tokens in transformers 4.x and 5.x alike
+            # (5.x refuses the positive "new length" form).
+            self.cache.crop(-extra)
 
     def verify_kv_cache(self) -> bool:
         """True when feeding 8 tokens as 4 + 4 with a carried cache reproduces one forward of 8."""
