@@ -491,24 +491,29 @@ def open_megatron(prefix: str | os.PathLike, *, documents: str = "document", voc
     return MegatronTokenStore(text, documents=documents, vocab_size=vocab_size, eos_id=eos_id, checksum=checksum)
 
 
-def open_token_files(path: str | os.PathLike) -> TokenStore:
-    """What :func:`streamdata.open_store` does with a path that is not a store folder: a Megatron
-    ``.idx``, ``.bin`` with an ``.idx`` beside it, or prefix opens as Megatron; another ``.bin`` (or a
-    prefix with only a ``.bin``) as a raw uint16 file."""
+def open_token_files(path: str | os.PathLike, *, dtype: str | None = None, eos_id: int | None = None,
+                     vocab_size: int | None = None, documents: str = "document", checksum: bool = True) -> TokenStore:
+    """Open existing token files by path (what :func:`streamdata.open_store` does with a path that is
+    not a store folder; CLIs pass the options through): a Megatron ``.idx``, a ``.bin`` with an
+    ``.idx`` beside it, or a prefix with both opens as Megatron (``documents``); another ``.bin``, or
+    a prefix with only a ``.bin``, as a raw file of ``dtype`` (default uint16). ``eos_id`` and
+    ``vocab_size`` apply to both."""
     text = os.fspath(path)
     p = Path(text)
+    prefix = None
     if p.suffix == ".idx":
-        return open_megatron(text[:-4])
-    if p.suffix == ".bin":
-        if Path(text[:-4] + ".idx").is_file():
-            return open_megatron(text[:-4])
-        if p.is_file():
-            return open_raw_bin(p)
-    if not p.exists():
-        if Path(text + ".idx").is_file():
-            return open_megatron(text)
-        if Path(text + ".bin").is_file():
-            return open_raw_bin(text + ".bin")
+        prefix = text[:-4]
+    elif p.suffix == ".bin" and Path(text[:-4] + ".idx").is_file():
+        prefix = text[:-4]
+    elif not p.exists() and Path(text + ".idx").is_file():
+        prefix = text
+    if prefix is not None:
+        if dtype is not None:
+            raise ConfigError(f"{text!r} is a Megatron dataset, whose .idx records its dtype: drop the dtype option")
+        return open_megatron(prefix, documents=documents, vocab_size=vocab_size, eos_id=eos_id, checksum=checksum)
+    raw = p if p.suffix == ".bin" and p.is_file() else (Path(text + ".bin") if not p.exists() else None)
+    if raw is not None and raw.is_file():
+        return open_raw_bin(raw, dtype or "uint16", eos_id, vocab_size, checksum=checksum)
     raise StoreError(
         f"{text!r} is neither a store folder, a raw token .bin, nor a Megatron .idx/.bin pair: pass one of those "
         "(for other raw id files use streamdata.imports.open_raw_bin(path, dtype=...))"

@@ -252,3 +252,16 @@ def test_megatron_bad_input(tmp_path):
         open_store(p)
     with pytest.raises(ConfigError, match="documents='pages'"):
         open_megatron(write_megatron(tmp_path / "ok", docs), documents="pages")
+
+
+def test_open_token_files_options(tmp_path):
+    from streamdata.imports import open_token_files
+
+    p = write_nanogpt_bin(tmp_path / "val.bin", [1, 9, 2, 9, 3], "uint32")
+    with open_token_files(p, dtype="uint32", eos_id=9, vocab_size=10) as s:
+        assert s.dtype == np.dtype("<u4") and s.doc_offsets.tolist() == [0, 2, 4, 5]
+    m = write_megatron(tmp_path / "m", [[[1, 2]], [[3]]], "uint16")
+    with open_token_files(m, documents="sequence", vocab_size=10) as s:
+        assert s.num_documents == 2 and s.vocab_size == 10
+    with pytest.raises(ConfigError, match="records its dtype: drop the dtype option"):
+        open_token_files(str(m) + ".idx", dtype="uint32")
