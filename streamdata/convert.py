@@ -102,6 +102,9 @@ def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_
     from .writer import StoreWriter
 
     m = store.manifest
+    if store.num_documents == 0:
+        raise ConfigError(f"source {store.path!r} holds no documents and an npy store needs at least one: "
+                          "pass --format zarr, or check the source")
     dtype = store.dtype
     # ids are checked against the vocabulary; unknown (imports): anything the dtype holds
     vocab = store.vocab_size or (1 << (8 * dtype.itemsize))

@@ -137,6 +137,10 @@ def test_convert_bad_arguments(sources, tmp_path):
         convert_store(root / "npy", root / "npy", format="zarr")
     with pytest.raises(ConfigError, match="already holds a finished store"):
         convert_store(root / "npy", root / "zarr", format="zarr")  # made with other settings
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="holds no documents.*--format zarr"):
+        convert_store(tmp_path / "empty.bin", tmp_path / "e")
+    assert convert_store(tmp_path / "empty.bin", tmp_path / "ez", format="zarr").num_tokens == 0
     text = tmp_path / "notes.txt"
     text.write_text("x")
     with pytest.raises(StoreError, match="neither a store folder"):
