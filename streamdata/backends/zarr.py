@@ -78,7 +78,10 @@ __all__ = [
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_CHUNK_TOKENS",
     "DEFAULT_CHUNKS_PER_SHARD",
+    "STAGING_DIR",
     "ZarrTokenStore",
+    "check_compression",
+    "is_url",
     "open_url_store",
     "open_zarr_store",
     "pack_build_as_zarr",
@@ -103,10 +106,11 @@ def _compressors(name: str) -> Any:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if name == "zstd":
-        # level 3: ~the speed knee for token ids; higher levels gain little on near-random ids
+        # level 3: zstd's own default speed/ratio trade-off (packing must not become the slow stage)
         return [ZstdCodec(level=3)]
     if name == "blosc":
-        # byte shuffle groups the (mostly zero) high bytes of uint16/uint32 ids; zstd inside blosc
+        # byte shuffle stores the high bytes of all ids together (alike when the vocabulary is small
+        # next to the dtype, e.g. 32k ids in uint16 or any vocabulary in uint32), then zstd
         return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
     raise ConfigError(f"unknown compression {name!r}: pass one of {', '.join(COMPRESSIONS)}")
 
@@ -679,7 +683,9 @@ def write_zarr_store(
         settings = _norm({
             "source_store": _source_identity(m),
             "compression": compression, "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens,
-            "zarr_format": 3, "format_version": FORMAT_VERSION, "extra": out_extra,
+            "zarr_format": 3, "format_version": FORMAT_VERSION,
+            # the manifest carries extra itself; a digest keeps this record short
+            "extra_sha256": hashlib.sha256(json.dumps(_norm(out_extra), sort_keys=True).encode()).hexdigest(),
         })
         loc = _Location(dst, storage_options)
         done_manifest = _prepare_output(loc, settings, overwrite)
