@@ -3,6 +3,7 @@
     streamdata tokenize SOURCE... --tokenizer T --out DIR [options]
     streamdata info STORE [--json]
     streamdata verify STORE
+    streamdata convert SRC DST [--format npy|zarr] [options]
 
 Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted.
 """
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eos", default="auto", help="EOS appended to every document: auto (the tokenizer's, if any), none, or a token (default: auto)")
     t.add_argument("--bos", default="none", help="BOS prepended to every document: none, auto, or a token (default: none)")
     t.add_argument("--batch-size", type=_positive, default=1000, help="documents per tokenizer call (default: 1000)")
+    t.add_argument("--format", default="npy", choices=("npy", "zarr"), help="store format (default: npy raw shards)")
+    t.add_argument("--compression", default="none", choices=("none", "zstd", "blosc"), help="zarr only: codec per inner chunk (default: none)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing store or unfinished build at --out")
     t.add_argument("--cache-dir", help="datasets cache folder")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Verify a store: shard checksums, ids < vocab size, document index consistency. "
                                    "Exit 1 and list every defect if any is found.")
     v.add_argument("store")
+
+    c = sub.add_parser("convert", help="convert a store or existing token files into npy or zarr",
+                       description="Copy any store (npy, zarr, a URL) or existing token files (nanoGPT raw .bin, "
+                                   "Megatron-LM .bin/.idx) into our npy or zarr format, with identical tokens and "
+                                   "documents. Reruns resume.")
+    c.add_argument("src", help="store folder or URL, raw .bin file, or Megatron prefix/.idx/.bin")
+    c.add_argument("dst", help="output folder (zarr: also an fsspec URL)")
+    c.add_argument("--format", default="npy", choices=("npy", "zarr"))
+    c.add_argument("--compression", default="none", choices=("none", "zstd", "blosc"), help="zarr only")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--shard-tokens", type=_positive, default=1 << 26, help="npy output: tokens per shard file")
+    c.add_argument("--chunk-tokens", type=_positive, default=1 << 20, help="zarr output: ids per inner chunk")
+    g = c.add_argument_group("imports (raw .bin / Megatron source)")
+    g.add_argument("--dtype", choices=("uint16", "uint32", "int32", "int64"), help="raw .bin element type (default uint16)")
+    g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
+    g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
+    g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
     return p
 
 
@@ -78,6 +98,7 @@ def _cmd_tokenize(a: argparse.Namespace) -> int:
         revision=a.revision, text_column=a.text_column, streaming=a.streaming, sample_by=a.sample_by,
         max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
         batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
+        format=a.format, compression=a.compression,
     )
     t0 = time.perf_counter()
     m = tokenize_dataset(cfg)
@@ -160,10 +181,29 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from .convert import convert_store
+    from .imports import open_token_files
+
+    imports = {k: v for k, v in (("dtype", a.dtype), ("eos_id", a.eos_id), ("vocab_size", a.vocab_size),
+                                 ("documents", a.documents)) if v is not None}
+    src = open_token_files(a.src, **imports) if imports else a.src
+    t0 = time.perf_counter()
+    try:
+        m = convert_store(src, a.dst, format=a.format, compression=a.compression, overwrite=a.overwrite,
+                          shard_tokens=a.shard_tokens, chunk_tokens=a.chunk_tokens)
+    finally:
+        if not isinstance(src, str):
+            src.close()
+    print(f"{a.dst}: {m.num_tokens:,} tokens, {m.num_documents:,} documents, format {m.format} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify}[args.command]
+    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert}[args.command]
     try:
         return cmd(args)
     except StreamdataError as e:

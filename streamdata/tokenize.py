@@ -161,7 +161,8 @@ class TokenizeConfig:
     bos: str = "none"  # auto | none | TOKEN: prepended to every document
     batch_size: int = 1000  # documents per encode call
     overwrite: bool = False
-    format: str = "npy"
+    format: str = "npy"  # npy | zarr (zarr: tokenized into an npy staging store, then packed)
+    compression: str = "none"  # zarr only: none | zstd | blosc
     cache_dir: str | None = None
     progress: bool = False
     data_files_builder: str | None = None
@@ -178,8 +179,14 @@ class TokenizeConfig:
             raise ConfigError(f"shard_tokens={self.shard_tokens} must be >= 1: pass e.g. --shard-tokens 67108864")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if self.format != "npy":
-            raise ConfigError(f"format {self.format!r} is not supported by this version: use npy")
+        if self.format not in ("npy", "zarr"):
+            raise ConfigError(f"format {self.format!r} is not supported: use npy or zarr")
+        if self.format == "npy" and self.compression != "none":
+            raise ConfigError(f"compression={self.compression!r} needs --format zarr (npy shards are raw arrays)")
+        if self.format == "zarr":
+            from .backends.zarr import check_compression
+
+            check_compression(self.compression)
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
 
@@ -284,10 +291,28 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
         "max_docs": cfg.max_docs,
         "max_tokens": cfg.max_tokens,
     }
-    writer = StoreWriter(cfg.out, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
-                         settings=settings, overwrite=cfg.overwrite)
-    if writer.finished is not None:
-        return writer.finished
+    out_dir, overwrite = cfg.out, cfg.overwrite
+    if cfg.format == "zarr":
+        from .backends.zarr import pack_build_as_zarr, prepare_zarr_build
+
+        settings = {**settings, "format": "zarr", "compression": cfg.compression}
+        finished, out_dir = prepare_zarr_build(cfg.out, settings=settings, overwrite=cfg.overwrite)
+        if finished is not None:
+            return finished
+        overwrite = False  # prepare_zarr_build already cleared --out when asked to
+    writer = StoreWriter(out_dir, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
+                         settings=settings, overwrite=overwrite)
+    if writer.finished is None:
+        _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
+    if cfg.format == "zarr":
+        # the staging npy store is complete (this run or an earlier one): pack it (resumable too)
+        return pack_build_as_zarr(out_dir, cfg.out, cfg.compression)
+    return writer.finished
+
+
+def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, writer: StoreWriter,
+                  bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> Manifest:
+    """source -> encode -> writer, then seal. On any error the writer keeps its finished shards."""
     created = {
         "tool": "streamdata", "python": sys.version.split()[0], "numpy": np.__version__,
         "tokenizers": _version("tokenizers"), "datasets": _version("datasets"),
@@ -333,8 +358,9 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
                 cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens
             ):
                 break
-        return writer.commit(tokenizer=tok.identity(), special_tokens=special, source=source.identity,
-                             created_by=created)
+        writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
+                                        source=source.identity, created_by=created)
+        return writer.finished
     except BaseException:
         writer.abort()
         raise

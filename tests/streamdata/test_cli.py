@@ -100,3 +100,45 @@ def test_bad_arguments_exit_2(tmp_path, capsys, bpe_tokenizer):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "streamdata", "tokenize", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--text-column" in r.stdout and "--shard-tokens" in r.stdout
+
+
+def test_tokenize_zarr_and_convert_round_trip(tmp_path, capsys, store, bpe_tokenizer):
+    import numpy as np
+
+    from streamdata import open_store
+
+    src = tmp_path / "c.jsonl"
+    z = tmp_path / "z"
+    assert main(["tokenize", str(src), "--tokenizer", str(bpe_tokenizer), "--out", str(z), "--text-column", "content",
+                 "--format", "zarr", "--compression", "zstd", "--quiet"]) == 0
+    assert not (z / "_build").exists()
+    # the same command again is a no-op on the finished store
+    assert main(["tokenize", str(src), "--tokenizer", str(bpe_tokenizer), "--out", str(z), "--text-column", "content",
+                 "--format", "zarr", "--compression", "zstd", "--quiet"]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(z), str(back), "--format", "npy"]) == 0
+    assert main(["verify", str(z)]) == 0 and main(["verify", str(back)]) == 0
+    with open_store(store) as a, open_store(z) as b, open_store(back) as c:
+        assert b.manifest.format == "zarr" and c.manifest.format == "npy"
+        ref = a.read(0, len(a))
+        np.testing.assert_array_equal(b.read(0, len(b)), ref)
+        np.testing.assert_array_equal(c.read(0, len(c)), ref)
+        np.testing.assert_array_equal(b.doc_offsets, a.doc_offsets)
+        assert a.manifest.tokenizer == b.manifest.tokenizer == c.manifest.tokenizer
+    capsys.readouterr()
+    assert main(["tokenize", str(src), "--tokenizer", str(bpe_tokenizer), "--out", str(tmp_path / "x"), "--compression", "zstd"]) == 2
+    assert "needs --format zarr" in capsys.readouterr().err
+
+
+def test_convert_raw_bin(tmp_path, capsys):
+    import numpy as np
+
+    from streamdata import open_store
+
+    ids = np.array([5, 6, 0, 7, 0, 8, 9, 10], dtype="<u4")
+    ids.tofile(tmp_path / "train.bin")
+    out = tmp_path / "conv"
+    assert main(["convert", str(tmp_path / "train.bin"), str(out), "--dtype", "uint32", "--eos-id", "0", "--vocab-size", "11"]) == 0
+    with open_store(out) as s:
+        assert s.read(0, len(s)).tolist() == ids.tolist()
+        assert s.doc_offsets.tolist() == [0, 3, 5, 8]
