@@ -168,18 +168,6 @@ class _ImportedStore(TokenStore):
     _arr: np.ndarray | None = None  # zero-copy views of _file
     _flat: np.ndarray | None = None
 
-    @property
-    def doc_offsets(self) -> np.ndarray:
-        return self._offsets
-
-    @property
-    def doc_bytes(self) -> None:
-        return None
-
-    @property
-    def doc_words(self) -> None:
-        return None
-
     def close(self) -> None:
         # numpy views of the mapping must go first: an mmap with exported buffers cannot close
         self._arr = self._flat = None

@@ -37,20 +37,25 @@ class TokenStore(ABC):
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Copy tokens ``[start, stop)`` into ``out[: stop - start]`` (same dtype as the store)."""
 
+    # Backends set these in __init__: the document index as int64 arrays (memory-mapped or small).
+    _offsets: np.ndarray
+    _bytes: np.ndarray | None = None
+    _words: np.ndarray | None = None
+
     @property
-    @abstractmethod
     def doc_offsets(self) -> np.ndarray:
         """int64 ``[num_documents + 1]``: token offset of each document start; last == ``len(self)``."""
+        return self._offsets
 
     @property
-    @abstractmethod
     def doc_bytes(self) -> np.ndarray | None:
         """int64 ``[num_documents]`` UTF-8 bytes per document, or None when unknown (imports)."""
+        return self._bytes
 
     @property
-    @abstractmethod
     def doc_words(self) -> np.ndarray | None:
         """int64 ``[num_documents]`` whitespace-separated words per document, or None when unknown."""
+        return self._words
 
     def release(self, start: int, stop: int) -> None:  # noqa: B027 - optional hint, default no-op
         """Hint: tokens ``[start, stop)`` will not be read again soon; the backend may drop them."""

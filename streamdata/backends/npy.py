@@ -105,18 +105,6 @@ class NpyTokenStore(TokenStore):
             )
         return arr
 
-    @property
-    def doc_offsets(self) -> np.ndarray:
-        return self._offsets
-
-    @property
-    def doc_bytes(self) -> np.ndarray:
-        return self._bytes
-
-    @property
-    def doc_words(self) -> np.ndarray:
-        return self._words
-
     def _spans(self, start: int, stop: int):
         """Yield (shard, local_lo, local_hi, out_lo) pieces covering the global range."""
         k = int(np.searchsorted(self._starts, start, side="right")) - 1

@@ -506,18 +506,6 @@ class ZarrTokenStore(TokenStore):
 
     # ---- index -------------------------------------------------------------------------------
     @property
-    def doc_offsets(self) -> np.ndarray:
-        return self._offsets
-
-    @property
-    def doc_bytes(self) -> np.ndarray:
-        return self._bytes
-
-    @property
-    def doc_words(self) -> np.ndarray:
-        return self._words
-
-    @property
     def zarr_array(self):
         """The underlying ``tokens`` zarr array (for tools and benchmarks; reads bypass the cache)."""
         return self._tokens
