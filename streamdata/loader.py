@@ -1,0 +1,722 @@
+"""Window loader: stream planned windows out of a token store into device tensors, in bounded memory.
+
+Data path (DESIGN.md "Loader rules")::
+
+    store shards --read_into--> host slot (store dtype: uint16/uint32, pinned on CUDA; a ring
+    of ``num_slots`` allocated once) --non_blocking copy on a side CUDA stream--> device slot
+    --widen to int64 + one gather (index arithmetic) on the consumer's stream--> WindowBatch
+
+One batch = ``B`` consecutive windows of the plan (:mod:`streamdata.windows`). The reader thread
+reads the *union span* of the batch's windows ``[lo, hi)`` once, so tokens shared by overlapping
+windows (and the one token shared by adjacent windows without overlap) cross the link once; the
+windows are cut from the span on the device.
+
+Synchronisation on CUDA (no host sync in the consumer's loop):
+- the producer copies slot ``i`` on the side stream and records ``copied[i]``; the consumer's
+  current stream waits on ``copied[i]`` (``wait_event``: a device-side dependency, no CPU block);
+- after the consumer has enqueued its reads of device slot ``i`` it records ``consumed[i]`` and
+  returns the slot; before copying into it again the side stream waits on ``consumed[i]``, and the
+  producer (a background thread, so blocking there is fine) waits on ``copied[i]`` before it
+  overwrites host slot ``i`` (the DMA engine may still be reading it).
+
+On CPU the reader thread also widens and cuts the batch (the background thread does the work
+the consumer would otherwise do), and up to ``num_slots`` finished batches wait in a queue.
+
+Memory stays bounded for stores larger than RAM: the reader calls ``store.release`` behind its
+cursor (numpy backend: ``madvise(DONTNEED)`` + ``posix_fadvise(DONTNEED)``) and ``store.prefetch``
+ahead of it. Batch tensors are fresh allocations (never views of the ring), so a consumer may keep
+them as long as it likes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .backends.npy import NpyTokenStore
+from .store import TokenStore, open_store
+from .windows import WindowPlan, plan_windows
+
+__all__ = ["WindowBatch", "WindowLoader"]
+
+_THREAD_NAME = "streamdata-loader"
+_DEFAULT_BATCH_TOKENS = 1 << 16
+# The reader hints the kernel in steps of at least this many tokens: one madvise/fadvise pair per
+# step instead of one per batch (they cost a syscall each and the page cache works in pages anyway).
+_MIN_HINT_TOKENS = 1 << 22
+# CPU reader threads: widening to int64 is memory-bound work that numpy does without the GIL, so a
+# second reader nearly doubles throughput on 2+ cores; more would only compete with a CPU model.
+_CPU_READERS = min(2, os.cpu_count() or 1)
+# Same-width signed torch dtype carrying the unsigned store ids as bit patterns (torch's uint16/32
+# support is partial across versions and devices; int16/int32 copy everywhere and we mask on widening).
+_BITS_DTYPE = {np.dtype("<u2"): torch.int16, np.dtype("<u4"): torch.int32}
+_UNSIGNED_MASK = {np.dtype("<u2"): 0xFFFF, np.dtype("<u4"): 0xFFFFFFFF}
+
+
+@dataclass(eq=False)
+class WindowBatch:
+    """``B`` consecutive windows of the plan, as tensors on the loader's device.
+
+    - ``inputs``, ``targets``: int64 ``[B, L]``; window ``b`` has ``lengths[b]`` real tokens, and both
+      are right-padded with 0. ``targets[b, j]`` is the token at global position ``start + 1 + j``.
+      Treat them as read-only: for evenly spaced full windows without overlap they are two views of
+      one buffer (targets = inputs shifted by one token), which saves a copy.
+    - ``score_mask``: bool ``[B, L]``; True exactly for the targets to score (each target of the
+      plan is True in exactly one batch of one rank).
+    - ``lengths``: int64 ``[B]``.
+    - ``doc_ids``, ``positions`` (computed on first access, on the current stream, then cached):
+      int64 ``[B, L]``, the document id of each target and its 0-based position in that document
+      (counted from the document's first stored token); -1 on padding.
+    - ``first_window``, ``num_windows``, ``num_scored``: host ints from the plan (no device sync).
+      ``first_window`` is the index of window 0 of this batch in the full plan (before ``start_at``
+      and rank blocks), so ``first_window + num_windows`` is a valid ``start_at`` to resume after it.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    score_mask: torch.Tensor
+    lengths: torch.Tensor
+    first_window: int
+    num_windows: int
+    num_scored: int
+    # Lazy doc/position state (numpy on CPU, tensors on CUDA): each window's start relative to
+    # ``_lo`` ([B] int64), the global start offsets of the documents d0..d1 that the batch's span
+    # touches ([k] int64), and d0.
+    _rel: Any = field(repr=False)
+    _lo: int = field(repr=False)
+    _doc_starts: Any = field(repr=False)
+    _d0: int = field(repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.shape[0]
+
+    def _docs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "doc" in self._cache:
+            return self._cache["doc"], self._cache["pos"]
+        L = self.inputs.shape[1]
+        # The target's document is the last one starting at or before it (documents are sorted;
+        # side="right" skips empty documents that share its start).
+        if isinstance(self._rel, np.ndarray):  # CPU: numpy (single-threaded kernels, see _cut_host)
+            j = np.arange(L)
+            pos = (self._rel + (self._lo + 1))[:, None] + j  # global position of each target
+            valid = j < self.lengths.numpy()[:, None]
+            local = np.maximum(np.searchsorted(self._doc_starts, pos, side="right") - 1, 0)
+            doc = torch.from_numpy(np.where(valid, local + self._d0, -1))
+            within = torch.from_numpy(np.where(valid, pos - self._doc_starts[local], -1))
+        else:
+            j = torch.arange(L, device=self.inputs.device)
+            pos = (self._rel + (self._lo + 1))[:, None] + j
+            valid = j < self.lengths[:, None]
+            local = torch.searchsorted(self._doc_starts, pos, right=True).sub_(1).clamp_(min=0)
+            doc = torch.where(valid, local + self._d0, -1)
+            within = torch.where(valid, pos - self._doc_starts[local], -1)
+        self._cache["doc"], self._cache["pos"] = doc, within
+        return doc, within
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        return self._docs()[0]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._docs()[1]
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """Host-side table of the loader's batches, vectorised once over the whole plan.
+
+    Held as Python lists: the reader indexes them once per batch, and ``list[b]`` is far cheaper
+    than ``int(ndarray[b])``."""
+
+    w0: list  # first window (index into the loader's plan)
+    w1: list  # one past the last window
+    lo: list  # span [lo, hi) of global tokens the batch reads (lo >= 0; a BOS window's virtual token is not read)
+    hi: list
+    d0: list  # documents d0..d1 intersect the span
+    d1: list
+    uniform: list  # full-length windows, no BOS, evenly spaced by the stride (fast cut)
+    any_bos: list
+    scored: list  # targets scored per batch
+    max_span: int
+    max_meta: int  # int64 metadata words per batch: 4 per window + document starts
+
+    @classmethod
+    def build(cls, plan: WindowPlan, B: int, doc_offsets: np.ndarray) -> "_Batches":
+        W = len(plan)
+        if W == 0:
+            return cls([], [], [], [], [], [], [], [], [], 1, 1)
+        w0 = np.arange(0, W, B, dtype=np.int64)
+        w1 = np.minimum(w0 + B, W)
+        lo = np.maximum(np.minimum.reduceat(plan.start, w0), 0)
+        hi = np.maximum.reduceat(plan.stop, w0)
+        d0 = np.searchsorted(doc_offsets, lo, side="right") - 1
+        d1 = np.searchsorted(doc_offsets, hi - 1, side="right") - 1
+        full = (plan.length == plan.chunk_size) & ~plan.bos
+        partial = np.add.reduceat((~full).astype(np.int64), w0)
+        bad_step = np.zeros(W, np.int64)
+        np.cumsum(np.diff(plan.start) != plan.stride, out=bad_step[1:])
+        uniform = (partial == 0) & (bad_step[w1 - 1] == bad_step[w0])
+        any_bos = np.add.reduceat(plan.bos.astype(np.int64), w0) > 0
+        scored = np.add.reduceat(plan.scored_per_window, w0)
+        meta = 4 * (w1 - w0) + (d1 - d0 + 1)
+        return cls(w0.tolist(), w1.tolist(), lo.tolist(), hi.tolist(), d0.tolist(), d1.tolist(), uniform.tolist(),
+                   any_bos.tolist(), scored.tolist(), int((hi - lo).max()), int(meta.max()))
+
+    def __len__(self) -> int:
+        return len(self.w0)
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a torch device: pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu' (or None to choose)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={device!r} is not supported by the window loader: pass 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {lo}: {fix}")
+    return int(value)
+
+
+class WindowLoader:
+    """Iterate the windows of a store as :class:`WindowBatch` es on a device. See the module docstring.
+
+    ``store``: an open :class:`TokenStore` (not closed by the loader) or a path (opened and owned).
+    ``chunk_size``/``overlap``/``mode``/``prepend_bos_id``: the window plan (:func:`plan_windows`;
+    a BOS id turns on ``prepend_bos`` and is the id substituted for the virtual BOS token).
+    ``batch_windows`` or ``batch_tokens`` (not both): windows per batch, or a budget of padded tokens
+    ``B * chunk_size`` per batch, ``B = batch_tokens // chunk_size`` (default: ``max(1, 65536 // chunk_size)``
+    windows). ``device``: None picks CUDA when
+    available. ``start_at``: index of the first window of the full plan to load (resume); the windows
+    from there are split into ``world_size`` contiguous blocks and this loader yields block ``rank``.
+    ``max_tokens``: plan as if the store ended there (no target at a position >= it is loaded).
+    ``num_slots``: batches read ahead. ``release_behind``: drop pages behind the read cursor.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore | str | os.PathLike,
+        *,
+        chunk_size: int,
+        overlap: int = 0,
+        mode: str = "stream",
+        batch_windows: int | None = None,
+        batch_tokens: int | None = None,
+        device: Any = None,
+        start_at: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prepend_bos_id: int | None = None,
+        num_slots: int = 4,
+        release_behind: bool = True,
+        max_tokens: int | None = None,
+    ):
+        self._owns_store = not isinstance(store, TokenStore)
+        self.store = open_store(store) if self._owns_store else store
+        try:
+            self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
+                        prepend_bos_id, num_slots, release_behind, max_tokens)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
+               prepend_bos_id, num_slots, release_behind, max_tokens) -> None:
+        self.device = _resolve_device(device)
+        if prepend_bos_id is not None:
+            prepend_bos_id = _check_int("prepend_bos_id", prepend_bos_id, 0, "pass the tokenizer's BOS id, or None")
+        if max_tokens is not None:
+            max_tokens = _check_int("max_tokens", max_tokens, 0, "pass None for the whole store, or a token count")
+        self.num_slots = _check_int("num_slots", num_slots, 2, "pass num_slots >= 2 (one being filled, one being consumed)")
+        offsets = self.store.doc_offsets
+        full = plan_windows(offsets, chunk_size, overlap, mode, prepend_bos_id is not None, max_tokens=max_tokens)
+        if batch_windows is not None and batch_tokens is not None:
+            raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
+        if batch_windows is not None:
+            B = _check_int("batch_windows", batch_windows, 1, "pass the number of windows per batch, e.g. 8")
+        elif batch_tokens is None:
+            B = max(1, _DEFAULT_BATCH_TOKENS // full.chunk_size)
+        else:
+            budget = _check_int("batch_tokens", batch_tokens, 1, "pass a token budget per batch, e.g. 65536")
+            if budget < full.chunk_size:
+                raise ConfigError(
+                    f"batch_tokens={budget} is less than one window (chunk_size={full.chunk_size}): "
+                    f"pass batch_tokens >= {full.chunk_size} or use batch_windows"
+                )
+            B = budget // full.chunk_size
+        start_at = _check_int("start_at", start_at, 0, "pass the index of the first window to load (0 = start)")
+        if start_at > len(full):
+            raise ConfigError(f"start_at={start_at} is past the plan's {len(full)} windows: pass 0 <= start_at <= {len(full)}")
+        self.full_plan_windows = len(full)
+        #: This loader's windows: the full plan from ``start_at``, then rank ``rank``'s block.
+        self.plan: WindowPlan = full[start_at:].shard(rank, world_size)
+        self.batch_windows = B
+        self.bos_id = prepend_bos_id
+        self.release_behind = bool(release_behind)
+        self._offsets = offsets
+        self._batches = _Batches.build(self.plan, B, offsets)
+        self._iters: weakref.WeakSet = weakref.WeakSet()
+        self._ring: _Ring | None = None
+
+    # ---- public ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of batches this loader yields."""
+        return len(self._batches)
+
+    @property
+    def num_scored(self) -> int:
+        """Targets scored over the whole iteration (host int)."""
+        return self.plan.num_scored
+
+    def __iter__(self) -> "_LoaderIterator":
+        it = _LoaderIterator(self)
+        self._iters.add(it)
+        return it
+
+    def close(self) -> None:
+        """Stop every running iteration (joining its reader thread) and close an owned store."""
+        for it in list(getattr(self, "_iters", ())):
+            it.close()
+        self._ring = None
+        if getattr(self, "_owns_store", False) and self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> "WindowLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing useful to do
+            pass
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (f"WindowLoader(chunk_size={p.chunk_size}, overlap={p.overlap}, mode={p.mode!r}, windows={len(p)}, "
+                f"batches={len(self)}, batch_windows={self.batch_windows}, device={str(self.device)!r})")
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _take_ring(self) -> "_Ring":
+        """The ring is allocated once per loader and reused by later iterations (pinned memory is
+        slow to allocate); a second concurrent iteration gets its own."""
+        ring, self._ring = self._ring, None
+        if ring is None:
+            b = self._batches
+            ring = _Ring(self.device, self.store.dtype, self.num_slots, b.max_span, b.max_meta)
+        return ring
+
+    def _give_ring(self, ring: "_Ring") -> None:
+        self._ring = ring
+
+
+def _widen_bits(bits: torch.Tensor, mask: int) -> torch.Tensor:
+    """int64 ids from unsigned ids carried as same-width signed bit patterns (int16/int32):
+    the cast sign-extends, the mask clears the extension (uint16 id 40000 arrives as int16 -25536)."""
+    return bits.to(torch.int64).bitwise_and_(mask)
+
+
+class _Ring:
+    """Host slots (pinned on CUDA) and, on CUDA, device slots + events. Allocated once per loader."""
+
+    def __init__(self, device: torch.device, dtype: np.dtype, num_slots: int, span: int, meta: int):
+        self.device, self.np_dtype = device, dtype
+        self.cuda = device.type == "cuda"
+        bits = _BITS_DTYPE[dtype]
+        # CPU: a reader cuts each batch as soon as its span is read, so it needs one slot of its own;
+        # the read-ahead is the queues of finished batches.
+        n = num_slots if self.cuda else min(num_slots, _CPU_READERS)
+        self.host_tok = [torch.empty(span, dtype=bits, pin_memory=self.cuda) for _ in range(n)]
+        # numpy views share the (pinned) memory: read_into writes the store dtype straight into it.
+        self.host_tok_np = [t.numpy().view(dtype) for t in self.host_tok]
+        if self.cuda:
+            self.host_meta = [torch.empty(meta, dtype=torch.int64, pin_memory=True) for _ in range(n)]
+            self.host_meta_np = [t.numpy() for t in self.host_meta]
+            self.dev_tok = [torch.empty(span, dtype=bits, device=device) for _ in range(n)]
+            self.dev_meta = [torch.empty(meta, dtype=torch.int64, device=device) for _ in range(n)]
+            self.copied = [torch.cuda.Event() for _ in range(n)]
+            self.consumed = [torch.cuda.Event() for _ in range(n)]
+            self.side_stream = torch.cuda.Stream(device=device)
+            # The side stream writes the device slots: when the ring is freed, the caching allocator
+            # must not hand their memory out before those copies finish (no stream sync needed).
+            for t in self.dev_tok + self.dev_meta:
+                t.record_stream(self.side_stream)
+        self.num_slots = n
+
+
+@dataclass
+class _Item:
+    """CUDA: a batch whose span and metadata are (being) copied into device slot ``slot``."""
+
+    b: int
+    slot: int
+    n: int  # span tokens
+    nw: int  # windows
+    k: int  # document starts in the metadata
+    lo: int
+    d0: int
+    uniform: bool
+    any_bos: bool
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Pipeline:
+    """One iteration's reader thread and hand-off queues. Holds no reference to the iterator, so an
+    abandoned iterator is garbage-collected and its ``__del__`` stops this pipeline."""
+
+    def __init__(self, loader: WindowLoader, ring: _Ring):
+        self.store = loader.store
+        self.plan = loader.plan
+        self.batches = loader._batches
+        # A plain ndarray view: slicing an np.memmap object costs ~10x more (subclass bookkeeping).
+        self.offsets = np.asarray(loader._offsets)
+        self.ring = ring
+        self.device = loader.device
+        self.bos_id = loader.bos_id
+        self.release_behind = loader.release_behind
+        # The numpy backend's read_into is a numpy slice assignment, which widens uint16/uint32 into
+        # an int64 buffer exactly, in the same pass as the copy. Other backends get a buffer of the
+        # store's dtype, as the TokenStore contract says.
+        self.widening_reads = isinstance(self.store, NpyTokenStore)
+        self.L, self.O = self.plan.chunk_size, self.plan.overlap
+        self.mask = _UNSIGNED_MASK[ring.np_dtype]
+        self.stop = threading.Event()
+        self.free: queue.Queue = queue.Queue()  # CUDA: slots the consumer has handed back
+        for i in range(ring.num_slots):
+            self.free.put(i)
+        nb = len(self.batches)
+        # CPU: `readers` threads cut alternate batches (b % readers) and queue them (the read-ahead).
+        # numpy releases the GIL in its copies, so two readers use two cores; the consumer takes
+        # batch b from queue b % readers, which keeps the order deterministic. CUDA: one reader;
+        # its work is a narrow memcpy per batch, and at most num_slots items exist.
+        self.readers = 1 if ring.cuda else max(1, min(_CPU_READERS, ring.num_slots, nb))
+        depth = max(1, loader.num_slots // self.readers)
+        self.ready: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in range(self.readers)]
+        self.next_b = 0  # the consumer's next batch
+        # Release behind the slowest reader: cursor[t] = lo of the batch reader t reads next.
+        first = self.batches.lo[0] if nb else 0
+        end = self.batches.hi[-1] if nb else 0
+        self.cursor = [first] * self.readers
+        self.released = first  # never drop pages before our first batch (not ours to judge)
+        self.hint = max(_MIN_HINT_TOKENS, 2 * self.batches.max_span * max(ring.num_slots, 2))
+        self.end = end
+        self.finished = 0
+        self.lock = threading.Lock()
+        self._jn = np.arange(self.L + 1, dtype=np.int64)  # index arithmetic on CPU, reused every batch
+        self.threads = [threading.Thread(target=self._run, args=(t,), name=f"{_THREAD_NAME}-{id(self):x}-{t}",
+                                         daemon=True) for t in range(self.readers)]
+        for th in self.threads:
+            th.start()
+
+    # ---- reader threads ----------------------------------------------------------------------
+    def _run(self, t: int) -> None:
+        try:
+            if self.ring.cuda:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.ring.side_stream):
+                    self._produce(t, self._emit_cuda)
+            else:
+                self._produce(t, self._emit_host)
+        except BaseException as e:  # noqa: BLE001 - every failure goes to the consumer, which re-raises it
+            self._put(t, _Failed(e))  # in place of reader t's next batch: raised when the consumer gets there
+
+    def _put(self, t: int, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready[t].put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _take_slot(self) -> int | None:
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)  # None: close() woke us
+            except queue.Empty:
+                continue
+        return None
+
+    def _produce(self, t: int, emit) -> None:
+        bt, store, hint, end = self.batches, self.store, self.hint, self.end
+        prefetched = self.released
+        for b in range(t, len(bt), self.readers):
+            if self.stop.is_set():
+                return
+            lo, hi = bt.lo[b], bt.hi[b]
+            self.cursor[t] = lo
+            if t == 0:  # reader 0 hints for everyone, in large steps (a syscall each)
+                if prefetched < min(hi + hint // 2, end):
+                    nxt = min(max(prefetched, hi) + hint, end)
+                    store.prefetch(max(prefetched, lo), nxt)
+                    prefetched = nxt
+                if self.release_behind:
+                    safe = min(self.cursor)  # spans only move forward: nothing before it is read again
+                    if safe - self.released >= hint:
+                        store.release(self.released, safe)
+                        self.released = safe
+            if not emit(t, b, lo, hi):
+                return
+        with self.lock:
+            self.cursor[t] = end
+            self.finished += 1
+            last = self.finished == self.readers
+        if last and self.release_behind and end > self.released:
+            store.release(self.released, end)  # reader 0 has finished too: no one else touches `released`
+
+    def _emit_host(self, t: int, b: int, lo: int, hi: int) -> bool:
+        if self.widening_reads and self.O == 0 and self.batches.uniform[b]:
+            # Back-to-back full windows: the span *is* the windows. Read it widened, in one pass,
+            # straight into the int64 array that inputs and targets view (no slot, no second copy).
+            wide = np.empty(hi - lo, np.int64)
+            self.store.read_into(lo, hi, wide)
+            return self._put(t, self._cut_host(wide, b, lo))
+        span = self.ring.host_tok_np[t][: hi - lo]
+        self.store.read_into(lo, hi, span)
+        return self._put(t, self._cut_host(span, b, lo))
+
+    def _emit_cuda(self, t: int, b: int, lo: int, hi: int) -> bool:
+        ring = self.ring
+        i = self._take_slot()
+        if i is None:
+            return False
+        ring.copied[i].synchronize()  # the DMA out of this host slot (its last copy) has finished
+        n = hi - lo
+        self.store.read_into(lo, hi, ring.host_tok_np[i][:n])
+        m = self._pack_meta(b, lo, ring.host_meta_np[i])
+        side = ring.side_stream  # also the current stream of this thread (see _run)
+        side.wait_event(ring.consumed[i])  # the consumer's reads of device slot i are done
+        ring.dev_tok[i][:n].copy_(ring.host_tok[i][:n], non_blocking=True)
+        ring.dev_meta[i][:m].copy_(ring.host_meta[i][:m], non_blocking=True)
+        ring.copied[i].record(side)
+        return self._put(t, self._item(b, i, lo, hi))
+
+    def _pack_meta(self, b: int, lo: int, meta: np.ndarray) -> int:
+        """Per-window metadata of batch ``b`` in one int64 block (one small copy to the device):
+        start - lo, length, score_from, bos ([B] each), then the start offsets of documents d0..d1.
+        Returns the number of words written."""
+        bt, plan = self.batches, self.plan
+        w0, w1, d0, d1 = bt.w0[b], bt.w1[b], bt.d0[b], bt.d1[b]
+        nw, k = w1 - w0, d1 - d0 + 1
+        meta[0:nw] = plan.start[w0:w1] - lo
+        meta[nw : 2 * nw] = plan.length[w0:w1]
+        meta[2 * nw : 3 * nw] = plan.score_from[w0:w1]
+        meta[3 * nw : 4 * nw] = plan.bos[w0:w1]
+        meta[4 * nw : 4 * nw + k] = self.offsets[d0 : d1 + 1]
+        return 4 * nw + k
+
+    def _item(self, b: int, slot: int, lo: int, hi: int) -> _Item:
+        bt = self.batches
+        return _Item(b, slot, hi - lo, bt.w1[b] - bt.w0[b], bt.d1[b] - bt.d0[b] + 1, lo, bt.d0[b], bt.uniform[b],
+                     bt.any_bos[b])
+
+    # ---- cutting a batch out of its span -------------------------------------------------------
+    def _batch(self, b, inputs, targets, score_mask, lengths, rel, lo, doc_starts, d0) -> WindowBatch:
+        bt = self.batches
+        return WindowBatch(inputs, targets, score_mask, lengths, self.plan.first + bt.w0[b], bt.w1[b] - bt.w0[b],
+                           bt.scored[b], rel, lo, doc_starts, d0)
+
+    def _cut_host(self, span: np.ndarray, b: int, lo: int) -> WindowBatch:
+        """CPU, in the reader thread. ``span``: tokens [lo, lo+n) in the store dtype (the slot).
+
+        numpy only: its kernels are single-threaded and release the GIL, whereas torch's CPU kernels
+        fan out to intra-op threads that then compete with the consumer (and a CPU model) for the
+        same cores; measured here, that made a 1 MB fill take milliseconds under load. numpy's
+        uint16/uint32 -> int64 casts are exact. Every array handed out is freshly allocated (the slot
+        is reused for the next batch); inputs and targets share one allocation, because each
+        MB-sized allocation can cost fresh zeroed pages from the kernel (measured here: two separate
+        1 MiB arrays per batch were 20x slower than one 2 MiB array)."""
+        bt, plan, L, O = self.batches, self.plan, self.L, self.O
+        w0, w1 = bt.w0[b], bt.w1[b]
+        B = w1 - w0
+        sf = plan.score_from[w0:w1]
+        if bt.uniform[b] and O == 0:
+            # Back-to-back full windows: widen the span once; inputs/targets are views (no copy).
+            if span.dtype == np.int64:
+                wide = span  # already widened by the read (_emit_host)
+            else:
+                wide = np.empty(span.size, np.int64)
+                np.copyto(wide, span, casting="safe")
+            inputs, targets = wide[: B * L].reshape(B, L), wide[1 : B * L + 1].reshape(B, L)
+            score_mask = np.ones((B, L), bool)
+        elif bt.uniform[b]:
+            # Windows start every S tokens: a strided view of the narrow span, widened while copied.
+            step = span.itemsize
+            win = np.lib.stride_tricks.as_strided(span, (B, L + 1), ((L - O) * step, step), writeable=False)
+            inputs, targets = np.empty((2, B, L), np.int64)
+            np.copyto(inputs, win[:, :L], casting="safe")
+            np.copyto(targets, win[:, 1:], casting="safe")
+            score_mask = np.ones((B, L), bool)
+            score_mask[:, :O] = (sf == 0)[:, None]  # context, except in a stream's first window
+        else:
+            idx = (plan.start[w0:w1] - lo)[:, None] + self._jn  # [B, L+1] span index of each token read
+            np.clip(idx, 0, span.size - 1, out=idx)  # clamped lanes are masked below
+            tok = span[idx]  # one gather (still narrow)
+            jl = self._jn[:L]
+            valid = jl < plan.length[w0:w1, None]
+            inputs, targets = np.empty((2, B, L), np.int64)
+            np.multiply(tok[:, :L], valid, out=inputs, dtype=np.int64)  # padding -> 0, widened exactly
+            np.multiply(tok[:, 1:], valid, out=targets, dtype=np.int64)
+            if bt.any_bos[b]:
+                inputs[:, 0] = np.where(plan.bos[w0:w1], self.bos_id, inputs[:, 0])
+            score_mask = valid & (jl >= sf[:, None])
+        t = torch.from_numpy
+        d0, d1 = bt.d0[b], bt.d1[b]
+        return self._batch(b, t(inputs), t(targets), t(score_mask), t(plan.length[w0:w1].copy()),
+                           plan.start[w0:w1] - lo, lo, self.offsets[d0 : d1 + 1], d0)
+
+    def _cut_device(self, span: torch.Tensor, meta: torch.Tensor, it: _Item) -> WindowBatch:
+        """CUDA, on the consumer's stream. ``span``: int64 [n] tokens [lo, lo+n) on the device;
+        ``meta``: the item's int64 metadata (owned). Only kernel launches: nothing waits for the GPU."""
+        L, O, B = self.L, self.O, it.nw
+        rel, length, sf = meta[0:B], meta[B : 2 * B], meta[2 * B : 3 * B]
+        if it.uniform:
+            if O == 0:
+                # Back-to-back full windows: the span is the windows; views, no copy.
+                inputs = span[: B * L].view(B, L)
+                targets = span[1 : B * L + 1].view(B, L)
+            else:
+                # Windows start every S tokens: strided views of the span, made contiguous (one copy each).
+                inputs = span[:-1].unfold(0, L, L - O).contiguous()
+                targets = span[1:].unfold(0, L, L - O).contiguous()
+            score_mask = torch.ones((B, L), dtype=torch.bool, device=span.device)
+            if O:
+                score_mask[:, :O] = (sf == 0)[:, None]  # context, except in a stream's first window
+        else:
+            n = span.numel()
+            # Made per batch on the consumer's stream (a tiny kernel): a tensor cached across batches
+            # would belong to whichever stream was current when it was allocated.
+            j = torch.arange(L + 1, device=span.device)
+            idx = rel[:, None] + j  # [B, L+1] span index of every token each window reads
+            tok = span[idx.clamp_(0, n - 1)]  # one gather; clamped lanes are masked below
+            jl = j[:L]
+            valid = jl < length[:, None]
+            inputs = torch.where(valid, tok[:, :L], 0)
+            targets = torch.where(valid, tok[:, 1:], 0)
+            if it.any_bos:
+                inputs[:, 0] = torch.where(meta[3 * B : 4 * B] != 0, self.bos_id, inputs[:, 0])
+            score_mask = valid & (jl >= sf[:, None])
+        return self._batch(it.b, inputs, targets, score_mask, length, rel, it.lo, meta[4 * B : 4 * B + it.k], it.d0)
+
+    # ---- consumer side -----------------------------------------------------------------------
+    def next(self) -> WindowBatch:
+        """The next batch in plan order; StopIteration after the last one."""
+        b = self.next_b
+        if b >= len(self.batches):
+            raise StopIteration
+        t = b % self.readers
+        while True:
+            try:
+                item = self.ready[t].get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.threads[t].is_alive() and self.ready[t].empty():
+                    raise RuntimeError(f"{self.threads[t].name} stopped without a result (bug)") from None
+        if isinstance(item, _Failed):
+            raise item.exc
+        self.next_b = b + 1
+        return self.finish_cuda(item) if isinstance(item, _Item) else item
+
+    def finish_cuda(self, it: _Item) -> WindowBatch:
+        """Consumer's stream: wait for the slot's copy, widen, take the metadata, free the slot, cut."""
+        ring, i = self.ring, it.slot
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(ring.copied[i])
+        span = _widen_bits(ring.dev_tok[i][: it.n], self.mask)
+        meta = ring.dev_meta[i][: 4 * it.nw + it.k].clone()
+        # The slots outlive this batch and were allocated on another stream: tell the caching
+        # allocator that `cur` reads them, so freeing the ring never recycles memory under a pending read.
+        ring.dev_tok[i].record_stream(cur)
+        ring.dev_meta[i].record_stream(cur)
+        ring.consumed[i].record(cur)  # everything that reads device slot i is enqueued before this
+        self.free.put(i)
+        return self._cut_device(span, meta, it)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for _ in self.threads:
+            self.free.put(None)  # wake readers waiting for a slot
+        for th in self.threads:
+            if th.is_alive() and th is not threading.current_thread():
+                th.join(timeout=60)
+                if th.is_alive():
+                    warnings.warn(f"{th.name} did not stop within 60 s (a store read is hanging?)", RuntimeWarning,
+                                  stacklevel=2)
+        # CUDA: copies may still be in flight. Nothing waits for them here: a later iteration reusing
+        # the ring orders itself after them (copied/consumed events, same side stream), and freeing
+        # the ring is deferred by the caching allocator (record_stream).
+
+
+class _LoaderIterator(Iterator[WindowBatch]):
+    """One pass over a loader. Stops its reader thread when exhausted, closed, or garbage-collected
+    (an early ``break`` out of a ``for`` loop drops the last reference)."""
+
+    def __init__(self, loader: WindowLoader):
+        if loader.store is None:
+            raise ConfigError("this WindowLoader is closed: create a new one")
+        self._loader = loader
+        self._ring = loader._take_ring()
+        self._pipe: _Pipeline | None = _Pipeline(loader, self._ring)
+
+    def __iter__(self) -> "_LoaderIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> WindowBatch:
+        pipe = self._pipe
+        if pipe is None:
+            raise StopIteration
+        try:
+            return pipe.next()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.shutdown()
+            self._loader._give_ring(self._ring)
+
+    def __enter__(self) -> "_LoaderIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

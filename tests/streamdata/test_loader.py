@@ -1,0 +1,326 @@
+"""Window loader on CPU: batches reproduce a brute-force enumeration of (input, target, scored, doc,
+position) tuples; resume, rank blocks, unsigned widening, and clean shutdown (no leaked threads)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import streamdata.loader as loader_mod
+from streamdata import open_store
+from streamdata.errors import ConfigError
+from streamdata.loader import WindowBatch, WindowLoader
+from tests.conftest import write_token_store
+from tests.streamdata.test_windows import brute_windows
+
+BOS = 7
+
+
+def random_docs(rng, n_docs, max_len, vocab):
+    lens = rng.choice([0, 1, 2, 3] + list(range(4, max_len)), size=n_docs)
+    # ids across the whole vocabulary: in uint16 half of them are >= 32768 (negative as int16 bits)
+    return [rng.integers(0, vocab, size=int(n)).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Two stores with many small shards (windows cross shard boundaries): uint16 and uint32."""
+    rng = np.random.default_rng(1234)
+    root = tmp_path_factory.mktemp("loader-stores")
+    out = {}
+    for name, vocab, n_docs in (("u16", 65536, 60), ("u32", 1 << 20, 25)):
+        docs = random_docs(rng, n_docs, 90, vocab)
+        out[name] = write_token_store(root / name, docs, vocab_size=vocab, shard_tokens=97)
+    return out
+
+
+def expected_tuples(store, L, O, mode, bos_id, windows=None):
+    """Brute force: per planned window, per input position j < length:
+    (input id, target id, scored?, target's document, target's position in that document)."""
+    x = store.read(0, len(store)).astype(np.int64).tolist()
+    off = np.asarray(store.doc_offsets).tolist()
+    wins = brute_windows(off, L, O, mode, bos_id is not None) if windows is None else windows
+    out = []
+    for s, n, f, _, is_bos in wins:
+        for j in range(n):
+            inp = bos_id if (is_bos and j == 0) else x[s + j]
+            p = s + 1 + j
+            d = bisect.bisect_right(off, p) - 1  # last document starting at or before p
+            out.append((inp, x[p], j >= f, d, p - off[d]))
+    return out
+
+
+def batch_tuples(batch: WindowBatch, L: int):
+    B = batch.batch_size
+    assert batch.inputs.shape == batch.targets.shape == batch.score_mask.shape == (B, L)
+    assert batch.inputs.dtype == batch.targets.dtype == torch.int64 and batch.score_mask.dtype == torch.bool
+    assert batch.doc_ids.shape == batch.positions.shape == (B, L) and batch.doc_ids.dtype == torch.int64
+    assert batch.lengths.shape == (B,) and batch.num_windows == B
+    assert batch.num_scored == int(batch.score_mask.sum())
+    valid = np.arange(L)[None, :] < batch.lengths.numpy()[:, None]
+    cols = [t.numpy() for t in (batch.inputs, batch.targets, batch.score_mask, batch.doc_ids, batch.positions)]
+    # padding: zeros, never scored, no document, no position
+    assert not cols[0][~valid].any() and not cols[1][~valid].any() and not cols[2][~valid].any()
+    assert (cols[3][~valid] == -1).all() and (cols[4][~valid] == -1).all()
+    inp, tgt, sc, doc, pos = (c[valid].tolist() for c in cols)  # row-major: window by window
+    return list(zip(inp, tgt, sc, doc, pos))
+
+
+def run(loader, L):
+    got, firsts = [], []
+    for batch in loader:
+        got += batch_tuples(batch, L)
+        firsts.append((batch.first_window, batch.num_windows))
+    return got, firsts
+
+
+CASES = [  # (store, mode, chunk_size, overlap, BOS id): every mode x overlap 0/>0 x BOS, both dtypes
+    ("u16", "stream", 1, 0, None),
+    ("u16", "stream", 8, 0, None),
+    ("u16", "stream", 8, 3, BOS),
+    ("u16", "stream", 33, 32, None),
+    ("u16", "stream", 200, 50, None),
+    ("u16", "document", 1, 0, BOS),
+    ("u16", "document", 8, 0, None),
+    ("u16", "document", 8, 3, BOS),
+    ("u16", "document", 16, 15, None),
+    ("u16", "document", 200, 50, BOS),
+    ("u32", "stream", 8, 0, BOS),
+    ("u32", "stream", 9, 4, None),
+    ("u32", "document", 8, 0, BOS),
+    ("u32", "document", 9, 4, None),
+]
+
+
+@pytest.mark.parametrize("name, mode, L, O, bos", CASES)
+def test_batches_reproduce_brute_force(stores, name, mode, L, O, bos):
+    with open_store(stores[name]) as store:
+        want = expected_tuples(store, L, O, mode, bos)
+        for kw in (dict(batch_windows=3), dict(batch_tokens=5 * L + L // 2), dict(batch_windows=1000)):
+            loader = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, device="cpu", prepend_bos_id=bos, **kw)
+            expect_B = kw.get("batch_windows") or 5
+            got, firsts = run(loader, L)
+            assert got == want
+            assert sum(n for _, n in firsts) == len(loader.plan)
+            assert len(firsts) == len(loader) == -(-len(loader.plan) // expect_B)
+            assert [f for f, _ in firsts] == list(range(0, len(loader.plan), expect_B))
+            assert sum(t[2] for t in got) == loader.num_scored == loader.plan.num_scored
+
+
+def test_unsigned_ids_widen_exactly(make_store):
+    hi16 = [0, 1, 32767, 32768, 40000, 65534, 65535, 12345, 65535, 32768]
+    with open_store(make_store([hi16, hi16[::-1]], vocab_size=65536, shard_tokens=7)) as s:
+        assert s.dtype == np.uint16
+        got, _ = run(WindowLoader(s, chunk_size=4, overlap=1, device="cpu", batch_windows=2), 4)
+        assert [t[0] for t in got[:4]] == hi16[:4] and max(t[1] for t in got) == 65535
+        assert got == expected_tuples(s, 4, 1, "stream", None)
+    hi32 = [0, 65535, 65536, 70000, 2**31 - 1, 2**31, 2**32 - 1, 5]
+    with open_store(make_store([hi32], vocab_size=2**32, shard_tokens=3)) as s:
+        assert s.dtype == np.uint32
+        got, _ = run(WindowLoader(s, chunk_size=8, device="cpu", batch_windows=1), 8)
+        assert [t[0] for t in got] == hi32[:-1] and [t[1] for t in got] == hi32[1:]
+
+
+def test_start_at_resumes_and_rank_blocks_union_is_whole(stores):
+    with open_store(stores["u16"]) as store:
+        L, O = 16, 4
+        full = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+                            prepend_bos_id=BOS)
+        want, _ = run(full, L)
+        wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, "document", True)
+        for start_at in (0, 1, 5, len(wins) - 1, len(wins)):
+            part = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+                                prepend_bos_id=BOS, start_at=start_at)
+            got, firsts = run(part, L)
+            assert got == expected_tuples(store, L, O, "document", BOS, wins[start_at:])
+            assert [f for f, _ in firsts] == list(range(start_at, len(wins), 4))
+        for world in (1, 2, 3, 7):
+            glued, scored = [], 0
+            for rank in range(world):
+                ld = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+                                  prepend_bos_id=BOS, rank=rank, world_size=world, start_at=3)
+                got, _ = run(ld, L)
+                glued += got
+                scored += ld.num_scored
+            assert glued == expected_tuples(store, L, O, "document", BOS, wins[3:])
+            assert scored == sum(t[2] for t in glued)
+
+
+def test_max_tokens_scores_only_targets_before_it(stores):
+    with open_store(stores["u16"]) as store:
+        for mode in ("stream", "document"):
+            for M in (0, 1, 50, 1000, len(store), len(store) + 10):
+                ld = WindowLoader(store, chunk_size=16, overlap=4, mode=mode, batch_windows=3, device="cpu", max_tokens=M)
+                got, _ = run(ld, 16)
+                off = np.minimum(np.asarray(store.doc_offsets), M).tolist()
+                assert got == expected_tuples(store, 16, 4, mode, None, brute_windows(off, 16, 4, mode, False))
+                last = max([s + 1 + j for s, n, _, _, _ in brute_windows(off, 16, 4, mode, False) for j in range(n)],
+                           default=-1)
+                assert last < max(M, 0) or last == -1
+
+
+def test_iterating_twice_is_deterministic_and_path_is_owned(stores):
+    ld = WindowLoader(stores["u16"], chunk_size=32, overlap=8, batch_windows=2, device="cpu")
+    with ld:
+        a, _ = run(ld, 32)
+        b, _ = run(ld, 32)
+        assert a == b and len(a) > 0
+    assert ld.store is None  # opened from a path: closed with the loader
+    with pytest.raises(ConfigError, match="closed"):
+        iter(ld)
+
+
+def test_empty_plan_yields_nothing(make_store):
+    with open_store(make_store([[5], []])) as s:
+        ld = WindowLoader(s, chunk_size=4, device="cpu")
+        assert len(ld) == 0 and list(ld) == []
+
+
+def loader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("streamdata-loader") and t.is_alive()]
+
+
+def wait_no_threads(timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while loader_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return loader_threads()
+
+
+def big_store(make_store):
+    rng = np.random.default_rng(5)
+    return make_store([rng.integers(0, 1000, size=20000).tolist()], shard_tokens=3000)
+
+
+def test_early_break_and_abandoned_iterators_stop_the_thread(make_store):
+    with open_store(big_store(make_store)) as s:
+        ld = WindowLoader(s, chunk_size=64, overlap=16, batch_windows=2, device="cpu", num_slots=2)
+        for i, _ in enumerate(ld):
+            assert loader_threads()
+            if i == 2:
+                break
+        assert not wait_no_threads()
+        it = iter(ld)
+        next(it)
+        del it  # abandoned half-way
+        assert not wait_no_threads()
+        with ld:  # the context manager closes live iterations
+            it = iter(ld)
+            next(it)
+        assert not wait_no_threads()
+        with pytest.raises(StopIteration):
+            next(it)
+
+
+def test_consumer_exception_stops_the_thread(make_store):
+    with open_store(big_store(make_store)) as s:
+        ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu")
+        with pytest.raises(ZeroDivisionError):
+            for i, _ in enumerate(ld):
+                if i == 3:
+                    1 / 0
+        assert not wait_no_threads()
+
+
+def test_reader_exception_propagates_to_the_consumer(make_store):
+    with open_store(big_store(make_store)) as s:
+        real = s.read_into
+        ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu")
+        bad = ld._batches.lo[3]  # the span of batch 3 cannot be read
+
+        def failing(start, stop, out):
+            if start == bad:
+                raise OSError(5, "disk on fire")
+            real(start, stop, out)
+
+        s.read_into = failing
+        seen = 0
+        with pytest.raises(OSError, match="disk on fire"):
+            for _ in ld:
+                seen += 1
+        assert seen == 3  # batches before the failure are delivered, in order
+        assert not wait_no_threads()
+
+
+def test_release_behind_and_prefetch_ahead(make_store, monkeypatch):
+    monkeypatch.setattr(loader_mod, "_MIN_HINT_TOKENS", 1)
+    with open_store(big_store(make_store)) as s:
+        log = []
+        real_read = s.read_into
+        s.read_into = lambda a, b, out: (log.append(("read", a, b)), real_read(a, b, out))[1]
+        s.release = lambda a, b: log.append(("release", a, b))
+        s.prefetch = lambda a, b: log.append(("prefetch", a, b))
+        ld = WindowLoader(s, chunk_size=64, overlap=8, batch_windows=2, device="cpu", num_slots=2)
+        list(ld)
+        releases = [(a, b) for k, a, b in log if k == "release"]
+        assert len(releases) > 3  # released step by step, not only at the end
+        assert releases[-1][1] == len(s) and releases[0][0] == 0
+        for i, (k, a, b) in enumerate(log):
+            if k == "release":  # never drops what a later read needs
+                assert all(ra >= b for kk, ra, _ in log[i + 1 :] if kk == "read")
+        prefetches = [(a, b) for k, a, b in log if k == "prefetch"]
+        assert prefetches[0][0] == 0 and prefetches[-1][1] == len(s)  # hints chain over the whole pass
+        assert all(p[1] == q[0] for p, q in zip(prefetches, prefetches[1:]))
+        ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu", release_behind=False)
+        n = len(log)
+        list(ld)
+        assert not [e for e in log[n:] if e[0] == "release"]
+
+
+def test_config_errors_are_one_line(stores):
+    with open_store(stores["u16"]) as s:
+        bad = [
+            (dict(chunk_size=8, batch_windows=2, batch_tokens=64), "batch_windows=2"),
+            (dict(chunk_size=8, batch_tokens=7), "batch_tokens=7"),
+            (dict(chunk_size=8, batch_windows=0), "batch_windows=0"),
+            (dict(chunk_size=8, num_slots=1), "num_slots=1"),
+            (dict(chunk_size=8, start_at=10**9), "start_at=1000000000"),
+            (dict(chunk_size=8, prepend_bos_id=-1), "prepend_bos_id=-1"),
+            (dict(chunk_size=8, overlap=8), "overlap=8"),
+            (dict(chunk_size=8, mode="docs"), "mode='docs'"),
+            (dict(chunk_size=8, rank=2, world_size=2), "rank=2"),
+            (dict(chunk_size=8, device="tpu"), "device='tpu'"),
+        ]
+        if not torch.cuda.is_available():
+            bad.append((dict(chunk_size=8, device="cuda"), "device='cuda'"))
+        for kw, word in bad:
+            with pytest.raises(ConfigError) as e:
+                WindowLoader(s, **kw)
+            assert word in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
+        ld = WindowLoader(s, chunk_size=1 << 17, device="cpu")  # default budget: at least one window per batch
+        assert ld.batch_windows == 1
+
+
+@pytest.mark.parametrize("name, mode, L, O, bos", [c for c in CASES if c[2] > 1])
+def test_device_cut_matches_host_cut(stores, name, mode, L, O, bos):
+    """The CUDA path's torch cut (_cut_device) and widening, run here on CPU tensors, must equal the
+    CPU path batch for batch: the index arithmetic is checked without a GPU (the copy/stream
+    mechanics are covered by test_loader_cuda.py where a GPU exists)."""
+    from streamdata.loader import _widen_bits
+
+    with open_store(stores[name]) as store:
+        ld = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, batch_windows=3, device="cpu", prepend_bos_id=bos)
+        host = list(ld)
+        it = iter(ld)
+        pipe = it._pipe
+        it.close()  # keep the pipeline's methods, stop its threads
+        bt = ld._batches
+        meta = np.empty(bt.max_meta, np.int64)
+        signed = np.int16 if store.dtype == np.uint16 else np.int32  # the bit patterns the device slot holds
+        mask = 0xFFFF if store.dtype == np.uint16 else 0xFFFFFFFF
+        for b, want in enumerate(host):
+            lo, hi = bt.lo[b], bt.hi[b]
+            raw = store.read(lo, hi)
+            span = _widen_bits(torch.from_numpy(raw.view(signed)), mask)
+            assert torch.equal(span, torch.from_numpy(raw.astype(np.int64)))
+            m = pipe._pack_meta(b, lo, meta)
+            got = pipe._cut_device(span, torch.from_numpy(meta[:m].copy()), pipe._item(b, 0, lo, hi))
+            for f in ("inputs", "targets", "score_mask", "lengths", "doc_ids", "positions"):
+                assert torch.equal(getattr(got, f), getattr(want, f)), (b, f)
+            assert (got.first_window, got.num_windows, got.num_scored) == (want.first_window, want.num_windows,
+                                                                          want.num_scored)
