@@ -9,7 +9,8 @@ Data path (DESIGN.md "Loader rules")::
 One batch = ``B`` consecutive windows of the plan (:mod:`streamdata.windows`). The reader thread
 reads the *union span* of the batch's windows ``[lo, hi)`` once, so tokens shared by overlapping
 windows (and the one token shared by adjacent windows without overlap) cross the link once; the
-windows are cut from the span on the device.
+windows are cut from the span on the device. Every target of the plan appears in exactly one
+batch with ``score_mask`` True, with the context the plan gives it.
 
 Synchronisation on CUDA (no host sync in the consumer's loop):
 - the producer copies slot ``i`` on the side stream and records ``copied[i]``; the consumer's
@@ -19,8 +20,9 @@ Synchronisation on CUDA (no host sync in the consumer's loop):
   producer (a background thread, so blocking there is fine) waits on ``copied[i]`` before it
   overwrites host slot ``i`` (the DMA engine may still be reading it).
 
-On CPU the reader thread also widens and cuts the batch (the background thread does the work
-the consumer would otherwise do), and up to ``num_slots`` finished batches wait in a queue.
+On CPU there is no link: the reader thread also widens and cuts each batch with numpy, so the
+consumer only dequeues finished batches (up to ``num_slots`` wait). For back-to-back full windows on a numpy
+store the span is read straight into the int64 array that inputs and targets view: one pass.
 
 Memory stays bounded for stores larger than RAM: the reader calls ``store.release`` behind its
 cursor (numpy backend: ``madvise(DONTNEED)`` + ``posix_fadvise(DONTNEED)``) and ``store.prefetch``
@@ -53,9 +55,6 @@ _DEFAULT_BATCH_TOKENS = 1 << 16
 # The reader hints the kernel in steps of at least this many tokens: one madvise/fadvise pair per
 # step instead of one per batch (they cost a syscall each and the page cache works in pages anyway).
 _MIN_HINT_TOKENS = 1 << 22
-# CPU reader threads: widening to int64 is memory-bound work that numpy does without the GIL, so a
-# second reader nearly doubles throughput on 2+ cores; more would only compete with a CPU model.
-_CPU_READERS = min(2, os.cpu_count() or 1)
 # Same-width signed torch dtype carrying the unsigned store ids as bit patterns (torch's uint16/32
 # support is partial across versions and devices; int16/int32 copy everywhere and we mask on widening).
 _BITS_DTYPE = {np.dtype("<u2"): torch.int16, np.dtype("<u4"): torch.int32}
@@ -207,13 +206,19 @@ class WindowLoader:
     ``store``: an open :class:`TokenStore` (not closed by the loader) or a path (opened and owned).
     ``chunk_size``/``overlap``/``mode``/``prepend_bos_id``: the window plan (:func:`plan_windows`;
     a BOS id turns on ``prepend_bos`` and is the id substituted for the virtual BOS token).
-    ``batch_windows`` or ``batch_tokens`` (not both): windows per batch, or a budget of padded tokens
-    ``B * chunk_size`` per batch, ``B = batch_tokens // chunk_size`` (default: ``max(1, 65536 // chunk_size)``
-    windows). ``device``: None picks CUDA when
-    available. ``start_at``: index of the first window of the full plan to load (resume); the windows
-    from there are split into ``world_size`` contiguous blocks and this loader yields block ``rank``.
+    ``batch_windows`` or ``batch_tokens`` (not both): windows per batch ``B``, or a budget of padded
+    tokens per batch, ``B = batch_tokens // chunk_size`` (tensors are always ``[B, chunk_size]``;
+    default ``B = max(1, 65536 // chunk_size)``). The last batch may hold fewer windows.
+    ``device``: None picks CUDA when available, else CPU.
+    ``start_at``: index of the first window of the full plan to load (resume after a batch with
+    ``batch.first_window + batch.num_windows``); the windows from there are split into
+    ``world_size`` contiguous blocks and this loader yields block ``rank``. ``plan`` is that block;
+    ``plan.first`` is the full-plan index of its window 0 (so ``plan.length[w - plan.first]`` is
+    the length of window ``w``).
     ``max_tokens``: plan as if the store ended there (no target at a position >= it is loaded).
-    ``num_slots``: batches read ahead. ``release_behind``: drop pages behind the read cursor.
+    ``num_slots``: ring slots / batches read ahead. ``release_behind``: drop the store's pages
+    behind the read cursor (bounded memory on stores larger than RAM; pass False to keep a small
+    store in the page cache across repeated passes).
     """
 
     def __init__(
@@ -349,9 +354,10 @@ class _Ring:
         self.device, self.np_dtype = device, dtype
         self.cuda = device.type == "cuda"
         bits = _BITS_DTYPE[dtype]
-        # CPU: a reader cuts each batch as soon as its span is read, so it needs one slot of its own;
-        # the read-ahead is the queues of finished batches.
-        n = num_slots if self.cuda else min(num_slots, _CPU_READERS)
+        # CPU: the reader cuts each batch as soon as its span is read, so one slot suffices; the
+        # read-ahead is the queue of finished batches. (A second CPU reader taking alternate batches
+        # was measured here: with another job on the cores it cut throughput by up to 2x.)
+        n = num_slots if self.cuda else 1
         self.host_tok = [torch.empty(span, dtype=bits, pin_memory=self.cuda) for _ in range(n)]
         # numpy views share the (pinned) memory: read_into writes the store dtype straight into it.
         self.host_tok_np = [t.numpy().view(dtype) for t in self.host_tok]
@@ -385,6 +391,9 @@ class _Item:
     any_bos: bool
 
 
+_END = object()  # the reader has emitted every batch
+
+
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -414,45 +423,28 @@ class _Pipeline:
         self.free: queue.Queue = queue.Queue()  # CUDA: slots the consumer has handed back
         for i in range(ring.num_slots):
             self.free.put(i)
-        nb = len(self.batches)
-        # CPU: `readers` threads cut alternate batches (b % readers) and queue them (the read-ahead).
-        # numpy releases the GIL in its copies, so two readers use two cores; the consumer takes
-        # batch b from queue b % readers, which keeps the order deterministic. CUDA: one reader;
-        # its work is a narrow memcpy per batch, and at most num_slots items exist.
-        self.readers = 1 if ring.cuda else max(1, min(_CPU_READERS, ring.num_slots, nb))
-        depth = max(1, loader.num_slots // self.readers)
-        self.ready: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in range(self.readers)]
-        self.next_b = 0  # the consumer's next batch
-        # Release behind the slowest reader: cursor[t] = lo of the batch reader t reads next.
-        first = self.batches.lo[0] if nb else 0
-        end = self.batches.hi[-1] if nb else 0
-        self.cursor = [first] * self.readers
-        self.released = first  # never drop pages before our first batch (not ours to judge)
-        self.hint = max(_MIN_HINT_TOKENS, 2 * self.batches.max_span * max(ring.num_slots, 2))
-        self.end = end
-        self.finished = 0
-        self.lock = threading.Lock()
+        # CPU: finished batches wait here (the read-ahead); CUDA: at most num_slots items exist.
+        self.ready: queue.Queue = queue.Queue(maxsize=loader.num_slots)
         self._jn = np.arange(self.L + 1, dtype=np.int64)  # index arithmetic on CPU, reused every batch
-        self.threads = [threading.Thread(target=self._run, args=(t,), name=f"{_THREAD_NAME}-{id(self):x}-{t}",
-                                         daemon=True) for t in range(self.readers)]
-        for th in self.threads:
-            th.start()
+        self.thread = threading.Thread(target=self._run, name=f"{_THREAD_NAME}-{id(self):x}", daemon=True)
+        self.thread.start()
 
-    # ---- reader threads ----------------------------------------------------------------------
-    def _run(self, t: int) -> None:
+    # ---- reader thread -----------------------------------------------------------------------
+    def _run(self) -> None:
         try:
             if self.ring.cuda:
                 with torch.cuda.device(self.device), torch.cuda.stream(self.ring.side_stream):
-                    self._produce(t, self._emit_cuda)
+                    self._produce(self._emit_cuda)
             else:
-                self._produce(t, self._emit_host)
+                self._produce(self._emit_host)
+            self._put(_END)
         except BaseException as e:  # noqa: BLE001 - every failure goes to the consumer, which re-raises it
-            self._put(t, _Failed(e))  # in place of reader t's next batch: raised when the consumer gets there
+            self._put(_Failed(e))
 
-    def _put(self, t: int, item) -> bool:
+    def _put(self, item) -> bool:
         while not self.stop.is_set():
             try:
-                self.ready[t].put(item, timeout=0.1)
+                self.ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -466,45 +458,43 @@ class _Pipeline:
                 continue
         return None
 
-    def _produce(self, t: int, emit) -> None:
-        bt, store, hint, end = self.batches, self.store, self.hint, self.end
-        prefetched = self.released
-        for b in range(t, len(bt), self.readers):
+    def _produce(self, emit) -> None:
+        bt, store = self.batches, self.store
+        if len(bt) == 0:
+            return
+        end = bt.hi[-1]
+        # Hint the kernel in large steps (a syscall each): a few ring-fulls ahead, released behind.
+        hint = max(_MIN_HINT_TOKENS, 2 * bt.max_span * max(self.ring.num_slots, 2))
+        released = bt.lo[0]  # never drop pages before our first batch (not ours to judge)
+        prefetched = released
+        for b in range(len(bt)):
             if self.stop.is_set():
                 return
             lo, hi = bt.lo[b], bt.hi[b]
-            self.cursor[t] = lo
-            if t == 0:  # reader 0 hints for everyone, in large steps (a syscall each)
-                if prefetched < min(hi + hint // 2, end):
-                    nxt = min(max(prefetched, hi) + hint, end)
-                    store.prefetch(max(prefetched, lo), nxt)
-                    prefetched = nxt
-                if self.release_behind:
-                    safe = min(self.cursor)  # spans only move forward: nothing before it is read again
-                    if safe - self.released >= hint:
-                        store.release(self.released, safe)
-                        self.released = safe
-            if not emit(t, b, lo, hi):
+            if prefetched < min(hi + hint // 2, end):
+                nxt = min(max(prefetched, hi) + hint, end)
+                store.prefetch(max(prefetched, lo), nxt)
+                prefetched = nxt
+            if not emit(b, lo, hi):
                 return
-        with self.lock:
-            self.cursor[t] = end
-            self.finished += 1
-            last = self.finished == self.readers
-        if last and self.release_behind and end > self.released:
-            store.release(self.released, end)  # reader 0 has finished too: no one else touches `released`
+            if self.release_behind and lo - released >= hint:
+                store.release(released, lo)  # spans only move forward: nothing before lo is read again
+                released = lo
+        if self.release_behind and end > released:
+            store.release(released, end)
 
-    def _emit_host(self, t: int, b: int, lo: int, hi: int) -> bool:
+    def _emit_host(self, b: int, lo: int, hi: int) -> bool:
         if self.widening_reads and self.O == 0 and self.batches.uniform[b]:
             # Back-to-back full windows: the span *is* the windows. Read it widened, in one pass,
             # straight into the int64 array that inputs and targets view (no slot, no second copy).
             wide = np.empty(hi - lo, np.int64)
             self.store.read_into(lo, hi, wide)
-            return self._put(t, self._cut_host(wide, b, lo))
-        span = self.ring.host_tok_np[t][: hi - lo]
+            return self._put(self._cut_host(wide, b, lo))
+        span = self.ring.host_tok_np[0][: hi - lo]
         self.store.read_into(lo, hi, span)
-        return self._put(t, self._cut_host(span, b, lo))
+        return self._put(self._cut_host(span, b, lo))
 
-    def _emit_cuda(self, t: int, b: int, lo: int, hi: int) -> bool:
+    def _emit_cuda(self, b: int, lo: int, hi: int) -> bool:
         ring = self.ring
         i = self._take_slot()
         if i is None:
@@ -518,7 +508,7 @@ class _Pipeline:
         ring.dev_tok[i][:n].copy_(ring.host_tok[i][:n], non_blocking=True)
         ring.dev_meta[i][:m].copy_(ring.host_meta[i][:m], non_blocking=True)
         ring.copied[i].record(side)
-        return self._put(t, self._item(b, i, lo, hi))
+        return self._put(self._item(b, i, lo, hi))
 
     def _pack_meta(self, b: int, lo: int, meta: np.ndarray) -> int:
         """Per-window metadata of batch ``b`` in one int64 block (one small copy to the device):
@@ -630,20 +620,17 @@ class _Pipeline:
     # ---- consumer side -----------------------------------------------------------------------
     def next(self) -> WindowBatch:
         """The next batch in plan order; StopIteration after the last one."""
-        b = self.next_b
-        if b >= len(self.batches):
-            raise StopIteration
-        t = b % self.readers
         while True:
             try:
-                item = self.ready[t].get(timeout=1.0)
+                item = self.ready.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self.threads[t].is_alive() and self.ready[t].empty():
-                    raise RuntimeError(f"{self.threads[t].name} stopped without a result (bug)") from None
+                if not self.thread.is_alive() and self.ready.empty():
+                    raise RuntimeError(f"{self.thread.name} stopped without a result (bug)") from None
+        if item is _END:
+            raise StopIteration
         if isinstance(item, _Failed):
             raise item.exc
-        self.next_b = b + 1
         return self.finish_cuda(item) if isinstance(item, _Item) else item
 
     def finish_cuda(self, it: _Item) -> WindowBatch:
@@ -663,14 +650,13 @@ class _Pipeline:
 
     def shutdown(self) -> None:
         self.stop.set()
-        for _ in self.threads:
-            self.free.put(None)  # wake readers waiting for a slot
-        for th in self.threads:
-            if th.is_alive() and th is not threading.current_thread():
-                th.join(timeout=60)
-                if th.is_alive():
-                    warnings.warn(f"{th.name} did not stop within 60 s (a store read is hanging?)", RuntimeWarning,
-                                  stacklevel=2)
+        self.free.put(None)  # wake a reader waiting for a slot
+        th = self.thread
+        if th.is_alive() and th is not threading.current_thread():
+            th.join(timeout=60)
+            if th.is_alive():
+                warnings.warn(f"{th.name} did not stop within 60 s (a store read is hanging?)", RuntimeWarning,
+                              stacklevel=2)
         # CUDA: copies may still be in flight. Nothing waits for them here: a later iteration reusing
         # the ring orders itself after them (copied/consumed events, same side stream), and freeing
         # the ring is deferred by the caching allocator (record_stream).

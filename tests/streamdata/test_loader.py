@@ -324,3 +324,18 @@ def test_device_cut_matches_host_cut(stores, name, mode, L, O, bos):
                 assert torch.equal(getattr(got, f), getattr(want, f)), (b, f)
             assert (got.first_window, got.num_windows, got.num_scored) == (want.first_window, want.num_windows,
                                                                           want.num_scored)
+
+
+def test_other_backends_go_through_read_into(stores, tmp_path):
+    """zarr and raw .bin stores (no widening reads: the slot path) give the same tuples."""
+    from streamdata.convert import convert_store
+    from streamdata.imports import open_raw_bin
+
+    convert_store(stores["u16"], tmp_path / "z", format="zarr", chunk_tokens=64, chunks_per_shard=4)
+    with open_store(stores["u16"]) as src:
+        src.read(0, len(src)).tofile(tmp_path / "raw.bin")
+    for opener in (lambda: open_store(tmp_path / "z"), lambda: open_raw_bin(tmp_path / "raw.bin", eos_id=5)):
+        with opener() as s:
+            for mode, L, O in (("stream", 16, 0), ("document", 16, 4)):
+                ld = WindowLoader(s, chunk_size=L, overlap=O, mode=mode, batch_windows=3, device="cpu")
+                assert run(ld, L)[0] == expected_tuples(s, L, O, mode, None)
