@@ -67,8 +67,10 @@ class WindowBatch:
 
     - ``inputs``, ``targets``: int64 ``[B, L]``; window ``b`` has ``lengths[b]`` real tokens, and both
       are right-padded with 0. ``targets[b, j]`` is the token at global position ``start + 1 + j``.
-      Treat them as read-only: for evenly spaced full windows without overlap they are two views of
-      one buffer (targets = inputs shifted by one token), which saves a copy.
+      Treat them as read-only views: when every window of the batch is full-length (no padding),
+      both view one buffer, which saves copies: without overlap, the span itself (contiguous);
+      with overlap, a ``[B, L+1]`` array of the windows' tokens (row stride ``L + 1``, so not
+      ``is_contiguous()``: use ``reshape``, not ``view``, to flatten them).
     - ``score_mask``: bool ``[B, L]``; True exactly for the targets to score (each target of the
       plan is True in exactly one batch of one rank).
     - ``lengths``: int64 ``[B]``.
@@ -560,11 +562,12 @@ class _Pipeline:
             score_mask = np.ones((B, L), bool)
         elif bt.uniform[b]:
             # Windows start every S tokens: a strided view of the narrow span, widened while copied.
+            # Each window's L+1 tokens are copied once; inputs/targets are views of them (row stride L+1).
             step = span.itemsize
             win = np.lib.stride_tricks.as_strided(span, (B, L + 1), ((L - O) * step, step), writeable=False)
-            inputs, targets = np.empty((2, B, L), np.int64)
-            np.copyto(inputs, win[:, :L], casting="safe")
-            np.copyto(targets, win[:, 1:], casting="safe")
+            tok = np.empty((B, L + 1), np.int64)
+            np.copyto(tok, win, casting="safe")
+            inputs, targets = tok[:, :L], tok[:, 1:]
             score_mask = np.ones((B, L), bool)
             score_mask[:, :O] = (sf == 0)[:, None]  # context, except in a stream's first window
         else:
@@ -595,9 +598,10 @@ class _Pipeline:
                 inputs = span[: B * L].view(B, L)
                 targets = span[1 : B * L + 1].view(B, L)
             else:
-                # Windows start every S tokens: strided views of the span, made contiguous (one copy each).
-                inputs = span[:-1].unfold(0, L, L - O).contiguous()
-                targets = span[1:].unfold(0, L, L - O).contiguous()
+                # Windows start every S tokens: each window's L+1 tokens are copied once (one gather
+                # of overlapping strided rows); inputs/targets are views of them (row stride L+1).
+                tok = span.unfold(0, L + 1, L - O).contiguous()
+                inputs, targets = tok[:, :L], tok[:, 1:]
             score_mask = torch.ones((B, L), dtype=torch.bool, device=span.device)
             if O:
                 score_mask[:, :O] = (sf == 0)[:, None]  # context, except in a stream's first window
