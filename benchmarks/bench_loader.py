@@ -1,0 +1,288 @@
+"""Window loader throughput: ``WindowLoader`` vs the memmap limit vs the loaders people use today.
+
+    python -m benchmarks.bench_loader [--store S] [--tokens N] [--chunk-size 8192] [--batch-windows 16]
+                                      [--workers 0 1 2] [--repeat 3] [--out DIR]
+
+Over the same sequential windows of one store (stream mode), in one run:
+- (a) limit:     ``np.memmap`` slices of each window (``L + 1`` tokens) copied into a reused host
+                 buffer, batch by batch; no widening, no device: what reading the windows costs at least;
+                 (a') the same copies widened into a reused int64 buffer: the least it costs to produce
+                 int64 windows on the host (4x the bytes written), for reference;
+- (b) nanoGPT:   ``get_batch`` as in nanoGPT's train.py (memmap recreated per batch,
+                 ``astype(np.int64)``, ``torch.from_numpy``, ``torch.stack``; on CUDA ``pin_memory()``
+                 then ``to(device, non_blocking=True)``), but over the sequential windows, not random ones;
+- (c) DataLoader: ``torch.utils.data.DataLoader`` over a memmap ``Dataset`` returning (x, y) int64
+                 windows, ``pin_memory`` on CUDA, for each ``--workers`` value;
+- (d) ours:      ``WindowLoader`` (overlap 0 and overlap 512; ``release_behind=False`` so the page
+                 cache stays warm for every row; the last row repeats overlap 0 with ``release_behind=True``,
+                 which drops pages behind the cursor, as a long run over a larger-than-RAM store would:
+                 its first pass starts warm, later passes read what it evicted from disk; run it last).
+(b)-(d) deliver int64 inputs and targets [B, L] (ours also a score mask); (a) delivers raw windows
+in the store's dtype, (a') int64 windows [B, L+1].
+
+Page cache: warm for all rows (the store is read once before any timing). Timing: each variant runs
+``--repeat`` full passes and keeps the best; a pass is timed from its first delivered batch to its
+last (start-up, e.g. DataLoader workers, excluded) and counts the input tokens (``B x L`` per batch)
+delivered after the first batch. On CUDA the clock stops after ``torch.cuda.synchronize()``, so the
+figure is tokens delivered *to the device*. Ratios are against (a) over the same windows.
+Without ``--store`` a synthetic uint16 store of ``--tokens`` random ids (default 256Mi) is built in a
+temporary folder (one shard, so nanoGPT-style readers see one file) and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._util import machine, table, write_json
+
+
+def build_synthetic(root: Path, tokens: int, vocab: int = 50257, doc_tokens: int = 1 << 20) -> Path:
+    from streamdata.writer import StoreWriter
+
+    w = StoreWriter(root, dtype="uint16", vocab_size=vocab, shard_tokens=tokens, settings={"bench": tokens},
+                    overwrite=True)
+    rng = np.random.default_rng(0)
+    block = 1 << 24
+    for pos in range(0, tokens, block):
+        n = min(block, tokens - pos)
+        flat = rng.integers(0, vocab, size=n, dtype=np.uint16)
+        lens = np.full(-(-n // doc_tokens), doc_tokens, np.int64)
+        lens[-1] = n - doc_tokens * (len(lens) - 1)
+        w.add_documents(flat, lens, 4 * lens, lens)
+    w.commit(tokenizer={"name": "synthetic", "sha256": "0" * 64, "vocab_size": vocab}, special_tokens={},
+             source={"kind": "synthetic", "tokens": tokens})
+    return root
+
+
+class Shards:
+    """Raw memmaps of an npy store's shard files, as a baseline reader sees them."""
+
+    def __init__(self, store):
+        self.starts = np.array([s.start for s in store.manifest.shards] + [len(store)], np.int64)
+        self.files = [os.path.join(store.path, s.file) for s in store.manifest.shards]
+        self.dtype = store.dtype
+        self.maps = [np.memmap(f, dtype=self.dtype, mode="r") if s.tokens else None
+                     for f, s in zip(self.files, store.manifest.shards)]
+
+    def locate(self, start: int, stop: int):
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        return k, start - self.starts[k], stop <= self.starts[k + 1]
+
+    def copy(self, start: int, stop: int, out: np.ndarray, maps=None) -> None:
+        maps = maps or self.maps
+        k, lo, inside = self.locate(start, stop)
+        if inside:
+            out[: stop - start] = maps[k][lo : lo + stop - start]
+            return
+        pos = start  # a window crossing a shard boundary: piecewise
+        while pos < stop:
+            k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            hi = min(stop, int(self.starts[k + 1]))
+            if hi > pos:
+                out[pos - start : hi - start] = maps[k][pos - self.starts[k] : hi - self.starts[k]]
+            pos = max(pos, hi)
+
+
+def warm_page_cache(shards: Shards) -> float:
+    t0 = time.perf_counter()
+    buf = bytearray(1 << 24)
+    for f in shards.files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def timed_pass(batches, tokens_per_batch, device) -> tuple[float, int]:
+    """Seconds from the first delivered batch to the last, and input tokens delivered after the first."""
+    it = iter(batches)
+    first = next(it)
+    del first
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    for b in it:
+        tokens += tokens_per_batch(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, tokens
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", help="an existing npy store (default: build a synthetic one)")
+    ap.add_argument("--tokens", type=int, default=256 << 20, help="tokens of the synthetic store (default 256Mi)")
+    ap.add_argument("--chunk-size", type=int, default=8192)
+    ap.add_argument("--overlap", type=int, default=512, help="overlap of the second WindowLoader row")
+    ap.add_argument("--batch-windows", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="DataLoader num_workers values")
+    ap.add_argument("--repeat", type=int, default=3, help="passes per variant; the best counts (default 3)")
+    ap.add_argument("--out", help="folder for a JSON result")
+    a = ap.parse_args(argv)
+
+    from streamdata import open_store
+    from streamdata.loader import WindowLoader
+    from streamdata.windows import plan_windows
+
+    tmp = None
+    try:
+        if a.store:
+            store_path = Path(a.store)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+            t0 = time.perf_counter()
+            store_path = build_synthetic(tmp / "store", a.tokens)
+            print(f"built a synthetic store of {a.tokens:,} uint16 tokens in {time.perf_counter() - t0:.1f} s")
+        store = open_store(store_path)
+        if store.manifest.format != "npy":
+            raise SystemExit(f"--store {store_path} has format {store.manifest.format!r}: the memmap baselines need an npy store")
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda" if cuda else "cpu")
+        L, B = a.chunk_size, a.batch_windows
+        shards = Shards(store)
+        warm_s = warm_page_cache(shards)
+        print(f"{len(store):,} tokens ({store.dtype}), {len(store.manifest.shards)} shard(s); page cache warmed by "
+              f"reading the store once ({len(store) * store.dtype.itemsize / warm_s / 1e9:.2f} GB/s); chunk {L}, "
+              f"{B} windows per batch, device {device}")
+
+        plans = {O: plan_windows(store.doc_offsets, L, O, "stream") for O in (0, a.overlap)}
+        rows, results = [], []
+
+        def batches_of(plan):
+            starts, lengths = plan.start, plan.length
+            for i in range(0, len(plan), B):
+                yield starts[i : i + B], lengths[i : i + B]
+
+        def record(name, O, fn):
+            best, toks = float("inf"), 0
+            for _ in range(a.repeat):
+                s, t = fn()
+                if t and s < best:
+                    best, toks = s, t
+            rate = toks / best if toks else float("nan")
+            results.append({"variant": name, "overlap": O, "seconds": best, "tokens": toks, "tok_per_s": rate})
+            print(f"  {name:<40} {rate / 1e6:10.1f} M tok/s", flush=True)
+
+        # (a) the limit: memmap slices copied into a reused buffer. Shard and local offset of every
+        # window are computed up front (vectorised), so the loop is one slice copy per window.
+        def memmap_limit(plan, dtype=store.dtype):
+            buf = np.empty((B, L + 1), dtype=dtype)
+            k = np.searchsorted(shards.starts, plan.start, side="right") - 1
+            local = (plan.start - shards.starts[k]).tolist()
+            inside = (plan.stop <= shards.starts[k + 1]).tolist()
+            k, stops, starts = k.tolist(), plan.stop.tolist(), plan.start.tolist()
+            maps = shards.maps
+
+            def gen():
+                for i in range(0, len(plan), B):
+                    for r in range(min(B, len(plan) - i)):
+                        w = i + r
+                        n = stops[w] - starts[w]
+                        if inside[w]:
+                            buf[r, :n] = maps[k[w]][local[w] : local[w] + n]
+                        else:
+                            shards.copy(starts[w], stops[w], buf[r])
+                    yield r * L + L
+
+            return timed_pass(gen(), lambda n: n, torch.device("cpu"))
+
+        # (b) nanoGPT get_batch over the same sequential windows.
+        def nanogpt(plan):
+            def gen():
+                for st, _ in batches_of(plan):
+                    # nanoGPT recreates the memmap every batch to avoid a memory leak
+                    maps = [np.memmap(f, dtype=store.dtype, mode="r") for f in shards.files]
+                    ws = []
+                    for s in st.tolist():
+                        w = np.empty(L + 1, dtype=store.dtype)
+                        shards.copy(s, min(s + L + 1, len(store)), w, maps)
+                        ws.append(w)
+                    x = torch.stack([torch.from_numpy(w[:L].astype(np.int64)) for w in ws])
+                    y = torch.stack([torch.from_numpy(w[1 : L + 1].astype(np.int64)) for w in ws])
+                    if cuda:
+                        x = x.pin_memory().to(device, non_blocking=True)
+                        y = y.pin_memory().to(device, non_blocking=True)
+                    yield x
+
+            return timed_pass(gen(), lambda x: x.numel(), device)
+
+        # (c) DataLoader over a memmap Dataset.
+        class WindowDataset(torch.utils.data.Dataset):
+            def __init__(self, plan):
+                self.starts = plan.start
+                self.maps = None  # opened lazily in each worker process
+
+            def __len__(self):
+                return len(self.starts)
+
+            def __getitem__(self, i):
+                if self.maps is None:
+                    self.maps = [np.memmap(f, dtype=store.dtype, mode="r") for f in shards.files]
+                s = int(self.starts[i])
+                w = np.zeros(L + 1, dtype=store.dtype)
+                shards.copy(s, min(s + L + 1, len(store)), w, self.maps)
+                return torch.from_numpy(w[:L].astype(np.int64)), torch.from_numpy(w[1:].astype(np.int64))
+
+        def dataloader(plan, k):
+            dl = torch.utils.data.DataLoader(WindowDataset(plan), batch_size=B, shuffle=False, num_workers=k,
+                                             pin_memory=cuda, prefetch_factor=4 if k else None)
+
+            def gen():
+                for x, y in dl:
+                    if cuda:
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    yield x
+
+            return timed_pass(gen(), lambda x: x.numel(), device)
+
+        # (d) ours.
+        def ours(O, release):
+            ld = WindowLoader(store, chunk_size=L, overlap=O, batch_windows=B, device=device, release_behind=release)
+            with ld:
+                return timed_pass(ld, lambda b: b.inputs.numel(), device)
+
+        print("best of", a.repeat, "passes:")
+        record("(a) memmap -> buffer (limit)", 0, lambda: memmap_limit(plans[0]))
+        record("(a') memmap -> int64 buffer", 0, lambda: memmap_limit(plans[0], np.int64))
+        record("(b) nanoGPT get_batch", 0, lambda: nanogpt(plans[0]))
+        for k in a.workers:
+            record(f"(c) DataLoader num_workers={k}", 0, lambda k=k: dataloader(plans[0], k))
+        record("(d) WindowLoader", 0, lambda: ours(0, False))
+        record("(a) memmap -> buffer (limit)", a.overlap, lambda: memmap_limit(plans[a.overlap]))
+        record("(d) WindowLoader", a.overlap, lambda: ours(a.overlap, False))
+        record("(d) WindowLoader, release_behind=True", 0, lambda: ours(0, True))
+
+        limit = {r["overlap"]: r["tok_per_s"] for r in results if r["variant"].startswith("(a) ")}
+        for r in results:
+            r["vs_limit"] = r["tok_per_s"] / limit[r["overlap"]]
+            rows.append([r["variant"], r["overlap"], r["tok_per_s"] / 1e6, r["vs_limit"]])
+        unit = "M tok/s to " + ("device" if cuda else "host")
+        print()
+        print(table(rows, ["variant", "overlap", unit, "x limit (a)"]))
+        print(f"\nchunk {L}, {B} windows/batch, {len(store):,}-token store, warm page cache, device {device}; "
+              f"(a) delivers raw {store.dtype} windows on the host, the others int64 inputs+targets"
+              + (" on the GPU" if cuda else ""))
+        path = write_json(a.out, "bench_loader.json", {
+            "command": "python -m benchmarks.bench_loader", "args": vars(a), "store_tokens": len(store),
+            "device": str(device), "page_cache": "warm", "results": results,
+        })
+        if path:
+            print(f"wrote {path}")
+        store.close()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
