@@ -368,7 +368,8 @@ class _Ring:
             self.host_meta_np = [t.numpy() for t in self.host_meta]
             self.dev_tok = [torch.empty(span, dtype=bits, device=device) for _ in range(n)]
             self.dev_meta = [torch.empty(meta, dtype=torch.int64, device=device) for _ in range(n)]
-            self.copied = [torch.cuda.Event() for _ in range(n)]
+            # blocking: the reader thread sleeps in copied[i].synchronize() instead of spinning a core
+            self.copied = [torch.cuda.Event(blocking=True) for _ in range(n)]
             self.consumed = [torch.cuda.Event() for _ in range(n)]
             self.side_stream = torch.cuda.Stream(device=device)
             # The side stream writes the device slots: when the ring is freed, the caching allocator
@@ -585,7 +586,7 @@ class _Pipeline:
         t = torch.from_numpy
         d0, d1 = bt.d0[b], bt.d1[b]
         return self._batch(b, t(inputs), t(targets), t(score_mask), t(plan.length[w0:w1].copy()),
-                           plan.start[w0:w1] - lo, lo, self.offsets[d0 : d1 + 1], d0)
+                           plan.start[w0:w1] - lo, lo, self.offsets[d0 : d1 + 1].copy(), d0)
 
     def _cut_device(self, span: torch.Tensor, meta: torch.Tensor, it: _Item) -> WindowBatch:
         """CUDA, on the consumer's stream. ``span``: int64 [n] tokens [lo, lo+n) on the device;
