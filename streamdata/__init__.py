@@ -10,6 +10,7 @@ from .format import Manifest, ShardInfo
 from .imports import open_megatron, open_raw_bin
 from .store import TokenStore, open_store
 from .tokenize import TokenizeConfig, load_tokenizer, tokenize_dataset
+from .windows import WindowPlan, plan_windows
 
 __all__ = [
     "ConfigError",
@@ -21,12 +22,28 @@ __all__ = [
     "TokenStore",
     "TokenizeConfig",
     "TokenizerError",
+    "WindowBatch",
+    "WindowLoader",
+    "WindowPlan",
     "convert_store",
     "load_tokenizer",
     "open_megatron",
     "open_raw_bin",
     "open_store",
+    "plan_windows",
     "tokenize_dataset",
 ]
 
 __version__ = "0.1.0"
+
+_LAZY = {"WindowBatch": "loader", "WindowLoader": "loader"}
+
+
+def __getattr__(name: str):
+    # The loader needs torch; importing it lazily keeps `streamdata info/verify/tokenize` and
+    # data-only users free of torch's ~1-2 s import.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'streamdata' has no attribute {name!r}")

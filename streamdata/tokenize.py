@@ -31,7 +31,12 @@ from .format import Manifest, choose_dtype
 from .source import Source, SourceSpec, load_source
 from .writer import StoreWriter
 
-__all__ = ["TokenizeConfig", "LoadedTokenizer", "load_tokenizer", "tokenize_dataset", "tokenizer_sha256"]
+__all__ = ["DEFAULT_TOKENIZER", "TokenizeConfig", "LoadedTokenizer", "load_tokenizer", "tokenize_dataset", "tokenizer_sha256"]
+
+#: The bundled tokenizer (``--tokenizer default``): a 4096-entry byte-level BPE with
+#: ``<|endoftext|>`` as EOS, trained on the embedded corpus's train part by
+#: ``python -m evaluator.train_default`` (which also trains the bundled model on it).
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "default_tokenizer"
 
 # Names tried, in order, when a tokenizer's configuration does not say which token is EOS/BOS.
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -81,9 +86,13 @@ def _read_token_config(folder: Path) -> dict[str, str | None]:
 
 
 def load_tokenizer(spec: str) -> LoadedTokenizer:
-    """Load ``spec``: a ``tokenizer.json`` path, a folder holding one, or a hub id."""
+    """Load ``spec``: a ``tokenizer.json`` path, a folder holding one, a hub id, or ``default``."""
     from tokenizers import Tokenizer
 
+    if spec == "default":
+        if not (DEFAULT_TOKENIZER / "tokenizer.json").is_file():
+            raise TokenizerError(f"the bundled tokenizer is missing from {str(DEFAULT_TOKENIZER)!r}: reinstall, or run 'python -m evaluator.train_default'")
+        spec = str(DEFAULT_TOKENIZER)
     p = Path(os.path.expanduser(spec))
     cfg: dict[str, str | None] = {}
     if p.is_file():

@@ -1,0 +1,151 @@
+"""``streameval`` command line: a thin layer over :class:`evaluator.StreamingEvaluator`.
+
+    streameval run STORE --model M [--chunk-size N] [--overlap N] [--mode M] [--batch-size N|auto]
+                   [--device D] [--dtype T] [--max-tokens N] [--out DIR]
+    streameval demo [--out DIR] [--max-tokens N]
+
+Exit codes: 0 success; 2 bad input (one line on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from streamdata.errors import StreamdataError
+
+from .errors import EvaluatorError
+
+__all__ = ["main"]
+
+
+def _int_or_none(text: str) -> int | None:
+    if text in ("model", "auto", "none"):
+        return None
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (or 'model')") from None
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _batch(text: str) -> int | str:
+    return "auto" if text == "auto" else _int(text)
+
+
+def _bos(text: str) -> int | str:
+    return text if text in ("none", "model", "eos") else _int(text)
+
+
+def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int) -> None:
+    p.add_argument("--chunk-size", type=_int_or_none, default=chunk_default,
+                   help="window length L in tokens; 'model' takes the model's context length (default: %(default)s)")
+    p.add_argument("--overlap", type=_int, default=overlap_default,
+                   help="sliding mode: context tokens each window re-reads (default: %(default)s)")
+    p.add_argument("--mode", default="auto", choices=("auto", "sliding", "stateful", "kv-cache"),
+                   help="how context crosses windows (default: auto)")
+    p.add_argument("--doc-mode", default="stream", choices=("stream", "document"),
+                   help="stream: one concatenated stream; document: each document on its own (default: stream)")
+    p.add_argument("--batch-size", type=_batch, default="auto", help="windows per forward in sliding mode, or auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
+    p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
+    p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
+    p.add_argument("--per-token", action="store_true", help="write per-token losses (float32) to OUT/per_token_losses.f32")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streameval", description="Stream-evaluate a language model on a token store of any length.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="evaluate a model on a store", description="Evaluate MODEL on STORE window by window; "
+                       "print a results table and write results.json, CSV tables and PNG plots to --out.")
+    r.add_argument("store", help="store folder or URL (or raw .bin / Megatron files)")
+    r.add_argument("--model", required=True,
+                   help="'default' (bundled), a transformers folder or hub id, or package.module:factory")
+    r.add_argument("--out", default=None, help="report folder (default: none written)")
+    _add_eval_options(r, chunk_default=None, overlap_default=0)
+    d = sub.add_parser("demo", help="the main job on the embedded default: tokenize the stdlib, evaluate the bundled model",
+                       description="Tokenize the running Python's standard library (stdlib:eval) with the bundled tokenizer "
+                                   "into OUT/store (reused if already there), then stream-evaluate the bundled model "
+                                   "on its first --max-tokens tokens and write the report to OUT. No network needed.")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    _add_eval_options(d, chunk_default=None, overlap_default=256)
+    d.set_defaults(max_tokens=1_000_000)
+    return p
+
+
+def _config(a: argparse.Namespace):
+    from .config import StreamingEvalConfig
+
+    return StreamingEvalConfig(
+        chunk_size=a.chunk_size, overlap=a.overlap, max_tokens=a.max_tokens, device=a.device, verbose=not a.quiet,
+        mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
+        per_token_path=str(Path(a.out) / "per_token_losses.f32") if (a.per_token and a.out) else None,
+    )
+
+
+def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
+    from streamdata import open_store
+
+    from .engine import StreamingEvaluator
+    from .report import format_table, write_report
+
+    cfg = _config(a)
+    if a.per_token and not a.out:
+        raise EvaluatorError("--per-token needs --out DIR (the losses go to a memory-mapped file there)")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    ev = StreamingEvaluator(model, config=cfg)
+    with open_store(store_path) as store:
+        res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token)
+        print(format_table(res))
+        if a.out:
+            files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store,
+                                 model=ev.adapter.describe(), plots=not a.no_plots)
+            print(f"report: {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    return _evaluate(a.store, a.model, a)
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from streamdata import tokenize_dataset
+
+    store = Path(a.out) / "store"
+    t0 = time.perf_counter()
+    m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)
+    print(f"[demo] store {store}: {m.num_tokens:,} tokens, {m.num_documents:,} documents of the Python standard library "
+          f"({time.perf_counter() - t0:.1f} s; reused when already built)")
+    return _evaluate(str(store), "default", a)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
+    try:
+        return cmd(args)
+    except (EvaluatorError, StreamdataError) as e:
+        print(f"streameval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streameval: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

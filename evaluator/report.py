@@ -1,0 +1,188 @@
+"""Report stage: results of one evaluation -> terminal table, results.json, CSV tables, PNG plots.
+
+Files written to ``out``:
+
+    results.json       scalar metrics, the resolved settings, store identity (manifest: format,
+                       tokenizer, source, totals), model identity, library versions, machine, time
+    chunks.csv         one row per chunk (window): index, loss, perplexity, seconds
+    documents.csv      one row per document: tokens scored, nll, loss, perplexity, bytes, words, complete
+    positions.csv      loss by position in the document, log-spaced buckets [lo, hi)
+    perplexity_per_chunk.png, loss_by_position.png   (matplotlib, Agg backend; skipped with a note
+                       when matplotlib is missing)
+
+Arrays stay out of results.json so it stays small for 1B-token runs; the CSVs hold them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["format_table", "write_report", "versions"]
+
+_SCALARS = (
+    "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
+    "num_documents", "total_bytes", "total_words", "byte_metric_documents", "total_time", "tokens_per_second",
+    "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
+    "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
+    "per_token_path",
+)
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("streamdata", "torch", "numpy", "transformers", "tokenizers", "datasets", "zarr"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run."""
+    rows = [
+        ("data", res.get("data")),
+        ("model", res.get("model")),
+        ("mode", f"{res.get('mode')} / {res.get('doc_mode')}  chunk {res.get('chunk_size')}  overlap {res.get('overlap')}  "
+                 f"batch {res.get('batch_size')}  {res.get('device')} {res.get('dtype')}"),
+        ("scored tokens", res.get("total_tokens")),
+        ("chunks", res.get("num_chunks")),
+        ("loss (nats/token)", res.get("loss")),
+        ("perplexity", res.get("perplexity")),
+        ("bits per byte", res.get("bits_per_byte")),
+        ("byte perplexity", res.get("byte_perplexity")),
+        ("word perplexity", res.get("word_perplexity")),
+        ("time (s)", res.get("total_time")),
+        ("tokens/s", res.get("tokens_per_second")),
+    ]
+    if res.get("byte_metric_documents") is not None and res.get("num_documents"):
+        rows.insert(8, ("byte/word metrics over", f"{res['byte_metric_documents']:,} of {res['num_documents']:,} documents (complete ones)"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {_fmt(v)}" for k, v in rows)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return _json_safe(float(v))
+    return v
+
+
+def _write_csv(path: Path, header: list[str], columns: list[Any]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row in zip(*columns):
+            w.writerow([_json_safe(x.item() if hasattr(x, "item") else x) for x in row])
+
+
+def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any] | None = None,
+                 store: Any = None, model: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Path]:
+    """Write the report files for ``res`` (an ``evaluate_streaming_with_metrics`` result) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    payload: dict[str, Any] = {k: _json_safe(res[k]) for k in _SCALARS if k in res}
+    payload["config"] = config or {}
+    if store is not None:
+        m = store.manifest
+        payload["store"] = {"path": str(getattr(store, "path", "")), "format": m.format, "dtype": m.dtype,
+                            "tokenizer": m.tokenizer, "special_tokens": m.special_tokens, "source": m.source,
+                            "totals": m.totals}
+    payload["model_identity"] = model or {}
+    payload["versions"] = versions()
+    payload["machine"] = {"platform": platform.platform(), "processor": platform.machine(), "argv": sys.argv}
+    payload["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    files["results"] = out / "results.json"
+    files["results"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    if res.get("chunk_losses") is not None:
+        n = len(res["chunk_losses"])
+        times = res.get("chunk_times") or [None] * n
+        files["chunks"] = out / "chunks.csv"
+        _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds"],
+                   [range(n), res["chunk_losses"], res["chunk_perplexities"], times])
+    docs = res.get("per_document")
+    if docs is not None:
+        nd = len(docs["tokens"])
+        none = [None] * nd
+        files["documents"] = out / "documents.csv"
+        _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words", "complete"],
+                   [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"],
+                    docs["bytes"] if docs.get("bytes") is not None else none,
+                    docs["words"] if docs.get("words") is not None else none, docs["complete"]])
+    pos = res.get("position_buckets")
+    if pos is not None:
+        files["positions"] = out / "positions.csv"
+        _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity"],
+                   [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"]])
+    if plots:
+        files.update(_plots(res, out))
+    return files
+
+
+def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[streameval] matplotlib is not installed: no PNG plots (pip install 'streamdata[plots]')", file=sys.stderr)
+        return {}
+    files: dict[str, Path] = {}
+    ppl = res.get("chunk_perplexities")
+    if ppl:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(np.arange(len(ppl)), ppl, lw=0.8)
+        ax.axhline(res["perplexity"], color="k", ls="--", lw=0.8, label=f"overall {res['perplexity']:.3g}")
+        ax.set_xlabel("chunk (window) index")
+        ax.set_ylabel("perplexity of the chunk's scored tokens")
+        ax.set_yscale("log")
+        ax.set_title(f"Perplexity per chunk: {res.get('model')} on {res.get('data')}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        files["plot_chunks"] = out / "perplexity_per_chunk.png"
+        fig.savefig(files["plot_chunks"], dpi=120)
+        plt.close(fig)
+    pos = res.get("position_buckets")
+    if pos is not None and len(pos["hi"]):
+        mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])  # geometric bucket centre
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(mid, pos["loss"], marker="o", ms=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("position of the target token in its document (log-spaced buckets)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title("Loss by position in the document (the long-context curve)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        files["plot_positions"] = out / "loss_by_position.png"
+        fig.savefig(files["plot_positions"], dpi=120)
+        plt.close(fig)
+    return files
