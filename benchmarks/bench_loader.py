@@ -77,18 +77,23 @@ class Shards:
         return k, start - self.starts[k], stop <= self.starts[k + 1]
 
     def copy(self, start: int, stop: int, out: np.ndarray, maps=None) -> None:
-        maps = maps or self.maps
-        k, lo, inside = self.locate(start, stop)
-        if inside:
-            out[: stop - start] = maps[k][lo : lo + stop - start]
-            return
-        pos = start  # a window crossing a shard boundary: piecewise
-        while pos < stop:
-            k = int(np.searchsorted(self.starts, pos, side="right")) - 1
-            hi = min(stop, int(self.starts[k + 1]))
-            if hi > pos:
-                out[pos - start : hi - start] = maps[k][pos - self.starts[k] : hi - self.starts[k]]
-            pos = max(pos, hi)
+        copy_span(self.starts, maps or self.maps, start, stop, out)
+
+
+def copy_span(starts: np.ndarray, maps, start: int, stop: int, out: np.ndarray) -> None:
+    """Copy global tokens [start, stop) of shards beginning at ``starts`` (memmaps ``maps``) into ``out``."""
+    k = int(np.searchsorted(starts, start, side="right")) - 1
+    if stop <= starts[k + 1]:
+        lo = start - starts[k]
+        out[: stop - start] = maps[k][lo : lo + stop - start]
+        return
+    pos = start  # a window crossing a shard boundary: piecewise
+    while pos < stop:
+        k = int(np.searchsorted(starts, pos, side="right")) - 1
+        hi = min(stop, int(starts[k + 1]))
+        if hi > pos:
+            out[pos - start : hi - start] = maps[k][pos - starts[k] : hi - starts[k]]
+        pos = max(pos, hi)
 
 
 def warm_page_cache(shards: Shards) -> float:
@@ -117,6 +122,125 @@ def timed_pass(batches, tokens_per_batch, device) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
+def batches_of(plan, B: int):
+    """(starts, lengths) of each batch of ``B`` consecutive windows of ``plan``."""
+    starts, lengths = plan.start, plan.length
+    for i in range(0, len(plan), B):
+        yield starts[i : i + B], lengths[i : i + B]
+
+
+def memmap_limit(shards: Shards, plan, B: int, L: int, dtype=None) -> tuple[float, int]:
+    """(a) the limit: memmap slices of each window (``L + 1`` tokens) copied into a reused host buffer.
+
+    Shard and local offset of every window are computed up front (vectorised), so the loop is one
+    slice copy per window. ``dtype`` (default: the store's) is the buffer's dtype; np.int64 gives
+    (a'), the least it costs to produce int64 windows on the host. Returns ``timed_pass``'s pair.
+    """
+    buf = np.empty((B, L + 1), dtype=dtype or shards.dtype)
+    k = np.searchsorted(shards.starts, plan.start, side="right") - 1
+    local = (plan.start - shards.starts[k]).tolist()
+    inside = (plan.stop <= shards.starts[k + 1]).tolist()
+    k, stops, starts = k.tolist(), plan.stop.tolist(), plan.start.tolist()
+    maps = shards.maps
+
+    def gen():
+        for i in range(0, len(plan), B):
+            for r in range(min(B, len(plan) - i)):
+                w = i + r
+                n = stops[w] - starts[w]
+                if inside[w]:
+                    buf[r, :n] = maps[k[w]][local[w] : local[w] + n]
+                else:
+                    shards.copy(starts[w], stops[w], buf[r])
+            yield r * L + L
+
+    return timed_pass(gen(), lambda n: n, torch.device("cpu"))
+
+
+def nanogpt_get_batch(shards: Shards, plan, B: int, L: int, total: int, device: torch.device) -> tuple[float, int]:
+    """(b) nanoGPT's ``get_batch`` over the sequential windows of ``plan`` (``total``: store tokens)."""
+    cuda = device.type == "cuda"
+
+    def gen():
+        for st, _ in batches_of(plan, B):
+            # nanoGPT recreates the memmap every batch to avoid a memory leak
+            maps = [np.memmap(f, dtype=shards.dtype, mode="r") for f in shards.files]
+            ws = []
+            for s in st.tolist():
+                w = np.empty(L + 1, dtype=shards.dtype)
+                shards.copy(s, min(s + L + 1, total), w, maps)
+                ws.append(w)
+            x = torch.stack([torch.from_numpy(w[:L].astype(np.int64)) for w in ws])
+            y = torch.stack([torch.from_numpy(w[1 : L + 1].astype(np.int64)) for w in ws])
+            if cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+                y = y.pin_memory().to(device, non_blocking=True)
+            yield x
+
+    return timed_pass(gen(), lambda x: x.numel(), device)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """(c) the usual map-style Dataset: one memmap window per item, (x, y) int64."""
+
+    def __init__(self, shards: Shards, plan, L: int, total: int):
+        # Only file names and offsets: a worker started by spawn pickles the Dataset, and a pickled
+        # memmap is a full in-memory copy of the file.
+        self.files, self.dtype, self.shard_starts = shards.files, shards.dtype, shards.starts
+        self.starts, self.L, self.total = plan.start, L, total
+        self.maps = None  # opened lazily in each worker process
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if self.maps is None:
+            self.maps = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+        s, L = int(self.starts[i]), self.L
+        w = np.zeros(L + 1, dtype=self.dtype)
+        copy_span(self.shard_starts, self.maps, s, min(s + L + 1, self.total), w)
+        return torch.from_numpy(w[:L].astype(np.int64)), torch.from_numpy(w[1:].astype(np.int64))
+
+
+def dataloader_pass(shards: Shards, plan, B: int, L: int, total: int, device: torch.device,
+                    workers: int) -> tuple[float, int]:
+    """(c) ``torch.utils.data.DataLoader`` over :class:`WindowDataset`; ``pin_memory`` on CUDA (on a
+    CPU-only machine pinning does not apply)."""
+    cuda = device.type == "cuda"
+    dl = torch.utils.data.DataLoader(WindowDataset(shards, plan, L, total), batch_size=B, shuffle=False,
+                                     num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None)
+
+    def gen():
+        for x, y in dl:
+            if cuda:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            yield x
+
+    return timed_pass(gen(), lambda x: x.numel(), device)
+
+
+def window_loader_pass(store, L: int, O: int, B: int, device: torch.device, release: bool,
+                       max_tokens: int | None = None, count: str = "inputs") -> tuple[float, int]:
+    """(d) ours: ``WindowLoader``; counts ``inputs.numel()`` per batch (``count="scored"``: targets scored)."""
+    from streamdata.loader import WindowLoader
+
+    ld = WindowLoader(store, chunk_size=L, overlap=O, batch_windows=B, device=device, release_behind=release,
+                      max_tokens=max_tokens)
+    per = (lambda b: b.inputs.numel()) if count == "inputs" else (lambda b: b.num_scored)
+    with ld:
+        return timed_pass(ld, per, device)
+
+
+def best_pass(fn, repeat: int) -> tuple[float, int]:
+    """The fastest of ``repeat`` passes of ``fn() -> (seconds, tokens)`` (passes with tokens only)."""
+    best, toks = float("inf"), 0
+    for _ in range(repeat):
+        s, t = fn()
+        if t and s < best:
+            best, toks = s, t
+    return best, toks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="an existing npy store (default: build a synthetic one)")
@@ -130,7 +254,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from streamdata import open_store
-    from streamdata.loader import WindowLoader
     from streamdata.windows import plan_windows
 
     tmp = None
@@ -157,107 +280,26 @@ def main(argv=None) -> int:
         plans = {O: plan_windows(store.doc_offsets, L, O, "stream") for O in (0, a.overlap)}
         rows, results = [], []
 
-        def batches_of(plan):
-            starts, lengths = plan.start, plan.length
-            for i in range(0, len(plan), B):
-                yield starts[i : i + B], lengths[i : i + B]
-
         def record(name, O, fn):
-            best, toks = float("inf"), 0
-            for _ in range(a.repeat):
-                s, t = fn()
-                if t and s < best:
-                    best, toks = s, t
+            best, toks = best_pass(fn, a.repeat)
             rate = toks / best if toks else float("nan")
             results.append({"variant": name, "overlap": O, "seconds": best, "tokens": toks, "tok_per_s": rate})
             print(f"  {name:<40} {rate / 1e6:10.1f} M tok/s", flush=True)
 
-        # (a) the limit: memmap slices copied into a reused buffer. Shard and local offset of every
-        # window are computed up front (vectorised), so the loop is one slice copy per window.
-        def memmap_limit(plan, dtype=store.dtype):
-            buf = np.empty((B, L + 1), dtype=dtype)
-            k = np.searchsorted(shards.starts, plan.start, side="right") - 1
-            local = (plan.start - shards.starts[k]).tolist()
-            inside = (plan.stop <= shards.starts[k + 1]).tolist()
-            k, stops, starts = k.tolist(), plan.stop.tolist(), plan.start.tolist()
-            maps = shards.maps
-
-            def gen():
-                for i in range(0, len(plan), B):
-                    for r in range(min(B, len(plan) - i)):
-                        w = i + r
-                        n = stops[w] - starts[w]
-                        if inside[w]:
-                            buf[r, :n] = maps[k[w]][local[w] : local[w] + n]
-                        else:
-                            shards.copy(starts[w], stops[w], buf[r])
-                    yield r * L + L
-
-            return timed_pass(gen(), lambda n: n, torch.device("cpu"))
-
-        # (b) nanoGPT get_batch over the same sequential windows.
-        def nanogpt(plan):
-            def gen():
-                for st, _ in batches_of(plan):
-                    # nanoGPT recreates the memmap every batch to avoid a memory leak
-                    maps = [np.memmap(f, dtype=store.dtype, mode="r") for f in shards.files]
-                    ws = []
-                    for s in st.tolist():
-                        w = np.empty(L + 1, dtype=store.dtype)
-                        shards.copy(s, min(s + L + 1, len(store)), w, maps)
-                        ws.append(w)
-                    x = torch.stack([torch.from_numpy(w[:L].astype(np.int64)) for w in ws])
-                    y = torch.stack([torch.from_numpy(w[1 : L + 1].astype(np.int64)) for w in ws])
-                    if cuda:
-                        x = x.pin_memory().to(device, non_blocking=True)
-                        y = y.pin_memory().to(device, non_blocking=True)
-                    yield x
-
-            return timed_pass(gen(), lambda x: x.numel(), device)
-
-        # (c) DataLoader over a memmap Dataset.
-        class WindowDataset(torch.utils.data.Dataset):
-            def __init__(self, plan):
-                self.starts = plan.start
-                self.maps = None  # opened lazily in each worker process
-
-            def __len__(self):
-                return len(self.starts)
-
-            def __getitem__(self, i):
-                if self.maps is None:
-                    self.maps = [np.memmap(f, dtype=store.dtype, mode="r") for f in shards.files]
-                s = int(self.starts[i])
-                w = np.zeros(L + 1, dtype=store.dtype)
-                shards.copy(s, min(s + L + 1, len(store)), w, self.maps)
-                return torch.from_numpy(w[:L].astype(np.int64)), torch.from_numpy(w[1:].astype(np.int64))
-
-        def dataloader(plan, k):
-            dl = torch.utils.data.DataLoader(WindowDataset(plan), batch_size=B, shuffle=False, num_workers=k,
-                                             pin_memory=cuda, prefetch_factor=4 if k else None)
-
-            def gen():
-                for x, y in dl:
-                    if cuda:
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    yield x
-
-            return timed_pass(gen(), lambda x: x.numel(), device)
-
-        # (d) ours.
-        def ours(O, release):
-            ld = WindowLoader(store, chunk_size=L, overlap=O, batch_windows=B, device=device, release_behind=release)
-            with ld:
-                return timed_pass(ld, lambda b: b.inputs.numel(), device)
+        n = len(store)
+        memmap_lim = lambda plan, dtype=None: memmap_limit(shards, plan, B, L, dtype)  # noqa: E731
+        nanogpt = lambda plan: nanogpt_get_batch(shards, plan, B, L, n, device)  # noqa: E731
+        dataloader = lambda plan, k: dataloader_pass(shards, plan, B, L, n, device, k)  # noqa: E731
+        ours = lambda O, release: window_loader_pass(store, L, O, B, device, release)  # noqa: E731
 
         print("best of", a.repeat, "passes:")
-        record("(a) memmap -> buffer (limit)", 0, lambda: memmap_limit(plans[0]))
-        record("(a') memmap -> int64 buffer", 0, lambda: memmap_limit(plans[0], np.int64))
+        record("(a) memmap -> buffer (limit)", 0, lambda: memmap_lim(plans[0]))
+        record("(a') memmap -> int64 buffer", 0, lambda: memmap_lim(plans[0], np.int64))
         record("(b) nanoGPT get_batch", 0, lambda: nanogpt(plans[0]))
         for k in a.workers:
             record(f"(c) DataLoader num_workers={k}", 0, lambda k=k: dataloader(plans[0], k))
         record("(d) WindowLoader", 0, lambda: ours(0, False))
-        record("(a) memmap -> buffer (limit)", a.overlap, lambda: memmap_limit(plans[a.overlap]))
+        record("(a) memmap -> buffer (limit)", a.overlap, lambda: memmap_lim(plans[a.overlap]))
         record("(d) WindowLoader", a.overlap, lambda: ours(a.overlap, False))
         record("(d) WindowLoader, release_behind=True", 0, lambda: ours(0, True))
 
