@@ -50,3 +50,99 @@ def write_json(out_dir: str | None, name: str, payload: dict[str, Any]) -> Path 
     f = path / name
     f.write_text(json.dumps({"machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}, indent=2) + "\n")
     return f
+
+
+# ---- memory and device helpers shared by bench_eval and the suite ----------------------------------
+def proc_status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``), None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory above the start of a ``with`` block, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor memory the
+    caching allocator handed out), minus what was allocated at the start. CPU: peak resident set
+    (VmHWM, reset at the start through /proc/self/clear_refs) minus the resident set at the start.
+    ``device_bytes`` / ``rss_bytes`` are None where not measured (``rss_exact`` False: VmHWM could not
+    be reset, so the figure is the process's lifetime peak minus the start, an upper bound).
+    """
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.device_bytes: int | None = None
+        self.rss_bytes: int | None = None
+        self.rss_exact = True
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._dev0 = torch.cuda.memory_allocated()
+        self.rss_exact = reset_peak_rss()
+        self._rss0 = proc_status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.device_bytes = torch.cuda.max_memory_allocated() - self._dev0
+        hwm = proc_status_kb("VmHWM")
+        if hwm is not None and self._rss0 is not None:
+            self.rss_bytes = max(0, hwm - self._rss0) * 1024
+
+    @property
+    def bytes(self) -> int | None:
+        """The figure to report: device memory on CUDA, resident set on CPU."""
+        return self.device_bytes if self.cuda else self.rss_bytes
+
+
+def sync(device) -> None:
+    """Wait for queued device work (CUDA); a no-op on CPU. Only around timed regions, never inside."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def fmt_rate(x: float | None) -> str:
+    """Tokens/s in k or M with 3 significant digits; 'n/a' for None."""
+    if x is None or x != x:
+        return "n/a"
+    if x >= 1e9:
+        return f"{x / 1e9:,.3g}G"
+    if x >= 1e6:
+        return f"{x / 1e6:,.3g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:,.3g}k"
+    return f"{x:,.3g}"
+
+
+def fmt_bytes(x: int | None) -> str:
+    if x is None:
+        return "n/a"
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= k:
+            return f"{x / k:,.3g} {unit}"
+    return f"{x} B"
