@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmarks at toy sizes: every stage runs and reports sane numbers.
+
+No timing assertions: these check that the code paths work and the JSON is complete, not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+VOCAB = 500
+MODEL = "tests.benchmarks.test_benchmarks_smoke:tiny_model"
+
+
+def tiny_model():
+    """A 1-layer GPT-2 with random weights (the factory the benchmarks load by name)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy shapes: with two OpenMP threads on a busy 2-core machine every tiny op waits for the other
+    thread's time slice (ms each); one thread keeps these tests fast and their timing irrelevant."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def toy_store(make_store):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, VOCAB, size=int(n)).tolist() for n in rng.integers(50, 400, size=12)]
+    return make_store(docs, vocab_size=VOCAB, name="toy")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_suite_reports_every_stage(toy_store, tmp_path):
+    from benchmarks.suite import Settings, report, run_suite
+
+    st = Settings(chunk_size=32, tokens=600, sweep_tokens=300, chunk_sweep=(16, 32, 128), batch_sweep=(1, 4),
+                  n_positions=64, repeat=1, loader_repeat=1, memory_sizes=(3000, 6000), link_sizes=(4096,),
+                  workers=(0,), batch=4, memory_chunk=256, memory_batch=2)
+    out = tmp_path / "out"
+    res = run_suite(store=str(toy_store), model=MODEL, device="cpu", out=str(out), settings=st,
+                    cache=str(tmp_path / "cache"), log=lambda s: None, threads=1)
+    lines: list[str] = []
+    report(res, lines.append)
+    text = "\n".join(lines)
+    assert "VERDICT: bound by" in text and "n/a (no device)" in text
+
+    data = json.loads((out / "suite.json").read_text())
+    stages = data["stages"]
+    for k in ("disk_cold", "disk_warm", "loader", "compute", "end_to_end"):
+        assert _positive(stages[k]), (k, stages[k])
+    assert stages["link"] is None and data["link"] is None  # no device here
+    v = data["verdict"]
+    assert v["bound_by"] in ("disk", "loader", "compute") and _positive(v["overlap_efficiency"])
+
+    ev = data["eval"]["results"]
+    assert set(ev) == {"ours", "compute", "quickref", "ours_overlap", "guide"}
+    for r in ev.values():
+        assert _positive(r["tok_per_s"]) and r["scored"] == 599 and math.isfinite(r["loss"])
+    # same tokens, same windows, same model: ours and the batch-1 loop agree on the loss
+    assert ev["ours"]["loss"] == pytest.approx(ev["quickref"]["loss"], rel=1e-4)
+    assert ev["ours_overlap"]["positions"] > ev["ours"]["positions"]
+    for k in ("ours/quickref", "ours_overlap/guide", "loader/memmap", "loader/nanogpt", "loader/dataloader0"):
+        assert _positive(data["baseline_ratios"][k]), k
+
+    sw = data["sweeps"]
+    assert [p["chunk_size"] for p in sw["chunk"]] == [16, 32] and sw["skipped_chunks"] == [128]
+    assert [p["batch"] for p in sw["batch"]] == [1, 4]
+    assert all(_positive(p["tok_per_s"]) for p in sw["chunk"] + sw["batch"])
+
+    rows = data["memory"]["rows"]
+    assert [r["tokens"] for r in rows] == [3000, 6000]
+    assert all(_positive(r["peak_rss_kb"]) and r["scored"] == r["tokens"] - 1 for r in rows)
+    assert {p.name for p in out.iterdir()} >= {"suite.json", "stages.png", "sweeps.png", "memory.png"}
+
+
+def test_bench_eval_cli(toy_store, tmp_path, capsys):
+    from benchmarks import bench_eval
+
+    assert bench_eval.main(["--store", str(toy_store), "--model", MODEL, "--device", "cpu", "--tokens", "500",
+                            "--chunk-size", "32", "--batch-size", "4", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "ours / (a) compute only" in text and "(c) HF perplexity guide" in text
+    data = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert set(data["ratios"]) == {"ours/compute", "ours/quickref", "ours_overlap/guide"}
+    assert all(_positive(x) for x in data["ratios"].values())
+    assert data["results"]["guide"]["scored"] == data["results"]["ours"]["scored"] == 499
+
+
+def test_bench_loader_cli(toy_store, tmp_path):
+    from benchmarks import bench_loader
+
+    assert bench_loader.main(["--store", str(toy_store), "--chunk-size", "64", "--overlap", "16", "--batch-windows", "4",
+                              "--workers", "0", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_loader.json").read_text())
+    assert all(_positive(r["tok_per_s"]) for r in data["results"])
