@@ -134,8 +134,26 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return _evaluate(str(store), "default", a)
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars from transformers/datasets either (our own lines are off already)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        _quiet_libraries()
     cmd = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
     try:
         return cmd(args)
