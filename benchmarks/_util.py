@@ -75,12 +75,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so a run's RSS growth is not hidden
+    by memory an earlier run freed but the allocator kept. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the start of a ``with`` block, in bytes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor memory the
     caching allocator handed out), minus what was allocated at the start. CPU: peak resident set
-    (VmHWM, reset at the start through /proc/self/clear_refs) minus the resident set at the start.
+    (VmHWM, reset at the start through /proc/self/clear_refs) minus the resident set at the start,
+    after ``malloc_trim`` (memory the allocator still holds from earlier runs would hide growth).
     ``device_bytes`` / ``rss_bytes`` are None where not measured (``rss_exact`` False: VmHWM could not
     be reset, so the figure is the process's lifetime peak minus the start, an upper bound).
     """
@@ -98,6 +110,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._dev0 = torch.cuda.memory_allocated()
+        else:
+            trim_heap()
         self.rss_exact = reset_peak_rss()
         self._rss0 = proc_status_kb("VmRSS")
         return self

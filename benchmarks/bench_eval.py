@@ -229,7 +229,7 @@ def quickref_loop(model, data: torch.Tensor, chunk_size: int, device: torch.devi
             chunk = data[start : start + chunk_size + 1].to(device)
             inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
             out = model(inputs)
-            logits = out.logits if hasattr(out, "logits") else out
+            logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
             total_loss += loss.item() * targets.numel()
             total_tokens += targets.numel()
@@ -288,7 +288,9 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
     N = min(int(tokens), len(store))
     module = adapter.module
     vocab = adapter.vocab_size or int(store.vocab_size)
-    is_hf = type(adapter).__name__ == "HFAdapter"
+    from evaluator.models import HFAdapter
+
+    is_hf = isinstance(adapter, HFAdapter)  # the guide's loop needs model(input_ids, labels=...)
     wanted = [v for v in variants if v != "guide" or is_hf]
     ev0 = make_evaluator(adapter, L, 0, batch, device) if {"ours", "compute"} & set(wanted) else None
     evO = make_evaluator(adapter, L, O, batch, device) if "ours_overlap" in wanted and O > 0 else None

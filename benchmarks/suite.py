@@ -38,6 +38,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ class Settings:
         # under ~5 minutes on 2 cores (--quick: ~2). Chunk sizes scaled down from 2048..16384.
         return cls(chunk_size=256, tokens=(1 << 13) if quick else (1 << 14), sweep_tokens=(1 << 13) if quick else (1 << 14),
                    chunk_sweep=(256, 512, 1024, 2048), batch_sweep=(1, 4, 16, 64), n_positions=2048,
-                   repeat=1 if quick else 2, loader_repeat=3 if quick else 5,
+                   repeat=1 if quick else 3, loader_repeat=3 if quick else 5,
                    memory_sizes=(10**6, 10**7, 2 * 10**7) if quick else (10**6, 10**7, 100 << 20),
                    link_sizes=(), workers=(0,) if quick else (0, 2), batch=16)
 
@@ -331,12 +332,31 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         dev0 = torch.cuda.memory_allocated(dev)
+    # The peak is an extreme value (the worst interleaving of the reader thread's and the model's
+    # allocations so far), so it creeps up with run length even when memory is bounded; the median
+    # of RSS samples during the run shows the steady state.
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            v = proc_status_kb("VmRSS")
+            if v is not None:
+                samples.append(v)
+
+    th = threading.Thread(target=sample, name="bench-rss-sampler", daemon=True)
+    th.start()
     t0 = time.perf_counter()
-    r = ev.evaluate_streaming(spec["store"], max_tokens=spec["tokens"])
+    try:
+        r = ev.evaluate_streaming(spec["store"], max_tokens=spec["tokens"])
+    finally:
+        done.set()
+        th.join()
     dt = time.perf_counter() - t0
     hwm_eval = proc_status_kb("VmHWM")
     out = {"tokens": spec["tokens"], "scored": r["total_tokens"], "seconds": dt, "tok_per_s": r["total_tokens"] / dt,
            "rss_before_kb": rss0, "peak_rss_eval_kb": hwm_eval if exact else None,
+           "median_rss_kb": int(np.median(samples)) if samples else rss0, "rss_samples": len(samples),
            "peak_rss_kb": max(hwm_setup or 0, hwm_eval or 0), "rss_growth_kb": (hwm_eval - rss0) if exact else None,
            "device_peak_bytes": None, "loss": r["loss"]}
     if dev.type == "cuda":
@@ -359,10 +379,17 @@ def memory_scaling(sizes: tuple[int, ...], device: torch.device, cache: Path, ch
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
-        log(f"  {n:>12,} tokens: peak RSS {row['peak_rss_kb'] / 1024:,.0f} MB, "
-            f"growth during evaluation {fmt_kb(row['rss_growth_kb'])}, {fmt_rate(row['tok_per_s'])} tok/s")
+        log(f"  {n:>12,} tokens: RSS median {row['median_rss_kb'] / 1024:,.0f} MB, peak {row['peak_rss_kb'] / 1024:,.0f} MB, "
+            f"{fmt_rate(row['tok_per_s'])} tok/s")
+    first, last = rows[0], rows[-1]
+    dm = (last["median_rss_kb"] - first["median_rss_kb"]) / 1024
+    flat = {"tokens_first": first["tokens"], "tokens_last": last["tokens"], "median_delta_mb": dm,
+            "peak_delta_mb": (last["peak_rss_kb"] - first["peak_rss_kb"]) / 1024, "int64_mb": last["tokens"] * 8 / 2**20,
+            "flat": abs(dm) < max(32.0, 0.1 * first["median_rss_kb"] / 1024)}
+    if first["device_peak_bytes"] is not None:
+        flat["device_delta_mb"] = (last["device_peak_bytes"] - first["device_peak_bytes"]) / 2**20
     return {"store": str(store), "model": f"Bigram(vocab {MEMORY_VOCAB}, dim 16)", "chunk_size": chunk,
-            "batch": batch, "rows": rows}
+            "batch": batch, "rows": rows, "flatness": flat}
 
 
 def fmt_kb(kb: int | None) -> str:
@@ -470,6 +497,7 @@ def charts(res: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         xs = [r["tokens"] for r in rows]
         ax.plot(xs, [r["peak_rss_kb"] / 1024 for r in rows], "o-", label="peak RSS (VmHWM), MB")
+        ax.plot(xs, [r["median_rss_kb"] / 1024 for r in rows], "^-", label="median RSS during evaluation, MB")
         if all(r["device_peak_bytes"] is not None for r in rows):
             ax.plot(xs, [r["device_peak_bytes"] / 1e6 for r in rows], "s-", label="peak device memory, MB")
         ax.set_xscale("log")
@@ -534,6 +562,11 @@ def run_suite(store: str | None = None, model: str | None = None, device: str | 
                        device=dev, log=log)
         res["eval"] = m
         B = m["batch"]
+        if st.batch != "auto":  # what a user's batch_size="auto" gives, for the record (no run)
+            try:
+                res["auto_batch"] = be.make_evaluator(adapter, L, 0, "auto", dev)._batch_windows("sliding")  # noqa: SLF001
+            except Exception:  # noqa: BLE001 - a private helper of the evaluator: informational only
+                res["auto_batch"] = None
         # 3. loader alone and its baselines
         log(f"loader alone (chunk {L}, {B} windows/batch, whole store) and loader baselines ...")
         res["loader"] = loader_stage(s, L, B, dev, st.loader_repeat)
@@ -582,7 +615,8 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
     st, ev, S = res["settings"], res["eval"], res["stages"]
     dev = res["device"]
     item = "token ids"
-    print_fn(f"\n== stages ({res['model']}; {dev}; chunk {ev['chunk_size']}, batch {ev['batch']}) ==")
+    bnote = "" if st["batch"] == "auto" else f" (set by the suite; the evaluator's auto would pick {res.get('auto_batch', '?')})"
+    print_fn(f"\n== stages ({res['model']}; {dev}; chunk {ev['chunk_size']}, batch {ev['batch']}{bnote}) ==")
     d = res["disk"]
     rows = []
     if d["cold"]:
@@ -639,12 +673,15 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
     mem = res.get("memory")
     if mem:
         print_fn(f"\n== memory scaling ({mem['model']}, chunk {mem['chunk_size']}, batch {mem['batch']}; fresh process per size) ==")
-        rows = [[f"{r['tokens']:,}", f"{r['scored']:,}", f"{r['peak_rss_kb'] / 1024:,.0f} MB", fmt_kb(r["rss_growth_kb"]),
-                 fmt_bytes(r["device_peak_bytes"]), fmt_rate(r["tok_per_s"])] for r in mem["rows"]]
-        print_fn(table(rows, ["tokens", "scored", "peak RSS (VmHWM)", "RSS growth in eval", "peak device", "tok/s"]))
-        peaks = [r["peak_rss_kb"] for r in mem["rows"]]
-        print_fn(f"  peak RSS from {mem['rows'][0]['tokens']:,} to {mem['rows'][-1]['tokens']:,} tokens: "
-                 f"{(peaks[-1] - peaks[0]) / 1024:+,.0f} MB ({'flat' if abs(peaks[-1] - peaks[0]) < 0.1 * peaks[0] else 'NOT flat'})")
+        rows = [[f"{r['tokens']:,}", f"{r['scored']:,}", f"{r['median_rss_kb'] / 1024:,.0f} MB", f"{r['peak_rss_kb'] / 1024:,.0f} MB",
+                 fmt_kb(r["rss_growth_kb"]), fmt_bytes(r["device_peak_bytes"]), fmt_rate(r["tok_per_s"])] for r in mem["rows"]]
+        print_fn(table(rows, ["tokens", "scored", "RSS median in eval", "peak RSS (VmHWM)", "peak above start",
+                              "peak device", "tok/s"]))
+        f = mem["flatness"]
+        print_fn(f"  from {f['tokens_first']:,} to {f['tokens_last']:,} tokens: RSS median {f['median_delta_mb']:+,.0f} MB, "
+                 f"peak {f['peak_delta_mb']:+,.0f} MB; the {f['tokens_last']:,} tokens as one int64 tensor in RAM would "
+                 f"take {f['int64_mb']:,.0f} MB: {'FLAT' if f['flat'] else 'NOT flat'} (median within "
+                 f"max(32 MB, 10%))" + (f"; peak device {f['device_delta_mb']:+,.1f} MB" if f.get("device_delta_mb") is not None else ""))
     print_fn(f"\nload average {res['load_average_start']:.2f} at start, {res['load_average_end']:.2f} at end; "
              f"suite took {res['seconds']:.0f} s")
     if res.get("json"):

@@ -87,7 +87,9 @@ def test_suite_reports_every_stage(toy_store, tmp_path):
 
     rows = data["memory"]["rows"]
     assert [r["tokens"] for r in rows] == [3000, 6000]
-    assert all(_positive(r["peak_rss_kb"]) and r["scored"] == r["tokens"] - 1 for r in rows)
+    assert all(_positive(r["peak_rss_kb"]) and _positive(r["median_rss_kb"]) and r["scored"] == r["tokens"] - 1
+               for r in rows)
+    assert isinstance(data["memory"]["flatness"]["flat"], bool)
     assert {p.name for p in out.iterdir()} >= {"suite.json", "stages.png", "sweeps.png", "memory.png"}
 
 
