@@ -255,6 +255,27 @@ class EvalData:
     tokens: torch.Tensor | None = None  # kind == "tensor": 1-D integer tensor (any device)
     _owns_store: bool = False
 
+    @classmethod
+    def from_tokens(cls, tokens: Any, doc_offsets: Any = None, doc_bytes: Any = None, doc_words: Any = None,
+                    name: str = "the token tensor") -> "EvalData":
+        """In-memory token ids with an optional document index and per-document UTF-8 byte/word
+        counts (so byte and word metrics can be reported without a store)."""
+        ed = open_data(tokens)
+        n = ed.num_tokens
+        if doc_offsets is not None:
+            off = np.asarray(doc_offsets, dtype=np.int64)
+            if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0):
+                raise DataError(f"doc_offsets must be non-decreasing from 0 to the token count {n}: pass [0, ..., {n}]")
+            ed.doc_offsets = off
+        for attr, val in (("doc_bytes", doc_bytes), ("doc_words", doc_words)):
+            if val is not None:
+                arr = np.asarray(val, dtype=np.int64)
+                if arr.shape != (ed.num_documents,):
+                    raise DataError(f"{attr} has {arr.shape} entries, the data has {ed.num_documents} documents: pass one count per document")
+                setattr(ed, attr, arr)
+        ed.name = name
+        return ed
+
     @property
     def num_documents(self) -> int:
         return len(self.doc_offsets) - 1

@@ -47,6 +47,9 @@ from .models import ModelAdapter, load_model
 
 __all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
 
+# torch >= 2.5 names it torch.OutOfMemoryError; older releases only torch.cuda.OutOfMemoryError.
+_OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
 # Sliding windows per forward when batch_size="auto" on a CPU: enough tokens per forward to
 # amortise Python overhead, small enough to stay cache friendly.
 _CPU_AUTO_TOKENS = 16384
@@ -330,7 +333,8 @@ class StreamingEvaluator:
     # ---- sliding ---------------------------------------------------------------------------
     def _sliding_batch(self, batch: Any, plan: Any, spec: WindowSpec, sums: MetricSums,
                        writer: PerTokenWriter | None, detailed: bool) -> None:
-        w0, rows = batch.first_window, batch.num_windows
+        # Plan arrays are indexed from the plan's own window 0 (``plan.first`` in the full plan).
+        w0, rows = batch.first_window - getattr(plan, "first", 0), batch.num_windows
         lens = np.asarray(plan.length[w0 : w0 + rows], np.int64)
         scored = lens - np.asarray(plan.score_from[w0 : w0 + rows], np.int64)
         if int(scored.sum()) != batch.num_scored:  # never trust a plan that disagrees with its batch
@@ -339,9 +343,9 @@ class StreamingEvaluator:
         while i < rows:
             m = min(self._micro, rows - i)
             try:
-                self._sliding_rows(batch, i, i + m, int(lens[i : i + m].max()), int(scored[i : i + m].sum()),
+                self._sliding_rows(batch, w0, i, i + m, int(lens[i : i + m].max()), int(scored[i : i + m].sum()),
                                    sums, writer, detailed)
-            except torch.OutOfMemoryError:
+            except _OOM:
                 if m == 1:
                     raise ModelError(
                         f"out of device memory on a single window of chunk_size={spec.chunk_size}: lower chunk_size or loss_slice"
@@ -351,18 +355,17 @@ class StreamingEvaluator:
                 continue
             i += m
 
-    def _sliding_rows(self, batch: Any, r0: int, r1: int, T: int, count: int, sums: MetricSums,
+    def _sliding_rows(self, batch: Any, w0: int, r0: int, r1: int, T: int, count: int, sums: MetricSums,
                       writer: PerTokenWriter | None, detailed: bool) -> None:
         # Trim the batch to its longest window: short windows (document ends) cost no padding beyond it.
         inputs = batch.inputs[r0:r1, :T]
         mask = batch.score_mask[r0:r1, :T]
         out = self.adapter.forward_windows(inputs)
-        # nonzero_static: the count is known on the host, so no device sync to size the result.
-        flat = torch.nonzero_static(mask.reshape(-1), size=count).squeeze(1)
+        flat = _scored_index(mask.reshape(-1), count)
         nll = token_nll(out, batch.targets[r0:r1, :T], flat, self.config.loss_slice)
         del out
         if detailed:
-            sums.add(nll, count, flat // T + (batch.first_window + r0),
+            sums.add(nll, count, flat // T + (w0 + r0),
                      batch.doc_ids[r0:r1, :T].reshape(-1).index_select(0, flat),
                      batch.positions[r0:r1, :T].reshape(-1).index_select(0, flat))
         else:
@@ -375,7 +378,7 @@ class StreamingEvaluator:
                       writer: PerTokenWriter | None, detailed: bool) -> None:
         a = self.adapter
         for r in range(batch.num_windows):
-            w = batch.first_window + r
+            w = batch.first_window - getattr(plan, "first", 0) + r  # index into the plan's arrays
             n = int(plan.length[w])
             if w == 0 or (spec.doc_mode == "document" and int(plan.doc[w]) != int(plan.doc[w - 1])):
                 a.begin_stream()
@@ -388,7 +391,7 @@ class StreamingEvaluator:
                     flat = torch.arange(p1 - p0, device=self.device)
                     nll = token_nll(out, batch.targets[r : r + 1, p0:p1], flat, self.config.loss_slice)
                     del out
-                except torch.OutOfMemoryError:
+                except _OOM:
                     if p1 - p0 == 1:
                         raise ModelError("out of device memory on a single token: the model does not fit this device") from None
                     a.restore(snap)
@@ -485,6 +488,27 @@ class _Timer:
             dt = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
             out.extend([dt / n] * n)
         return out
+
+
+_NONZERO_STATIC: dict[str, bool] = {}
+
+
+def _scored_index(mask_flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices of the True entries of ``mask_flat``, of which there are ``count``.
+
+    ``nonzero_static`` sizes its result from the host-known count, so it needs no device sync
+    (plain ``nonzero`` must read the count back). Builds of torch without it on this device type
+    fall back to ``nonzero`` (one sync per batch).
+    """
+    kind = mask_flat.device.type
+    if _NONZERO_STATIC.get(kind, True):
+        try:
+            return torch.nonzero_static(mask_flat, size=count).squeeze(1)
+        except _OOM:
+            raise  # a RuntimeError too, but one the caller retries
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _NONZERO_STATIC[kind] = False
+    return torch.nonzero(mask_flat).squeeze(1)
 
 
 def _empty_cache(device: torch.device) -> None:

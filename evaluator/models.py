@@ -233,6 +233,7 @@ class HFAdapter(ModelAdapter):
         self._full_cache_arg = "cache" if "cache" in full_params else "past_key_values"
         self.cache = None
         self.state = None
+        self._kv_ok: dict[str, bool] = {}
 
     def to(self, device: torch.device) -> "HFAdapter":
         super().to(device)
@@ -316,9 +317,16 @@ class HFAdapter(ModelAdapter):
             self.cache.crop(-extra)
 
     def verify_kv_cache(self) -> bool:
-        """True when feeding 8 tokens as 4 + 4 with a carried cache reproduces one forward of 8."""
+        """True when feeding 8 tokens as 4 + 4 with a carried cache reproduces one forward of 8
+        (checked once per device)."""
         if self.recurrent:
             return False
+        key = str(self.device)
+        if self._kv_ok.get(key) is None:
+            self._kv_ok[key] = self._verify_kv_cache()
+        return self._kv_ok[key]
+
+    def _verify_kv_cache(self) -> bool:
         n = 8 if self.max_positions is None else min(8, self.max_positions)
         if n < 2:
             return False

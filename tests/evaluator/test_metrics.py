@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluator import StreamingEvaluator, bits_per_byte, byte_perplexity, perplexity, word_perplexity
+from evaluator import DataError, StreamingEvaluator, bits_per_byte, byte_perplexity, perplexity, word_perplexity
 from evaluator.metrics import position_bucket_edges
 
 from .helpers import V, Bigram, TinyRNN, Uniform, tiny_gpt2
@@ -168,3 +168,23 @@ def test_progress_lines(capsys):
     StreamingEvaluator(Bigram(), chunk_size=10, device="cpu", batch_size=2, verbose=True).evaluate_streaming(x, log_interval=5)
     err = capsys.readouterr().err.strip().splitlines()
     assert [line.split()[2] for line in err] == ["6/20", "10/20", "16/20", "20/20"]
+
+
+def test_in_memory_documents_with_counts():
+    from evaluator import EvalData
+
+    docs = _docs(4, lens=(12, 30, 7))
+    flat = torch.tensor(sum(docs, []))
+    off = np.cumsum([0] + [len(d) for d in docs])
+    ed = EvalData.from_tokens(flat, off, doc_bytes=[10, 20, 30], doc_words=[1, 2, 3])
+    m = Bigram()
+    ref = _bigram_reference(m, docs, "document")
+    nll = sum(x[0] for x in ref)
+    r = StreamingEvaluator(m, chunk_size=8, device="cpu", doc_mode="document", verbose=False).evaluate_streaming_with_metrics(ed)
+    assert r["total_tokens"] == len(ref) == 46
+    assert r["bits_per_byte"] == pytest.approx(nll / 60 / math.log(2), rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / 6), rel=1e-5)
+    with pytest.raises(DataError, match="doc_offsets must be non-decreasing"):
+        EvalData.from_tokens(flat, [0, 5, 3, 49])
+    with pytest.raises(DataError, match="doc_bytes has"):
+        EvalData.from_tokens(flat, off, doc_bytes=[1, 2])
