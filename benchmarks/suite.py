@@ -85,11 +85,11 @@ class Settings:
                        memory_sizes=(10**6, 10**7, 2 * 10**7) if quick else (10**6, 10**7, 100 << 20))
         # CPU: a scaled-down model (see bench_eval.random_gpt2) and sizes that keep the default run
         # under ~5 minutes on 2 cores (--quick: ~2). Chunk sizes scaled down from 2048..16384.
-        return cls(chunk_size=256, tokens=(1 << 13) if quick else (1 << 14), sweep_tokens=(1 << 13) if quick else (1 << 14),
-                   chunk_sweep=(256, 512, 1024, 2048), batch_sweep=(1, 4, 16, 64), n_positions=2048,
+        return cls(chunk_size=512, tokens=(1 << 13) if quick else (1 << 14), sweep_tokens=(1 << 13) if quick else (1 << 14),
+                   chunk_sweep=(256, 512, 1024, 2048), batch_sweep=(1, 4, 8, 32), n_positions=2048,
                    repeat=1 if quick else 3, loader_repeat=3 if quick else 5,
                    memory_sizes=(10**6, 10**7, 2 * 10**7) if quick else (10**6, 10**7, 100 << 20),
-                   link_sizes=(), workers=(0,) if quick else (0, 2), batch=16)
+                   link_sizes=(), workers=(0,) if quick else (0, 2), batch=8)
 
 
 # ---- disk -> host ---------------------------------------------------------------------------------
@@ -498,10 +498,11 @@ def charts(res: dict[str, Any], out: Path) -> list[Path]:
         xs = [r["tokens"] for r in rows]
         ax.plot(xs, [r["peak_rss_kb"] / 1024 for r in rows], "o-", label="peak RSS (VmHWM), MB")
         ax.plot(xs, [r["median_rss_kb"] / 1024 for r in rows], "^-", label="median RSS during evaluation, MB")
+        ax.plot(xs, [x * 8 / 2**20 for x in xs], ":", color="gray", label="the tokens as one int64 tensor (for scale)")
         if all(r["device_peak_bytes"] is not None for r in rows):
             ax.plot(xs, [r["device_peak_bytes"] / 1e6 for r in rows], "s-", label="peak device memory, MB")
         ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.5 * max(max(r["peak_rss_kb"] / 1024 for r in rows), 1.0))
         ax.set_xlabel("tokens evaluated (streamed from a store)")
         ax.set_ylabel("MB")
         ax.set_title("memory vs tokens evaluated (should be flat)")
