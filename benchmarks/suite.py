@@ -73,15 +73,16 @@ class Settings:
     link_sizes: tuple[int, ...] = (64 << 10, 1 << 20, 16 << 20, 64 << 20)
     workers: tuple[int, ...] = (0, 2)
     batch: int | str = "auto"
+    sweep_repeat: int = 2  # runs per sweep point; the best counts
     memory_chunk: int = 16384
     memory_batch: int = 8
 
     @classmethod
     def for_device(cls, device: torch.device, quick: bool) -> "Settings":
         if device.type == "cuda":
-            return cls(chunk_size=4096, tokens=(1 << 18) if quick else (1 << 20), sweep_tokens=(1 << 20) if quick else (2 << 20),
+            return cls(chunk_size=4096, tokens=(1 << 18) if quick else (1 << 20), sweep_tokens=(1 << 18) if quick else (1 << 20),
                        chunk_sweep=(2048, 4096, 8192, 16384), batch_sweep=(1, 8, 32, 64), n_positions=16384,
-                       repeat=2 if quick else 3, loader_repeat=3 if quick else 5,
+                       repeat=2 if quick else 3, loader_repeat=3 if quick else 5, sweep_repeat=1 if quick else 2,
                        memory_sizes=(10**6, 10**7, 2 * 10**7) if quick else (10**6, 10**7, 100 << 20))
         # CPU: a scaled-down model (see bench_eval.random_gpt2) and sizes that keep the default run
         # under ~5 minutes on 2 cores (--quick: ~2). Chunk sizes scaled down from 2048..16384.
@@ -89,7 +90,7 @@ class Settings:
                    chunk_sweep=(256, 512, 1024, 2048), batch_sweep=(1, 4, 8, 32), n_positions=2048,
                    repeat=1 if quick else 3, loader_repeat=3 if quick else 5,
                    memory_sizes=(10**6, 10**7, 2 * 10**7) if quick else (10**6, 10**7, 100 << 20),
-                   link_sizes=(), workers=(0,) if quick else (0, 2), batch=8)
+                   link_sizes=(), workers=(0,) if quick else (0, 2), batch=8, sweep_repeat=1 if quick else 2)
 
 
 # ---- disk -> host ---------------------------------------------------------------------------------
@@ -252,15 +253,20 @@ def loader_baselines(store, L: int, B: int, device: torch.device, repeat: int, w
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------
-def sweep_point(adapter, store, L: int, B: int | str, tokens: int, device: torch.device) -> dict[str, Any]:
-    """One end-to-end run at chunk ``L`` and batch ``B``: scored tok/s and peak memory."""
+def sweep_point(adapter, store, L: int, B: int | str, tokens: int, device: torch.device, repeat: int = 1) -> dict[str, Any]:
+    """End-to-end runs at chunk ``L`` and batch ``B``: scored tok/s (best of ``repeat``) and peak memory."""
     ev = be.make_evaluator(adapter, L, 0, B, device)
     if device.type == "cuda":  # kernels are chosen per shape: one untimed batch first
         be.run_ours(ev, store, min(tokens, L * (B if isinstance(B, int) else 8) + 1))
-    with PeakMemory(device) as pm:
-        run = be.run_ours(ev, store, tokens)
+    runs, peak = [], None
+    for _ in range(max(1, repeat)):
+        with PeakMemory(device) as pm:
+            runs.append(be.run_ours(ev, store, tokens))
+        if pm.bytes is not None:
+            peak = max(peak or 0, pm.bytes)
+    run = min(runs, key=lambda r: r.seconds)
     return {"chunk_size": L, "batch": run.batch, "scored": run.scored, "seconds": run.seconds,
-            "tok_per_s": run.rate, "peak_bytes": pm.bytes}
+            "tok_per_s": run.rate, "peak_bytes": peak, "runs_s": [r.seconds for r in runs]}
 
 
 def sweeps(adapter, store, st: Settings, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
@@ -270,11 +276,11 @@ def sweeps(adapter, store, st: Settings, device: torch.device, log: Callable[[st
     out: dict[str, Any] = {"tokens": st.sweep_tokens, "chunk": [], "batch": [], "skipped_chunks": skipped,
                            "chunk_sweep_batch": st.batch}
     for L in chunks:
-        p = sweep_point(adapter, store, L, st.batch, st.sweep_tokens, device)
+        p = sweep_point(adapter, store, L, st.batch, st.sweep_tokens, device, st.sweep_repeat)
         out["chunk"].append(p)
         log(f"  chunk {L:>6} batch {p['batch']:>4}: {fmt_rate(p['tok_per_s']):>8} tok/s, peak {fmt_bytes(p['peak_bytes'])}")
     for B in st.batch_sweep:
-        p = sweep_point(adapter, store, st.chunk_size, B, st.sweep_tokens, device)
+        p = sweep_point(adapter, store, st.chunk_size, B, st.sweep_tokens, device, st.sweep_repeat)
         out["batch"].append(p)
         log(f"  chunk {st.chunk_size:>6} batch {B:>4}: {fmt_rate(p['tok_per_s']):>8} tok/s, peak {fmt_bytes(p['peak_bytes'])}")
     return out
@@ -665,7 +671,8 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
 
     sw = res["sweeps"]
     mem_kind = "peak device mem" if dev.startswith("cuda") else "peak RSS above start"
-    print_fn(f"\n== sweeps ({sw['tokens']:,} tokens per point{'' if dev.startswith('cuda') else '; CPU: chunk sizes scaled down from 2048..16384'}) ==")
+    print_fn(f"\n== sweeps ({sw['tokens']:,} tokens per point, best of {st['sweep_repeat']}"
+             f"{'' if dev.startswith('cuda') else '; CPU: chunk sizes scaled down from 2048..16384'}) ==")
     rows = [[p["chunk_size"], p["batch"], fmt_rate(p["tok_per_s"]), fmt_bytes(p["peak_bytes"])] for p in sw["chunk"] + sw["batch"]]
     print_fn(table(rows, ["chunk", "batch", "scored tok/s", mem_kind]))
     if sw["skipped_chunks"]:
