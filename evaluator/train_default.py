@@ -206,6 +206,9 @@ def evaluate(out_dir: Path, eval_every: int, chunk: int, overlap: int) -> dict:
                               "chunk_size", "overlap", "doc_mode")} | {"files": len(files), "every": eval_every}
 
 
+from streamdata.tokenize import DEFAULT_TOKENIZER  # noqa: E402 - after the helpers it does not need
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluator.train_default", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: evaluator/assets/default)")
@@ -215,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=16, help="evaluate on every Nth eval-part file (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokenizer-copy", default=None, metavar="DIR",
-                    help="also write tokenizer.json + tokenizer_config.json to DIR (e.g. streamdata's bundled "
-                         "tokenizer folder, so stores built with '--tokenizer default' match the model)")
+    ap.add_argument("--tokenizer-copy", default=str(DEFAULT_TOKENIZER), metavar="DIR",
+                    help="also write tokenizer.json + tokenizer_config.json to DIR (default: streamdata's bundled "
+                         "tokenizer folder, so stores built with '--tokenizer default' match the model; '' for none)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     stats = train(model, stream, args.minutes * 60, args.lr)
 
     model.save_pretrained(out, safe_serialization=True)
+    # The model folder stays a self-contained transformers checkpoint (tokenizer beside the weights);
+    # streamdata's copy is what 'streamdata tokenize --tokenizer default' uses (streamdata never
+    # imports evaluator). tests/evaluator/test_models.py checks the two copies are identical.
     for folder in [out] + ([Path(args.tokenizer_copy)] if args.tokenizer_copy else []):
         folder.mkdir(parents=True, exist_ok=True)
         tok.save(str(folder / "tokenizer.json"))
