@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", default="auto", help="windows per forward for ours and (a) (default: the evaluator's auto)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="model dtype for every variant (default bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--repeat", type=int, help="timed runs per variant; the best counts (default 3 on CUDA, 2 on CPU)")
+    ap.add_argument("--repeat", type=int, help="timed runs per variant; the best counts (default 3)")
     ap.add_argument("--threads", type=int, help="torch CPU threads for every variant (default: torch's default)")
     ap.add_argument("--cache", default=str(CACHE), help="folder for the default store (default bench-out/stores)")
     ap.add_argument("--out", help="folder for bench_eval.json")
@@ -438,7 +438,7 @@ def main(argv=None) -> int:
     O = L // 2 if a.overlap is None else a.overlap
     N = a.tokens or ((1 << 20) if cuda else 24576)
     batch = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
-    repeat = a.repeat or (3 if cuda else 2)
+    repeat = a.repeat or 3
     dtype = resolve_dtype(a.dtype, device)
     store_path = Path(a.store) if a.store else default_store(Path(a.cache))
     with open_store(store_path) as store:
