@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default: tokenize the stdlib, evaluate the bundled model",
                        description="Tokenize the running Python's standard library (stdlib:eval) with the bundled tokenizer "
                                    "into OUT/store (reused if already there), then stream-evaluate the bundled model "
-                                   "on its first --max-tokens tokens and write the report to OUT. No network needed.")
+                                   "on its first --max-tokens tokens (default 1,000,001: one million scored targets) and write the "
+                                   "report to OUT. No network needed.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     _add_eval_options(d, chunk_default=None, overlap_default=256)
-    d.set_defaults(max_tokens=1_000_000)
+    # 1,000,001 tokens of the stream give exactly 1,000,000 scored targets (target 0 has no context)
+    d.set_defaults(max_tokens=1_000_001)
     return p
 
 
