@@ -50,7 +50,7 @@ def _bos(text: str) -> int | str:
 
 def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int) -> None:
     p.add_argument("--chunk-size", type=_int_or_none, default=chunk_default,
-                   help="window length L in tokens; 'model' takes the model's context length (default: %(default)s)")
+                   help="window length L in tokens, or 'model': the model's context length (default: model)")
     p.add_argument("--overlap", type=_int, default=overlap_default,
                    help="sliding mode: context tokens each window re-reads (default: %(default)s)")
     p.add_argument("--mode", default="auto", choices=("auto", "sliding", "stateful", "kv-cache"),
