@@ -50,9 +50,10 @@ __all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
 # torch >= 2.5 names it torch.OutOfMemoryError; older releases only torch.cuda.OutOfMemoryError.
 _OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
-# Sliding windows per forward when batch_size="auto" on a CPU: enough tokens per forward to
-# amortise Python overhead, small enough to stay cache friendly.
-_CPU_AUTO_TOKENS = 16384
+# Sliding windows per forward when batch_size="auto" on a CPU: there is no link to hide and no
+# device sync to save, and large forwards fall out of cache. Measured (benchmarks/RESULTS.md, 4x256
+# GPT-2, chunk 512): batch 1/4/8/32 gave 10.3k/10.7k/8.4k/6.1k tok/s, so ~2k tokens per forward.
+_CPU_AUTO_TOKENS = 2048
 _AUTO_MAX_WINDOWS = 256
 
 
