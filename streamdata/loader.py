@@ -202,7 +202,24 @@ def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
     return int(value)
 
 
-class WindowLoader:
+class _ClosesOnExit:
+    """``with`` support and close-on-collection for objects that own a reader thread or a store.
+    Subclasses define ``close()``; it must be idempotent (``__del__`` calls it again)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing useful to do
+            pass
+
+
+class WindowLoader(_ClosesOnExit):
     """Iterate the windows of a store as :class:`WindowBatch` es on a device. See the module docstring.
 
     ``store``: an open :class:`TokenStore` (not closed by the loader) or a path (opened and owned).
@@ -311,18 +328,6 @@ class WindowLoader:
         if getattr(self, "_owns_store", False) and self.store is not None:
             self.store.close()
             self.store = None
-
-    def __enter__(self) -> "WindowLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing useful to do
-            pass
 
     def __repr__(self) -> str:
         p = self.plan
@@ -667,7 +672,7 @@ class _Pipeline:
         # the ring is deferred by the caching allocator (record_stream).
 
 
-class _LoaderIterator(Iterator[WindowBatch]):
+class _LoaderIterator(_ClosesOnExit, Iterator[WindowBatch]):
     """One pass over a loader. Stops its reader thread when exhausted, closed, or garbage-collected
     (an early ``break`` out of a ``for`` loop drops the last reference)."""
 
@@ -700,14 +705,3 @@ class _LoaderIterator(Iterator[WindowBatch]):
             pipe.shutdown()
             self._loader._give_ring(self._ring)
 
-    def __enter__(self) -> "_LoaderIterator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
