@@ -41,6 +41,10 @@ from .errors import StoreError, TokenizerError
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "IndexInfo",
+    "index_sha256",
+    "resolve_inside",
     "MANIFEST_NAME",
     "Manifest",
     "ShardInfo",
@@ -52,7 +56,10 @@ __all__ = [
     "sha256_file",
 ]
 
-FORMAT_VERSION = 1
+#: Version written by this code. 2 added ``index`` (a checksum per document-index array).
+FORMAT_VERSION = 2
+#: Versions this code opens (version-1 stores have no index checksums; verify says so).
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 INDEX_DIR = "index"
@@ -101,6 +108,55 @@ class ShardInfo:
     doc_start: int = 0  # global index of its first document (derived)
 
 
+@dataclass(frozen=True)
+class IndexInfo:
+    """One document-index array (``doc_offsets``, ``doc_bytes``, ``doc_words``).
+
+    ``sha256`` is of the array's *values* as little-endian int64 bytes (:func:`index_sha256`), not of
+    a file, so every backend (npy file, zarr array) is verified the same way from what it returns.
+    """
+
+    name: str  # doc_offsets | doc_bytes | doc_words
+    file: str  # path relative to the store root (npy: index/NAME.npy; zarr: the array's folder)
+    length: int  # entries
+    sha256: str
+
+
+def index_sha256(arr: np.ndarray, block: int = 1 << 22) -> str:
+    """sha256 of ``arr``'s values as little-endian int64 bytes, read in blocks (bounded memory)."""
+    h = hashlib.sha256()
+    for i in range(0, len(arr), block):
+        h.update(np.ascontiguousarray(arr[i : i + block], dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def resolve_inside(root: str | os.PathLike, rel: str, what: str = "file") -> Path:
+    """The path ``root/rel`` after checking it stays inside ``root``.
+
+    ``rel`` comes from a manifest or ledger, i.e. from a file anyone may have edited: an absolute
+    path, a ``..`` component or a symlink that leaves the root would make us read (or checksum, or
+    copy into a new store) a file the user never named. Refused with one line naming it.
+    """
+    root_p = Path(root)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise StoreError(f"{what} path {rel!r} in {str(root_p)!r} is not a relative path: the store is damaged, rebuild it")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise StoreError(
+            f"{what} path {rel!r} in {str(root_p)!r} points outside the store (absolute or '..'): "
+            "the manifest was edited or damaged; rebuild the store"
+        )
+    full = root_p / p
+    real_root = root_p.resolve()
+    real = full.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise StoreError(
+            f"{what} path {rel!r} in {str(root_p)!r} resolves to {str(real)!r}, outside the store (a symlink?): "
+            "copy the file into the store or rebuild it"
+        )
+    return full
+
+
 @dataclass
 class Manifest:
     """Everything a reader needs to trust and interpret a store. Serialised as ``manifest.json``."""
@@ -115,6 +171,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created_by: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    index: list[IndexInfo] = field(default_factory=list)  # empty in version-1 stores and imports
 
     @property
     def num_tokens(self) -> int:
@@ -133,9 +190,9 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
         try:
             version = int(d["format_version"])
-            if version != FORMAT_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise StoreError(
-                    f"{where}: format_version {version} is not supported (this reader knows {FORMAT_VERSION}): "
+                    f"{where}: format_version {version} is not supported (this reader knows {READABLE_VERSIONS}): "
                     "upgrade streamdata or rebuild the store"
                 )
             shards, start, doc_start = [], 0, 0
@@ -155,6 +212,8 @@ class Manifest:
                 format_version=version,
                 created_by=dict(d.get("created_by", {})),
                 extra=dict(d.get("extra", {})),
+                index=[IndexInfo(str(x["name"]), str(x["file"]), int(x["length"]), str(x["sha256"]))
+                       for x in d.get("index", [])],
             )
         except StoreError:
             raise
@@ -216,9 +275,6 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     return Manifest.from_dict(d, where=str(path))
 
 
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
