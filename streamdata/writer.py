@@ -31,9 +31,11 @@ from .format import (
     MANIFEST_NAME,
     SHARD_DIR,
     SHARD_PATTERN,
+    IndexInfo,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
+    index_sha256,
     fsync_dir,
     numpy_dtype,
     read_manifest,
@@ -295,12 +297,14 @@ class StoreWriter:
         np.cumsum(doc_lens, out=offsets[1:])
         index_dir = self.root / INDEX_DIR
         index_dir.mkdir(exist_ok=True)
+        index: list[IndexInfo] = []
         for name, arr in (("doc_offsets", offsets), ("doc_bytes", nbytes), ("doc_words", nwords)):
-            path = index_dir / f"{name}.npy"
-            with open(path, "wb") as f:
+            rel = f"{INDEX_DIR}/{name}.npy"
+            with open(self.root / rel, "wb") as f:
                 np.save(f, arr)
                 f.flush()
                 os.fsync(f.fileno())
+            index.append(IndexInfo(name, rel, len(arr), index_sha256(arr)))
         fsync_dir(index_dir)
         manifest = Manifest(
             dtype=self.dtype_name,
@@ -316,6 +320,7 @@ class StoreWriter:
             },
             created_by=created_by or {},
             extra={**(extra or {}), "build_settings": self.settings},
+            index=index,
         )
         write_manifest(self.root, manifest)
         shutil.rmtree(self.root / BUILD_DIR)

@@ -65,6 +65,7 @@ from ..format import (
     BUILD_DIR,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    IndexInfo,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
@@ -732,7 +733,7 @@ def write_zarr_store(
             store.release(pos, pos + k)
 
         # -- document index (cheap: rewritten whole on every run)
-        sums = _write_index(group, store, compression)
+        sums, index = _write_index(group, store, compression)
         loc.fsync_tree("tokens")
         for name in ("doc_offsets", "doc_bytes", "doc_words"):
             loc.fsync_tree(name)
@@ -746,6 +747,7 @@ def write_zarr_store(
             shards=[ShardInfo("tokens", N, n, h.hexdigest())],
             totals={"tokens": N, "documents": n, "bytes": sums[0], "words": sums[1]},
             format="zarr",
+            index=index,
             created_by=dict(m.created_by),
             extra={**out_extra,
                    "zarr": {"chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "compression": compression,
@@ -800,26 +802,33 @@ def _write_ledger(loc: _Location, settings: dict, tokens_done: int) -> None:
     loc.write_atomic(_LEDGER, json.dumps({"settings": settings, "tokens_done": tokens_done}, sort_keys=True).encode())
 
 
-def _write_index(group, store: TokenStore, compression: str) -> tuple[int, int]:
-    """Write doc_offsets/doc_bytes/doc_words in 1Mi-entry blocks; return (sum bytes, sum words)."""
+def _write_index(group, store: TokenStore, compression: str) -> tuple[tuple[int, int], list[IndexInfo]]:
+    """Write doc_offsets/doc_bytes/doc_words in 1Mi-entry blocks.
+
+    Returns ((sum bytes, sum words), one IndexInfo per array). The checksum is of the values as
+    little-endian int64 (:func:`streamdata.format.index_sha256`), hashed block by block as written,
+    so it equals what a reader recomputes from the array without a second pass here.
+    """
     n = store.num_documents
-    sums = []
+    sums, index = [], []
     for name, src, length in (("doc_offsets", store.doc_offsets, n + 1), ("doc_bytes", store.doc_bytes, n),
                               ("doc_words", store.doc_words, n)):
         arr = group.create_array(name, shape=(length,), dtype=np.int64, chunks=(min(_INDEX_CHUNK, max(1, length)),),
                                  compressors=_compressors(compression), fill_value=0, overwrite=True,
                                  dimension_names=("document",))
-        total = 0
-        if src is None:  # unknown counts (imports): the array stays all fill value (0), nothing stored
-            sums.append(0)
-            continue
+        total, h = 0, hashlib.sha256()
         for lo in range(0, length, _INDEX_CHUNK):
             hi = min(length, lo + _INDEX_CHUNK)
-            block = np.ascontiguousarray(src[lo:hi], dtype=np.int64)
-            arr[lo:hi] = block
-            total += int(block.sum())
+            if src is None:  # unknown counts (imports): the array stays all fill value (0), nothing stored
+                block = np.zeros(hi - lo, dtype="<i8")
+            else:
+                block = np.ascontiguousarray(src[lo:hi], dtype="<i8")
+                arr[lo:hi] = block
+                total += int(block.sum())
+            h.update(block.tobytes())
         sums.append(total)
-    return sums[1], sums[2]
+        index.append(IndexInfo(name, name, length, h.hexdigest()))
+    return (sums[1], sums[2]), index
 
 
 # ---- tokenize --format zarr: npy staging, then pack ---------------------------------------------
