@@ -34,6 +34,15 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # defaults and choices come from the library's one place for each (config dataclasses, constants)
+    from .backends.raw_bin import RAW_DTYPES
+    from .backends.zarr import COMPRESSIONS
+    from .convert import ConvertConfig
+    from .format import STORE_FORMATS
+    from .source import SAMPLE_BY
+    from .tokenize import TokenizeConfig as T
+
+    C = ConvertConfig
     p = argparse.ArgumentParser(prog="streamdata", description="Tokenize datasets once into memory-mapped token stores; inspect and verify stores.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -46,20 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", dest="config_name", help="dataset configuration name (hub datasets)")
     t.add_argument("--split", help="split to tokenize (default: the only split, or 'train' for data files)")
     t.add_argument("--revision", help="dataset revision (hub datasets)")
-    t.add_argument("--text-column", default="text", help="column holding the document text (default: text)")
-    t.add_argument("--sample-by", default="document", choices=("document", "paragraph", "line"),
-                   help="plain-text files: one document per file, paragraph or line (default: document)")
+    t.add_argument("--text-column", default=T.text_column, help=f"column holding the document text (default: {T.text_column})")
+    t.add_argument("--sample-by", default=T.sample_by, choices=SAMPLE_BY,
+                   help=f"plain-text files: one document per file, paragraph or line (default: {T.sample_by})")
     t.add_argument("--streaming", action="store_true", help="stream the dataset (IterableDataset) instead of materialising it")
     t.add_argument("--max-docs", type=_positive, help="stop after this many documents")
     t.add_argument("--max-tokens", type=_positive, help="stop after the document that brings the total to this many tokens")
-    t.add_argument("--shard-tokens", type=_positive, default=1 << 26, help="tokens per shard file, closed at a document boundary (default: 67108864)")
-    t.add_argument("--eos", default="auto", help="EOS appended to every document: auto (the tokenizer's, if any), none, or a token (default: auto)")
-    t.add_argument("--bos", default="none", help="BOS prepended to every document: none, auto, or a token (default: none)")
-    t.add_argument("--batch-size", type=_positive, default=1000, help="documents per tokenizer call (default: 1000)")
-    t.add_argument("--format", default="npy", choices=("npy", "zarr"), help="store format (default: npy raw shards)")
-    t.add_argument("--compression", default="none", choices=("none", "zstd", "blosc"), help="zarr only: codec per inner chunk (default: none)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing store or unfinished build at --out")
-    t.add_argument("--cache-dir", help="datasets cache folder")
+    t.add_argument("--shard-tokens", type=_positive, default=T.shard_tokens, help=f"tokens per shard file, closed at a document boundary (default: {T.shard_tokens})")
+    t.add_argument("--eos", default=T.eos, help=f"EOS appended to every document: auto (the tokenizer's, if any), none, or a token (default: {T.eos})")
+    t.add_argument("--bos", default=T.bos, help=f"BOS prepended to every document: none, auto, or a token (default: {T.bos})")
+    t.add_argument("--batch-size", type=_positive, default=T.batch_size, help=f"documents per tokenizer call (default: {T.batch_size})")
+    t.add_argument("--format", default=T.format, choices=STORE_FORMATS, help=f"store format (default: {T.format})")
+    t.add_argument("--compression", default=T.compression, choices=COMPRESSIONS, help=f"zarr only: codec per inner chunk (default: {T.compression})")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished store of ours (built beside it, swapped in only when complete) or restart an unfinished build")
+    t.add_argument("--cache-dir", help="datasets cache folder to keep the Arrow copy of local files in (default: a temporary one, removed at exit)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="summarise a store", description="Print a human summary of a store (or JSON with --json).")
@@ -77,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "documents. Reruns resume.")
     c.add_argument("src", help="store folder or URL, raw .bin file, or Megatron prefix/.idx/.bin")
     c.add_argument("dst", help="output folder (zarr: also an fsspec URL)")
-    c.add_argument("--format", default="npy", choices=("npy", "zarr"))
-    c.add_argument("--compression", default="none", choices=("none", "zstd", "blosc"), help="zarr only")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--shard-tokens", type=_positive, default=1 << 26, help="npy output: tokens per shard file")
-    c.add_argument("--chunk-tokens", type=_positive, default=1 << 20, help="zarr output: ids per inner chunk")
+    c.add_argument("--format", default=C.format, choices=STORE_FORMATS, help=f"output format (default: {C.format})")
+    c.add_argument("--compression", default=C.compression, choices=COMPRESSIONS, help="zarr only")
+    c.add_argument("--overwrite", action="store_true", help="replace a finished store of ours (swapped in only when complete)")
+    c.add_argument("--shard-tokens", type=_positive, default=C.shard_tokens, help=f"npy output: tokens per shard file (default: {C.shard_tokens})")
+    c.add_argument("--chunk-tokens", type=_positive, default=C.chunk_tokens, help=f"zarr output: ids per inner chunk (default: {C.chunk_tokens})")
     g = c.add_argument_group("imports (raw .bin / Megatron source)")
-    g.add_argument("--dtype", choices=("uint16", "uint32", "int32", "int64"), help="raw .bin element type (default uint16)")
+    g.add_argument("--dtype", choices=RAW_DTYPES, help=f"raw .bin element type (default {RAW_DTYPES[0]})")
     g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
     g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
     g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
@@ -121,7 +131,7 @@ def _disk_bytes(path: str) -> int:
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
-    from .store import open_store
+    from .backends import open_store
 
     with open_store(a.store) as s:
         m = s.manifest
@@ -183,7 +193,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert_store
-    from .imports import open_token_files
+    from .backends import open_token_files
 
     imports = {k: v for k, v in (("dtype", a.dtype), ("eos_id", a.eos_id), ("vocab_size", a.vocab_size),
                                  ("documents", a.documents)) if v is not None}

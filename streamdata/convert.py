@@ -18,23 +18,46 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backends import TokenStore, open_store
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url, write_zarr_store
 from .errors import ConfigError
-from .format import Manifest
-from .store import TokenStore, open_store
+from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest
 
-__all__ = ["FORMATS", "convert_store"]
+__all__ = ["FORMATS", "ConvertConfig", "convert_store"]
 
-FORMATS = ("npy", "zarr")
-_DEFAULT_SHARD_TOKENS = 1 << 26  # npy shard files, as tokenize's default
-_BLOCK_TOKENS = 1 << 24  # ids per StoreWriter.add_documents call: 32-64 MiB
+FORMATS = STORE_FORMATS
 # keys of a source's extra that describe how *it* was built; they do not carry over
 _BUILD_KEYS = ("build_settings", "zarr_build", "zarr", "converted_from")
+
+
+@dataclass
+class ConvertConfig:
+    """Output settings of one conversion, validated on construction (the CLI's defaults come from here)."""
+
+    format: str = "npy"  # one of STORE_FORMATS
+    compression: str = "none"  # zarr only: COMPRESSIONS
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # npy output: tokens per shard file
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # zarr output: ids per inner chunk
+    chunks_per_shard: int = DEFAULT_CHUNKS_PER_SHARD  # zarr output: inner chunks per shard object
+    block_tokens: int = 1 << 24  # npy output: ids per StoreWriter.add_documents call (32-64 MiB)
+
+    def __post_init__(self):
+        if self.format not in STORE_FORMATS:
+            raise ConfigError(f"unknown store format {self.format!r}: pass one of {', '.join(STORE_FORMATS)}")
+        check_compression(self.compression)
+        if self.format == "npy" and self.compression != "none":
+            raise ConfigError(f"npy stores are uncompressed, so compression {self.compression!r} does not apply: "
+                              "drop --compression or pass --format zarr")
+        for name in ("shard_tokens", "chunk_tokens", "chunks_per_shard", "block_tokens"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ConfigError(f"{name}={v} must be >= 1")
 
 
 def _converted_from(m: Manifest, path: str) -> dict[str, Any]:
@@ -50,34 +73,27 @@ def _converted_from(m: Manifest, path: str) -> dict[str, Any]:
 def convert_store(
     src: TokenStore | str | os.PathLike,
     dst: str | os.PathLike,
-    format: str = "npy",
-    compression: str = "none",
+    format: str = ConvertConfig.format,
+    compression: str = ConvertConfig.compression,
     overwrite: bool = False,
     *,
-    shard_tokens: int = _DEFAULT_SHARD_TOKENS,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    chunks_per_shard: int = DEFAULT_CHUNKS_PER_SHARD,
-    block_tokens: int = _BLOCK_TOKENS,
+    shard_tokens: int = ConvertConfig.shard_tokens,
+    chunk_tokens: int = ConvertConfig.chunk_tokens,
+    chunks_per_shard: int = ConvertConfig.chunks_per_shard,
+    block_tokens: int = ConvertConfig.block_tokens,
     storage_options: dict | None = None,
 ) -> Manifest:
     """Copy ``src`` (a TokenStore, or anything :func:`streamdata.open_store` opens) into a new store
     at ``dst`` in ``format`` ("npy" or "zarr"; ``compression`` none|zstd|blosc applies to zarr).
 
     An interrupted conversion resumes when rerun with the same arguments; a finished identical
-    one is returned as is; an existing store is replaced only with ``overwrite=True``.
+    one is returned as is; an existing store is replaced only with ``overwrite=True`` (by a swap once
+    the new one is sealed; folder rules: :mod:`streamdata.output`).
     ``shard_tokens`` sizes npy shard files; ``chunk_tokens``/``chunks_per_shard`` the zarr layout.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown store format {format!r}: pass one of {', '.join(FORMATS)}")
-    check_compression(compression)
-    if format == "npy" and compression != "none":
-        raise ConfigError(f"npy stores are uncompressed, so compression {compression!r} does not apply: "
-                          "drop --compression or pass --format zarr")
-    if format == "npy" and is_url(os.fspath(dst)):
+    cfg = ConvertConfig(format, compression, shard_tokens, chunk_tokens, chunks_per_shard, block_tokens)
+    if cfg.format == "npy" and is_url(os.fspath(dst)):
         raise ConfigError(f"npy output must be a local folder, not {os.fspath(dst)!r}: pass --format zarr for a URL")
-    for name, v in (("shard_tokens", shard_tokens), ("block_tokens", block_tokens)):
-        if v < 1:
-            raise ConfigError(f"{name}={v} must be >= 1")
     owned = not isinstance(src, TokenStore)
     store = open_store(src) if owned else src
     try:
@@ -87,11 +103,11 @@ def convert_store(
         m = store.manifest
         extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
         extra["converted_from"] = _converted_from(m, store.path)
-        if format == "zarr":
-            return write_zarr_store(store, dst, compression=compression, chunk_tokens=chunk_tokens,
-                                    chunks_per_shard=chunks_per_shard, overwrite=overwrite, extra=extra,
+        if cfg.format == "zarr":
+            return write_zarr_store(store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
+                                    chunks_per_shard=cfg.chunks_per_shard, overwrite=overwrite, extra=extra,
                                     storage_options=storage_options)
-        return _to_npy(store, Path(dst), extra, shard_tokens, block_tokens, overwrite)
+        return _to_npy(store, Path(dst), extra, cfg.shard_tokens, cfg.block_tokens, overwrite)
     finally:
         if owned:
             store.close()

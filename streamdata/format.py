@@ -40,7 +40,9 @@ import numpy as np
 from .errors import StoreError, TokenizerError
 
 __all__ = [
+    "DEFAULT_SHARD_TOKENS",
     "FORMAT_VERSION",
+    "STORE_FORMATS",
     "READABLE_VERSIONS",
     "IndexInfo",
     "index_sha256",
@@ -65,6 +67,10 @@ SHARD_DIR = "shards"
 INDEX_DIR = "index"
 BUILD_DIR = "_build"
 SHARD_PATTERN = "tokens-{:05d}.bin"
+#: Formats this package writes (``tokenize --format``, ``convert --format``); imports only read others.
+STORE_FORMATS = ("npy", "zarr")
+#: npy shard size in tokens (64Mi: 128 MiB uint16 files), the default of tokenize and convert.
+DEFAULT_SHARD_TOKENS = 1 << 26
 
 # Token ids are stored as unsigned integers, little-endian, never int64.
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -187,38 +193,56 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
-        try:
-            version = int(d["format_version"])
-            if version not in READABLE_VERSIONS:
-                raise StoreError(
-                    f"{where}: format_version {version} is not supported (this reader knows {READABLE_VERSIONS}): "
-                    "upgrade streamdata or rebuild the store"
-                )
-            shards, start, doc_start = [], 0, 0
-            for s in d["shards"]:
-                info = ShardInfo(str(s["file"]), int(s["tokens"]), int(s["documents"]), str(s["sha256"]), start, doc_start)
-                shards.append(info)
-                start += info.tokens
-                doc_start += info.documents
-            m = cls(
-                dtype=str(d["dtype"]),
-                tokenizer=dict(d["tokenizer"]),
-                special_tokens=dict(d["special_tokens"]),
-                source=dict(d["source"]),
-                shards=shards,
-                totals={k: int(v) for k, v in d["totals"].items()},
-                format=str(d.get("format", "npy")),
-                format_version=version,
-                created_by=dict(d.get("created_by", {})),
-                extra=dict(d.get("extra", {})),
-                index=[IndexInfo(str(x["name"]), str(x["file"]), int(x["length"]), str(x["sha256"]))
-                       for x in d.get("index", [])],
+    def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
+        """Validate and type every field of a parsed ``manifest.json``; any wrong field is a StoreError
+        naming it (a manifest is a file anyone may have edited, and every reader trusts its numbers)."""
+        f = _Fields(where)
+        f.obj(d, "manifest")
+        version = f.int(d, "format_version")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(
+                f"{where}: format_version {version} is not supported (this reader knows {READABLE_VERSIONS}): "
+                "upgrade streamdata or rebuild the store"
             )
-        except StoreError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{where} is malformed ({type(e).__name__}: {e}): rebuild the store") from None
+        shards, start, doc_start = [], 0, 0
+        for i, s in enumerate(f.list(d, "shards")):
+            f.obj(s, f"shards[{i}]")
+            info = ShardInfo(f.str(s, "file", f"shards[{i}]."), f.int(s, "tokens", f"shards[{i}]."),
+                             f.int(s, "documents", f"shards[{i}]."), f.str(s, "sha256", f"shards[{i}]."),
+                             start, doc_start)
+            shards.append(info)
+            start += info.tokens
+            doc_start += info.documents
+        totals = f.dict(d, "totals")
+        for k in ("tokens", "documents"):
+            f.int(totals, k, "totals.")
+        for k in totals:
+            f.int(totals, k, "totals.")
+        tokenizer = f.dict(d, "tokenizer")
+        if tokenizer.get("vocab_size") is not None:
+            f.int(tokenizer, "vocab_size", "tokenizer.", low=1)
+        special = f.dict(d, "special_tokens")
+        for k in ("bos", "eos"):
+            if special.get(k) is not None:
+                f.int(special, k, "special_tokens.")
+        index = []
+        for i, x in enumerate(f.list(d, "index") if "index" in d else []):  # absent in version 1
+            f.obj(x, f"index[{i}]")
+            index.append(IndexInfo(f.str(x, "name", f"index[{i}]."), f.str(x, "file", f"index[{i}]."),
+                                   f.int(x, "length", f"index[{i}]."), f.str(x, "sha256", f"index[{i}].")))
+        m = cls(
+            dtype=f.str(d, "dtype"),
+            tokenizer=tokenizer,
+            special_tokens=special,
+            source=f.dict(d, "source"),
+            shards=shards,
+            totals=dict(totals),
+            format=f.str(d, "format") if "format" in d else "npy",
+            format_version=version,
+            created_by=f.dict(d, "created_by") if "created_by" in d else {},
+            extra=f.dict(d, "extra") if "extra" in d else {},
+            index=index,
+        )
         numpy_dtype(m.dtype)
         if start != m.num_tokens or doc_start != m.num_documents:
             raise StoreError(
@@ -226,6 +250,51 @@ class Manifest:
                 f"{m.num_tokens} / {m.num_documents}: the store is damaged, rebuild it"
             )
         return m
+
+
+class _Fields:
+    """Typed field access for :meth:`Manifest.from_dict`: one line naming the field on a mismatch."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def _bad(self, name: str, value: Any, expected: str) -> StoreError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return StoreError(f"{self.where}: field {name!r} is {shown}, expected {expected}: "
+                          "the manifest was edited or damaged; rebuild the store")
+
+    def _get(self, d: dict, key: str, prefix: str) -> Any:
+        if key not in d:
+            raise StoreError(f"{self.where}: field {prefix + key!r} is missing: the manifest is damaged; rebuild the store")
+        return d[key]
+
+    def obj(self, v: Any, name: str) -> None:
+        if not isinstance(v, dict):
+            raise self._bad(name, v, "a JSON object")
+
+    def int(self, d: dict, key: str, prefix: str = "", low: int = 0) -> int:
+        v = self._get(d, key, prefix)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise self._bad(prefix + key, v, f"an integer >= {low}")
+        return v
+
+    def str(self, d: dict, key: str, prefix: str = "") -> str:
+        v = self._get(d, key, prefix)
+        if not isinstance(v, str):
+            raise self._bad(prefix + key, v, "a string")
+        return v
+
+    def dict(self, d: dict, key: str, prefix: str = "") -> dict:
+        v = self._get(d, key, prefix)
+        if not isinstance(v, dict):
+            raise self._bad(prefix + key, v, "a JSON object")
+        return v
+
+    def list(self, d: dict, key: str, prefix: str = "") -> list:
+        v = self._get(d, key, prefix)
+        if not isinstance(v, list):
+            raise self._bad(prefix + key, v, "a JSON list")
+        return v
 
 
 def fsync_dir(path: Path) -> None:

@@ -15,15 +15,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["DEFAULT_CORPUS_PREFIX", "SourceSpec", "Source", "load_source", "default_corpus_files"]
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files"]
 
 # file extension -> datasets packaged builder
 _BUILDERS = {
@@ -39,6 +42,8 @@ _BUILDERS = {
 }
 #: SOURCE prefix naming the embedded default corpus: ``stdlib:eval``, ``stdlib:train``, ``stdlib:all``
 DEFAULT_CORPUS_PREFIX = "stdlib:"
+#: how plain-text files are cut into documents (``--sample-by``)
+SAMPLE_BY = ("document", "paragraph", "line")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
 
@@ -62,8 +67,8 @@ class SourceSpec:
             object.__setattr__(self, "paths", (self.paths,))
         if not self.paths:
             raise ConfigError("no SOURCE given: pass a hub dataset id, data files, or a saved dataset folder")
-        if self.sample_by not in ("line", "paragraph", "document"):
-            raise ConfigError(f"sample_by={self.sample_by!r} must be one of line, paragraph, document")
+        if self.sample_by not in SAMPLE_BY:
+            raise ConfigError(f"sample_by={self.sample_by!r} must be one of {', '.join(SAMPLE_BY)}")
         if not self.text_column:
             raise ConfigError("text_column is empty: pass --text-column NAME")
 
@@ -76,6 +81,20 @@ class Source:
     kind: str  # "hub" | "files" | "saved"
     dataset: Any  # datasets.Dataset or IterableDataset (one split)
     identity: dict[str, Any] = field(default_factory=dict)
+    #: local files the documents come from (empty for hub datasets): their size, mtime and digest
+    #: are the build ledger's resume identity
+    files: list[str] = field(default_factory=list)
+    #: temporary datasets cache holding the Arrow copy of local files; removed by close() (or at exit)
+    tmp_cache: str | None = None
+
+    def __post_init__(self):
+        if self.tmp_cache is not None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.tmp_cache, True)
+
+    def close(self) -> None:
+        """Remove the temporary Arrow copy of local files (the dataset must not be read afterwards)."""
+        if self.tmp_cache is not None:
+            self._cleanup()
 
     @property
     def num_rows(self) -> int | None:
@@ -91,7 +110,15 @@ class Source:
                 ds = ds.skip(skip)
             it = ds.iter(batch_size=batch_size)
             row = skip
-            for batch in it:
+            while True:
+                try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except Exception as e:  # pyarrow/datasets/codec errors of several types
+                    where = repr(self.files[0]) + (" ..." if len(self.files) > 1 else "") if self.files else "the source"
+                    raise SourceError(f"cannot read {where} after document {row} ({_first_line(e)}): "
+                                      "fix or remove the bad rows (nothing was committed)") from None
                 texts = batch[col]
                 _check_texts(texts, col, row)
                 row += len(texts)
@@ -182,10 +209,13 @@ def load_source(spec: SourceSpec) -> Source:
         files = default_corpus_files(part)
         inner = load_source(SourceSpec(paths=tuple(files), text_column="text", streaming=spec.streaming,
                                        sample_by="document", cache_dir=spec.cache_dir, data_files_builder="text"))
+        # files stay the inner source's (each file's identity is recorded for resume)
         digest = hashlib.sha256("\n".join(f"{Path(f).name}:{os.path.getsize(f)}" for f in files).encode()).hexdigest()
         inner.identity = {"kind": "default", "id": single, "part": part, "python": sys.version.split()[0],
                           "files": len(files), "files_sha256": digest, "text_column": "text", "streaming": spec.streaming}
         return inner
+    local_files: list[str] = []
+    tmp_cache: str | None = None
     try:
         if single is not None and os.path.isdir(single) and any(os.path.exists(os.path.join(single, m)) for m in _SAVED_MARKERS):
             kind = "saved"
@@ -198,6 +228,7 @@ def load_source(spec: SourceSpec) -> Source:
                 ds = ds.to_iterable_dataset()
             identity.update(kind=kind, path=str(Path(single).resolve()), split=spec.split,
                             fingerprint=getattr(ds, "_fingerprint", None))
+            local_files = sorted(str(p) for p in Path(single).rglob("*") if p.is_file())
         elif single is None or _looks_local(single):
             kind = "files"
             files = _expand_files(paths)
@@ -215,6 +246,12 @@ def load_source(spec: SourceSpec) -> Source:
                 kwargs["sample_by"] = spec.sample_by
             if exts == {".tsv"}:
                 kwargs["sep"] = "\t"
+            if not spec.streaming and not spec.cache_dir:
+                # datasets converts local files to Arrow in its cache; a cache that outlives this command
+                # would keep a second copy of the whole corpus, so it goes to a temporary folder
+                # (an explicit --cache-dir is kept: the user asked for a reusable copy there)
+                tmp_cache = kwargs["cache_dir"] = tempfile.mkdtemp(prefix="streamdata-datasets-")
+            local_files = [str(f) for f in files]
             try:
                 ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                            streaming=spec.streaming, **kwargs)
@@ -238,19 +275,32 @@ def load_source(spec: SourceSpec) -> Source:
             ds = _pick_split(ds, spec.split, f"dataset {single!r}")
             identity.update(kind=kind, id=single, config=spec.config, split=spec.split, revision=spec.revision,
                             fingerprint=None if spec.streaming else getattr(ds, "_fingerprint", None))
-    except SourceError:
+    except BaseException:
+        if tmp_cache is not None:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
         raise
-    identity["streaming"] = spec.streaming
+    source = Source(spec, kind, ds, identity, files=local_files, tmp_cache=tmp_cache)
+    try:
+        _check_columns(source)
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _check_columns(source: Source) -> None:
+    """Refuse an empty dataset or one without the text column; keep only that column."""
+    spec, ds, paths = source.spec, source.dataset, source.spec.paths
+    source.identity["streaming"] = spec.streaming
     if not spec.streaming and len(ds) == 0:
         raise SourceError(f"the dataset {paths[0]!r} (split {spec.split!r}) holds no documents (empty dataset): check the source and split")
     columns = _columns(ds)
     if columns is not None and spec.text_column not in columns:
         raise SourceError(f"text column {spec.text_column!r} not found (columns: {columns}): pass --text-column NAME")
     if spec.streaming:
-        ds = ds.select_columns([spec.text_column]) if columns is not None else ds
+        source.dataset = ds.select_columns([spec.text_column]) if columns is not None else ds
     else:
-        ds = ds.select_columns([spec.text_column])
-    return Source(spec, kind, ds, identity)
+        source.dataset = ds.select_columns([spec.text_column])
 
 
 def _columns(ds: Any) -> list[str] | None:

@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import ConfigError, TokenizerError
-from .format import Manifest, choose_dtype
+from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype
+from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
 from .source import Source, SourceSpec, load_source
 from .writer import StoreWriter
 
@@ -165,12 +166,12 @@ class TokenizeConfig:
     sample_by: str = "document"
     max_docs: int | None = None
     max_tokens: int | None = None  # stop after the document that brings the total to this many or more
-    shard_tokens: int = 1 << 26  # 64Mi tokens: 128 MiB uint16 shard files
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
     eos: str = "auto"  # auto | none | TOKEN: appended to every document
     bos: str = "none"  # auto | none | TOKEN: prepended to every document
     batch_size: int = 1000  # documents per encode call
     overwrite: bool = False
-    format: str = "npy"  # npy | zarr (zarr: tokenized into an npy staging store, then packed)
+    format: str = "npy"  # STORE_FORMATS (zarr: tokenized into an npy staging store, then packed)
     compression: str = "none"  # zarr only: none | zstd | blosc
     cache_dir: str | None = None
     progress: bool = False
@@ -188,8 +189,8 @@ class TokenizeConfig:
             raise ConfigError(f"shard_tokens={self.shard_tokens} must be >= 1: pass e.g. --shard-tokens 67108864")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if self.format not in ("npy", "zarr"):
-            raise ConfigError(f"format {self.format!r} is not supported: use npy or zarr")
+        if self.format not in STORE_FORMATS:
+            raise ConfigError(f"format {self.format!r} is not supported: use {' or '.join(STORE_FORMATS)}")
         if self.format == "npy" and self.compression != "none":
             raise ConfigError(f"compression={self.compression!r} needs --format zarr (npy shards are raw arrays)")
         if self.format == "zarr":
@@ -198,6 +199,9 @@ class TokenizeConfig:
             check_compression(self.compression)
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
+        if "://" in str(self.out):
+            raise ConfigError(f"tokenize writes to a local folder, not {self.out!r}: tokenize locally, then "
+                              "'streamdata convert' the store to the URL")
 
     def source_spec(self) -> SourceSpec:
         return SourceSpec(
@@ -277,8 +281,9 @@ def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int |
 def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> Manifest:
     """Tokenize a dataset into a store at ``config.out`` and return its manifest.
 
-    Resumes an unfinished build of the same settings; refuses to replace a finished store unless
-    ``overwrite`` (a finished store built with the same settings is returned as is).
+    Resumes an unfinished build of the same settings and unchanged source files; refuses to replace
+    a finished store unless ``overwrite`` (a finished store built with the same settings is returned
+    as is); never touches a folder that is not ours (rules: :mod:`streamdata.output`).
     """
     cfg = config if config is not None else TokenizeConfig(**kwargs)
     tok = load_tokenizer(cfg.tokenizer)
@@ -290,33 +295,61 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
         "bos": bos_id, "bos_token": bos_tok, "bos_policy": cfg.bos,
         "placement": "bos + text + eos for every document; the tokenizer's own post-processor is not applied",
     }
-    source = load_source(cfg.source_spec())
-    settings = {
-        "source": source.identity,
-        "tokenizer_sha256": tok.sha256,
-        "special": special,
-        "dtype": dtype,
-        "shard_tokens": cfg.shard_tokens,
-        "max_docs": cfg.max_docs,
-        "max_tokens": cfg.max_tokens,
-    }
-    out_dir, overwrite = cfg.out, cfg.overwrite
-    if cfg.format == "zarr":
-        from .backends.zarr import pack_build_as_zarr, prepare_zarr_build
+    # the lock first: a second writer of --out fails at once, before loading the source
+    lock = lock_output(cfg.out)
+    try:
+        source = load_source(cfg.source_spec())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        settings = {
+            "source": source.identity,
+            "tokenizer_sha256": tok.sha256,
+            "special": special,
+            "dtype": dtype,
+            "shard_tokens": cfg.shard_tokens,
+            "max_docs": cfg.max_docs,
+            "max_tokens": cfg.max_tokens,
+        }
+        if cfg.format == "zarr":
+            settings = {**settings, "format": "zarr", "compression": cfg.compression}
+        files = [SourceFile.of(f) for f in source.files]
+        out = prepare_output(cfg.out, settings, overwrite=cfg.overwrite, sources=files, lock=lock)
+        lock = None  # the Output holds it now
+        if out.finished is not None:
+            return out.finished
+        if cfg.format == "npy":
+            writer = StoreWriter(None, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
+                                 settings=settings, output=out)
+            return _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
+        return _tokenize_zarr(cfg, tok, source, out, dtype, bos_id, eos_id, special)
+    finally:
+        if lock is not None:
+            lock.release()
+        source.close()
 
-        settings = {**settings, "format": "zarr", "compression": cfg.compression}
-        finished, out_dir = prepare_zarr_build(cfg.out, settings=settings, overwrite=cfg.overwrite)
-        if finished is not None:
-            return finished
-        overwrite = False  # prepare_zarr_build already cleared --out when asked to
-    writer = StoreWriter(out_dir, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
-                         settings=settings, overwrite=overwrite)
-    if writer.finished is None:
-        _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
-    if cfg.format == "zarr":
-        # the staging npy store is complete (this run or an earlier one): pack it (resumable too)
-        return pack_build_as_zarr(out_dir, cfg.out, cfg.compression)
-    return writer.finished
+
+def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, out: Output, dtype: str,
+                   bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> Manifest:
+    """``--format zarr``: tokenize into an npy staging store inside the build, then pack it into zarr.
+
+    Both steps resume (the staging store has its own ledger; the pack records packed shards)."""
+    from .backends import open_store
+    from .backends.zarr import pack_into_output
+
+    try:
+        staging = Path(out.root) / STAGING_DIR
+        writer = StoreWriter(staging, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
+                             settings=out.settings)
+        if writer.finished is None:
+            _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
+        with open_store(staging) as store:
+            return pack_into_output(store, out, compression=cfg.compression)  # seals: _build goes
+    except BaseException:
+        out.abort()
+        raise
 
 
 def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, writer: StoreWriter,

@@ -1,26 +1,25 @@
-"""Shard writer: documents of token ids in, a sealed store out (layout: :mod:`streamdata.format`).
+"""Shard writer: documents of token ids in, a sealed npy store out (layout: :mod:`streamdata.format`).
 
-Guarantees:
+Guarantees (the folder rules themselves live in :mod:`streamdata.output`):
 - **Atomic commit.** The manifest is written last; until then the folder is an unfinished build that
   :func:`streamdata.open_store` refuses.
 - **Resumable.** Shard boundaries depend only on the document sequence and ``shard_tokens`` (a shard
   is closed after the document that brings it to ``shard_tokens`` or more; documents never span
-  shards). A finished shard is recorded in ``_build/shard-NNNNN.json`` after its data and index are
-  fsynced, so a rerun after a crash skips exactly the documents of recorded shards and rewrites the
-  rest: the same tokens in the same order as an uninterrupted run.
-- **Never clobbers.** An existing store is replaced only with ``overwrite=True``; a folder that is
-  neither a store nor a build of ours is never deleted.
+  shards). A finished shard is recorded in the build ledger after its data and its index part
+  (``_build/index-NNNNN.npz``) are fsynced, so a rerun after a crash skips exactly the documents of
+  recorded shards and rewrites the rest: the same tokens in the same order as an uninterrupted run.
+- **Never clobbers.** :func:`streamdata.output.prepare_output` refuses folders that are not ours,
+  locks the output, and replaces a finished store (``overwrite=True``) only by a swap once the new
+  one is sealed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -28,23 +27,19 @@ from .errors import ConfigError, SourceError, StoreError
 from .format import (
     BUILD_DIR,
     INDEX_DIR,
-    MANIFEST_NAME,
     SHARD_DIR,
     SHARD_PATTERN,
     IndexInfo,
     Manifest,
     ShardInfo,
-    atomic_write_bytes,
-    index_sha256,
     fsync_dir,
+    index_sha256,
     numpy_dtype,
-    read_manifest,
-    write_manifest,
+    resolve_inside,
 )
+from .output import Output, SourceFile, prepare_output
 
 __all__ = ["StoreWriter", "ResumeState"]
-
-_SETTINGS = "settings.json"
 
 
 @dataclass
@@ -60,120 +55,80 @@ class ResumeState:
         return len(self.shards)
 
 
-def _is_ours(root: Path) -> bool:
-    return (root / MANIFEST_NAME).is_file() or (root / BUILD_DIR).is_dir()
-
-
-def _remove_store(root: Path) -> None:
-    """Delete a store or build folder of ours: the manifest first, so a half-deleted store never looks whole."""
-    m = root / MANIFEST_NAME
-    if m.exists():
-        m.unlink()
-        fsync_dir(root)
-    shutil.rmtree(root)
+def _index_part(k: int) -> str:
+    """Ledger-side index of shard ``k``: its documents' token counts, bytes and words (npz)."""
+    return f"{BUILD_DIR}/index-{k:05d}.npz"
 
 
 class StoreWriter:
     """Writes documents (token id arrays + byte/word counts) into shards, resumably.
 
     ``settings`` is the identity of everything that determines the output (source, tokenizer,
-    policy, limits, shard size); a rerun resumes only when it is identical.
+    policy, limits, shard size); a rerun resumes only when it, and each file in ``sources``, is
+    unchanged. ``output``: an already prepared output to write into (instead of ``root``).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | None,
         *,
         dtype: str,
         vocab_size: int,
         shard_tokens: int,
         settings: dict[str, Any],
         overwrite: bool = False,
+        sources: Iterable[SourceFile] = (),
+        output: Output | None = None,
     ):
         if shard_tokens < 1:
             raise ConfigError(f"shard_tokens={shard_tokens} must be >= 1: pass e.g. --shard-tokens 67108864")
-        self.root = Path(root)
         self.dtype = numpy_dtype(dtype)
         self.dtype_name = dtype
         self.vocab_size = int(vocab_size)
         self.shard_tokens = int(shard_tokens)
-        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.output = output if output is not None else prepare_output(root, settings, overwrite=overwrite,
+                                                                       sources=sources)
+        self.settings = self.output.settings
+        self.root = Path(self.output.root)
         #: set when the folder already holds a finished store built with these exact settings
-        #: (a rerun after a crash between the manifest and the ledger clean-up): nothing to do.
-        self.finished: Manifest | None = None
-        self._prepare_folder(overwrite)
+        #: (a rerun after a finished build, or after a crash between the manifest and the ledger
+        #: clean-up): nothing to do.
+        self.finished: Manifest | None = self.output.finished
         if self.finished is not None:
             return
-        self.state = self._load_state()
-        self._docs_seen = self.state.documents
-        self._tokens_total = self.state.tokens
-        self._open_shard()
-
-    # ---- folder lifecycle -------------------------------------------------------------------
-    def _prepare_folder(self, overwrite: bool) -> None:
-        root = self.root
-        if root.exists() and not root.is_dir():
-            raise ConfigError(f"output {str(root)!r} exists and is not a folder: choose another --out")
-        if (root / MANIFEST_NAME).is_file():
-            if not overwrite:
-                try:
-                    m = read_manifest(root)
-                except StoreError:
-                    m = None
-                if m is not None and m.extra.get("build_settings") == self.settings:
-                    self.finished = m
-                    shutil.rmtree(root / BUILD_DIR, ignore_errors=True)
-                    return
-                raise ConfigError(f"output {str(root)!r} already holds a finished store: pass --overwrite to replace it, or choose another --out")
-            _remove_store(root)
-        elif root.is_dir() and any(root.iterdir()) and not (root / BUILD_DIR).is_dir():
-            raise ConfigError(
-                f"output {str(root)!r} exists, is not empty and is not a store: choose another --out (it is never deleted)"
-            )
-        elif (root / BUILD_DIR).is_dir() and overwrite:
-            _remove_store(root)
-        build = root / BUILD_DIR
-        build.mkdir(parents=True, exist_ok=True)
-        (root / SHARD_DIR).mkdir(exist_ok=True)
-        settings_path = build / _SETTINGS
-        if settings_path.exists():
-            try:
-                old = json.loads(settings_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != self.settings:
-                diff = sorted(k for k in set(old or {}) | set(self.settings) if (old or {}).get(k) != self.settings.get(k))
-                raise ConfigError(
-                    f"output {str(root)!r} holds an unfinished build made with other settings ({', '.join(diff) or 'unreadable'}): "
-                    "rerun the original command to resume it, or pass --overwrite to start over"
-                )
-        else:
-            atomic_write_bytes(settings_path, (json.dumps(self.settings, indent=2, sort_keys=True) + "\n").encode())
+        try:
+            self.state = self._load_state()
+            self._docs_seen = self.state.documents
+            self._tokens_total = self.state.tokens
+            self._open_shard()
+        except BaseException:
+            self.output.abort()
+            raise
 
     def _load_state(self) -> ResumeState:
+        """Finished shards from the ledger, each checked against its files (paths stay inside the root)."""
+        ledger = self.output.ledger
         shards: list[ShardInfo] = []
-        build = self.root / BUILD_DIR
-        k, start, doc_start = 0, 0, 0
-        while (p := build / f"shard-{k:05d}.json").is_file():
-            try:
-                rec = json.loads(p.read_text())
-                info = ShardInfo(rec["file"], int(rec["tokens"]), int(rec["documents"]), rec["sha256"], start, doc_start)
-            except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
-                raise StoreError(f"build ledger {str(p)!r} is unreadable ({e}): pass --overwrite to start over") from None
-            data = self.root / info.file
-            if not data.is_file() or data.stat().st_size != info.tokens * self.dtype.itemsize:
-                break  # ledger outlived its data (should not happen): redo from here
+        for k, info in enumerate(ledger.shards):
+            if info.file != f"{SHARD_DIR}/{SHARD_PATTERN.format(k)}":
+                raise StoreError(f"build ledger of {str(self.root)!r} names shard {k} {info.file!r}: the build is "
+                                 "damaged, pass --overwrite to start over")
+            data = resolve_inside(self.root, info.file, "shard")
+            part = resolve_inside(self.root, _index_part(k), "index part")
+            if not part.is_file() or not data.is_file() or data.stat().st_size != info.tokens * self.dtype.itemsize:
+                break  # the ledger outlived its data (a file removed by hand): redo from here
             shards.append(info)
-            start += info.tokens
-            doc_start += info.documents
-            k += 1
-        return ResumeState(shards, doc_start, start)
+        if len(shards) < len(ledger.shards):
+            ledger.shards = shards
+            self.output.commit_ledger()
+        return ResumeState(shards, sum(s.documents for s in shards), sum(s.tokens for s in shards))
 
     # ---- writing ----------------------------------------------------------------------------
     def _open_shard(self) -> None:
         k = len(self.state.shards)
         self._name = f"{SHARD_DIR}/{SHARD_PATTERN.format(k)}"
         self._tmp = self.root / f"{self._name}.partial"
+        self._tmp.parent.mkdir(exist_ok=True)
         self._f = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
         self._lens: list[np.ndarray] = []
@@ -251,28 +206,33 @@ class StoreWriter:
         os.replace(self._tmp, final)
         fsync_dir(final.parent)
         lens = np.concatenate(self._lens) if self._lens else np.zeros(0, np.int64)
-        index = self.root / BUILD_DIR / f"index-{k:05d}.npz"
+        index = self.root / _index_part(k)
         tmp_index = index.with_name(index.name + ".partial.npz")
         np.savez(tmp_index, lens=lens, bytes=np.concatenate(self._bytes) if self._bytes else lens[:0],
                  words=np.concatenate(self._words) if self._words else lens[:0])
         with open(tmp_index, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_index, index)
+        fsync_dir(index.parent)
         prev = self.state.shards[-1] if self.state.shards else None
         info = ShardInfo(
             self._name, self._shard_len, len(lens), self._hash.hexdigest(),
             prev.start + prev.tokens if prev else 0, prev.doc_start + prev.documents if prev else 0,
         )
-        rec = {"file": info.file, "tokens": info.tokens, "documents": info.documents, "sha256": info.sha256}
-        atomic_write_bytes(self.root / BUILD_DIR / f"shard-{k:05d}.json", json.dumps(rec).encode())
-        self.state.shards.append(info)
+        self.state.shards.append(info)  # the same list as the ledger's: committed next, the 'done' mark
+        self.output.ledger.shards = self.state.shards
+        self.output.commit_ledger()
         self.state.documents += info.documents
         self.state.tokens += info.tokens
 
     def abort(self) -> None:
-        """Stop without sealing: close files, keep finished shards for a later resume."""
+        """Stop without sealing: close files, keep finished shards for a later resume (and nothing else)."""
         if self.finished is not None:
             return
+        self._close_partial()
+        self.output.abort()
+
+    def _close_partial(self) -> None:
         if not self._f.closed:
             self._f.close()
         if self._tmp.exists():
@@ -287,9 +247,9 @@ class StoreWriter:
                 raise SourceError("the dataset produced no documents: check the source, split and --max-docs (nothing was written)")
             self._finish_shard()
         else:
-            self.abort()
+            self._close_partial()
         shards = self.state.shards
-        lens = [np.load(self.root / BUILD_DIR / f"index-{k:05d}.npz") for k in range(len(shards))]
+        lens = [np.load(self.root / _index_part(k)) for k in range(len(shards))]
         doc_lens = np.concatenate([z["lens"] for z in lens])
         nbytes = np.concatenate([z["bytes"] for z in lens]).astype(np.int64)
         nwords = np.concatenate([z["words"] for z in lens]).astype(np.int64)
@@ -319,9 +279,8 @@ class StoreWriter:
                 "words": int(nwords.sum()),
             },
             created_by=created_by or {},
-            extra={**(extra or {}), "build_settings": self.settings},
+            extra=dict(extra or {}),
             index=index,
         )
-        write_manifest(self.root, manifest)
-        shutil.rmtree(self.root / BUILD_DIR)
-        return manifest
+        self.finished = self.output.seal(manifest)
+        return self.finished

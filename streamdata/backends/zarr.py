@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -68,25 +67,23 @@ from ..format import (
     IndexInfo,
     Manifest,
     ShardInfo,
-    atomic_write_bytes,
     fsync_dir,
     numpy_dtype,
+    resolve_inside,
 )
-from ..store import TokenStore
+from ..output import Output, json_normalised as _norm, prepare_output
+from .base import MappedFile, TokenStore, check_document_index
 
 __all__ = [
     "COMPRESSIONS",
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_CHUNK_TOKENS",
     "DEFAULT_CHUNKS_PER_SHARD",
-    "STAGING_DIR",
     "ZarrTokenStore",
     "check_compression",
     "is_url",
-    "open_url_store",
     "open_zarr_store",
-    "pack_build_as_zarr",
-    "prepare_zarr_build",
+    "pack_into_output",
     "write_zarr_store",
 ]
 
@@ -95,9 +92,6 @@ DEFAULT_CHUNK_TOKENS = 1 << 20  # inner chunk: 2 MiB uint16; the smallest unit a
 DEFAULT_CHUNKS_PER_SHARD = 16  # shard object: 16Mi ids (32 MiB uint16), one PUT on object stores
 DEFAULT_BLOCK_TOKENS = 1 << 22  # reader cache block: 4Mi ids (see benchmarks/bench_zarr.py)
 _INDEX_CHUNK = 1 << 20  # entries per chunk of the document index arrays (8 MiB int64)
-_LEDGER = f"{BUILD_DIR}/zarr-pack.json"
-STAGING_DIR = f"{BUILD_DIR}/npy-staging"
-_ARRAYS = ("tokens", "doc_offsets", "doc_bytes", "doc_words")
 
 
 def _compressors(name: str) -> Any:
@@ -171,49 +165,11 @@ class _Location:
             return os.path.isfile(self.path(rel))
         return self.fs.isfile(self.path(rel))
 
-    def is_nonempty_dir(self) -> bool:
-        if self.fs is None:
-            return os.path.isdir(self.root) and any(os.scandir(self.root))
-        try:
-            return bool(self.fs.isdir(self.root) and self.fs.ls(self.root, detail=False))
-        except FileNotFoundError:
-            return False
-
     def read_bytes(self, rel: str) -> bytes:
         if self.fs is None:
             with open(self.path(rel), "rb") as f:
                 return f.read()
         return self.fs.cat_file(self.path(rel))
-
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        if self.local:
-            p = Path(self.path(rel))
-            p.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(p, data)
-        else:
-            self.fs.pipe_file(self.path(rel), data)
-
-    def remove(self, rel: str) -> None:
-        if self.fs is None:
-            p = Path(self.path(rel))
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        elif self.fs.exists(self.path(rel)):
-            self.fs.rm(self.path(rel), recursive=True)
-
-    def remove_store(self) -> None:
-        """Delete a store or build of ours: the manifest first, so a half-deleted store never looks whole."""
-        if self.isfile(MANIFEST_NAME):
-            self.remove(MANIFEST_NAME)
-            if self.fs is None:
-                fsync_dir(Path(self.root))
-        if self.exists():
-            if self.fs is None:
-                shutil.rmtree(self.root)
-            else:
-                self.fs.rm(self.root, recursive=True)
 
     def fsync(self, rel: str) -> None:
         """Make a finished data file durable before a ledger/manifest points at it (local only)."""
@@ -248,6 +204,11 @@ class _Location:
 
     def read_manifest(self) -> Manifest:
         """Like :func:`streamdata.format.read_manifest`, for any location (same messages)."""
+        return self.read_manifest_bytes()[1]
+
+    def read_manifest_bytes(self) -> tuple[bytes, Manifest]:
+        """(the bytes of ``manifest.json``, the manifest they hold): the bytes identify the store
+        that was opened (a reader compares them again to detect a replaced store)."""
         shown = self.url
         if not self.exists():
             raise StoreError(f"store {shown!r} does not exist: check the path or build it with 'streamdata tokenize'")
@@ -258,13 +219,15 @@ class _Location:
                 else "it is not a store: build one with 'streamdata tokenize' or 'streamdata convert'"
             )
             raise StoreError(f"{shown!r} has no {MANIFEST_NAME}: {hint}")
+        where = f"{shown}/{MANIFEST_NAME}"
         try:
-            d = json.loads(self.read_bytes(MANIFEST_NAME))
+            data = self.read_bytes(MANIFEST_NAME)
+            d = json.loads(data)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{shown}/{MANIFEST_NAME} is not readable JSON ({e}): the store is damaged, rebuild it") from None
+            raise StoreError(f"{where} is not readable JSON ({e}): the store is damaged, rebuild it") from None
         if not isinstance(d, dict):
-            raise StoreError(f"{shown}/{MANIFEST_NAME} is not a JSON object: the store is damaged, rebuild it")
-        return Manifest.from_dict(d, where=f"{shown}/{MANIFEST_NAME}")
+            raise StoreError(f"{where} is not a JSON object: the store is damaged, rebuild it")
+        return data, Manifest.from_dict(d, where=where)
 
 
 # ---- reader -----------------------------------------------------------------------------------
@@ -272,6 +235,12 @@ _NO_CHUNK = (1 << 64) - 1  # sharding index entry of an inner chunk that is not 
 _LE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 _DIRECT_CODECS = [{"name": "sharding_indexed", "configuration": {
     "codecs": [_LE_BYTES], "index_codecs": [_LE_BYTES, {"name": "crc32c"}], "index_location": "end"}}]
+_DAMAGED = "the store is damaged, rebuild it"
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` of an exception raised inside zarr/numcodecs, on one line (for our errors)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def _direct_eligible(arr) -> bool:
@@ -284,87 +253,110 @@ def _direct_eligible(arr) -> bool:
     return [{"name": codecs[0].get("name"), "configuration": cfg}] == _DIRECT_CODECS
 
 
-class _MappedShard:
-    __slots__ = ("fd", "mm", "views", "offsets")
+def _strict_store(inner, where: str):
+    """Wrap a zarr store so that a missing ``tokens`` shard/chunk object is an error.
 
-    def __init__(self, fd, mm, views, offsets):
-        self.fd, self.mm, self.views, self.offsets = fd, mm, views, offsets
+    zarr reads a missing chunk object as the fill value (0): a deleted shard would read as token
+    id 0 with no error. Our writer stores every token chunk (``write_empty_chunks``), so every
+    chunk key of ``tokens`` must exist; this wrapper turns the ``None`` zarr would fill into a
+    StoreError at the read that needs it (also when the object goes away after open). The document
+    index arrays are not wrapped: an all-zero index chunk (unknown byte counts of an import) is
+    legitimately absent, and a lost one fails the open-time index check or verify's checksums.
+    """
+    from zarr.storage import WrapperStore
+
+    class _Strict(WrapperStore):
+        async def get(self, key, prototype, byte_range=None):
+            got = await self._store.get(key, prototype, byte_range)
+            if got is None and key.startswith("tokens/") and key != "tokens/zarr.json":
+                raise StoreError(f"zarr store {where!r} has lost the chunk object {key!r}: {_DAMAGED}")
+            return got
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            got = await self._store.get_partial_values(prototype, key_ranges)
+            for (key, _), value in zip(key_ranges, got):
+                if value is None and key.startswith("tokens/") and key != "tokens/zarr.json":
+                    raise StoreError(f"zarr store {where!r} has lost the chunk object {key!r}: {_DAMAGED}")
+            return got
+
+    return _Strict(inner)
+
+
+class _MappedShard:
+    """One shard file of ``tokens``, mapped, with a zero-copy view and file offset per inner chunk."""
+
+    __slots__ = ("file", "views", "offsets")
+
+    def __init__(self, file: MappedFile, views: list[np.ndarray], offsets: list[int]):
+        self.file, self.views, self.offsets = file, views, offsets
 
     def close(self) -> None:
-        self.views = [None] * len(self.views)  # drop the exported buffers before unmapping
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:  # a view still alive elsewhere: unmapped when it goes (mmap dups the fd)
-                pass
-            self.mm = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.views = []  # drop the exported buffers before unmapping
+        self.file.close()
 
 
 class _DirectShards:
     """Uncompressed local shard files, memory-mapped and sliced without zarr (layout: module docstring).
 
-    Shard files are mapped lazily on first use and stay mapped until :meth:`close` (like the npy
-    backend's shards); pieces are zero-copy views of the mappings, copied out by ``read_into``.
+    Every shard file is opened, mapped and its index checked (crc32c, one stored inner chunk per
+    slot) at open, like the npy backend's shards: a store replaced on disk afterwards keeps being
+    read as it was opened. A missing shard file or inner chunk is an error (our writer stores all).
     """
 
-    def __init__(self, root: Path, arr, dtype: np.dtype):
+    def __init__(self, root: Path, arr, dtype: np.dtype, num_tokens: int):
         self.root, self.arr, self.dtype = root, arr, dtype
         self.chunk = int(arr.chunks[0])
         self.per_shard = int(arr.shards[0]) // self.chunk
         self.cbytes = self.chunk * dtype.itemsize
-        self._shards: dict[int, _MappedShard] = {}
-        self._lock = threading.Lock()
-
-    def _shard(self, k: int) -> _MappedShard:
-        got = self._shards.get(k)  # dict reads are atomic under the GIL; inserts take the lock
-        if got is None:
-            with self._lock:
-                got = self._shards.get(k)
-                if got is None:
-                    got = self._shards[k] = self._map(k)
-        return got
-
-    def _map(self, k: int) -> _MappedShard:
-        import mmap
-
-        import google_crc32c  # a zarr dependency (its crc32c codec)
-
-        path = self.root / "tokens" / self.arr.metadata.encode_chunk_key((k,))
-        none = [None] * self.per_shard
+        self._shards: list[_MappedShard] = []
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # the whole shard equals the fill value: zarr stores nothing
-            return _MappedShard(None, None, none, none)
-        except OSError as e:
-            raise StoreError(f"cannot open zarr shard {str(path)!r} ({e.strerror}): the store is damaged, rebuild it") from None
-        shard = _MappedShard(fd, None, none, none)
+            for k in range(-(-num_tokens // (self.chunk * self.per_shard))):
+                # chunks wholly past the array's end are never stored
+                used = min(self.per_shard, -(-(num_tokens - k * self.chunk * self.per_shard) // self.chunk))
+                self._shards.append(self._map(k, used))
+            tail = num_tokens % self.chunk
+            if tail and self._shards[-1].views[-1][tail:].any():
+                # the last chunk is padded to full size with the fill value; no token reads these
+                # bytes, so damage there would pass every checksum: refuse it here
+                raise StoreError(f"zarr store {str(root)!r}: the padding after token {num_tokens} of the last "
+                                 f"chunk is not the fill value: {_DAMAGED}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, k: int, used: int) -> _MappedShard:
+        import google_crc32c  # zarr's own crc32c dependency (its crc32c codec), declared by streamdata too
+
+        rel = f"tokens/{self.arr.metadata.encode_chunk_key((k,))}"
+        path = resolve_inside(self.root, rel, "zarr shard")
+        f = MappedFile(path, "zarr shard")
         try:
-            size = os.fstat(fd).st_size
             ib = self.per_shard * 16 + 4  # index: (offset, nbytes) uint64 LE per inner chunk + crc32c
-            bad = f"zarr shard {str(path)!r} has a damaged index: the store is damaged, rebuild it"
-            if size < ib:
+            bad = f"zarr shard {str(path)!r} has a damaged index: {_DAMAGED}"
+            if f.size < ib:
                 raise StoreError(bad)
-            shard.mm = mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            raw = mm[size - ib : size - 4]  # bytes (a copy): no buffer export to release later
-            if google_crc32c.value(raw) != int.from_bytes(mm[size - 4 : size], "little"):
+            raw = f.read(f.size - ib, f.size - 4)  # a copy: no buffer export to release later
+            if google_crc32c.value(raw) != int.from_bytes(f.read(f.size - 4, f.size), "little"):
                 raise StoreError(bad + " (crc32c mismatch)")
             views, offsets = [], []
-            for off, nb in np.frombuffer(raw, "<u8").reshape(-1, 2).tolist():
+            for c, (off, nb) in enumerate(np.frombuffer(raw, "<u8").reshape(-1, 2).tolist()):
+                if c >= used:
+                    if off != _NO_CHUNK:
+                        raise StoreError(bad)
+                    continue
                 if off == _NO_CHUNK:
-                    views.append(None)
-                    offsets.append(None)
-                elif nb != self.cbytes or off + nb > size - ib:
+                    raise StoreError(f"zarr shard {str(path)!r} has lost inner chunk {c}: {_DAMAGED}")
+                if nb != self.cbytes or off + nb > f.size - ib:
                     raise StoreError(bad)
-                else:
-                    views.append(np.frombuffer(mm, self.dtype, self.chunk, off))
-                    offsets.append(off)
-            shard.views, shard.offsets = views, offsets
-            return shard
+                views.append(f.array(self.dtype, self.chunk, off))
+                offsets.append(off)
+            # chunks tile the file before the index exactly: no byte is outside a chunk or the index
+            if sorted(offsets) != list(range(0, used * self.cbytes, self.cbytes)) or f.size != used * self.cbytes + ib:
+                raise StoreError(bad + " (chunks do not tile the file)")
+            return _MappedShard(f, views, offsets)
         except BaseException:
-            shard.close()
+            f.close()
             raise
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
@@ -374,46 +366,35 @@ class _DirectShards:
             c = pos // C
             base = c * C
             hi = min(stop, base + C)
-            piece = self._shard(c // P).views[c % P]
-            if piece is None:  # inner chunk not stored: all fill value
-                out[pos - start : hi - start] = 0
-            else:
-                out[pos - start : hi - start] = piece[pos - base : hi - base]
+            out[pos - start : hi - start] = self._shards[c // P].views[c % P][pos - base : hi - base]
             pos = hi
 
     def drop(self, start: int, stop: int) -> None:
-        """madvise/fadvise DONTNEED on whole pages of ids [start, stop) (why both: backends/npy.py)."""
-        import mmap
-
-        C, P, isz, page = self.chunk, self.per_shard, self.dtype.itemsize, mmap.PAGESIZE
+        """Drop the resident pages of ids [start, stop) (:meth:`MappedFile.drop`), chunk by chunk."""
+        C, P, isz = self.chunk, self.per_shard, self.dtype.itemsize
         for c in range(start // C, -(-stop // C)):
-            sh = self._shards.get(c // P)
-            off = None if sh is None or sh.mm is None else sh.offsets[c % P]
-            if off is None:
-                continue
+            sh = self._shards[c // P]
+            off = sh.offsets[c % P]
             lo, hi = max(start, c * C) - c * C, min(stop, (c + 1) * C) - c * C
-            b0 = -(-(off + lo * isz) // page) * page  # never drop a page still partly needed
-            b1 = (off + hi * isz) // page * page
-            if b1 > b0:
-                sh.mm.madvise(mmap.MADV_DONTNEED, b0, b1 - b0)
-                os.posix_fadvise(sh.fd, b0, b1 - b0, os.POSIX_FADV_DONTNEED)
+            sh.file.drop(off + lo * isz, off + hi * isz)
 
     def close(self) -> None:
-        with self._lock:
-            for sh in self._shards.values():
-                sh.close()
-            self._shards.clear()
+        for sh in self._shards:
+            sh.close()
+        self._shards = []
 
 
 def _open_array(group, name: str, where: str):
+    import zarr
+
     try:
         arr = group[name]
     except KeyError:
-        raise StoreError(f"zarr store {where!r} has no {name!r} array: the store is damaged, rebuild it") from None
-    import zarr
-
+        raise StoreError(f"zarr store {where!r} has no {name!r} array: {_DAMAGED}") from None
+    except Exception as e:  # garbage metadata: zarr raises JSON, value and type errors of its own
+        raise StoreError(f"zarr array {name!r} in {where!r} has unreadable metadata ({_one_line(e)}): {_DAMAGED}") from None
     if not isinstance(arr, zarr.Array):
-        raise StoreError(f"{where!r}: {name!r} is a zarr group, not an array: the store is damaged, rebuild it")
+        raise StoreError(f"{where!r}: {name!r} is a zarr group, not an array: {_DAMAGED}")
     return arr
 
 
@@ -443,8 +424,14 @@ class ZarrTokenStore(TokenStore):
     ours, else uses the block cache; False forces the block cache; True requires direct reads.
     ``block_tokens``: size of a cached block (rounded up to whole inner chunks, >= 1 chunk). Reads
     shorter than a block go through the cache of the last two blocks; longer ones go straight to
-    zarr. Locks guard the cache and the shard maps, so a reader thread and the main thread may share
-    a store. :attr:`read_path` says which path is in use ("direct" or "block-cache").
+    zarr. Locks guard the cache, so a reader thread and the main thread may share a store.
+    :attr:`read_path` says which path is in use ("direct" or "block-cache").
+
+    Consistency: the direct path maps every shard file at open (a snapshot). zarr's own path reads
+    objects lazily, so it checks that ``manifest.json`` still holds the bytes it opened after every
+    read from zarr: a store replaced (or deleted) while it is read fails with one line instead of
+    serving a mix of two stores (our writers replace the manifest before or with the data).
+    A missing token chunk is an error on both paths, never the fill value.
     """
 
     def __init__(self, where: str | os.PathLike, manifest: Manifest | None = None, *,
@@ -452,18 +439,54 @@ class ZarrTokenStore(TokenStore):
                  direct: bool | None = None):
         self._loc = _Location(where, storage_options)
         self.path = self._loc.url
-        self.manifest = manifest if manifest is not None else self._loc.read_manifest()
+        self._stamp, self.manifest = self._loc.read_manifest_bytes()
+        if manifest is not None and manifest.to_json() != self.manifest.to_json():
+            raise StoreError(f"store {self.path!r} changed while it was being opened: open it again")
         if self.manifest.format != "zarr":
             raise StoreError(f"store {self.path!r} has format {self.manifest.format!r}, not 'zarr': open it with streamdata.open_store")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._direct: _DirectShards | None = None
-        self._zstore = self._loc.zarr_store(read_only=True)
+        self._zstore = None
         try:
+            self._check_names()
+            self._zstore = _strict_store(self._loc.zarr_store(read_only=True), self.path)
             self._open(block_tokens, direct)
+            self._check_unchanged()
         except BaseException:
             self.close()
             raise
+
+    def _check_names(self) -> None:
+        """The manifest must name exactly our arrays, and (locally) they must lie inside the root."""
+        m = self.manifest
+        names = [s.file for s in m.shards] + [x.file for x in m.index]
+        if [s.file for s in m.shards] != ["tokens"] or any(x.file != x.name for x in m.index) \
+                or not {x.name for x in m.index} <= {"doc_offsets", "doc_bytes", "doc_words"}:
+            raise StoreError(f"zarr store {self.path!r}: manifest names {names}, expected the arrays tokens, doc_offsets, "
+                             f"doc_bytes, doc_words: {_DAMAGED}")
+        if not self._loc.remote:
+            for rel in ("tokens", "doc_offsets", "doc_bytes", "doc_words"):
+                resolve_inside(self._loc.root, rel, "zarr array")
+
+    def _check_unchanged(self) -> None:
+        """Fail if ``manifest.json`` no longer holds the bytes this store opened (see class docstring)."""
+        try:
+            now = self._loc.read_bytes(MANIFEST_NAME)
+        except (OSError, FileNotFoundError):
+            now = None
+        if now != self._stamp:
+            raise StoreError(f"store {self.path!r} was replaced or removed while it was read: "
+                             "its results would mix two stores; open it again (do not rewrite a store in use)")
+
+    def _zarr(self, fn, what: str):
+        """Run a zarr read; its own exceptions (decode errors, damaged shard index) become one line."""
+        try:
+            return fn()
+        except StoreError:
+            raise
+        except Exception as e:  # zarr/numcodecs raise many types for damaged objects
+            raise StoreError(f"zarr store {self.path!r}: cannot read {what} ({_one_line(e)}): {_DAMAGED}") from None
 
     def _open(self, block_tokens: int | None, direct: bool | None) -> None:
         import zarr
@@ -472,9 +495,8 @@ class ZarrTokenStore(TokenStore):
         dtype = numpy_dtype(m.dtype)
         try:
             group = zarr.open_group(self._zstore, mode="r")
-        except Exception as e:  # zarr raises several types (GroupNotFoundError, FileNotFoundError, ...)
-            raise StoreError(f"{self.path!r} has a manifest but no readable zarr group ({type(e).__name__}: {e}): "
-                             "the store is damaged, rebuild it") from None
+        except Exception as e:  # zarr raises several types (GroupNotFoundError, FileNotFoundError, JSON errors)
+            raise StoreError(f"{self.path!r} has a manifest but no readable zarr group ({_one_line(e)}): {_DAMAGED}") from None
         self._tokens = _open_array(group, "tokens", self.path)
         _check_array(self._tokens, "tokens", self.path, dtype, m.num_tokens)
         n = m.num_documents
@@ -484,12 +506,12 @@ class ZarrTokenStore(TokenStore):
             _check_array(a, name, self.path, np.dtype(np.int64), length)
             # The index is small next to the tokens (8 bytes per document): load it once, so
             # document lookups never go back to the (possibly remote) store.
-            idx[name] = np.ascontiguousarray(a[:], dtype=np.int64) if length else np.zeros(0, np.int64)
+            idx[name] = (self._zarr(lambda a=a: np.ascontiguousarray(a[:], dtype=np.int64), f"the {name} array")
+                         if length else np.zeros(0, np.int64))
         self._offsets, self._bytes, self._words = idx["doc_offsets"], idx["doc_bytes"], idx["doc_words"]
         for a in (self._offsets, self._bytes, self._words):
             a.flags.writeable = False
-        if self._offsets[0] != 0 or self._offsets[-1] != len(self) or (np.diff(self._offsets) < 0).any():
-            raise StoreError(f"{self.path!r}: document index does not cover [0, {len(self)}) in order: the store is damaged, rebuild it")
+        check_document_index(self.path, m, self._offsets, self._bytes, self._words)
         # inner chunk (with sharding, Array.chunks is the inner chunk shape)
         self.chunk_tokens = int(self._tokens.chunks[0])
         want = DEFAULT_BLOCK_TOKENS if block_tokens is None else int(block_tokens)
@@ -502,7 +524,7 @@ class ZarrTokenStore(TokenStore):
             raise ConfigError(f"direct=True needs a local, uncompressed store with streamdata's codec chain; {self.path!r} "
                               "is not: pass direct=None")
         if eligible if direct is None else direct:
-            self._direct = _DirectShards(Path(self._loc.root), self._tokens, dtype)
+            self._direct = _DirectShards(Path(self._loc.root), self._tokens, dtype, m.num_tokens)
         self.read_path = "direct" if self._direct is not None else "block-cache"
 
     # ---- index -------------------------------------------------------------------------------
@@ -519,9 +541,11 @@ class ZarrTokenStore(TokenStore):
                 self._cache.move_to_end(b)
                 return blk
             lo = b * self.block_tokens
+            hi = min(len(self), lo + self.block_tokens)
             # One zarr call decodes whole inner chunks; held under the lock so two threads asking
             # for the same block decode it once.
-            blk = np.asarray(self._tokens[lo : min(len(self), lo + self.block_tokens)])
+            blk = self._zarr(lambda: np.asarray(self._tokens[lo:hi]), f"tokens [{lo}, {hi})")
+            self._check_unchanged()
             self._cache[b] = blk
             while len(self._cache) > 2:
                 self._cache.popitem(last=False)
@@ -537,7 +561,8 @@ class ZarrTokenStore(TokenStore):
             return
         B = self.block_tokens
         if n >= B:
-            self._read_large(start, stop, out[:n])
+            self._zarr(lambda: self._read_large(start, stop, out[:n]), f"tokens [{start}, {stop})")
+            self._check_unchanged()
             return
         pos = start
         while pos < stop:
@@ -590,34 +615,7 @@ def open_zarr_store(where: str | os.PathLike, *, storage_options: dict | None = 
     return ZarrTokenStore(where, storage_options=storage_options, block_tokens=block_tokens)
 
 
-def open_url_store(url: str, *, storage_options: dict | None = None) -> TokenStore:
-    """Open a store given as an fsspec URL (``memory://``, ``file://``, ``s3://``, ``gs://``, ``https://``).
-
-    zarr stores stream through fsspec; an npy store behind a ``file://`` URL opens as the local
-    folder (memory-mapped); npy stores elsewhere are refused (they need a local file system).
-    """
-    loc = _Location(url, storage_options)
-    manifest = loc.read_manifest()
-    if manifest.format == "zarr":
-        return ZarrTokenStore(url, manifest, storage_options=storage_options)
-    if manifest.format == "npy":
-        if loc.local:
-            from .npy import NpyTokenStore
-
-            return NpyTokenStore(Path(loc.root), manifest)
-        raise StoreError(
-            f"store {url!r} is an npy store, which opens only from a local path: copy it locally, or convert it "
-            "with 'streamdata convert SRC DST --format zarr' and open the zarr store remotely"
-        )
-    raise StoreError(f"store {url!r} has format {manifest.format!r}, which this version cannot read: upgrade streamdata")
-
-
-# ---- writer -----------------------------------------------------------------------------------
-def _norm(obj: Any) -> Any:
-    """JSON-normalised copy (what a ledger read back compares equal to)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
+# ---- writer (folder rules, ledger, lock and swap: streamdata.output) ------------------------------
 def _source_identity(m: Manifest) -> dict[str, Any]:
     """What makes a source's tokens and index what they are (content, not path: a moved source resumes)."""
     return {
@@ -629,6 +627,30 @@ def _source_identity(m: Manifest) -> dict[str, Any]:
 def _write_tokens_block(arr, start: int, data: np.ndarray) -> None:
     """Write one whole zarr shard (a seam for tests that simulate a crash mid-pack)."""
     arr[start : start + len(data)] = data
+
+
+def _check_layout(compression: str, chunk_tokens: int, chunks_per_shard: int) -> None:
+    check_compression(compression)
+    if chunk_tokens < 1 or chunks_per_shard < 1:
+        raise ConfigError(f"chunk_tokens={chunk_tokens} and chunks_per_shard={chunks_per_shard} must be >= 1: "
+                          f"use the defaults ({DEFAULT_CHUNK_TOKENS}, {DEFAULT_CHUNKS_PER_SHARD})")
+
+
+def _out_extra(m: Manifest, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The packed store's ``extra``: ``extra`` if given, else the source's without its build records."""
+    return {k: v for k, v in m.extra.items() if k not in ("build_settings", "zarr")} if extra is None else dict(extra)
+
+
+def _pack_settings(m: Manifest, compression: str, chunk_tokens: int, shard_tokens: int,
+                   out_extra: dict[str, Any]) -> dict[str, Any]:
+    """Identity of a pack: the source store's content and the zarr layout (decides every byte)."""
+    return {
+        "source_store": _source_identity(m),
+        "compression": compression, "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens,
+        "zarr_format": 3, "format_version": FORMAT_VERSION,
+        # the manifest carries extra itself; a digest keeps this record short
+        "extra_sha256": hashlib.sha256(json.dumps(out_extra, sort_keys=True, default=str).encode()).hexdigest(),
+    }
 
 
 def write_zarr_store(
@@ -647,159 +669,130 @@ def write_zarr_store(
     Reads ``src`` sequentially one zarr shard at a time (memory: one shard of ids, 32 MiB with the
     defaults, plus the per-document index), resumably (see module docstring), manifest last.
     The manifest carries ``src``'s tokenizer, special tokens, source and created_by; its ``extra``
-    is ``src``'s (without build ledgers) unless ``extra`` is given, which replaces it.
+    is ``src``'s (without build records) unless ``extra`` is given, which replaces it.
     A finished store at ``dst`` made with the same settings is returned as is; another one is
-    replaced only with ``overwrite=True``.
+    replaced only with ``overwrite=True``, by a swap once the new one is sealed (local outputs; a
+    finished remote store is never replaced). Folder rules: :mod:`streamdata.output`.
     """
-    import zarr
-
-    check_compression(compression)
-    if chunk_tokens < 1 or chunks_per_shard < 1:
-        raise ConfigError(f"chunk_tokens={chunk_tokens} and chunks_per_shard={chunks_per_shard} must be >= 1: "
-                          f"use the defaults ({DEFAULT_CHUNK_TOKENS}, {DEFAULT_CHUNKS_PER_SHARD})")
-    from ..store import open_store
+    _check_layout(compression, chunk_tokens, chunks_per_shard)
+    from . import open_store  # TODO(A): take an open TokenStore; a backend should not call the dispatcher
 
     owned = not isinstance(src, TokenStore)
     store = open_store(src) if owned else src
     try:
         m = store.manifest
-        dtype = numpy_dtype(m.dtype)
-        N, n = len(store), store.num_documents
-        shard_tokens = chunk_tokens * chunks_per_shard
-        out_extra = (
-            {k: v for k, v in m.extra.items() if k not in ("zarr_build",)} if extra is None else dict(extra)
-        )
-        settings = _norm({
-            "source_store": _source_identity(m),
-            "compression": compression, "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens,
-            "zarr_format": 3, "format_version": FORMAT_VERSION,
-            # the manifest carries extra itself; a digest keeps this record short
-            "extra_sha256": hashlib.sha256(json.dumps(_norm(out_extra), sort_keys=True).encode()).hexdigest(),
-        })
-        loc = _Location(dst, storage_options)
-        done_manifest = _prepare_output(loc, settings, overwrite)
-        if done_manifest is not None:
-            return done_manifest
-
-        # -- ledger: settings first (marks the folder as a build of ours), then the arrays
-        ledger = _read_ledger(loc)
-        if ledger is not None and ledger.get("settings") != settings:
-            raise ConfigError(
-                f"output {loc.url!r} holds an unfinished zarr pack made with other settings: rerun the original "
-                "command to resume it, or pass overwrite=True (--overwrite) to start over"
-            )
-        done = int(ledger.get("tokens_done", 0)) if ledger else 0
-        if ledger is None:
-            _write_ledger(loc, settings, 0)  # before the first zarr object: a crash leaves a build of ours
-        zstore = loc.zarr_store(read_only=False)
-        # mode "a": create the group if absent, never delete what is there (_build may hold staging)
-        group = zarr.open_group(zstore, mode="a", attributes={
-            "streamdata": {"format": "zarr", "format_version": FORMAT_VERSION, "manifest": MANIFEST_NAME}})
-        tokens = None
-        if done:
-            try:
-                tokens = group["tokens"]
-                ok = (tokens.shape == (N,) and np.dtype(tokens.dtype) == dtype
-                      and tokens.chunks == (chunk_tokens,) and tokens.shards == (shard_tokens,))
-            except KeyError:
-                ok = False
-            if not ok:
-                tokens, done = None, 0  # ledger outlived its array (should not happen): redo cleanly
-        if tokens is None:
-            if done:
-                _write_ledger(loc, settings, 0)
-            tokens = group.create_array(
-                "tokens", shape=(N,), dtype=dtype, chunks=(chunk_tokens,), shards=(shard_tokens,),
-                compressors=_compressors(compression), fill_value=0, overwrite=True,
-                dimension_names=("token",),
-            )
-
-        # -- tokens, one whole zarr shard per step
-        h = hashlib.sha256()
-        buf = np.empty(min(shard_tokens, max(N, 1)), dtype=dtype)
-        for pos in range(0, done, shard_tokens):  # rehash the finished prefix from the source
-            k = min(shard_tokens, done - pos)
-            store.read_into(pos, pos + k, buf[:k])
-            h.update(memoryview(buf[:k]).cast("B"))
-            store.release(pos, pos + k)
-        for pos in range(done, N, shard_tokens):
-            k = min(shard_tokens, N - pos)
-            block = buf[:k]
-            store.read_into(pos, pos + k, block)
-            h.update(memoryview(block).cast("B"))  # dtype is little-endian: these are the LE bytes
-            _write_tokens_block(tokens, pos, block)
-            loc.fsync(f"tokens/{tokens.metadata.encode_chunk_key((pos // shard_tokens,))}")
-            _write_ledger(loc, settings, pos + k)
-            store.release(pos, pos + k)
-
-        # -- document index (cheap: rewritten whole on every run)
-        sums, index = _write_index(group, store, compression)
-        loc.fsync_tree("tokens")
-        for name in ("doc_offsets", "doc_bytes", "doc_words"):
-            loc.fsync_tree(name)
-        loc.fsync("zarr.json")
-
-        manifest = Manifest(
-            dtype=m.dtype,
-            tokenizer=dict(m.tokenizer),
-            special_tokens=dict(m.special_tokens),
-            source=dict(m.source),
-            shards=[ShardInfo("tokens", N, n, h.hexdigest())],
-            totals={"tokens": N, "documents": n, "bytes": sums[0], "words": sums[1]},
-            format="zarr",
-            index=index,
-            created_by=dict(m.created_by),
-            extra={**out_extra,
-                   "zarr": {"chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "compression": compression,
-                            "zarr_version": zarr.__version__},
-                   "zarr_build": settings},
-        )
+        out_extra = _norm(_out_extra(m, extra))
+        settings = _pack_settings(m, compression, chunk_tokens, chunk_tokens * chunks_per_shard, out_extra)
+        out = prepare_output(dst, settings, overwrite=overwrite, storage_options=storage_options)
+        if out.finished is not None:
+            return out.finished
+        try:
+            return pack_into_output(store, out, compression=compression, chunk_tokens=chunk_tokens,
+                                    chunks_per_shard=chunks_per_shard, extra=out_extra,
+                                    storage_options=storage_options)
+        except BaseException:
+            out.abort()
+            raise
     finally:
         if owned:
             store.close()
-    loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
-    loc.remove(BUILD_DIR)
-    return manifest
 
 
-def _prepare_output(loc: _Location, settings: dict, overwrite: bool) -> Manifest | None:
-    """Refuse to clobber what is not ours; return a finished identical store; clear for overwrite."""
-    if not loc.remote and os.path.exists(loc.root) and not os.path.isdir(loc.root):
-        raise ConfigError(f"output {loc.url!r} exists and is not a folder: choose another output")
-    if loc.isfile(MANIFEST_NAME):
-        if not overwrite:
-            try:
-                m = loc.read_manifest()
-            except StoreError:
-                m = None
-            if m is not None and m.format == "zarr" and m.extra.get("zarr_build") == settings:
-                loc.remove(BUILD_DIR)  # a crash between the manifest and the clean-up
-                return m
-            raise ConfigError(f"output {loc.url!r} already holds a finished store: pass overwrite=True (--overwrite) "
-                              "to replace it, or choose another output")
-        loc.remove_store()
-    elif loc.is_nonempty_dir() and not loc.exists(BUILD_DIR):
-        raise ConfigError(f"output {loc.url!r} exists, is not empty and is not a store: choose another output (it is never deleted)")
-    elif overwrite and loc.exists(_LEDGER):
-        # start the zarr pack over, but keep a staging store of ours (tokenize --format zarr)
-        for name in _ARRAYS:
-            loc.remove(name)
-        loc.remove(_LEDGER)
-    return None
+def pack_into_output(
+    store: TokenStore,
+    out: Output,
+    *,
+    compression: str = "none",
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunks_per_shard: int = DEFAULT_CHUNKS_PER_SHARD,
+    extra: dict[str, Any] | None = None,
+    storage_options: dict | None = None,
+) -> Manifest:
+    """Pack ``store`` into the prepared output ``out`` (resuming at its ledger's ``packed_tokens``)
+    and seal it. Used by :func:`write_zarr_store` and ``tokenize --format zarr`` (which packs its
+    npy staging store); on an error the caller aborts ``out``."""
+    import zarr
 
+    _check_layout(compression, chunk_tokens, chunks_per_shard)
+    m = store.manifest
+    dtype = numpy_dtype(m.dtype)
+    N, n = len(store), store.num_documents
+    shard_tokens = chunk_tokens * chunks_per_shard
+    out_extra = _norm(_out_extra(m, extra))
+    ledger = out.ledger
+    pack = _norm(_pack_settings(m, compression, chunk_tokens, shard_tokens, out_extra))
+    if ledger.pack_settings != pack:  # a first pack, or the staging store was rebuilt: from the start
+        ledger.pack_settings, ledger.packed_tokens = pack, 0
+        out.commit_ledger()
+    done = ledger.packed_tokens
+    loc = _Location(out.root, storage_options)
+    zstore = loc.zarr_store(read_only=False)
+    # mode "a": create the group if absent, never delete what is there (_build holds the ledger)
+    group = zarr.open_group(zstore, mode="a", attributes={
+        "streamdata": {"format": "zarr", "format_version": FORMAT_VERSION, "manifest": MANIFEST_NAME}})
+    tokens = None
+    if done:
+        try:
+            tokens = group["tokens"]
+            ok = (tokens.shape == (N,) and np.dtype(tokens.dtype) == dtype
+                  and tokens.chunks == (chunk_tokens,) and tokens.shards == (shard_tokens,))
+        except KeyError:
+            ok = False
+        if not ok:
+            tokens, done = None, 0  # ledger outlived its array (removed by hand): redo cleanly
+            ledger.packed_tokens = 0
+            out.commit_ledger()
+    if tokens is None:
+        tokens = group.create_array(
+            "tokens", shape=(N,), dtype=dtype, chunks=(chunk_tokens,), shards=(shard_tokens,),
+            compressors=_compressors(compression), fill_value=0, overwrite=True,
+            dimension_names=("token",),
+            # store every chunk, also all-zero ones: readers treat a missing token chunk as damage
+            # (zarr would read it as the fill value), see _strict_store and _DirectShards
+            config={"write_empty_chunks": True},
+        )
 
-def _read_ledger(loc: _Location) -> dict | None:
-    if not loc.isfile(_LEDGER):
-        return None
-    try:
-        d = json.loads(loc.read_bytes(_LEDGER))
-    except (OSError, ValueError) as e:
-        raise StoreError(f"zarr pack ledger {loc.path(_LEDGER)!r} is unreadable ({e}): pass overwrite=True to start over") from None
-    return d if isinstance(d, dict) else None
+    # -- tokens, one whole zarr shard per step; the ledger counts a shard once it is durable
+    h = hashlib.sha256()
+    buf = np.empty(min(shard_tokens, max(N, 1)), dtype=dtype)
+    for pos in range(0, done, shard_tokens):  # rehash the finished prefix from the source
+        k = min(shard_tokens, done - pos)
+        store.read_into(pos, pos + k, buf[:k])
+        h.update(memoryview(buf[:k]).cast("B"))
+        store.release(pos, pos + k)
+    for pos in range(done, N, shard_tokens):
+        k = min(shard_tokens, N - pos)
+        block = buf[:k]
+        store.read_into(pos, pos + k, block)
+        h.update(memoryview(block).cast("B"))  # dtype is little-endian: these are the LE bytes
+        _write_tokens_block(tokens, pos, block)
+        loc.fsync(f"tokens/{tokens.metadata.encode_chunk_key((pos // shard_tokens,))}")
+        ledger.packed_tokens = pos + k
+        out.commit_ledger()
+        store.release(pos, pos + k)
 
+    # -- document index (cheap: rewritten whole on every run)
+    sums, index = _write_index(group, store, compression)
+    loc.fsync_tree("tokens")
+    for name in ("doc_offsets", "doc_bytes", "doc_words"):
+        loc.fsync_tree(name)
+    loc.fsync("zarr.json")
 
-def _write_ledger(loc: _Location, settings: dict, tokens_done: int) -> None:
-    loc.write_atomic(_LEDGER, json.dumps({"settings": settings, "tokens_done": tokens_done}, sort_keys=True).encode())
+    manifest = Manifest(
+        dtype=m.dtype,
+        tokenizer=dict(m.tokenizer),
+        special_tokens=dict(m.special_tokens),
+        source=dict(m.source),
+        shards=[ShardInfo("tokens", N, n, h.hexdigest())],
+        totals={"tokens": N, "documents": n, "bytes": sums[0], "words": sums[1]},
+        format="zarr",
+        index=index,
+        created_by=dict(m.created_by),
+        extra={**out_extra,
+               "zarr": {"chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "compression": compression,
+                        "zarr_version": zarr.__version__}},
+    )
+    return out.seal(manifest)
 
 
 def _write_index(group, store: TokenStore, compression: str) -> tuple[tuple[int, int], list[IndexInfo]]:
@@ -829,56 +822,3 @@ def _write_index(group, store: TokenStore, compression: str) -> tuple[tuple[int,
         sums.append(total)
         index.append(IndexInfo(name, name, length, h.hexdigest()))
     return (sums[1], sums[2]), index
-
-
-# ---- tokenize --format zarr: npy staging, then pack ---------------------------------------------
-def prepare_zarr_build(out: str | os.PathLike, *, settings: dict[str, Any], overwrite: bool = False
-                       ) -> tuple[Manifest | None, Path]:
-    """First step of ``tokenize --format zarr`` (local ``out`` only).
-
-    Returns ``(manifest, staging)``: ``manifest`` is a finished zarr store at ``out`` whose
-    ``extra["build_settings"]`` equals ``settings`` (nothing to do), else None; ``staging`` is the
-    folder to tokenize into as an npy store (``out/_build/npy-staging``) before
-    :func:`pack_build_as_zarr`. Refuses (ConfigError) a finished store or a foreign folder at
-    ``out`` unless ``overwrite``, which deletes it (and any unfinished build) first.
-    """
-    if is_url(out):
-        raise ConfigError(f"tokenize --format zarr writes to a local folder, not {os.fspath(out)!r}: "
-                          "tokenize locally, then 'streamdata convert' to the URL")
-    loc = _Location(out)
-    settings = _norm(settings)
-    root = Path(loc.root)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"output {str(root)!r} exists and is not a folder: choose another --out")
-    if loc.isfile(MANIFEST_NAME) and not overwrite:
-        try:
-            m = loc.read_manifest()
-        except StoreError:
-            m = None
-        if m is not None and m.format == "zarr" and m.extra.get("build_settings") == settings:
-            loc.remove(BUILD_DIR)
-            return m, root / STAGING_DIR
-        raise ConfigError(f"output {str(root)!r} already holds a finished store: pass --overwrite to replace it, or choose another --out")
-    if loc.is_nonempty_dir() and not loc.exists(BUILD_DIR) and not loc.isfile(MANIFEST_NAME):
-        raise ConfigError(f"output {str(root)!r} exists, is not empty and is not a store: choose another --out (it is never deleted)")
-    if overwrite and loc.exists():
-        loc.remove_store()
-    (root / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-    return None, root / STAGING_DIR
-
-
-def pack_build_as_zarr(npy_store_path: str | os.PathLike, dst: str | os.PathLike, compression: str = "none", *,
-                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunks_per_shard: int = DEFAULT_CHUNKS_PER_SHARD,
-                       overwrite: bool = False, remove_staging: bool = True) -> Manifest:
-    """Last step of ``tokenize --format zarr``: pack the finished npy staging store into ``dst``
-    (resumable, manifest last, identity and ``build_settings`` carried over), then delete the
-    staging store. The staging store is deleted only after the zarr manifest is sealed."""
-    check_compression(compression)
-    manifest = write_zarr_store(npy_store_path, dst, compression=compression, chunk_tokens=chunk_tokens,
-                                chunks_per_shard=chunks_per_shard, overwrite=overwrite)
-    staging = Path(npy_store_path)
-    if remove_staging and staging.exists():
-        from ..writer import _remove_store
-
-        _remove_store(staging)
-    return manifest

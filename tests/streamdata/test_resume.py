@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from streamdata import StoreError, open_store, tokenize_dataset
-from streamdata import writer as writer_mod
+from streamdata import output as output_mod
 from streamdata.format import BUILD_DIR, MANIFEST_NAME
+from streamdata.output import LEDGER_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,12 +37,20 @@ def _cmd(src, tok, out):
             "--shard-tokens", "4000", "--batch-size", "50", "--quiet"]
 
 
-def _run_and_kill_after(cmd, ledger: Path, env) -> bool:
-    """Start ``cmd``; SIGKILL it as soon as ``ledger`` exists. Returns False if it finished first."""
+def ledger_shards(root: Path) -> int:
+    """Finished shards the build ledger under ``root`` records (0 while it is absent or being replaced)."""
+    try:
+        return len(json.loads((root / LEDGER_FILE).read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run_and_kill_after(cmd, ready, env) -> bool:
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` is true. Returns False if it finished first."""
     p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not ledger.exists():
+        while not ready():
             if p.poll() is not None:
                 return False
             if time.monotonic() > deadline:
@@ -70,7 +79,7 @@ def test_killed_builds_resume_to_identical_store(tmp_path, big_jsonl, bpe_tokeni
 
     # kill twice, at different depths, before letting it finish
     for k in (2, 9):
-        killed = _run_and_kill_after(_cmd(big_jsonl, bpe_tokenizer, out), out / BUILD_DIR / f"shard-{k:05d}.json", env)
+        killed = _run_and_kill_after(_cmd(big_jsonl, bpe_tokenizer, out), lambda: ledger_shards(out) > k, env)
         assert killed, "the build finished before it could be killed: make the test data larger"
         assert not (out / MANIFEST_NAME).exists()
         with pytest.raises(StoreError, match="unfinished build is there: rerun the same"):
@@ -95,21 +104,28 @@ def test_crash_before_and_after_the_manifest(tmp_path, big_jsonl, bpe_tokenizer,
         raise OSError("disk full (simulated)")
 
     # crash while sealing: no manifest, then a rerun completes it
+    real_write, real_remove = output_mod._Dir.write_atomic, output_mod._Dir.remove
+
+    def fail_on(real, name):
+        def patched(self, rel, *a):
+            if rel == name:
+                boom()
+            return real(self, rel, *a)
+        return patched
+
     with monkeypatch.context() as mp:
-        mp.setattr(writer_mod, "write_manifest", boom)
+        mp.setattr(output_mod._Dir, "write_atomic", fail_on(real_write, MANIFEST_NAME))
         with pytest.raises(OSError, match="simulated"):
             tokenize_dataset(out=str(tmp_path / "a"), **kw)
     assert not (tmp_path / "a" / MANIFEST_NAME).exists()
     assert tokenize_dataset(out=str(tmp_path / "a"), **kw).totals == ref.totals
 
     # crash after the manifest, before the ledger is cleaned up: the rerun accepts the finished store
-    real_rmtree = writer_mod.shutil.rmtree
     with monkeypatch.context() as mp:
-        mp.setattr(writer_mod.shutil, "rmtree", boom)
+        mp.setattr(output_mod._Dir, "remove", fail_on(real_remove, BUILD_DIR))
         with pytest.raises(OSError, match="simulated"):
             tokenize_dataset(out=str(tmp_path / "b"), **kw)
     assert (tmp_path / "b" / MANIFEST_NAME).exists() and (tmp_path / "b" / BUILD_DIR).exists()
-    assert writer_mod.shutil.rmtree is real_rmtree
     m = tokenize_dataset(out=str(tmp_path / "b"), **kw)
     assert [s.sha256 for s in m.shards] == [s.sha256 for s in ref.shards]
     assert not (tmp_path / "b" / BUILD_DIR).exists()
@@ -122,7 +138,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, big_jsonl, bpe_tokenize
         raise OSError("killed (simulated)")
 
     with monkeypatch.context() as mp:
-        mp.setattr(writer_mod, "write_manifest", boom)
+        mp.setattr(output_mod.Output, "seal", boom)
         with pytest.raises(OSError):
             tokenize_dataset(shard_tokens=10000, **kw)
     with pytest.raises(Exception, match=r"unfinished build made with other settings \(shard_tokens\)"):

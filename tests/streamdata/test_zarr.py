@@ -15,11 +15,11 @@ import streamdata.backends.zarr as zb
 from streamdata import ConfigError, StoreError, open_store
 from streamdata.backends.zarr import (
     ZarrTokenStore,
-    pack_build_as_zarr,
-    prepare_zarr_build,
+    pack_into_output,
     write_zarr_store,
 )
 from streamdata.format import BUILD_DIR, MANIFEST_NAME
+from streamdata.output import LEDGER_FILE, STAGING_DIR, prepare_output
 from streamdata.verify import verify_store
 from streamdata.writer import StoreWriter
 
@@ -29,8 +29,8 @@ PER_SHARD = 4  # shard = 16384 tokens
 
 def make_docs(seed: int = 0, n_docs: int = 60, vocab: int = 1000) -> list[list[int]]:
     """Documents of 0..~12k tokens (several straddle 4096-chunks and 16384-shards), one empty,
-    and one with a 9000-token run of id 0 so whole inner chunks equal the fill value (zarr does
-    not store them: readers must return zeros)."""
+    and one with a 9000-token run of id 0 so whole inner chunks equal the fill value (stored all
+    the same: a missing chunk must read as an error, never as zeros)."""
     rng = np.random.default_rng(seed)
     docs = [rng.integers(1, vocab, int(rng.integers(1, 12000))).tolist() for _ in range(n_docs)]
     docs[3] = []
@@ -198,11 +198,12 @@ def test_manifest_layout_and_verify(stores):
         assert inner == {"none": ["bytes"], "zstd": ["bytes", "zstd"], "blosc": ["bytes", "blosc"]}[comp]
         assert json.loads((d / "zarr.json").read_text())["node_type"] == "group"
         assert not (d / BUILD_DIR).exists()
-    # the fill-value chunks really are absent, so the direct reader's zero path is exercised
+    # every token chunk is stored, also the all-zero ones (a missing chunk is damage, not zeros)
     idx = np.frombuffer((root / "zarr-none/tokens/c/0").read_bytes()[-(PER_SHARD * 16 + 4):-4], "<u8")
     shards = sorted((root / "zarr-none/tokens/c").iterdir(), key=lambda p: int(p.name))
+    assert len(shards) == -(-sum(map(len, docs)) // (CHUNK * PER_SHARD))
     holes = [p for p in shards if (np.frombuffer(p.read_bytes()[-(PER_SHARD * 16 + 4):-4], "<u8") == 2**64 - 1).any()]
-    assert idx.size == 2 * PER_SHARD and holes
+    assert idx.size == 2 * PER_SHARD and not holes
 
 
 def test_uint32_store(make_store, tmp_path):
@@ -268,8 +269,8 @@ def test_resume_after_interrupted_pack(make_store, tmp_path, monkeypatch, compre
     assert not (tmp_path / "z" / MANIFEST_NAME).exists()
     with pytest.raises(StoreError, match="unfinished build"):
         open_store(tmp_path / "z")
-    ledger = json.loads((tmp_path / "z" / BUILD_DIR / "zarr-pack.json").read_text())
-    assert ledger["tokens_done"] == 3 * CHUNK * PER_SHARD
+    ledger = json.loads((tmp_path / "z" / LEDGER_FILE).read_text())
+    assert ledger["packed_tokens"] == 3 * CHUNK * PER_SHARD
     with pytest.raises(ConfigError, match="other settings"):
         pack(npy, tmp_path / "z", "blosc")  # a rerun must use the same settings
     monkeypatch.setattr(zb, "_write_tokens_block", lambda arr, start, data: (calls.append(start), real(arr, start, data)))
@@ -281,31 +282,31 @@ def test_resume_after_interrupted_pack(make_store, tmp_path, monkeypatch, compre
 
 
 def test_tokenize_zarr_path(make_store, tmp_path):
-    """The tokenize --format zarr flow: prepare, build npy in staging, pack, staging removed."""
+    """The tokenize --format zarr flow: prepare the output, build npy in its staging folder, pack, seal."""
     out = tmp_path / "out"
     settings = {"source": "test", "format": "zarr", "compression": "zstd"}
-    done, staging = prepare_zarr_build(out, settings=settings)
-    assert done is None and staging == out / BUILD_DIR / "npy-staging"
+    o = prepare_output(out, settings)
+    assert o.finished is None and Path(o.root) == out
+    staging = Path(o.root) / STAGING_DIR
     w = StoreWriter(staging, dtype="uint16", vocab_size=1000, shard_tokens=30000, settings=settings)
     docs = make_docs(6, n_docs=20)
     flat = np.concatenate([np.asarray(d, np.int64) for d in docs])
     lens = np.array([len(d) for d in docs])
     w.add_documents(flat, lens, lens * 2, lens // 3)
     w.commit(tokenizer={"name": "t", "vocab_size": 1000}, special_tokens={"eos": None}, source={"kind": "test"})
-    m = pack_build_as_zarr(staging, out, "zstd", chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD)
+    with open_store(staging) as st:
+        m = pack_into_output(st, o, compression="zstd", chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD)
     assert not staging.exists() and not (out / BUILD_DIR).exists()
     assert m.format == "zarr" and m.extra["build_settings"] == settings and m.source == {"kind": "test"}
     with open_store(out) as z:
         np.testing.assert_array_equal(z.read(0, len(z)), flat.astype(np.uint16))
         np.testing.assert_array_equal(z.doc_bytes, lens * 2)
-    again, _ = prepare_zarr_build(out, settings=settings)  # a rerun finds the finished store
-    assert again == m
+    assert prepare_output(out, settings).finished == m  # a rerun finds the finished store
     with pytest.raises(ConfigError, match="already holds a finished store"):
-        prepare_zarr_build(out, settings={**settings, "compression": "none"})
-    done, staging = prepare_zarr_build(out, settings={**settings, "compression": "none"}, overwrite=True)
-    assert done is None and not (out / MANIFEST_NAME).exists()
-    with pytest.raises(ConfigError, match="local folder"):
-        prepare_zarr_build("memory://x/y", settings=settings)
+        prepare_output(out, {**settings, "compression": "none"})
+    o = prepare_output(out, {**settings, "compression": "none"}, overwrite=True)
+    assert o.finished is None and Path(o.root) != out and (out / MANIFEST_NAME).exists()  # built beside it
+    o.abort()
 
 
 def _write_bad_tokens(root: Path, arr_kw: dict) -> Path:

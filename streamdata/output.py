@@ -1,0 +1,607 @@
+"""Where every writer's output goes: the one home of "refuse / resume / overwrite / lock".
+
+Every writer (the npy :class:`~streamdata.writer.StoreWriter`, the zarr pack
+:func:`~streamdata.backends.zarr.write_zarr_store`, ``tokenize --format zarr``, ``convert``) calls
+:func:`prepare_output` once and gets an :class:`Output`: the folder to write into, the build ledger
+to resume from, and :meth:`Output.seal` / :meth:`Output.abort` to finish. It is a module of its own
+(not part of :mod:`streamdata.format`) because it is about a build's lifecycle (locks, renames,
+clean-up), while ``format`` describes the bytes of a finished store.
+
+Rules (README "Safety"):
+
+- **Only our markers make a folder ours.** A folder is a *store of ours* when its ``manifest.json``
+  parses with our ``format`` (npy, zarr) and a readable ``format_version``; it is a *build of ours*
+  when ``_build/streamdata-build.json`` holds our ledger marker (written before anything else of a
+  build). Either must also hold nothing but names our layouts use (:func:`foreign_entries`). Any
+  other non-empty folder is refused, with or without ``overwrite``; nothing we did not write is
+  ever removed.
+- **One writer per folder** (local outputs): an exclusive ``flock`` on ``.NAME.streamdata-lock``
+  beside the output (beside, not inside: the output folder is renamed by an overwrite, and a lock
+  file left inside would make a user's folder look foreign). The second writer fails at once; the
+  OS drops the lock when a process dies. Our lock file is removed when the build ends.
+- **Overwrite by swap**: replacing a finished store builds the new one in the sibling
+  ``.NAME.streamdata-new`` (same file system), and only once it is sealed renames the old store to
+  ``.NAME.streamdata-old``, the new one to ``NAME``, and removes the old one. Recovery rule (run by
+  every :func:`prepare_output` under the lock, so any rerun completes it): a *sealed* ``-new`` means
+  the swap was decided, so it is finished; an ``-old`` store beside a missing ``NAME`` and an
+  unsealed ``-new`` is moved back. Until the swap the old store stays intact and readable.
+- **Resume identity**: the ledger records the build's settings and each local source file's size,
+  mtime and a content digest (:class:`SourceFile`); a rerun resumes only when all are unchanged.
+- **Leftovers**: :meth:`Output.abort` keeps exactly what a rerun resumes from; when nothing was
+  finished it removes every entry the build created (and the folder, when the build created it).
+
+Remote outputs (fsspec URLs other than ``file://``) cannot be locked or renamed atomically: they are
+written unlocked (one writer at a time is the caller's business), and ``overwrite`` of a finished
+remote store is refused, because it could only delete the old store before the new one exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import ConfigError, SourceError, StoreError
+from .format import (
+    BUILD_DIR,
+    INDEX_DIR,
+    MANIFEST_NAME,
+    READABLE_VERSIONS,
+    SHARD_DIR,
+    STORE_FORMATS,
+    Manifest,
+    ShardInfo,
+    atomic_write_bytes,
+    fsync_dir,
+)
+
+__all__ = [
+    "LEDGER_FILE",
+    "STAGING_DIR",
+    "BuildLedger",
+    "Output",
+    "SourceFile",
+    "foreign_entries",
+    "json_normalised",
+    "lock_output",
+    "prepare_output",
+]
+
+LEDGER_MARKER = "streamdata-build-ledger"
+LEDGER_FILE = f"{BUILD_DIR}/streamdata-build.json"
+STAGING_DIR = f"{BUILD_DIR}/npy-staging"  # tokenize --format zarr: the npy store packed into zarr
+_ZARR_ARRAYS = ("tokens", "doc_offsets", "doc_bytes", "doc_words")
+_NEW, _OLD, _LOCK = ".streamdata-new", ".streamdata-old", ".streamdata-lock"
+_DIGEST_SPAN = 1 << 20  # SourceFile digest: the first and the last MiB (a full hash of 1 TB is hours)
+
+# Names our layouts put in a store or build root (npy: streamdata.format; zarr: backends/zarr.py).
+_TMP = re.compile(r"^\..+\.tmp-\d+$")  # atomic_write_bytes' temporary names
+_LOCKNAME = re.compile(r"^\..+" + re.escape(_LOCK) + "$")
+_TOP = {MANIFEST_NAME, BUILD_DIR, SHARD_DIR, INDEX_DIR, "zarr.json", *_ZARR_ARRAYS}
+_SHARD_NAME = re.compile(r"^tokens-\d{5}\.bin(\.partial)?$")
+_INDEX_NAME = re.compile(r"^doc_(offsets|bytes|words)\.npy$")
+_BUILD_NAME = re.compile(r"^(streamdata-build\.json|index-\d{5}\.npz(\.partial\.npz)?)$")
+
+
+def json_normalised(obj: Any) -> Any:
+    """JSON-normalised copy: what the same value compares equal to after a round trip through a ledger."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+# ---- the source identity recorded for resume ----------------------------------------------------
+@dataclass(frozen=True)
+class SourceFile:
+    """Identity of one local source file when a build started (rule: resume only when unchanged)."""
+
+    path: str  # absolute
+    size: int  # bytes
+    mtime_ns: int
+    digest: str  # sha256 of the size (8 bytes LE) + the first and the last MiB (see _DIGEST_SPAN)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "SourceFile":
+        p = Path(path).resolve()
+        try:
+            with open(p, "rb") as f:
+                st = os.fstat(f.fileno())
+                h = hashlib.sha256(st.st_size.to_bytes(8, "little"))
+                h.update(f.read(_DIGEST_SPAN))
+                if st.st_size > _DIGEST_SPAN:
+                    f.seek(max(_DIGEST_SPAN, st.st_size - _DIGEST_SPAN))
+                    h.update(f.read(_DIGEST_SPAN))
+        except OSError as e:
+            raise SourceError(f"cannot read source file {str(p)!r} ({e.strerror}): check the path and permissions") from None
+        return cls(str(p), int(st.st_size), int(st.st_mtime_ns), h.hexdigest())
+
+
+def _changed_sources(recorded: Sequence[SourceFile], now: Sequence[SourceFile]) -> list[str]:
+    old = {s.path: s for s in recorded}
+    new = {s.path: s for s in now}
+    return sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
+
+
+# ---- the one build ledger -----------------------------------------------------------------------
+@dataclass
+class BuildLedger:
+    """What a build has finished, committed after each durable step by :meth:`Output.commit_ledger`.
+
+    Written first, before any other file of a build: its marker is what makes an unfinished build
+    folder ours. ``settings`` is the identity of everything that decides the output bytes; a rerun
+    resumes only when it and ``sources`` are unchanged.
+    """
+
+    settings: dict[str, Any]
+    sources: list[SourceFile] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)  # npy: finished shard files, in order
+    packed_tokens: int = 0  # zarr: tokens of the source store packed (whole zarr shards, fsynced)
+    pack_settings: dict[str, Any] | None = None  # zarr: identity of that pack; packed_tokens counts under it
+    marker: str = LEDGER_MARKER
+
+    @property
+    def has_progress(self) -> bool:
+        return bool(self.shards) or self.packed_tokens > 0
+
+    def to_json(self) -> bytes:
+        d = {
+            "marker": self.marker, "settings": self.settings, "packed_tokens": self.packed_tokens,
+            "pack_settings": self.pack_settings,
+            "sources": [vars(s) for s in self.sources],
+            "shards": [{"file": s.file, "tokens": s.tokens, "documents": s.documents, "sha256": s.sha256}
+                       for s in self.shards],
+        }
+        return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> "BuildLedger | None":
+        """The ledger in ``data``, or None when it is not ours (no marker): such a folder is foreign."""
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if not isinstance(d, dict) or d.get("marker") != LEDGER_MARKER:
+            return None
+        try:
+            shards, start, doc_start = [], 0, 0
+            for s in d["shards"]:
+                info = ShardInfo(_typed(s["file"], str), _typed(s["tokens"], int), _typed(s["documents"], int),
+                                 _typed(s["sha256"], str), start, doc_start)
+                shards.append(info)
+                start, doc_start = start + info.tokens, doc_start + info.documents
+            return cls(
+                settings=_typed(d["settings"], dict),
+                sources=[SourceFile(_typed(s["path"], str), _typed(s["size"], int), _typed(s["mtime_ns"], int),
+                                    _typed(s["digest"], str)) for s in d["sources"]],
+                shards=shards,
+                packed_tokens=_typed(d["packed_tokens"], int),
+                pack_settings=None if d["pack_settings"] is None else _typed(d["pack_settings"], dict),
+            )
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"build ledger {where!r} is damaged ({type(e).__name__}: {e}): "
+                             "pass --overwrite to start the build over") from None
+
+
+def _typed(v: Any, t: type) -> Any:
+    if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+        raise TypeError(f"{v!r} is not {t.__name__}")
+    return v
+
+
+# ---- a folder, local or behind an fsspec URL ---------------------------------------------------
+class _Dir:
+    """The few file operations a build needs, on a local folder (POSIX: fsync, rename, flock) or an
+    fsspec URL (one PUT per file, which object stores make atomic per object)."""
+
+    def __init__(self, where: str | os.PathLike, storage_options: dict | None = None):
+        text = os.fspath(where)
+        self.url = text
+        self.fs = None
+        if "://" in text:
+            import fsspec
+
+            try:
+                fs, root = fsspec.core.url_to_fs(text, **(storage_options or {}))
+            except (ImportError, ValueError) as e:
+                raise StoreError(f"cannot write to {text!r}: fsspec has no usable filesystem for "
+                                 f"{text.split('://', 1)[0]!r} ({e}): install its fsspec package or pass a local path") from None
+            protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+            if "file" in protos or "local" in protos:
+                text = root  # file:// is a local folder: locked and swapped like one
+            else:
+                self.fs, self.root = fs, root.rstrip("/") or "/"
+        if self.fs is None:
+            self.root = os.path.abspath(text)
+            self.url = text if "://" in self.url else self.root
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str = "") -> bool:
+        return os.path.lexists(self.path(rel)) if self.local else self.fs.exists(self.path(rel))
+
+    def isdir(self, rel: str = "") -> bool:
+        return os.path.isdir(self.path(rel)) if self.local else self.fs.isdir(self.path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        if self.local:
+            return sorted(os.listdir(self.path(rel))) if os.path.isdir(self.path(rel)) else []
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            if self.local:
+                with open(self.path(rel), "rb") as f:
+                    return f.read()
+            return self.fs.cat_file(self.path(rel))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        if self.local:
+            p = Path(self.path(rel))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(p, data)
+        else:
+            self.fs.pipe_file(self.path(rel), data)
+
+    def remove(self, rel: str) -> None:
+        """Remove one entry of OUR layout (callers check ownership first)."""
+        p = self.path(rel)
+        if self.local:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            elif os.path.lexists(p):
+                os.unlink(p)
+        elif self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+
+def _is_our_manifest(data: bytes | None) -> bool:
+    if data is None:
+        return False
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") in STORE_FORMATS and d.get("format_version") in READABLE_VERSIONS
+
+
+def foreign_entries(d: _Dir, rel: str = "") -> list[str]:
+    """Entries under ``rel`` that none of our layouts writes (local: checked in depth; remote: top level)."""
+    out = []
+    for name in d.listdir(rel):
+        sub = f"{rel}/{name}" if rel else name
+        if _TMP.match(name) or _LOCKNAME.match(name):
+            continue
+        if name not in _TOP:
+            out.append(sub)
+        elif d.local and name != MANIFEST_NAME and name != "zarr.json":
+            if not d.isdir(sub) or os.path.islink(d.path(sub)):
+                out.append(sub)
+            elif name == SHARD_DIR:
+                out += [f"{sub}/{n}" for n in d.listdir(sub) if not (_SHARD_NAME.match(n) or _TMP.match(n))]
+            elif name == INDEX_DIR:
+                out += [f"{sub}/{n}" for n in d.listdir(sub) if not (_INDEX_NAME.match(n) or _TMP.match(n))]
+            elif name == BUILD_DIR:
+                for n in d.listdir(sub):
+                    if n == STAGING_DIR.rsplit("/", 1)[-1] and d.isdir(f"{sub}/{n}"):
+                        out += foreign_entries(d, f"{sub}/{n}")
+                    elif not (_BUILD_NAME.match(n) or _TMP.match(n) or _LOCKNAME.match(n)):
+                        out.append(f"{sub}/{n}")
+            else:  # a zarr array: its zarr.json and the chunk tree "c/" that zarr writes
+                out += [f"{sub}/{n}" for n in d.listdir(sub) if n not in ("zarr.json", "c")]
+    return out
+
+
+def _kind(d: _Dir) -> str:
+    """'absent' (missing or empty), 'store' or 'build' (ours), or 'foreign'."""
+    if not d.exists():
+        return "absent"
+    if d.local and not os.path.isdir(d.root):
+        raise ConfigError(f"output {d.url!r} exists and is not a folder: choose another output")
+    if not d.listdir():
+        return "absent"
+    if _is_our_manifest(d.read(MANIFEST_NAME)):
+        return "store"
+    data = d.read(LEDGER_FILE)
+    if data is not None and BuildLedger.parse(data, d.path(LEDGER_FILE)) is not None:
+        return "build"
+    return "foreign"
+
+
+def _refuse_foreign(d: _Dir, kind: str) -> None:
+    if kind == "foreign":
+        raise ConfigError(f"output {d.url!r} exists, is not empty and is not a store or build of streamdata: "
+                          "choose another output (it is never deleted)")
+    extra = foreign_entries(d)
+    if extra:
+        shown = ", ".join(repr(x) for x in extra[:3]) + (" ..." if len(extra) > 3 else "")
+        raise ConfigError(f"output {d.url!r} holds files streamdata did not write ({shown}): move them out or "
+                          "choose another output (nothing was changed)")
+
+
+# ---- the lock -------------------------------------------------------------------------------------
+class _Lock:
+    """Exclusive flock on a lock file of ours beside the output; removed on release."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot create {what} (lock file {str(path)!r}: {e.strerror}): "
+                                  "choose a writable output") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"{what} is being written by another process (lock {str(path)!r} is held): "
+                                      "wait for it to finish, or choose another output") from None
+                raise
+            # the holder before us may have removed the file after we opened it: lock the live file
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd  # the file stays empty: the lock is the flock, not the content
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: a waiter that opened it retries on the live path
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            self.release()
+
+
+# ---- the output ---------------------------------------------------------------------------------
+class Output:
+    """A prepared output: write into :attr:`root`, commit progress with :meth:`commit_ledger`,
+    finish with :meth:`seal` (or :meth:`abort`). :attr:`finished` is set instead when the target
+    already holds a finished store of the same settings (nothing to do)."""
+
+    def __init__(self, target: _Dir, settings: dict[str, Any]):
+        self.target = target
+        self.settings = settings
+        self.dir = target  # where this build writes: the target, or its sibling for overwrite-by-swap
+        self.finished: Manifest | None = None
+        self.ledger = BuildLedger(settings)
+        self._lock: _Lock | None = None
+        self._created = False  # this build created self.dir (abort may remove it)
+        self._swap = False
+        self._ended = False  # sealed or aborted
+
+    @property
+    def root(self) -> str:
+        """Local folder path (or, for a remote output, the URL) to write into."""
+        return self.dir.root if self.dir.local else self.dir.url
+
+    @property
+    def url(self) -> str:
+        return self.target.url
+
+    def commit_ledger(self) -> None:
+        """The one helper that commits the ledger: atomically, after the data it records is durable."""
+        self.dir.write_atomic(LEDGER_FILE, self.ledger.to_json())
+
+    def seal(self, manifest: Manifest) -> Manifest:
+        """Write the manifest (the seal), drop the ledger, swap into place, release the lock.
+
+        ``manifest.extra["build_settings"]`` becomes this build's settings: a rerun with the same
+        settings finds the finished store and does nothing.
+        """
+        manifest.extra = {**manifest.extra, "build_settings": self.settings}
+        self.dir.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+        self.dir.remove(BUILD_DIR)
+        self._ended = True  # sealed: from here a crash is recovered by the next prepare_output
+        try:
+            if self._swap:
+                _finish_swap(self.target)
+        finally:
+            self.release()
+        return manifest
+
+    def abort(self) -> None:
+        """Stop without sealing: keep what a rerun resumes from, remove a build that finished nothing.
+        A no-op once the output was sealed or aborted."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            if self.finished is None and not self.ledger.has_progress and not self.dir.exists(STAGING_DIR):
+                for name in self.dir.listdir():
+                    if name in _TOP or _TMP.match(name):
+                        self.dir.remove(name)
+                if self._created and self.dir.local and not self.dir.listdir():
+                    os.rmdir(self.dir.root)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _sibling(target: _Dir, suffix: str) -> _Dir:
+    parent, name = os.path.split(target.root)
+    return _Dir(os.path.join(parent, f".{name}{suffix}"))
+
+
+def _finish_swap(target: _Dir) -> None:
+    """Complete an overwrite whose new store is sealed in the ``-new`` sibling (see module docstring)."""
+    new, old = _sibling(target, _NEW), _sibling(target, _OLD)
+    parent = Path(target.root).parent
+    if target.exists():
+        if old.exists():
+            raise StoreError(f"cannot finish replacing {target.url!r}: {old.root!r} is in the way: move it out and rerun")
+        os.rename(target.root, old.root)
+    os.rename(new.root, target.root)
+    fsync_dir(parent)
+    _remove_old(old)
+
+
+def _remove_old(old: _Dir) -> None:
+    if old.exists():
+        kind = _kind(old)
+        if kind == "store" and not foreign_entries(old):
+            shutil.rmtree(old.root)
+        # anything else was not put there by us: left alone
+
+
+def _recover(target: _Dir) -> None:
+    """Finish or undo an overwrite interrupted by a crash (called under the lock)."""
+    new, old = _sibling(target, _NEW), _sibling(target, _OLD)
+    if new.exists() and _kind(new) == "store" and not foreign_entries(new):
+        _finish_swap(target)
+    elif old.exists() and not target.exists() and _kind(old) == "store":
+        os.rename(old.root, target.root)  # the new store never sealed: the old one comes back
+    elif target.exists():
+        _remove_old(old)  # the swap finished but the old store was not yet removed
+
+
+def _start(out: Output, d: _Dir, created: bool) -> Output:
+    out.dir, out._created = d, created
+    if d.local:
+        os.makedirs(d.root, exist_ok=True)
+    out.commit_ledger()  # first file of the build: the marker that makes the folder ours
+    return out
+
+
+def _clear(d: _Dir) -> None:
+    """Remove a build of ours (ownership checked by the caller): ledger last, so a crash keeps the marker."""
+    for name in d.listdir():
+        if name != BUILD_DIR:
+            d.remove(name)
+    d.remove(BUILD_DIR)
+
+
+def _resume(out: Output, d: _Dir, sources: list[SourceFile]) -> Output:
+    ledger = BuildLedger.parse(d.read(LEDGER_FILE) or b"", d.path(LEDGER_FILE))
+    assert ledger is not None  # _kind said "build"
+    if ledger.settings != out.settings:
+        diff = sorted(k for k in set(ledger.settings) | set(out.settings)
+                      if ledger.settings.get(k) != out.settings.get(k))
+        raise ConfigError(f"output {out.url!r} holds an unfinished build made with other settings "
+                          f"({', '.join(diff) or 'unreadable'}): rerun the original command to resume it, "
+                          "or pass --overwrite to start over")
+    changed = _changed_sources(ledger.sources, sources)
+    if changed:
+        raise SourceError(f"source changed since the build started ({changed[0]}"
+                          f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): rerun with --overwrite")
+    out.dir, out.ledger = d, ledger
+    return out
+
+
+def lock_output(target: str | os.PathLike, storage_options: dict | None = None) -> "_Lock | None":
+    """Take the writer lock of a local ``target`` (creating its parent folders); None for a remote URL.
+
+    For callers that must hold the lock before they can compute the settings (``tokenize`` loads
+    the source first): pass it to :func:`prepare_output` as ``lock``.
+    """
+    d = _Dir(target, storage_options)
+    if not d.local:
+        return None
+    parent = Path(d.root).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output {d.url!r} ({e.strerror}): choose a writable output") from None
+    return _Lock(parent / f".{Path(d.root).name}{_LOCK}", f"output {d.url!r}")
+
+
+def prepare_output(
+    target: str | os.PathLike,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    sources: Iterable[SourceFile] = (),
+    storage_options: dict | None = None,
+    lock: "_Lock | None" = None,
+) -> Output:
+    """Lock ``target`` and decide what this build does (see the module docstring for the rules).
+
+    Returns an :class:`Output` that is one of: ``finished`` (a store of ours built with these
+    settings is there: nothing to do, lock released); a resumed build (``ledger`` holds its
+    progress); or a fresh build in ``target`` or, when ``overwrite`` replaces a finished store, in
+    its ``-new`` sibling. Raises ConfigError for a foreign or occupied target, or one that is locked.
+    ``lock``: the target's lock from :func:`lock_output`, taken over by the returned Output.
+    """
+    try:
+        settings = json_normalised(settings)
+        sources = list(sources)
+        target_dir = _Dir(target, storage_options)
+        out = Output(target_dir, settings)
+        out.ledger.sources = sources
+        out._lock = lock if lock is not None else lock_output(target, storage_options)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        if target_dir.local:
+            _recover(target_dir)
+        kind = _kind(target_dir)
+        if kind == "absent":
+            return _start(out, target_dir, created=not target_dir.exists())
+        _refuse_foreign(target_dir, kind)
+        if kind == "build":
+            if overwrite:
+                _clear(target_dir)  # an unfinished build is not a store: nothing to protect
+                return _start(out, target_dir, created=False)
+            return _resume(out, target_dir, sources)
+        # a finished store of ours
+        try:
+            m = Manifest.from_dict(json.loads(target_dir.read(MANIFEST_NAME) or b"null"), where=target_dir.path(MANIFEST_NAME))
+        except (StoreError, ValueError, AttributeError):
+            m = None  # damaged: not the finished identical store, so replaced only with overwrite
+        if not overwrite:
+            if m is not None and json_normalised(m.extra.get("build_settings")) == settings:
+                target_dir.remove(BUILD_DIR)  # a crash between the manifest and the ledger clean-up
+                out.finished = m
+                out.release()
+                return out
+            raise ConfigError(f"output {target_dir.url!r} already holds a finished store: pass --overwrite to "
+                              "replace it, or choose another output")
+        if not target_dir.local:
+            raise ConfigError(f"output {target_dir.url!r} holds a finished store and remote outputs cannot be replaced "
+                              "safely (no atomic rename): delete it yourself, or write to a new URL")
+        new = _sibling(target_dir, _NEW)
+        out._swap = True
+        new_kind = _kind(new)
+        if new_kind == "build" and not foreign_entries(new):
+            try:
+                return _resume(out, new, sources)
+            except (ConfigError, SourceError):
+                _clear(new)  # an earlier replacement with other settings or sources: overwrite means start over
+        elif new_kind != "absent":
+            _refuse_foreign(new, new_kind)  # a foreign folder with our sibling's name: never removed
+            _clear(new)
+        return _start(out, new, created=True)
+    except BaseException:
+        out.release()
+        raise
