@@ -4,11 +4,12 @@ overlapping chunk windows from disk to the GPU in bounded memory.
 Pipeline (one module per stage): source -> tokenize -> writer -> format/store -> windows -> loader.
 """
 
+from .backends import TokenStore, open_store
+from .backends.megatron import open_megatron
+from .backends.raw_bin import open_raw_bin
 from .convert import convert_store
 from .errors import ConfigError, SourceError, StoreError, StreamdataError, TokenizerError
 from .format import Manifest, ShardInfo
-from .imports import open_megatron, open_raw_bin
-from .store import TokenStore, open_store
 from .tokenize import TokenizeConfig, load_tokenizer, tokenize_dataset
 from .windows import WindowPlan, plan_windows
 

@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .backends.npy import NpyTokenStore
-from .store import TokenStore, open_store
+from .backends import TokenStore, open_store
 from .windows import WindowPlan, plan_windows
 
 __all__ = ["WindowBatch", "WindowLoader"]
@@ -424,7 +423,7 @@ class _Pipeline:
         # The numpy backend's read_into is a numpy slice assignment, which widens uint16/uint32 into
         # an int64 buffer exactly, in the same pass as the copy. Other backends get a buffer of the
         # store's dtype, as the TokenStore contract says.
-        self.widening_reads = isinstance(self.store, NpyTokenStore)
+        self.widening_reads = self.store.widening_reads
         self.L, self.O = self.plan.chunk_size, self.plan.overlap
         self.mask = _UNSIGNED_MASK[ring.np_dtype]
         self.stop = threading.Event()

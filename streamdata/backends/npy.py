@@ -1,109 +1,104 @@
-"""Numpy backend: raw little-endian token shards read through ``mmap`` (layout: streamdata.format).
+"""npy backend (reader): raw little-endian token shards and ``.npy`` index arrays, memory-mapped.
 
-We map shard files with :mod:`mmap` ourselves rather than ``np.memmap`` because we need the mapping
-object for ``madvise`` (dropping pages behind a sequential reader) and the file descriptor for
-``posix_fadvise``; numpy arrays are zero-copy views of the mappings.
-Never pin these arrays with CUDA: pinning a mapping makes the whole file resident.
+Layout and commit order: :mod:`streamdata.format` (the writer is :mod:`streamdata.writer`).
+
+At open every shard and index file is resolved inside the store (:func:`resolve_inside`), opened,
+mapped and sized against the manifest, and the document index is checked
+(:func:`~.base.check_document_index`); a store rewritten on disk afterwards keeps being read as it
+was (the mappings hold the old files). ``streamdata verify`` adds the checksums.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import StoreError
-from ..format import INDEX_DIR, Manifest, numpy_dtype
-from ..store import TokenStore
+from ..format import INDEX_DIR, Manifest, numpy_dtype, resolve_inside
+from .base import MappedFile, TokenStore, check_document_index
 
-_PAGE = mmap.PAGESIZE
+__all__ = ["NpyTokenStore", "npy_header"]
+
+_INDEX_NAMES = ("doc_offsets", "doc_bytes", "doc_words")
+
+
+def npy_header(length: int) -> bytes:
+    """The exact header ``np.save`` writes for an int64 array of shape ``(length,)`` (format 1.0).
+
+    Index files are compared to it byte for byte: a damaged header that numpy would still parse
+    (another shape, byte order or dtype) is refused instead of silently reinterpreting the data.
+    """
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype("<i8")),
+                                               "fortran_order": False, "shape": (int(length),)})
+    return buf.getvalue()
 
 
 class _Shard:
-    __slots__ = ("fd", "mm", "arr", "start", "stop", "itemsize")
+    """One mapped token shard covering global tokens ``[start, stop)``."""
+
+    __slots__ = ("file", "arr", "start", "stop", "itemsize")
 
     def __init__(self, path: Path, start: int, tokens: int, dtype: np.dtype):
         self.start, self.stop, self.itemsize = start, start + tokens, dtype.itemsize
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise StoreError(f"cannot open shard {str(path)!r} ({e.strerror}): the store is damaged, rebuild it") from None
-        size = os.fstat(self.fd).st_size
-        if size != tokens * dtype.itemsize:
-            os.close(self.fd)
+        self.file = MappedFile(path, "shard")
+        if self.file.size != tokens * dtype.itemsize:
+            size = self.file.size
+            self.file.close()
             raise StoreError(
                 f"shard {str(path)!r} has {size} bytes but the manifest says {tokens} tokens x {dtype.itemsize} bytes: "
                 "the store is damaged (truncated?), rebuild it"
             )
-        if tokens:
-            self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-            self.arr = np.frombuffer(self.mm, dtype=dtype)
-        else:  # mmap cannot map an empty file
-            self.mm, self.arr = None, np.empty(0, dtype=dtype)
-
-    def drop(self, lo: int, hi: int) -> None:
-        """Drop resident pages of local token range [lo, hi) (whole pages inside it only)."""
-        if self.mm is None:
-            return
-        b0 = -(-lo * self.itemsize // _PAGE) * _PAGE  # round up: never drop a page still partly ahead
-        b1 = hi * self.itemsize // _PAGE * _PAGE
-        if b1 > b0:
-            # MADV_DONTNEED unmaps the pages from this process (resident set); FADV_DONTNEED evicts
-            # the clean pages from the page cache so a larger-than-RAM pass does not push out others.
-            self.mm.madvise(mmap.MADV_DONTNEED, b0, b1 - b0)
-            os.posix_fadvise(self.fd, b0, b1 - b0, os.POSIX_FADV_DONTNEED)
-
-    def willneed(self, lo: int, hi: int) -> None:
-        if self.mm is None or hi <= lo:
-            return
-        b0 = lo * self.itemsize // _PAGE * _PAGE
-        self.mm.madvise(mmap.MADV_WILLNEED, b0, hi * self.itemsize - b0)
+        self.arr = self.file.array(dtype, tokens)
 
     def close(self) -> None:
-        self.arr = None
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.arr = None  # the numpy view first: a mapping with exported buffers cannot close
+        self.file.close()
 
 
 class NpyTokenStore(TokenStore):
-    def __init__(self, root: Path, manifest: Manifest):
+    """A local npy store (layout: :mod:`streamdata.format`)."""
+
+    widening_reads = True  # read_into is a numpy slice assignment: an int64 ``out`` is filled exactly
+
+    def __init__(self, root: str | Path, manifest: Manifest):
+        root = Path(root)
         self.path = str(root)
         self.manifest = manifest
         dtype = numpy_dtype(manifest.dtype)
         self._shards: list[_Shard] = []
+        self._index_files: list[MappedFile] = []
         try:
             for s in manifest.shards:
-                self._shards.append(_Shard(root / s.file, s.start, s.tokens, dtype))
-            self._offsets = self._load_index(root, "doc_offsets", manifest.num_documents + 1)
-            self._bytes = self._load_index(root, "doc_bytes", manifest.num_documents)
-            self._words = self._load_index(root, "doc_words", manifest.num_documents)
+                self._shards.append(_Shard(resolve_inside(root, s.file, "shard"), s.start, s.tokens, dtype))
+            n = manifest.num_documents
+            recorded = {x.name: x for x in manifest.index}
+            unknown = sorted(set(recorded) - set(_INDEX_NAMES))
+            if unknown:
+                raise StoreError(f"{self.path!r}: manifest lists unknown index arrays {unknown}: the store is damaged, rebuild it")
+            arrays = {}
+            for name, length in zip(_INDEX_NAMES, (n + 1, n, n)):
+                rel = recorded[name].file if name in recorded else f"{INDEX_DIR}/{name}.npy"
+                arrays[name] = self._load_index(resolve_inside(root, rel, "index"), length)
+            self._offsets, self._bytes, self._words = (arrays[k] for k in _INDEX_NAMES)
+            self._starts = np.array([s.start for s in self._shards] + [len(self)], dtype=np.int64)
+            check_document_index(self.path, manifest, self._offsets, self._bytes, self._words)
         except BaseException:
             self.close()
             raise
-        if self._offsets[0] != 0 or self._offsets[-1] != len(self):
-            self.close()
-            raise StoreError(f"{self.path!r}: document index does not cover [0, {len(self)}): the store is damaged, rebuild it")
-        self._starts = np.array([s.start for s in self._shards] + [len(self)], dtype=np.int64)
 
-    @staticmethod
-    def _load_index(root: Path, name: str, length: int) -> np.ndarray:
-        path = root / INDEX_DIR / f"{name}.npy"
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False) if length else np.zeros(0, np.int64)
-        except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read index {str(path)!r} ({e}): the store is damaged, rebuild it") from None
-        if arr.dtype != np.int64 or arr.shape != (length,):
+    def _load_index(self, path: Path, length: int) -> np.ndarray:
+        f = MappedFile(path, "index")
+        self._index_files.append(f)
+        header = npy_header(length)
+        if f.size != len(header) + 8 * length or f.read(0, len(header)) != header:
             raise StoreError(
-                f"index {str(path)!r} has dtype {arr.dtype} shape {arr.shape}, expected int64 ({length},): "
-                "the store is damaged, rebuild it"
+                f"index {str(path)!r} is not the int64 ({length},) array the manifest needs "
+                f"({f.size} bytes, expected {len(header) + 8 * length} with np.save's header): the store is damaged, rebuild it"
             )
-        return arr
+        return f.array("<i8", length, len(header))
 
     def _spans(self, start: int, stop: int):
         """Yield (shard, local_lo, local_hi, out_lo) pieces covering the global range."""
@@ -129,14 +124,18 @@ class NpyTokenStore(TokenStore):
     def release(self, start: int, stop: int) -> None:
         start, stop = self._check_range(start, stop)
         for sh, lo, hi, _ in self._spans(start, stop):
-            sh.drop(lo, hi)
+            sh.file.drop(lo * sh.itemsize, hi * sh.itemsize)
 
     def prefetch(self, start: int, stop: int) -> None:
         start, stop = self._check_range(start, stop)
         for sh, lo, hi, _ in self._spans(start, stop):
-            sh.willneed(lo, hi)
+            sh.file.willneed(lo * sh.itemsize, hi * sh.itemsize)
 
     def close(self) -> None:
+        # The index arrays stay valid after close (a mapping with live views is unmapped when the
+        # last view goes, see MappedFile.close): callers may keep doc_offsets past the store.
         for sh in getattr(self, "_shards", []):
             sh.close()
-        self._shards = []
+        for f in getattr(self, "_index_files", []):
+            f.close()
+        self._shards, self._index_files = [], []

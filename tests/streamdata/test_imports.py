@@ -11,13 +11,8 @@ import numpy as np
 import pytest
 
 from streamdata import ConfigError, StoreError, open_store
-from streamdata.imports import (
-    MegatronTokenStore,
-    RawBinTokenStore,
-    open_megatron,
-    open_raw_bin,
-    read_megatron_index,
-)
+from streamdata.backends.megatron import MegatronTokenStore, open_megatron, read_megatron_index
+from streamdata.backends.raw_bin import RawBinTokenStore, open_raw_bin
 from streamdata.verify import verify_store
 
 
@@ -255,7 +250,7 @@ def test_megatron_bad_input(tmp_path):
 
 
 def test_open_token_files_options(tmp_path):
-    from streamdata.imports import open_token_files
+    from streamdata.backends import open_token_files
 
     p = write_nanogpt_bin(tmp_path / "val.bin", [1, 9, 2, 9, 3], "uint32")
     with open_token_files(p, dtype="uint32", eos_id=9, vocab_size=10) as s:

@@ -329,7 +329,7 @@ def test_device_cut_matches_host_cut(stores, name, mode, L, O, bos):
 def test_other_backends_go_through_read_into(stores, tmp_path):
     """zarr and raw .bin stores (no widening reads: the slot path) give the same tuples."""
     from streamdata.convert import convert_store
-    from streamdata.imports import open_raw_bin
+    from streamdata import open_raw_bin
 
     convert_store(stores["u16"], tmp_path / "z", format="zarr", chunk_tokens=64, chunks_per_shard=4)
     with open_store(stores["u16"]) as src:

@@ -52,7 +52,7 @@ def test_write_and_read_memory_url(npy_store, mem_url, compression):
     assert fs.isfile(f"{root}/{MANIFEST_NAME}") and not fs.exists(f"{root}/_build")
     with open_store(url) as z, open_store(npy_store) as ref:
         assert isinstance(z, ZarrTokenStore) and z.read_path == "block-cache"  # remote: never mmap
-        assert type(z._zstore).__name__ == "FsspecStore"
+        assert type(z._zstore._store).__name__ == "FsspecStore"  # inside the missing-chunk guard
         assert z.manifest == m and z.path == url
         _same(z, ref)
     assert verify_store(url).ok
@@ -64,7 +64,7 @@ def test_copied_store_and_file_url(npy_store, tmp_path, mem_url):
     fs = fsspec.filesystem("memory")
     fs.put(str(local), mem_url.removeprefix("memory://") + "/copy", recursive=True)
     with open_store(f"{mem_url}/copy") as a, open_store(local.as_uri()) as b, open_store(npy_store) as ref:
-        assert type(b._zstore).__name__ == "FsspecStore"  # file:// goes through fsspec, not LocalStore
+        assert type(b._zstore._store).__name__ == "FsspecStore"  # file:// goes through fsspec, not LocalStore
         assert b.read_path == "block-cache"
         _same(a, ref)
         _same(b, ref)
