@@ -129,46 +129,38 @@ class _Location:
     """
 
     def __init__(self, where: str | os.PathLike, storage_options: dict | None = None):
+        import fsspec
+
         self.storage_options = dict(storage_options or {})
         self.url = os.fspath(where)
-        if is_url(self.url):
-            import fsspec
-
-            try:
-                self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-            except (ImportError, ValueError) as e:
-                proto = self.url.split("://", 1)[0]
-                raise StoreError(
-                    f"cannot open {self.url!r}: fsspec has no usable filesystem for {proto!r} ({e}): "
-                    "install its fsspec package (s3fs, gcsfs, ...) or pass a local path"
-                ) from None
-            self.root = self.root.rstrip("/") or "/"
-            protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-            self.local = "file" in protos or "local" in protos
-            self.remote = True
-        else:
-            self.fs = None
-            self.root = str(Path(self.url))
-            self.local = True
-            self.remote = False
+        #: a URL (also file://): zarr reads through fsspec, never memory-maps (see ZarrTokenStore)
+        self.remote = is_url(self.url)
+        try:
+            # a plain path is the local file system at that path (not parsed as a URL: a name may
+            # hold '::', fsspec's chaining syntax)
+            self.fs, self.root = (fsspec.core.url_to_fs(self.url, **self.storage_options) if self.remote
+                                  else (fsspec.filesystem("file"), os.path.abspath(self.url)))
+        except (ImportError, ValueError) as e:
+            proto = self.url.split("://", 1)[0]
+            raise StoreError(
+                f"cannot open {self.url!r}: fsspec has no usable filesystem for {proto!r} ({e}): "
+                "install its fsspec package (s3fs, gcsfs, ...) or pass a local path"
+            ) from None
+        self.root = self.root.rstrip("/") or "/"
+        protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        #: POSIX files underneath (a plain path or file://): writes get tmp + fsync + rename
+        self.local = "file" in protos or "local" in protos
 
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def exists(self, rel: str = "") -> bool:
-        if self.fs is None:
-            return os.path.exists(self.path(rel))
         return self.fs.exists(self.path(rel))
 
     def isfile(self, rel: str) -> bool:
-        if self.fs is None:
-            return os.path.isfile(self.path(rel))
         return self.fs.isfile(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        if self.fs is None:
-            with open(self.path(rel), "rb") as f:
-                return f.read()
         return self.fs.cat_file(self.path(rel))
 
     def fsync(self, rel: str) -> None:
@@ -197,7 +189,7 @@ class _Location:
     def zarr_store(self, read_only: bool):
         from zarr.storage import FsspecStore, LocalStore
 
-        if self.fs is None:
+        if not self.remote:  # zarr's own local store: no async wrapper around plain files
             return LocalStore(self.root, read_only=read_only)
         # from_url wraps synchronous filesystems (memory, local) in fsspec's async wrapper
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
