@@ -37,14 +37,26 @@ Reader (:class:`ZarrTokenStore`): never one zarr ``__getitem__`` per window (~1.
 
 - **block cache** (compressed or remote stores): small reads are served from a cache of the last
   two decoded blocks (``block_tokens`` ids, aligned to inner chunks, >= 1Mi); reads of a block or
-  more go straight to zarr into the caller's buffer. zarr decodes at most ~0.5-1.1G tok/s here,
+  more go straight to zarr into the caller's buffer. zarr decodes at most ~0.4-1.1G tok/s here,
   which bounds this path.
-- **direct** (local, uncompressed, exactly the codec chain we write): shard files are memory-mapped
-  and sliced like npy shards, using the sharding codec's published binary layout (zarr v3 sharding
-  spec): the shard ends with an index of ``chunks_per_shard`` pairs (offset, nbytes) as little-endian
-  uint64, followed by its crc32c (4 bytes LE); (2^64-1, 2^64-1) marks an inner chunk that was not
-  stored because it equals the fill value (all-zero ids), which reads as zeros; a stored inner chunk
-  is always ``chunk_tokens`` ids (also the array's partial last one). The index crc is checked.
+- **direct** (local, uncompressed, exactly the codec chain we write; kept because it measures
+  ~5x the block cache on the same store in ``benchmarks.bench_zarr``): shard files are
+  memory-mapped and sliced like npy shards, using the sharding codec's published binary layout
+  (zarr v3 sharding spec): the shard holds its stored inner chunks back to back, then an index of
+  ``chunks_per_shard`` pairs (offset, nbytes) as little-endian uint64, then the index's crc32c
+  (4 bytes LE; checked with ``google_crc32c``, the library zarr's own crc32c codec uses);
+  (2^64-1, 2^64-1) marks an inner chunk that is not stored; a stored inner chunk is always
+  ``chunk_tokens`` ids (the array's partial last one is padded with the fill value).
+
+Damage and replacement (both paths): the writer stores every token chunk, also all-zero ones
+(``write_empty_chunks``), so a missing shard object or inner chunk is damage, reported as a
+StoreError, never read as the fill value (zarr would). The direct path opens every shard file at
+open and checks its index, that chunks tile the file and the last chunk's padding: every byte of a
+shard is then covered by the crc32c, the token checksum or that padding check. It reads the
+snapshot it opened. zarr's own path reads lazily, so after every zarr read it checks that
+``manifest.json`` still holds the bytes it opened (one small read per block): a store replaced or
+removed while it is read fails in one line rather than mixing two stores. Errors zarr raises on
+damaged objects (decode errors, a bad shard index crc, garbage ``zarr.json``) become one line.
 """
 
 from __future__ import annotations
