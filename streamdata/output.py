@@ -452,6 +452,11 @@ def _sibling(target: _Dir, suffix: str) -> _Dir:
     return _Dir(os.path.join(parent, f".{name}{suffix}"))
 
 
+def _rename(src: str, dst: str) -> None:
+    """One rename of the swap (same file system: atomic). A seam for tests that kill between renames."""
+    os.rename(src, dst)
+
+
 def _finish_swap(target: _Dir) -> None:
     """Complete an overwrite whose new store is sealed in the ``-new`` sibling (see module docstring)."""
     new, old = _sibling(target, _NEW), _sibling(target, _OLD)
@@ -459,8 +464,8 @@ def _finish_swap(target: _Dir) -> None:
     if target.exists():
         if old.exists():
             raise StoreError(f"cannot finish replacing {target.url!r}: {old.root!r} is in the way: move it out and rerun")
-        os.rename(target.root, old.root)
-    os.rename(new.root, target.root)
+        _rename(target.root, old.root)
+    _rename(new.root, target.root)
     fsync_dir(parent)
     _remove_old(old)
 
@@ -479,7 +484,7 @@ def _recover(target: _Dir) -> None:
     if new.exists() and _kind(new) == "store" and not foreign_entries(new):
         _finish_swap(target)
     elif old.exists() and not target.exists() and _kind(old) == "store":
-        os.rename(old.root, target.root)  # the new store never sealed: the old one comes back
+        _rename(old.root, target.root)  # the new store never sealed: the old one comes back
     elif target.exists():
         _remove_old(old)  # the swap finished but the old store was not yet removed
 
@@ -525,13 +530,30 @@ def lock_output(target: str | os.PathLike, storage_options: dict | None = None) 
     """
     d = _Dir(target, storage_options)
     if not d.local:
+        _inspect(d)
         return None
     parent = Path(d.root).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output {d.url!r} ({e.strerror}): choose a writable output") from None
-    return _Lock(parent / f".{Path(d.root).name}{_LOCK}", f"output {d.url!r}")
+    lock = _Lock(parent / f".{Path(d.root).name}{_LOCK}", f"output {d.url!r}")
+    try:
+        _inspect(d)  # refuse a foreign target now, before the caller spends time on its source
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _inspect(d: _Dir) -> str:
+    """Recover an interrupted swap (local, under the lock), then classify ``d``; refuse what is not ours."""
+    if d.local:
+        _recover(d)
+    kind = _kind(d)
+    if kind != "absent":
+        _refuse_foreign(d, kind)
+    return kind
 
 
 def prepare_output(
@@ -557,18 +579,17 @@ def prepare_output(
         target_dir = _Dir(target, storage_options)
         out = Output(target_dir, settings)
         out.ledger.sources = sources
-        out._lock = lock if lock is not None else lock_output(target, storage_options)
+        if lock is None:
+            lock = lock_output(target, storage_options)
+        out._lock = lock
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     try:
-        if target_dir.local:
-            _recover(target_dir)
-        kind = _kind(target_dir)
+        kind = _inspect(target_dir)
         if kind == "absent":
             return _start(out, target_dir, created=not target_dir.exists())
-        _refuse_foreign(target_dir, kind)
         if kind == "build":
             if overwrite:
                 _clear(target_dir)  # an unfinished build is not a store: nothing to protect
