@@ -98,7 +98,14 @@ class PeakMemory:
     """
 
     def __init__(self, device):
-        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        import torch
+
+        dev = torch.device(device)
+        self.cuda = dev.type == "cuda"
+        # Trap: without a device argument the cuda memory calls measure the *current* device
+        # (cuda:0 by default), not the one benchmarked on cuda:N.
+        self.device = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index) \
+            if self.cuda else dev
         self.device_bytes: int | None = None
         self.rss_bytes: int | None = None
         self.rss_exact = True
@@ -107,9 +114,9 @@ class PeakMemory:
         import torch
 
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._dev0 = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._dev0 = torch.cuda.memory_allocated(self.device)
         else:
             trim_heap()
         self.rss_exact = reset_peak_rss()
@@ -120,8 +127,8 @@ class PeakMemory:
         import torch
 
         if self.cuda:
-            torch.cuda.synchronize()
-            self.device_bytes = torch.cuda.max_memory_allocated() - self._dev0
+            torch.cuda.synchronize(self.device)
+            self.device_bytes = torch.cuda.max_memory_allocated(self.device) - self._dev0
         hwm = proc_status_kb("VmHWM")
         if hwm is not None and self._rss0 is not None:
             self.rss_bytes = max(0, hwm - self._rss0) * 1024

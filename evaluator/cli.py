@@ -1,8 +1,11 @@
 """``streameval`` command line: a thin layer over :class:`evaluator.StreamingEvaluator`.
 
     streameval run STORE --model M [--chunk-size N] [--overlap N] [--mode M] [--batch-size N|auto]
-                   [--device D] [--dtype T] [--max-tokens N] [--out DIR]
+                   [--device D] [--dtype T] [--max-tokens N] [--out DIR [--checkpoint-interval S] [--overwrite]]
     streameval demo [--out DIR] [--max-tokens N]
+
+With ``--out DIR`` a run is crash-safe: DIR keeps a checkpoint (evaluator/checkpoint.py) and the
+same command resumes after a crash; the report files appear only when the run is complete.
 
 Exit codes: 0 success; 2 bad input (one line on stderr); 130 interrupted.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +68,12 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
     p.add_argument("--per-token", action="store_true", help="write per-token losses (float32) to OUT/per_token_losses.f32")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="with --out: seconds between checkpoints, at batch boundaries (default: %(default)g); "
+                        "0: only the final one. Rerunning the same command resumes an interrupted run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out: remove this tool's checkpoint and report files there (no others)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,14 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PER_TOKEN = "per_token_losses.f32"
+
+
 def _config(a: argparse.Namespace):
     from .config import StreamingEvalConfig
 
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, max_tokens=a.max_tokens, device=a.device, verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
-        per_token_path=str(Path(a.out) / "per_token_losses.f32") if (a.per_token and a.out) else None,
+        per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
+        checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval,
     )
+
+
+def _prepare_out(out: str | None, overwrite: bool) -> None:
+    """Check --out before any work: a folder we can write, holding no other run's report."""
+    from .checkpoint import CHECKPOINT_NAME, PROGRESS_NAME
+    from .report import REPORT_FILES
+
+    if out is None:
+        if overwrite:
+            raise EvaluatorError("--overwrite applies to --out DIR: pass --out, or drop --overwrite")
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise EvaluatorError(f"--out {out!r} is a file, not a folder: choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".streameval-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise EvaluatorError(f"--out {out!r} is not a writable folder ({e.strerror}): choose another --out") from None
+    ours = [*REPORT_FILES, CHECKPOINT_NAME, PROGRESS_NAME, _PER_TOKEN, _PER_TOKEN + ".partial"]
+    if overwrite:
+        for name in ours:  # only the files this tool writes: nothing else in the folder is touched
+            (path / name).unlink(missing_ok=True)
+    elif (path / "results.json").exists() and not (path / CHECKPOINT_NAME).exists():
+        raise EvaluatorError(f"--out {out!r} holds the report of an earlier run without its checkpoint: "
+                             "pass --overwrite to replace it, or choose another --out")
 
 
 def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
@@ -105,16 +146,18 @@ def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
     from .engine import StreamingEvaluator
     from .report import format_table, write_report
 
-    cfg = _config(a)
     if a.per_token and not a.out:
         raise EvaluatorError("--per-token needs --out DIR (the losses go to a memory-mapped file there)")
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
+    cfg = _config(a)  # settings are checked before the folder and the model are touched
+    _prepare_out(a.out, a.overwrite)
     ev = StreamingEvaluator(model, config=cfg)
     with open_store(store_path) as store:
         res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token)
         print(format_table(res))
         if a.out:
+            if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
+                print(f"report: already complete in {a.out} (nothing was recomputed)")
+                return 0
             files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store,
                                  model=ev.adapter.describe(), plots=not a.no_plots)
             print(f"report: {', '.join(str(f) for f in files.values())}")

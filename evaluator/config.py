@@ -26,9 +26,10 @@ class StreamingEvalConfig:
     the rest are additions. Units: tokens unless said otherwise.
     """
 
-    # Window length L: inputs x[s:s+L] predict targets x[s+1:s+L+1]. None: the model's context
-    # length from its config (n_positions, max_position_embeddings, ...).
-    chunk_size: int | None = 8192
+    # Window length L: inputs x[s:s+L] predict targets x[s+1:s+L+1]. None (the default, for every
+    # entry point): the model's context length from its config (n_positions,
+    # max_position_embeddings, ...); a model without one needs an explicit chunk_size.
+    chunk_size: int | None = None
     # Sliding mode only: targets each window re-reads as context (scored by the window before).
     # Windows advance by chunk_size - overlap. Stateful and kv-cache modes carry the whole past
     # instead, so they need overlap == 0.
@@ -62,6 +63,12 @@ class StreamingEvalConfig:
     per_token_path: str | None = None
     # Refuse a store whose tokenizer sha256 differs from the model's when both are known.
     check_tokenizer: bool = True
+    # Crash-safe runs: a folder for checkpoint.pt (see evaluator/checkpoint.py). A rerun with the
+    # same data, model and settings resumes from it and gives the uninterrupted result; another
+    # run's checkpoint there is refused. None: no checkpoint.
+    checkpoint_dir: str | None = None
+    # Seconds between checkpoints (written at batch boundaries, and once at the end); 0: only at the end.
+    checkpoint_interval: float = 60.0
 
     def __post_init__(self):
         if self.chunk_size is not None:
@@ -101,6 +108,11 @@ class StreamingEvalConfig:
             raise ConfigError(f"bos={b!r} must be None/'none', 'model', 'eos' or a token id >= 0")
         if self.device is not None and not isinstance(self.device, str):
             self.device = str(self.device)  # accept torch.device
+        ci = self.checkpoint_interval
+        if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not ci >= 0:
+            raise ConfigError(f"checkpoint_interval={ci!r} must be a number of seconds >= 0 (0: only at the end)")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
 
 
 def resolve_device(spec: str | None):
@@ -108,7 +120,7 @@ def resolve_device(spec: str | None):
     import torch
 
     if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
@@ -119,6 +131,10 @@ def resolve_device(spec: str | None):
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise ConfigError(f"device={spec!r} is not available (this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1})")
+        if dev.index is None:
+            # Always an explicit index: streams, events and memory queries then name one device
+            # instead of whichever is current in the calling thread.
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError(f"device={spec!r} is not available (no Apple MPS backend here): pass device='cpu' or leave it unset")

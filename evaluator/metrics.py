@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .models import ForwardOutput
 
@@ -79,25 +78,35 @@ def token_nll(out: ForwardOutput, targets: torch.Tensor, flat_idx: torch.Tensor,
 
     Only ``loss_slice`` rows of [tokens, vocab] logits exist at a time, in fp32: with hidden states
     the head runs per slice (so the model's own logits are never built); with full logits only the
-    fp32 upcast and log-softmax are sliced. Positions that are padding or context-only are never
-    sent through the head at all.
+    fp32 upcast is sliced. Positions that are padding or context-only are never sent through the
+    head at all.
     """
     m = flat_idx.numel()
     tg = targets.reshape(-1).index_select(0, flat_idx)
     nll = torch.empty(m, dtype=torch.float32, device=targets.device)
-    if out.logits is None:
-        h = out.hidden
-        rows = h.reshape(-1, h.shape[-1])
-        for i in range(0, m, loss_slice):
-            logits = out.head(rows.index_select(0, flat_idx[i : i + loss_slice])).float()
-            nll[i : i + loss_slice] = F.cross_entropy(logits, tg[i : i + loss_slice], reduction="none")
-    else:
-        lg = out.logits
-        rows = lg.reshape(-1, lg.shape[-1])
-        for i in range(0, m, loss_slice):
-            logits = rows.index_select(0, flat_idx[i : i + loss_slice]).float()
-            nll[i : i + loss_slice] = F.cross_entropy(logits, tg[i : i + loss_slice], reduction="none")
+    hidden = out.logits is None
+    rows = (out.hidden if hidden else out.logits).flatten(0, -2)
+    for i in range(0, m, loss_slice):
+        idx = flat_idx[i : i + loss_slice]
+        # A fresh fp32 slice that _nll_inplace may overwrite. The low-precision slice (the head's
+        # output or the index_select) is a temporary of this expression, freed as soon as it ends.
+        z = (out.head(rows.index_select(0, idx)) if hidden else rows.index_select(0, idx)).float()
+        nll[i : i + loss_slice] = _nll_inplace(z, tg[i : i + loss_slice])
+        del z
     return nll
+
+
+def _nll_inplace(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """NLL = logsumexp(z) - z[target] per row of fp32 logits ``z`` [rows, vocab]; overwrites ``z``.
+
+    Memory: the max-shift and exp run in place, so a slice costs one fp32 [rows, vocab] (plus the
+    low-precision slice while it is upcast); ``cross_entropy`` would add a second fp32 copy (its
+    log-softmax output).
+    """
+    picked = z.gather(1, target[:, None]).squeeze(1)
+    zmax = z.amax(dim=1, keepdim=True)
+    lse = z.sub_(zmax).exp_().sum(dim=1).log_().add_(zmax.squeeze(1))
+    return lse - picked
 
 
 # ---- sums on the device -----------------------------------------------------------------------
@@ -123,22 +132,46 @@ class MetricSums:
     def add(self, nll: torch.Tensor, count: int, windows: torch.Tensor | None = None,
             docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
         """Add ``count`` scored targets (``nll`` fp32 [count]) with their window, document and position."""
+        # Every allocation first, then the in-place updates: an out-of-memory error raised here
+        # leaves the sums as they were, never half-updated.
         n64 = nll.double()
-        self.nll += n64.sum()
-        self.tokens += count
+        total = n64.sum()
         if self.detailed:
             ones = torch.ones_like(windows)
+            b = torch.bucketize(positions, self.edges, right=True)  # pos p -> i with edges[i-1] <= p < edges[i]
+        self.nll += total
+        self.tokens += count
+        if self.detailed:
             self.window_nll.index_add_(0, windows, n64)
             self.window_tokens.index_add_(0, windows, ones)
             self.doc_nll.index_add_(0, docs, n64)
             self.doc_tokens.index_add_(0, docs, ones)
-            b = torch.bucketize(positions, self.edges, right=True)  # pos p -> i with edges[i-1] <= p < edges[i]
             self.bucket_nll.index_add_(0, b, n64)
             self.bucket_tokens.index_add_(0, b, ones)
 
     def total(self) -> tuple[float, int]:
         """(sum NLL, tokens): one device sync."""
         return float(self.nll.item()), self.tokens
+
+    _STATE = ("nll", "window_nll", "window_tokens", "doc_nll", "doc_tokens", "bucket_nll", "bucket_tokens")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every sum as a CPU tensor (exact float64/int64 copies) plus the token count: a checkpoint."""
+        out: dict[str, Any] = {"tokens": self.tokens}
+        for k in self._STATE:
+            if hasattr(self, k):
+                out[k] = getattr(self, k).cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the same values, so later additions give bit-identical sums."""
+        for k in self._STATE:
+            if hasattr(self, k):
+                mine = getattr(self, k)
+                if k not in state or tuple(state[k].shape) != tuple(mine.shape) or state[k].dtype != mine.dtype:
+                    raise ValueError(f"checkpoint sums {k!r} do not match this run's shape/dtype")
+                mine.copy_(state[k])
+        self.tokens = int(state["tokens"])
 
     def host(self) -> dict[str, np.ndarray]:
         """All detailed sums as numpy arrays (one sync per array, at the end only)."""
@@ -153,27 +186,62 @@ class PerTokenWriter:
 
     Element i is the i-th scored target in the order the semantics define (stream/document order,
     position order within it); nothing per token is ever held in a Python list.
+
+    A named file is written as ``PATH.partial`` and renamed to ``PATH`` only by :meth:`finish`, so
+    a file at ``PATH`` is always complete; ``filled`` > 0 continues a checkpointed ``.partial``
+    file. Without a path the file is an anonymous temporary: it is unlinked by :meth:`finish` (the
+    returned memmap stays readable: the mapping keeps the data) and by :meth:`discard` on errors,
+    so nothing is left on disk either way.
     """
 
-    def __init__(self, path: str | None, total: int):
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
-            os.close(fd)
-        self.path = str(path)
+    def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0):
         self.total = total
-        self.filled = 0
-        self._mm = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(max(1, total),))
+        self.filled = filled
+        if path is None:
+            fd, tmp = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
+            os.close(fd)
+            self.path, self._file = None, tmp
+        else:
+            self.path = str(path)
+            self._file = self.path + ".partial"
+        shape = (max(1, total),)
+        if filled == total and self.path is not None and not os.path.isfile(self._file) and os.path.isfile(self.path):
+            self._file = self.path  # a finished run resumed from its final checkpoint: already published
+        if filled:
+            if not os.path.isfile(self._file) or os.path.getsize(self._file) != shape[0] * 4:
+                raise ValueError(f"per-token file {self._file!r} is missing or not {shape[0]} float32 values")
+            self._mm = np.memmap(self._file, dtype=np.float32, mode="r+", shape=shape)
+        else:
+            self._mm = np.memmap(self._file, dtype=np.float32, mode="w+", shape=shape)
 
     def write(self, nll: torch.Tensor) -> None:
         n = nll.numel()
         self._mm[self.filled : self.filled + n] = nll.detach().cpu().numpy()  # syncs the device: opt-in cost
         self.filled += n
 
+    def flush(self) -> None:
+        """Make the values written so far durable (before a checkpoint records ``filled``)."""
+        self._mm.flush()
+
     def finish(self) -> np.memmap:
-        """Flush and return a read-only memmap view of the file."""
+        """Flush, publish the file under its final name, and return a read-only memmap of it."""
         self._mm.flush()
         del self._mm
+        if self.path is None:
+            out = np.memmap(self._file, dtype=np.float32, mode="r", shape=(self.total,))
+            os.unlink(self._file)
+            return out
+        os.replace(self._file, self.path)
         return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.total,))
+
+    def discard(self) -> None:
+        """After an error: close; an anonymous temporary file is removed, a ``.partial`` one kept
+        (a checkpointed run resumes into it; it never looks complete)."""
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            del self._mm
+        if self.path is None and os.path.exists(self._file):
+            os.unlink(self._file)
 
 
 def summarize_chunks(window_nll: np.ndarray, window_tokens: np.ndarray) -> dict[str, Any]:

@@ -45,11 +45,14 @@ __all__ = [
     "ModuleAdapter",
     "StatefulModuleAdapter",
     "HFAdapter",
+    "HFAttentionAdapter",
+    "HFRecurrentAdapter",
     "load_model",
     "wrap_model",
 ]
 
-# The embedded default model (trained by ``python -m evaluator.train_default``).
+# The embedded default model (trained by ``python -m evaluator.assets.default.train``, which lives
+# beside it). Its tokenizer is streamdata's bundled one (``--tokenizer default``): one copy.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 
 # Config attributes that name a model's context length, most specific first.
@@ -110,6 +113,19 @@ def _clone_tree(x: Any) -> Any:
     return x
 
 
+def _tree_to(x: Any, device: torch.device) -> Any:
+    """A copy of a state tree (tensor, tuple/list/dict of them, or None) with its tensors on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device, copy=True)
+    if isinstance(x, tuple):
+        return tuple(_tree_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_tree_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _tree_to(v, device) for k, v in x.items()}
+    return x
+
+
 class ModelAdapter:
     """The engine's view of a model. Subclasses implement the modes they list in ``modes``."""
 
@@ -153,6 +169,11 @@ class ModelAdapter:
     def supports_kv_cache(self) -> bool:
         return "kv-cache" in self.modes
 
+    @property
+    def full_logits(self) -> bool:
+        """True when a forward returns [B, T, vocab] logits (no hidden states + head to slice)."""
+        return True
+
     # ---- sliding: rows are independent sequences starting from an empty context ----------
     def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
         return ForwardOutput(logits=_extract_logits(self.module(inputs)))
@@ -170,6 +191,20 @@ class ModelAdapter:
 
     def restore(self, snap: Any) -> None:
         pass
+
+    # ---- checkpoints: the carried state as plain tensors on the host -----------------------
+    def save_state(self) -> Any:
+        """The carried state (after the last chunk) as a tree of CPU tensors (tuple/list/dict),
+        for a checkpoint; ``load_state`` puts it back. None when nothing is carried."""
+        return None
+
+    def load_state(self, state: Any) -> None:
+        if state is not None:
+            raise ModelError(f"model {self.name} carries no state, but the checkpoint holds one: start over with --overwrite")
+
+    def kv_cache_check(self) -> tuple[bool, str]:
+        """(usable, why): whether a carried cache reproduces the full forward on this device."""
+        return False, f"{self.kind} models carry no KV cache"
 
 
 class ModuleAdapter(ModelAdapter):
@@ -201,39 +236,36 @@ class StatefulModuleAdapter(ModelAdapter):
     def restore(self, snap: Any) -> None:
         self.module.set_state(_clone_tree(snap))
 
+    def save_state(self) -> Any:
+        return _tree_to(self.module.get_state(), torch.device("cpu"))
+
+    def load_state(self, state: Any) -> None:
+        self.module.set_state(_tree_to(state, self.device))
+
 
 class HFAdapter(ModelAdapter):
-    """A transformers causal LM. Attention models: sliding + kv-cache; RWKV: sliding + stateful."""
+    """What every transformers causal LM shares: vocabulary, the body/head split, sliding windows.
+    Use :func:`wrap_model`, which picks :class:`HFAttentionAdapter` or :class:`HFRecurrentAdapter`."""
 
     kind = "transformers"
 
     def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
         super().__init__(model, name or getattr(model, "name_or_path", None) or type(model).__name__, tokenizer_sha256)
-        cfg = model.config
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if isinstance(emb, nn.Embedding):  # ids must index the input table (may exceed config.vocab_size)
             self.vocab_size = int(emb.num_embeddings)
-        self.model_type = str(getattr(cfg, "model_type", ""))
-        self.recurrent = self.model_type in _RECURRENT_HF
-        if self.recurrent:
-            self.kind, self.modes = "transformers-recurrent", ("sliding", "stateful")
-            self.max_positions = None  # RWKV has no position table: context_length is only the default chunk
-        else:
-            self.kind, self.modes = "transformers-attention", ("sliding", "kv-cache")
+        self.model_type = str(getattr(model.config, "model_type", ""))
         body = getattr(model, "base_model", None)
         self.body = body if isinstance(body, nn.Module) and body is not model else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = head if isinstance(head, nn.Module) else None
-        self.split = False  # set by prepare(): body + per-slice head reproduces the logits
+        self.split = False  # set by to(): body + per-slice head reproduces the logits
         fwd = self.body.forward if self.body is not None else model.forward
         params = inspect.signature(fwd).parameters
         full_params = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values -> cache; support both spellings.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._full_cache_arg = "cache" if "cache" in full_params else "past_key_values"
-        self.cache = None
-        self.state = None
-        self._kv_ok: dict[str, bool] = {}
 
     def to(self, device: torch.device) -> "HFAdapter":
         super().to(device)
@@ -257,10 +289,14 @@ class HFAdapter(ModelAdapter):
         if split.shape == full.shape:
             self.split = _close(split, full)
 
+    @property
+    def full_logits(self) -> bool:
+        return not self.split
+
     def _body(self, x: torch.Tensor, **kw: Any) -> Any:
         return self.body(input_ids=x, **kw)
 
-    def _out(self, x: torch.Tensor, **kw: Any) -> ForwardOutput:
+    def _out(self, x: torch.Tensor, **kw: Any) -> tuple[ForwardOutput, Any]:
         if self.split:
             out = self._body(x, **kw)
             return ForwardOutput(hidden=out.last_hidden_state, head=self.head), out
@@ -272,17 +308,27 @@ class HFAdapter(ModelAdapter):
         # (padded) ones, and padded targets are not scored.
         return self._out(inputs, use_cache=False)[0]
 
+    @staticmethod
+    def _logits(o: ForwardOutput) -> torch.Tensor:
+        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+
+
+class HFAttentionAdapter(HFAdapter):
+    """A transformers attention model: sliding windows, or a DynamicCache carried across chunks
+    (``kv-cache``: exact full-context evaluation while a stream fits the model's positions)."""
+
+    kind = "transformers-attention"
+    modes = ("sliding", "kv-cache")
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.cache = None
+        self._kv_ok: dict[str, tuple[bool, str]] = {}
+
     def begin_stream(self) -> None:
-        if self.recurrent:
-            self.state = None
-        else:
-            self.cache = _new_dynamic_cache(self.module.config)
+        self.cache = _new_dynamic_cache(self.module.config)
 
     def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
-        if self.recurrent:
-            res, out = self._out(inputs, state=self.state, use_cache=True)
-            self.state = out.state  # RWKV updates the state tensors in place and returns them
-            return res
         if self.max_positions is not None:
             used = self.cache.get_seq_length()
             if used + inputs.shape[1] > self.max_positions:
@@ -296,15 +342,10 @@ class HFAdapter(ModelAdapter):
             self.cache = new
         return res
 
-    def snapshot(self) -> Any:
-        if self.recurrent:
-            return _clone_tree(self.state)
+    def snapshot(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
-    def restore(self, snap: Any) -> None:
-        if self.recurrent:
-            self.state = _clone_tree(snap)
-            return
+    def restore(self, snap: int) -> None:
         extra = self.cache.get_seq_length() - snap
         if extra > 0:
             if snap == 0:
@@ -316,20 +357,36 @@ class HFAdapter(ModelAdapter):
             # (5.x refuses the positive "new length" form).
             self.cache.crop(-extra)
 
-    def verify_kv_cache(self) -> bool:
-        """True when feeding 8 tokens as 4 + 4 with a carried cache reproduces one forward of 8
-        (checked once per device)."""
-        if self.recurrent:
-            return False
+    def save_state(self) -> Any:
+        if self.cache is None:
+            return None
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise ModelError(
+                f"model {self.name}'s cache ({type(self.cache).__name__}) has layers other than full-attention "
+                "DynamicLayer, which a checkpoint cannot restore exactly: pass --checkpoint-interval 0"
+            )
+        return [(layer.keys.cpu(), layer.values.cpu()) if getattr(layer, "keys", None) is not None else None
+                for layer in layers]
+
+    def load_state(self, state: Any) -> None:
+        self.begin_stream()
+        for i, kv in enumerate(state or []):
+            if kv is not None:
+                self.cache.update(kv[0].to(self.device), kv[1].to(self.device), i)
+
+    def kv_cache_check(self) -> tuple[bool, str]:
+        """Feeding 8 tokens as 4 + 4 with a carried cache must reproduce one forward of 8 (checked
+        once per device). The reason says why not, e.g. the exception a model raised."""
         key = str(self.device)
-        if self._kv_ok.get(key) is None:
-            self._kv_ok[key] = self._verify_kv_cache()
+        if key not in self._kv_ok:
+            self._kv_ok[key] = self._check_kv_cache()
         return self._kv_ok[key]
 
-    def _verify_kv_cache(self) -> bool:
+    def _check_kv_cache(self) -> tuple[bool, str]:
         n = 8 if self.max_positions is None else min(8, self.max_positions)
         if n < 2:
-            return False
+            return False, f"the model has only {self.max_positions} positions"
         x = torch.arange(n, device=self.device).remainder(self.vocab_size or n)[None]
         with torch.inference_mode():
             try:
@@ -337,15 +394,47 @@ class HFAdapter(ModelAdapter):
                 self.begin_stream()
                 a = self._logits(self.forward_stream(x[:, : n // 2]))
                 b = self._logits(self.forward_stream(x[:, n // 2 :]))
-            except Exception:  # noqa: BLE001 - a model that cannot take a DynamicCache
-                return False
+            except Exception as e:  # noqa: BLE001 - any failure means: this model cannot carry a DynamicCache
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                return False, f"a forward with a carried DynamicCache raised {type(e).__name__}: {first}"
             finally:
                 self.cache = None
-        return _close(torch.cat([a, b], dim=1), full)
+        if not _close(torch.cat([a, b], dim=1), full):
+            return False, "logits with a carried DynamicCache differ from one full forward"
+        return True, "a carried DynamicCache reproduces the full forward"
 
-    @staticmethod
-    def _logits(o: ForwardOutput) -> torch.Tensor:
-        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+
+class HFRecurrentAdapter(HFAdapter):
+    """A transformers recurrent model (RWKV: its ``state`` is passed back in): sliding windows, or
+    the state carried across chunks (``stateful``). No position table: any stream length."""
+
+    kind = "transformers-recurrent"
+    modes = ("sliding", "stateful")
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.max_positions = None  # context_length is only the default chunk
+        self.state = None
+
+    def begin_stream(self) -> None:
+        self.state = None
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        res, out = self._out(inputs, state=self.state, use_cache=True)
+        self.state = out.state  # RWKV updates the state tensors in place and returns them
+        return res
+
+    def snapshot(self) -> Any:
+        return _clone_tree(self.state)
+
+    def restore(self, snap: Any) -> None:
+        self.state = _clone_tree(snap)
+
+    def save_state(self) -> Any:
+        return _tree_to(self.state, torch.device("cpu"))
+
+    def load_state(self, state: Any) -> None:
+        self.state = _tree_to(state, self.device)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -373,6 +462,11 @@ def _is_hf_model(m: Any) -> bool:
         return False
 
 
+def _hf_adapter(model: nn.Module, name: str | None, tokenizer_sha256: str | None) -> HFAdapter:
+    recurrent = str(getattr(model.config, "model_type", "")) in _RECURRENT_HF
+    return (HFRecurrentAdapter if recurrent else HFAttentionAdapter)(model, name, tokenizer_sha256)
+
+
 def wrap_model(model: Any, name: str | None = None, tokenizer_sha256: str | None = None) -> ModelAdapter:
     """Adapter for an in-memory model (nn.Module, transformers model, or an adapter)."""
     if isinstance(model, ModelAdapter):
@@ -380,7 +474,7 @@ def wrap_model(model: Any, name: str | None = None, tokenizer_sha256: str | None
     if not isinstance(model, nn.Module):
         raise ModelError(f"cannot evaluate a {type(model).__name__}: pass an nn.Module, a transformers model, a hub id/folder or package.module:factory")
     if _is_hf_model(model):
-        return HFAdapter(model, name, tokenizer_sha256)
+        return _hf_adapter(model, name, tokenizer_sha256)
     if all(callable(getattr(model, a, None)) for a in ("get_state", "set_state", "reset_state")):
         return StatefulModuleAdapter(model, name, tokenizer_sha256)
     return ModuleAdapter(model, name, tokenizer_sha256)
@@ -420,8 +514,14 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
     s = os.fspath(spec)
     if s == "default":
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise ModelError(f"the embedded default model is missing from {str(DEFAULT_MODEL_DIR)!r}: run 'python -m evaluator.train_default'")
-        s = str(DEFAULT_MODEL_DIR)
+            raise ModelError(f"the embedded default model is missing from {str(DEFAULT_MODEL_DIR)!r}: "
+                             "run 'python -m evaluator.assets.default.train'")
+        from streamdata.tokenize import DEFAULT_TOKENIZER
+
+        adapter = load_model(str(DEFAULT_MODEL_DIR), dtype=dtype)
+        adapter.name = "default"
+        adapter.tokenizer_sha256 = _tokenizer_sha_of_folder(DEFAULT_TOKENIZER)
+        return adapter
     if _FACTORY_RE.match(s) and not os.path.exists(s):
         mod_name, fn_name = s.split(":")
         try:
@@ -448,4 +548,4 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {s!r} ({first}): pass a transformers causal LM folder or hub id, or package.module:factory") from None
     sha = _tokenizer_sha_of_folder(local) if local.is_dir() else _tokenizer_sha_of_hub(s)
-    return HFAdapter(model, name=s, tokenizer_sha256=sha)
+    return _hf_adapter(model, name=s, tokenizer_sha256=sha)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -26,14 +27,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["format_table", "write_report", "versions"]
+__all__ = ["REPORT_FILES", "format_table", "write_report", "versions"]
+
+#: Every file name the report stage writes (``--overwrite`` removes these and no others).
+REPORT_FILES = ("results.json", "chunks.csv", "documents.csv", "positions.csv", "perplexity_per_chunk.png",
+                "loss_by_position.png")
 
 _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
     "num_documents", "total_bytes", "total_words", "byte_metric_documents", "total_time", "tokens_per_second",
     "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
     "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
-    "per_token_path",
+    "per_token_path", "mode_reason", "resumed_from_window",
 )
 
 
@@ -94,12 +99,18 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _write_csv(path: Path, header: list[str], columns: list[Any]) -> None:
-    with open(path, "w", newline="") as f:
+    tmp = _tmp(path)
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for row in zip(*columns):
             w.writerow([_json_safe(x.item() if hasattr(x, "item") else x) for x in row])
+    os.replace(tmp, path)  # a report file is either absent or whole
 
 
 def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any] | None = None,
@@ -119,8 +130,6 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
     payload["versions"] = versions()
     payload["machine"] = {"platform": platform.platform(), "processor": platform.machine(), "argv": sys.argv}
     payload["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    files["results"] = out / "results.json"
-    files["results"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
     if res.get("chunk_losses") is not None:
         n = len(res["chunk_losses"])
@@ -144,6 +153,11 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
                    [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"]])
     if plots:
         files.update(_plots(res, out))
+    # results.json last: its presence means the report is complete
+    files["results"] = out / "results.json"
+    tmp = _tmp(files["results"])
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, files["results"])
     return files
 
 
@@ -169,7 +183,8 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend()
         fig.tight_layout()
         files["plot_chunks"] = out / "perplexity_per_chunk.png"
-        fig.savefig(files["plot_chunks"], dpi=120)
+        fig.savefig(_tmp(files["plot_chunks"]), dpi=120, format="png")
+        os.replace(_tmp(files["plot_chunks"]), files["plot_chunks"])
         plt.close(fig)
     pos = res.get("position_buckets")
     if pos is not None and len(pos["hi"]):
@@ -183,6 +198,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         files["plot_positions"] = out / "loss_by_position.png"
-        fig.savefig(files["plot_positions"], dpi=120)
+        fig.savefig(_tmp(files["plot_positions"]), dpi=120, format="png")
+        os.replace(_tmp(files["plot_positions"]), files["plot_positions"])
         plt.close(fig)
     return files

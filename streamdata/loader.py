@@ -1,6 +1,6 @@
 """Window loader: stream planned windows out of a token store into device tensors, in bounded memory.
 
-Data path (DESIGN.md "Loader rules")::
+Data path (the rules: docs/design.md "Loader")::
 
     store shards --read_into--> host slot (store dtype: uint16/uint32, pinned on CUDA; a ring
     of ``num_slots`` allocated once) --non_blocking copy on a side CUDA stream--> device slot
@@ -43,13 +43,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .backends import TokenStore, open_store
+from .backends.base import find_id_over
 from .windows import WindowPlan, plan_windows
 
 __all__ = ["WindowBatch", "WindowLoader"]
 
 _THREAD_NAME = "streamdata-loader"
+# Seconds close() waits for a reader thread to exit (a store read can block, e.g. on a network FS).
+_JOIN_TIMEOUT_S = 60.0
 _DEFAULT_BATCH_TOKENS = 1 << 16
 # The reader hints the kernel in steps of at least this many tokens: one madvise/fadvise pair per
 # step instead of one per batch (they cost a syscall each and the page cache works in pages anyway).
@@ -234,6 +237,10 @@ class WindowLoader(_ClosesOnExit):
     ``plan.first`` is the full-plan index of its window 0 (so ``plan.length[w - plan.first]`` is
     the length of window ``w``).
     ``max_tokens``: plan as if the store ended there (no target at a position >= it is loaded).
+    ``vocab_size``: when given, the reader checks every span it reads and raises StoreError naming
+    the first id ``>= vocab_size`` and its position, before that batch reaches a model (an
+    embedding lookup with such an id is an IndexError on CPU and a device-side assert that kills
+    the CUDA context). Costs one max() per span on the reader thread.
     ``num_slots``: ring slots / batches read ahead. ``release_behind``: drop the store's pages
     behind the read cursor (bounded memory on stores larger than RAM; pass False to keep a small
     store in the page cache across repeated passes).
@@ -256,19 +263,24 @@ class WindowLoader(_ClosesOnExit):
         num_slots: int = 4,
         release_behind: bool = True,
         max_tokens: int | None = None,
+        vocab_size: int | None = None,
     ):
         self._owns_store = not isinstance(store, TokenStore)
         self.store = open_store(store) if self._owns_store else store
         try:
             self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
-                        prepend_bos_id, num_slots, release_behind, max_tokens)
+                        prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
-               prepend_bos_id, num_slots, release_behind, max_tokens) -> None:
+               prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size) -> None:
         self.device = _resolve_device(device)
+        if vocab_size is not None:
+            vocab_size = _check_int("vocab_size", vocab_size, 1, "pass the model's vocabulary size, or None")
+        #: ids >= this are refused by the reader (None: not checked)
+        self.vocab_size = vocab_size
         if prepend_bos_id is not None:
             prepend_bos_id = _check_int("prepend_bos_id", prepend_bos_id, 0, "pass the tokenizer's BOS id, or None")
         if max_tokens is not None:
@@ -357,6 +369,15 @@ class _Ring:
     """Host slots (pinned on CUDA) and, on CUDA, device slots + events. Allocated once per loader."""
 
     def __init__(self, device: torch.device, dtype: np.dtype, num_slots: int, span: int, meta: int):
+        # Trap: grad and inference mode are per thread. The ring is allocated by whichever thread
+        # first iterates (often inside the caller's ``torch.inference_mode()``), but the reader
+        # thread writes into it with ``copy_``; an inference tensor may not be modified outside
+        # inference mode, so allocating it there made the reader fail on the first CUDA batch.
+        # Plain tensors can be read and written in any mode, by any thread.
+        with torch.inference_mode(False):
+            self._allocate(device, dtype, num_slots, span, meta)
+
+    def _allocate(self, device: torch.device, dtype: np.dtype, num_slots: int, span: int, meta: int) -> None:
         self.device, self.np_dtype = device, dtype
         self.cuda = device.type == "cuda"
         bits = _BITS_DTYPE[dtype]
@@ -420,9 +441,10 @@ class _Pipeline:
         self.device = loader.device
         self.bos_id = loader.bos_id
         self.release_behind = loader.release_behind
-        # The numpy backend's read_into is a numpy slice assignment, which widens uint16/uint32 into
-        # an int64 buffer exactly, in the same pass as the copy. Other backends get a buffer of the
-        # store's dtype, as the TokenStore contract says.
+        self.vocab_size = loader.vocab_size
+        # Backends whose read_into is a numpy slice assignment (npy, raw .bin, memory) declare
+        # widening_reads: they widen uint16/uint32 into an int64 buffer exactly, in the same pass
+        # as the copy. Others get a buffer of the store's dtype, as the TokenStore contract says.
         self.widening_reads = self.store.widening_reads
         self.L, self.O = self.plan.chunk_size, self.plan.overlap
         self.mask = _UNSIGNED_MASK[ring.np_dtype]
@@ -440,7 +462,10 @@ class _Pipeline:
     def _run(self) -> None:
         try:
             if self.ring.cuda:
-                with torch.cuda.device(self.device), torch.cuda.stream(self.ring.side_stream):
+                # A new thread starts outside inference mode, which is the mode the ring (plain
+                # tensors, see _Ring) is written in; stated here so no caller's mode leaks in.
+                with torch.inference_mode(False), torch.cuda.device(self.device), \
+                        torch.cuda.stream(self.ring.side_stream):
                     self._produce(self._emit_cuda)
             else:
                 self._produce(self._emit_host)
@@ -496,10 +521,21 @@ class _Pipeline:
             # straight into the int64 array that inputs and targets view (no slot, no second copy).
             wide = np.empty(hi - lo, np.int64)
             self.store.read_into(lo, hi, wide)
+            self._check_ids(wide, lo)
             return self._put(self._cut_host(wide, b, lo))
         span = self.ring.host_tok_np[0][: hi - lo]
         self.store.read_into(lo, hi, span)
+        self._check_ids(span, lo)
         return self._put(self._cut_host(span, b, lo))
+
+    def _check_ids(self, span: np.ndarray, lo: int) -> None:
+        bad = find_id_over(span, self.vocab_size)
+        if bad is not None:
+            raise StoreError(
+                f"token id {bad[1]} at position {lo + bad[0]} of store {self.store.path!r} is outside the vocabulary "
+                f"[0, {self.vocab_size}): evaluate with the model of the store's tokenizer, or check the store "
+                "with 'streamdata verify'"
+            )
 
     def _emit_cuda(self, b: int, lo: int, hi: int) -> bool:
         ring = self.ring
@@ -509,6 +545,7 @@ class _Pipeline:
         ring.copied[i].synchronize()  # the DMA out of this host slot (its last copy) has finished
         n = hi - lo
         self.store.read_into(lo, hi, ring.host_tok_np[i][:n])
+        self._check_ids(ring.host_tok_np[i][:n], lo)
         m = self._pack_meta(b, lo, ring.host_meta_np[i])
         side = ring.side_stream  # also the current stream of this thread (see _run)
         side.wait_event(ring.consumed[i])  # the consumer's reads of device slot i are done
@@ -657,15 +694,17 @@ class _Pipeline:
         self.free.put(i)
         return self._cut_device(span, meta, it)
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> bool:
+        """Stop the reader; True once it has exited (False: it is still running, e.g. a hung read)."""
         self.stop.set()
         self.free.put(None)  # wake a reader waiting for a slot
         th = self.thread
         if th.is_alive() and th is not threading.current_thread():
-            th.join(timeout=60)
+            th.join(timeout=_JOIN_TIMEOUT_S)
             if th.is_alive():
-                warnings.warn(f"{th.name} did not stop within 60 s (a store read is hanging?)", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"{th.name} did not stop within {_JOIN_TIMEOUT_S:g} s (a store read is hanging?); "
+                              "its buffers are abandoned, not reused", RuntimeWarning, stacklevel=2)
+        return not th.is_alive()
         # CUDA: copies may still be in flight. Nothing waits for them here: a later iteration reusing
         # the ring orders itself after them (copied/consumed events, same side stream), and freeing
         # the ring is deferred by the caching allocator (record_stream).
@@ -700,7 +739,8 @@ class _LoaderIterator(_ClosesOnExit, Iterator[WindowBatch]):
 
     def close(self) -> None:
         pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            pipe.shutdown()
+        if pipe is not None and pipe.shutdown():
+            # Only a ring whose reader has exited goes back for reuse: a reader still alive (a hung
+            # store read) could later write into a slot that the next iteration is using.
             self._loader._give_ring(self._ring)
 

@@ -1,7 +1,7 @@
 """Window plan: which token windows to read, and which of their targets to score (a pure function).
 
-Semantics (exact; DESIGN.md "Windows: exact semantics")
--------------------------------------------------------
+Semantics (exact; docs/design.md "Windows" states the same rules)
+----------------------------------------------------------------
 We score token *positions*, not windows. A stream of ``N`` tokens ``x[0..N)`` has the targets
 ``t in [1, N)``; target ``t`` is predicted from the logits at position ``t - 1`` and is scored
 exactly once.

@@ -117,7 +117,7 @@ def brute_sliding_nll(model: nn.Module, v: torch.Tensor, L: int, overlap: int) -
     """For every target t of stream v, run the model on exactly the context the window semantics
     give it (from the start of the window that scores t) and return the NLLs in target order.
 
-    Written from DESIGN.md's text, independently of the evaluator's planner: window k starts at
+    Written from the window semantics (streamdata/windows.py docstring), independently of the planner: window k starts at
     k * (L - overlap) and scores targets (s + 1 + (overlap if k else 0)) .. s + L.
     """
     n = len(v)
@@ -155,3 +155,8 @@ class OOMAbove(nn.Module):
             self.raised += 1
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return y
+
+
+def gru_lm():
+    """``tests.evaluator.helpers:gru_lm``: a factory for ``--model`` (deterministic weights)."""
+    return TinyRNN("gru")

@@ -1,4 +1,5 @@
-"""The data stage's windows follow DESIGN.md's semantics for tensors and stores, in both doc modes."""
+"""The data stage's windows follow the window semantics (streamdata/windows.py) for tensors and
+stores, in both doc modes; tensors and stores go through the same loader and give the same batches."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evaluator.data import WindowSpec, expected_scored, open_data
+from evaluator.data import EvalData, WindowSpec, open_data
 
 from .helpers import V
 
 
-def _collect(ed, spec, backend="auto"):
+def _collect(ed, spec):
     """(target id, doc, position in doc) of every scored target, in order."""
     out = []
-    windows = ed.windows(spec, torch.device("cpu"), backend)
+    windows = ed.windows(spec, torch.device("cpu"))
     try:
         assert len(windows.plan) == sum(int(b.num_windows) for b in windows)
         for b in windows:
@@ -48,30 +49,27 @@ def _reference(docs, doc_mode, bos, max_tokens):
     return out
 
 
-@pytest.fixture(params=["fallback", "loader"])
-def backend(request):
-    """Stores go through streamdata's WindowLoader when it is installed, and through the in-memory
-    fallback; both must follow the same semantics."""
-    if request.param == "loader":
-        pytest.importorskip("streamdata.loader")
-    return request.param
-
-
 docs_st = st.lists(st.lists(st.integers(0, V - 1), min_size=0, max_size=30), min_size=1, max_size=6)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=docs_st, chunk=st.integers(1, 12), ov=st.integers(0, 11), doc_mode=st.sampled_from(["stream", "document"]),
        bos=st.sampled_from([None, 5]), batch=st.integers(1, 4), cut=st.one_of(st.none(), st.integers(2, 100)))
-def test_store_windows_score_every_target_once(make_store, backend, docs, chunk, ov, doc_mode, bos, batch, cut):
+def test_store_and_tensor_windows_score_every_target_once(make_store, docs, chunk, ov, doc_mode, bos, batch, cut):
     ov = min(ov, chunk - 1)
     path = make_store(docs, vocab_size=V)
     spec = WindowSpec(chunk_size=chunk, overlap=ov, doc_mode=doc_mode, batch_windows=batch, bos_id=bos, max_tokens=cut)
+    want = _reference(docs, doc_mode, bos, cut)
     with open_data(path) as ed:
-        got = _collect(ed, spec, backend)
-        want = _reference(docs, doc_mode, bos, cut)
-        assert got == want
-        assert expected_scored(ed.doc_offsets, doc_mode, bos is not None, cut) == len(want)
+        assert _collect(ed, spec) == want
+        windows = ed.windows(spec, torch.device("cpu"))
+        assert windows.num_scored == len(want)
+        windows.close()
+    # the same ids and document index given in memory: the same targets
+    flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+    off = np.cumsum([0] + [len(d) for d in docs])
+    with EvalData.from_tokens(flat, off) as ed:
+        assert ed.kind == "tensor" and _collect(ed, spec) == want
 
 
 @settings(max_examples=40, deadline=None)
@@ -99,9 +97,14 @@ def test_window_inputs_follow_the_stride():
 
 
 def test_open_data_accepts_arrays_lists_and_2d():
-    for d in (np.arange(10, dtype=np.uint16), list(range(10)), torch.arange(10)[None]):
+    dtypes = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64]
+    datas = [np.arange(10, dtype=d) for d in dtypes] + [torch.arange(10, dtype=d) for d in
+             (torch.uint8, torch.int16, torch.int32, torch.int64)] + [list(range(10)), torch.arange(10)[None]]
+    want = _collect(open_data(torch.arange(10)), WindowSpec(chunk_size=4, overlap=1, batch_windows=2))
+    for d in datas:
         ed = open_data(d)
         assert ed.num_tokens == 10 and ed.kind == "tensor"
+        assert _collect(ed, WindowSpec(chunk_size=4, overlap=1, batch_windows=2)) == want, d
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(3, 4, dtype=torch.long), torch.rand(10), "no/such/store", 3.5])

@@ -39,9 +39,10 @@ def test_token_id_outside_vocab_in_tensor():
     msg = _one_line(e)
     assert f"token id {V + 3} at position 37" in msg and f"[0, {V})" in msg
     assert m.calls == 0
-    x[37] = -1
+    x[37] = -1  # a negative id is refused wherever it is (ids are held unsigned, as in a store)
     with pytest.raises(DataError, match="token id -1 at position 37"):
-        ev.evaluate_streaming(x)
+        ev.evaluate_streaming(x, max_tokens=30)
+    x[37] = 1
     assert ev.evaluate_streaming(x, max_tokens=30)["total_tokens"] == 29  # ids past max_tokens are not read
 
 
@@ -192,3 +193,25 @@ def test_model_errors():
 
     with pytest.raises(ModelError, match="not logits"):
         StreamingEvaluator(Weird(), chunk_size=8, device="cpu", verbose=False).evaluate_streaming(torch.arange(20))
+
+
+@pytest.mark.parametrize("mode", ["sliding", "stateful"])
+def test_a_damaged_store_with_an_id_beyond_the_vocabulary_is_one_line(make_store, mode):
+    """The store declares the model's vocabulary, so nothing is scanned up front; one shard byte was
+    changed afterwards to an id >= vocab. Used to be an IndexError traceback from the embedding (on
+    CUDA a device-side assert); now the loader's check names the id and its position."""
+    from streamdata.errors import StreamdataError
+
+    from .helpers import TinyRNN
+
+    path = make_store([list(range(50)), list(range(40))], vocab_size=V, shard_tokens=1000)
+    shard = next((path / "shards").glob("*.bin"))
+    raw = bytearray(shard.read_bytes())
+    raw[2 * 70 : 2 * 71] = (V + 5).to_bytes(2, "little")  # token 70 (uint16 store)
+    shard.write_bytes(bytes(raw))
+    model = CountingBigram() if mode == "sliding" else TinyRNN("gru")
+    ev = StreamingEvaluator(model, chunk_size=16, device="cpu", verbose=False, mode=mode)
+    with pytest.raises(StreamdataError) as e:
+        ev.evaluate_streaming(path)
+    msg = _one_line(e)
+    assert f"token id {V + 5} at position 70 of store" in msg and f"[0, {V})" in msg and "streamdata verify" in msg

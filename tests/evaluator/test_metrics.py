@@ -167,7 +167,51 @@ def test_progress_lines(capsys):
     x = torch.randint(0, V, (200,))
     StreamingEvaluator(Bigram(), chunk_size=10, device="cpu", batch_size=2, verbose=True).evaluate_streaming(x, log_interval=5)
     err = capsys.readouterr().err.strip().splitlines()
-    assert [line.split()[2] for line in err] == ["6/20", "10/20", "16/20", "20/20"]
+    assert err[0].startswith("[streameval] mode sliding (auto: ")  # auto's choice, and why
+    assert [line.split()[2] for line in err[1:]] == ["6/20", "10/20", "16/20", "20/20"]
+
+
+def _evaluate_with_stderr(stream, monkeypatch):
+    monkeypatch.setattr("sys.stderr", stream)
+    x = torch.randint(0, V, (400,), generator=torch.Generator().manual_seed(0))
+    StreamingEvaluator(Bigram(), chunk_size=10, device="cpu", batch_size=2, verbose=True).evaluate_streaming(x, log_interval=5)
+    stream.flush()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_pipe(monkeypatch):
+    """A pseudo-terminal gets tqdm's bar (scored tokens, rate, ETA, running loss); a pipe gets
+    plain lines, one per log interval, and no bar control characters."""
+    import os
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    with os.fdopen(slave, "w", buffering=1) as tty:
+        _evaluate_with_stderr(tty, monkeypatch)
+        out = b""
+        while True:
+            import select
+
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                break
+            out += os.read(master, 65536)
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert "streameval:" in text and "399/399" in text and "tok/s" in text and "\r" in text and "loss" in text
+    assert "[streameval] chunk" not in text
+
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as pipe:
+        _evaluate_with_stderr(pipe, monkeypatch)
+    with os.fdopen(r) as f:
+        text = f.read()
+    lines = [line for line in text.splitlines() if line.startswith("[streameval] chunk")]
+    assert len(lines) == 8 and lines[-1].split()[2] == "40/40" and "\r" not in text
 
 
 def test_in_memory_documents_with_counts():

@@ -136,7 +136,8 @@ def test_hf_adapter_facts():
 def test_default_model_is_loadable():
     from evaluator.models import DEFAULT_MODEL_DIR
 
-    assert (DEFAULT_MODEL_DIR / "config.json").is_file(), "the bundled model is missing: python -m evaluator.train_default"
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file(), "the bundled model is missing: python -m evaluator.assets.default.train"
+    assert not (DEFAULT_MODEL_DIR / "tokenizer.json").exists()  # one copy of the tokenizer: streamdata's
     a = load_model("default")
     assert a.kind == "transformers-attention" and a.tokenizer_sha256 is not None
     assert a.vocab_size == 4096 and a.max_positions == 1024
@@ -145,10 +146,9 @@ def test_default_model_is_loadable():
     from streamdata.source import default_corpus_files
     from streamdata.tokenize import load_tokenizer
 
-    tok = load_tokenizer(str(DEFAULT_MODEL_DIR))
-    assert tok.sha256 == a.tokenizer_sha256
-    # streamdata's bundled tokenizer ('--tokenizer default') is the model's, byte for byte
-    assert load_tokenizer("default").sha256 == a.tokenizer_sha256
+    # the default model is paired with streamdata's bundled tokenizer ('--tokenizer default')
+    tok = load_tokenizer("default")
+    assert tok.sha256 == a.tokenizer_sha256 and a.name == "default"
     text = "\n".join(open(f, encoding="utf-8").read() for f in default_corpus_files("eval")[100:103])
     ids = torch.tensor(tok.tokenizer.encode(text).ids[:3000])
     r = StreamingEvaluator("default", chunk_size=512, overlap=128, device="cpu", verbose=False).evaluate_streaming(ids)

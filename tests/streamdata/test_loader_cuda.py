@@ -111,3 +111,74 @@ def test_copies_use_a_pinned_side_stream_overlap_compute_and_never_sync(make_sto
                  and e["name"] in ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaMemcpy")]
         assert syncs.count("cudaDeviceSynchronize") == 1 and syncs.count("cudaStreamSynchronize") == 0, syncs
         assert not [e for e in events if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", "")]
+
+
+def _checksums(batches):
+    return [(int(b.inputs.sum()), int(b.targets.sum()), int(b.score_mask.sum())) for b in batches]
+
+
+def _cpu_checksums(store, **kw):
+    return _checksums(WindowLoader(store, device="cpu", **kw))
+
+
+@pytest.mark.parametrize("overlap", [0, 96])
+def test_a_slow_consumer_with_two_slots_never_sees_a_reused_slot(make_store, overlap):
+    """The consumer's stream is kept busy (torch.cuda._sleep) after each batch, so the producer
+    would overwrite a slot still being read if it did not wait for ``consumed[i]``."""
+    with open_store(random_store(make_store, 65536, n_docs=60, max_len=2000, shard_tokens=3000)) as s:
+        kw = dict(chunk_size=256, overlap=overlap, batch_windows=4, num_slots=2)
+        want = _cpu_checksums(s, **kw)
+        got = []
+        for b in WindowLoader(s, device="cuda", **kw):
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before the batch is read
+            got.append((b.inputs.sum(), b.targets.sum(), b.score_mask.sum()))
+        assert [tuple(int(x) for x in g) for g in got] == want
+
+
+def test_a_delayed_side_stream_is_waited_for(make_store, monkeypatch):
+    """Each copy on the side stream is queued behind a long sleep kernel: a consumer that did not
+    wait on ``copied[i]`` would read a slot before its tokens arrive."""
+    import streamdata.loader as loader_mod
+
+    real = loader_mod._Pipeline._emit_cuda
+
+    def slow_emit(self, b, lo, hi):
+        with torch.cuda.stream(self.ring.side_stream):
+            torch.cuda._sleep(5_000_000)  # queued on the side stream before this batch's copy
+        return real(self, b, lo, hi)
+
+    monkeypatch.setattr(loader_mod._Pipeline, "_emit_cuda", slow_emit)
+    with open_store(random_store(make_store, 1 << 20, n_docs=30, max_len=1500)) as s:
+        kw = dict(chunk_size=128, overlap=32, mode="document", batch_windows=3, num_slots=2, prepend_bos_id=1)
+        assert _checksums(WindowLoader(s, device="cuda", **kw)) == _cpu_checksums(s, **kw)
+
+
+def test_reiteration_after_break_and_two_concurrent_iterators(make_store):
+    with open_store(random_store(make_store, 65536, n_docs=50, max_len=800)) as s:
+        kw = dict(chunk_size=64, overlap=16, batch_windows=3, num_slots=3)
+        want = _cpu_checksums(s, **kw)
+        ld = WindowLoader(s, device="cuda", **kw)
+        for i, _ in enumerate(ld):
+            if i == 2:
+                break
+        assert _checksums(ld) == want  # the ring handed back by the broken pass is reused safely
+        a, b = iter(ld), iter(ld)  # the second concurrent pass gets a ring of its own
+        assert a._ring is not b._ring
+        got_a, got_b = [], []
+        for x, y in zip(a, b):
+            got_a.append(x)
+            got_b.append(y)
+        assert _checksums(got_a) == _checksums(got_b) == want
+
+
+def test_iterating_inside_inference_mode_on_cuda(make_store):
+    """The evaluator iterates inside torch.inference_mode(): the reader thread's copies into the
+    ring used to fail there ("Inplace update to inference tensor outside InferenceMode")."""
+    with open_store(random_store(make_store, 65536)) as s:
+        kw = dict(chunk_size=32, overlap=8, batch_windows=4)
+        want = _cpu_checksums(s, **kw)
+        ld = WindowLoader(s, device="cuda", **kw)
+        with torch.inference_mode():
+            got = _checksums(ld)
+        assert got == want
+        assert _checksums(ld) == want  # the same ring, reused outside inference mode

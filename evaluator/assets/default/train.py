@@ -1,4 +1,7 @@
-"""Train the embedded default model: ``python -m evaluator.train_default``.
+"""Train the embedded default model: ``python -m evaluator.assets.default.train``.
+
+This script lives beside the model it produces (``evaluator/assets/default/``); nothing at run time
+imports it.
 
 Recipe (seeded, CPU, ``torch.set_num_threads(2)``; about six and a half minutes in all on 2 cores):
 
@@ -11,9 +14,10 @@ Recipe (seeded, CPU, ``torch.set_num_threads(2)``; about six and a half minutes 
    (``--minutes``; the LR schedule, the window length and the distillation weight follow the elapsed
    fraction of it, so a slower machine still gets a complete schedule, only fewer steps). It is also
    distilled from a cheap "bigram + in-window copy" teacher (see :func:`teacher_cross_entropy`).
-4. Saved to ``evaluator/assets/default/``: ``model.safetensors`` + ``config.json`` (save_pretrained),
-   ``tokenizer.json``, ``tokenizer_config.json`` (eos_token), and ``training_info.json`` (the recipe,
-   steps, tokens, losses, time, and the evaluation below).
+4. Saved to ``evaluator/assets/default/``: ``model.safetensors`` + ``config.json`` (save_pretrained)
+   and ``training_info.json`` (the recipe, steps, tokens, losses, time, and the evaluation below).
+   The tokenizer (``tokenizer.json``, ``tokenizer_config.json`` with the eos_token) has one copy:
+   streamdata's bundled one (``--tokenizer default``), which the evaluator pairs with this model.
 5. Evaluated with the streaming evaluator on a deterministic sample of the *eval* part (every
    ``--eval-every``-th file, stream mode, EOS after each document, chunk 1024, overlap 256): text
    neither the tokenizer nor the model saw.
@@ -44,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default"
+DEFAULT_OUT = Path(__file__).resolve().parent
 EOS = "<|endoftext|>"
 VOCAB = 4096
 
@@ -177,7 +181,7 @@ def train(model, stream: np.ndarray, seconds: float, lr: float, short_block: int
         tokens += batch * block
         if step % log_every == 0:
             el = time.perf_counter() - t0
-            print(f"[train_default] step {step}  p {p:.2f}  loss {np.mean(losses[-log_every:]):.3f}  lr {lr * f:.2e}  "
+            print(f"[train] step {step}  p {p:.2f}  loss {np.mean(losses[-log_every:]):.3f}  lr {lr * f:.2e}  "
                   f"distill {w:.2f}  block {block}  {tokens / el:,.0f} tok/s  {el:.0f}s", file=sys.stderr, flush=True)
     model.eval()
     return {"steps": step, "long_steps": long_steps, "tokens_seen": tokens, "train_seconds": time.perf_counter() - t0,
@@ -186,14 +190,14 @@ def train(model, stream: np.ndarray, seconds: float, lr: float, short_block: int
             "teacher": "bigram (add-0.01, train stream) + in-window copy of successors of x_t and (x_{t-1}, x_t)"}
 
 
-def evaluate(out_dir: Path, eval_every: int, chunk: int, overlap: int) -> dict:
+def evaluate(out_dir: Path, tokenizer_dir: Path, eval_every: int, chunk: int, overlap: int) -> dict:
     """Streaming evaluation of the saved model on every ``eval_every``-th eval-part file."""
     from streamdata.tokenize import load_tokenizer
 
-    from .data import EvalData
-    from .engine import StreamingEvaluator
+    from evaluator.data import EvalData
+    from evaluator.engine import StreamingEvaluator
 
-    tok = load_tokenizer(str(out_dir))
+    tok = load_tokenizer(str(tokenizer_dir))
     files, texts = read_corpus("eval", eval_every)
     flat, off = encode(tok.tokenizer, texts)
     ed = EvalData.from_tokens(torch.from_numpy(flat.astype(np.int64)), off,
@@ -210,7 +214,7 @@ from streamdata.tokenize import DEFAULT_TOKENIZER  # noqa: E402 - after the help
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluator.train_default", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evaluator.assets.default.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: evaluator/assets/default)")
     ap.add_argument("--minutes", type=float, default=5.0, help="training time budget (the schedule follows it)")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -218,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=16, help="evaluate on every Nth eval-part file (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokenizer-copy", default=str(DEFAULT_TOKENIZER), metavar="DIR",
-                    help="also write tokenizer.json + tokenizer_config.json to DIR (default: streamdata's bundled "
-                         "tokenizer folder, so stores built with '--tokenizer default' match the model; '' for none)")
+    ap.add_argument("--tokenizer-out", default=str(DEFAULT_TOKENIZER), metavar="DIR",
+                    help="where tokenizer.json + tokenizer_config.json go (default: streamdata's bundled tokenizer "
+                         "folder, which '--tokenizer default' and the evaluator's default model both use)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -236,26 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     eos_id = tok.token_to_id(EOS)
     tok_seconds = time.perf_counter() - t
     stream, offsets = encode(tok, texts)
-    print(f"[train_default] tokenizer: vocab {tok.get_vocab_size()} in {tok_seconds:.1f}s; train part: {len(files)} files, "
+    print(f"[train] tokenizer: vocab {tok.get_vocab_size()} in {tok_seconds:.1f}s; train part: {len(files)} files, "
           f"{sum(len(x.encode()) for x in texts) / 1e6:.1f} MB, {len(stream):,} tokens", file=sys.stderr, flush=True)
 
     model = build_model(tok.get_vocab_size(), eos_id, args.d_model, args.layers)
     stats = train(model, stream, args.minutes * 60, args.lr)
 
     model.save_pretrained(out, safe_serialization=True)
-    # The model folder stays a self-contained transformers checkpoint (tokenizer beside the weights);
-    # streamdata's copy is what 'streamdata tokenize --tokenizer default' uses (streamdata never
-    # imports evaluator). tests/evaluator/test_models.py checks the two copies are identical.
-    for folder in [out] + ([Path(args.tokenizer_copy)] if args.tokenizer_copy else []):
-        folder.mkdir(parents=True, exist_ok=True)
-        tok.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-            "model_max_length": 1024, "add_prefix_space": False}, indent=2) + "\n")
+    tok_dir = Path(args.tokenizer_out)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
+        "model_max_length": 1024, "add_prefix_space": False}, indent=2) + "\n")
     from streamdata.tokenize import tokenizer_sha256
 
     info = {
-        "recipe": "python -m evaluator.train_default " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "recipe": "python -m evaluator.assets.default.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "corpus": {"part": "train", "files": len(files), "tokens": int(len(stream)), "documents": len(texts),
                    "python": platform.python_version()},
         "tokenizer": {"type": "byte-level BPE", "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id,
@@ -265,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         "training": stats | {"seed": 0, "threads": args.threads, "torch": torch.__version__},
     }
     if args.eval_every:
-        info["eval"] = evaluate(out, args.eval_every, chunk=1024, overlap=256)
+        info["eval"] = evaluate(out, tok_dir, args.eval_every, chunk=1024, overlap=256)
         e = info["eval"]
-        print(f"[train_default] eval part ({e['files']} files, {e['total_tokens']:,} tokens): loss {e['loss']:.4f}  "
+        print(f"[train] eval part ({e['files']} files, {e['total_tokens']:,} tokens): loss {e['loss']:.4f}  "
               f"perplexity {e['perplexity']:.2f}  bits/byte {e['bits_per_byte']:.4f}", file=sys.stderr)
     info["total_seconds"] = round(time.perf_counter() - t_all, 1)
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"[train_default] saved {out} ({size / 1e6:.2f} MB) in {info['total_seconds']:.0f}s", file=sys.stderr)
+    print(f"[train] saved {out} ({size / 1e6:.2f} MB) in {info['total_seconds']:.0f}s", file=sys.stderr)
     return 0
 
 
@@ -283,5 +284,5 @@ if __name__ == "__main__":
         # job ran). The policy is read when torch loads, which importing this package already did,
         # so set it and restart the interpreter once.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "evaluator.train_default", *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "evaluator.assets.default.train", *sys.argv[1:]])
     sys.exit(main())

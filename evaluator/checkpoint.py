@@ -1,0 +1,160 @@
+"""Crash-safe, resumable evaluation: an atomic checkpoint of everything a run has summed so far.
+
+A run with a checkpoint folder writes ``checkpoint.pt`` there at most every ``interval`` seconds
+(at batch boundaries) and once at the end, each time to a temporary name, fsynced, then renamed:
+a reader sees the previous checkpoint or the new one, never half of one. It holds:
+
+- ``identity``: the store (a digest of its manifest, or of the ids for in-memory data), the model
+  (name, kind, parameter shapes and a float64 sum of every parameter) and every setting that
+  changes the numbers (mode, windows, batch, BOS, max_tokens, dtype, loss slice, device type,
+  detail level). A checkpoint of another identity is refused, naming what differs.
+- ``next_window``: the first window not yet summed (a batch boundary: the resumed loader's
+  batches are then the same windows as the uninterrupted run's);
+- the float64/int64 metric sums (total, per window, per document, per position bucket) as exact
+  copies, the per-token file's filled length, the runner's state (the micro-batch size after an
+  out-of-memory error; the carried model state: RNN state or KV cache tensors), the per-window
+  times and the seconds spent so far.
+
+The same batches are then summed in the same order, so a resumed run gives the uninterrupted
+run's totals bit for bit on the same device. Tensors are saved with ``torch.save`` and loaded with
+``weights_only=True`` (no code is unpickled). ``progress.json`` beside it says, for people and
+scripts, whether the run is unfinished or complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamdata.format import fsync_dir
+
+from .data import EvalData
+from .errors import ConfigError
+from .models import ModelAdapter
+from .resolve import ResolvedRun
+
+__all__ = ["CHECKPOINT_NAME", "PROGRESS_NAME", "Checkpointer", "RunIdentity", "run_identity"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+PROGRESS_NAME = "progress.json"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides a run's numbers: a checkpoint resumes only a run with an equal identity."""
+
+    store: str
+    model: str
+    settings: dict[str, Any]
+
+    def differences(self, other: "RunIdentity") -> list[str]:
+        out = [k for k in ("store", "model") if getattr(self, k) != getattr(other, k)]
+        keys = sorted(set(self.settings) | set(other.settings))
+        return out + [k for k in keys if self.settings.get(k) != other.settings.get(k)]
+
+
+def _store_digest(ed: EvalData) -> str:
+    m = ed.store.manifest
+    h = hashlib.sha256()
+    if m.format == "memory":  # ids given in memory: their manifest carries no checksum, hash the ids
+        h.update(str(ed.store.dtype).encode())
+        block = 1 << 24
+        for lo in range(0, len(ed.store), block):
+            h.update(ed.store.read(lo, min(len(ed.store), lo + block)).tobytes())
+        h.update(np.ascontiguousarray(ed.doc_offsets, dtype="<i8").tobytes())
+    else:  # shard and index checksums are in the manifest: its canonical JSON names the content
+        h.update(m.to_json().encode())
+    return h.hexdigest()
+
+
+def _model_fingerprint(adapter: ModelAdapter) -> str:
+    """Name, kind, every parameter's name/shape/dtype and its float64 sum (one device sync)."""
+    h = hashlib.sha256(f"{adapter.name}|{adapter.kind}|{type(adapter.module).__qualname__}".encode())
+    sums = []
+    for name, p in adapter.module.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        sums.append(p.detach().double().sum())
+    if sums:
+        h.update(torch.stack(sums).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(ed: EvalData, adapter: ModelAdapter, run: ResolvedRun, detailed: bool, per_token: bool) -> RunIdentity:
+    spec = run.spec
+    settings = {
+        "mode": run.mode, "doc_mode": spec.doc_mode, "chunk_size": spec.chunk_size, "overlap": spec.overlap,
+        "batch_windows": spec.batch_windows, "bos_id": spec.bos_id, "max_tokens": spec.max_tokens,
+        "dtype": run.dtype, "loss_slice": run.loss_slice, "device_type": run.device.type,
+        "detailed": detailed, "per_token": per_token,
+    }
+    return RunIdentity(_store_digest(ed), _model_fingerprint(adapter), settings)
+
+
+class Checkpointer:
+    """Reads and writes the checkpoint of one run in ``folder`` (created if needed)."""
+
+    def __init__(self, folder: str | os.PathLike, identity: RunIdentity, interval_s: float):
+        self.folder = Path(folder)
+        self.identity = identity
+        self.interval_s = float(interval_s)
+        self.path = self.folder / CHECKPOINT_NAME
+        self._last = time.monotonic()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"checkpoint folder {str(self.folder)!r} cannot be created ({e.strerror}): "
+                              "choose another folder") from None
+
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from, None when there is none; refuses another run's."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("format") != _FORMAT:
+                raise ValueError(f"checkpoint format {state.get('format')!r}")
+            ident = RunIdentity(**state["identity"])
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one user-facing error
+            raise ConfigError(
+                f"checkpoint {str(self.path)!r} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
+                "pass --overwrite to start over"
+            ) from None
+        diff = ident.differences(self.identity)
+        if diff:
+            raise ConfigError(
+                f"{str(self.folder)!r} holds a checkpoint of another run (differs in: {', '.join(diff)}): rerun the "
+                "original command to resume it, pass --overwrite to start over, or choose another output folder"
+            )
+        return state
+
+    def due(self) -> bool:
+        return self.interval_s > 0 and time.monotonic() - self._last >= self.interval_s
+
+    def save(self, state: dict[str, Any], *, complete: bool) -> None:
+        """Write ``state`` atomically (temporary file, fsync, rename), then the progress file."""
+        payload = {"format": _FORMAT, "identity": asdict(self.identity), "complete": complete, **state}
+        tmp = self.path.with_name(f".{CHECKPOINT_NAME}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.folder)
+        self._last = time.monotonic()
+        progress = {
+            "status": "complete" if complete else "unfinished: rerun the same command to resume",
+            "windows_done": int(state["next_window"]), "windows_total": int(state["windows_total"]),
+            "tokens_scored": int(state["sums"]["tokens"]), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        ptmp = self.folder / f".{PROGRESS_NAME}.tmp-{os.getpid()}"
+        ptmp.write_text(json.dumps(progress, indent=2) + "\n")
+        os.replace(ptmp, self.folder / PROGRESS_NAME)

@@ -1,0 +1,69 @@
+"""Progress of an evaluation on stderr, as people plan with it.
+
+On a terminal: a tqdm bar counting scored tokens, with rate and ETA, its postfix the running loss
+and perplexity. Elsewhere (a pipe, a log file): one plain line every ``log_interval`` windows.
+Nothing with ``verbose=False``. The loss needs the device's running sum: one sync per
+``log_interval`` windows, never per batch (the bar itself advances from host-known counts).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+from .metrics import perplexity
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    def __init__(self, *, total_windows: int, total_tokens: int, done_windows: int, done_tokens: int,
+                 log_interval: int, verbose: bool, stream: TextIO | None = None, bar: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = verbose
+        self.total_windows, self.log_interval = total_windows, log_interval
+        self.done, self.tokens = done_windows, done_tokens
+        self.start_tokens = done_tokens  # rates count this process's work only (a resumed run too)
+        self.next_log = (done_windows // log_interval + 1) * log_interval
+        self.t0 = time.perf_counter()
+        isatty = getattr(self.stream, "isatty", lambda: False)()
+        self.bar = None
+        if verbose and (isatty if bar is None else bar):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="streameval",
+                            file=self.stream, dynamic_ncols=True, smoothing=0.1)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"[streameval] {text}", file=self.stream)
+        else:
+            print(f"[streameval] {text}", file=self.stream, flush=True)
+
+    def update(self, windows: int, tokens: int, running: Callable[[], tuple[float, int]]) -> None:
+        """After a batch: ``running()`` returns (sum NLL, tokens) so far; called only at log points."""
+        self.done += windows
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(tokens)
+        if self.done < self.next_log:
+            return
+        self.next_log = (self.done // self.log_interval + 1) * self.log_interval
+        nll, n = running()  # the one sync per log point
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {nll / n:.4f} ppl {perplexity(nll, n):.3f}", refresh=False)
+        else:
+            dt = time.perf_counter() - self.t0
+            rate = (self.tokens - self.start_tokens) / dt if dt > 0 else 0.0
+            print(f"[streameval] chunk {self.done}/{self.total_windows}  loss {nll / n:.4f}  ppl {perplexity(nll, n):.3f}  "
+                  f"{rate:,.0f} tok/s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

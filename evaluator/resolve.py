@@ -1,0 +1,167 @@
+"""Resolve a run before any compute: config + model + data -> the mode, windows and batch size.
+
+Everything here only reads settings and metadata (and, for ``kv-cache``, runs the model once on
+8 tokens to check that a carried cache reproduces the full forward). Every refusal is a one-line
+error naming the value and the fix, raised before the first window is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import StreamingEvalConfig
+from .data import EvalData, WindowSpec
+from .errors import ConfigError, DataError, ModelError
+from .models import ModelAdapter
+
+__all__ = ["ResolvedRun", "resolve_chunk_size", "resolve_run"]
+
+# Sliding windows per forward when batch_size="auto" on a CPU: there is no link to hide and no
+# device sync to save, and large forwards fall out of cache. Measured (benchmarks/RESULTS.md, 4x256
+# GPT-2, chunk 512): batch 1/4/8/32 gave 10.3k/10.7k/8.4k/6.1k tok/s, so ~2k tokens per forward.
+_CPU_AUTO_TOKENS = 2048
+_AUTO_MAX_WINDOWS = 256
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What one evaluation does, fully decided: the identity of its numbers (with the data and model)."""
+
+    mode: str  # sliding | stateful | kv-cache
+    mode_reason: str  # why this mode (auto's choice, or "requested")
+    spec: WindowSpec  # windows: chunk, overlap (0 in carried modes), doc mode, batch, BOS id, max_tokens
+    device: torch.device
+    dtype: str
+    loss_slice: int
+    bos_policy: str
+
+
+def resolve_chunk_size(config: StreamingEvalConfig, adapter: ModelAdapter) -> int:
+    """``config.chunk_size``, or the model's context length when it is None (the one default)."""
+    cs = config.chunk_size
+    if cs is None:
+        cs = adapter.context_length
+        if cs is None:
+            raise ConfigError(f"model {adapter.name} declares no context length: pass chunk_size (CLI: --chunk-size N)")
+    if config.overlap >= cs:
+        raise ConfigError(f"overlap={config.overlap} must be smaller than chunk_size={cs}: pass a smaller overlap")
+    return int(cs)
+
+
+def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData, device: torch.device,
+                chunk_size: int, max_tokens: int | None) -> ResolvedRun:
+    _check_tokenizer(config, adapter, ed)
+    bos_id = _resolve_bos(config, adapter, ed)
+    mode, why = _resolve_mode(config, adapter, ed, bos_id is not None, max_tokens)
+    p = adapter.max_positions
+    if mode == "sliding" and p is not None and chunk_size > p:
+        raise ConfigError(
+            f"chunk_size={chunk_size} exceeds model {adapter.name}'s context of {p} positions: "
+            f"pass chunk_size<={p} (CLI: --chunk-size {p}, or --chunk-size model)"
+        )
+    spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
+                      batch_windows=_batch_windows(config, adapter, device, mode, chunk_size), bos_id=bos_id,
+                      max_tokens=max_tokens)
+    return ResolvedRun(mode, why, spec, device, config.dtype, config.loss_slice, config.bos)
+
+
+def _check_tokenizer(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> None:
+    a, b = ed.tokenizer_sha256, adapter.tokenizer_sha256
+    if config.check_tokenizer and a and b and a != b:
+        raise DataError(
+            f"{ed.name} was tokenized with tokenizer sha256 {a[:12]}..., but model {adapter.name} uses "
+            f"{b[:12]}...: re-tokenize with the model's tokenizer (or pass check_tokenizer=False)"
+        )
+
+
+def _resolve_bos(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> int | None:
+    b = config.bos
+    if b == "none":
+        return None
+    if b == "model":
+        bos = adapter.bos_token_id
+        if bos is None:
+            raise ConfigError(f"bos='model' but model {adapter.name} declares no bos_token_id: pass an id or bos='none'")
+    elif b == "eos":
+        bos = ed.special_tokens.get("eos")
+        if bos is None:
+            raise ConfigError(f"bos='eos' but {ed.name} records no EOS id: pass an id or bos='none'")
+    else:
+        bos = int(b)
+    if ed.special_tokens.get("bos") is not None:
+        raise ConfigError(f"{ed.name} already starts every document with BOS id {ed.special_tokens['bos']}: pass bos='none'")
+    vocab = adapter.vocab_size
+    if vocab is not None and not 0 <= bos < vocab:
+        raise ConfigError(f"BOS id {bos} is outside the model's vocabulary [0, {vocab}): pass another id")
+    return int(bos)
+
+
+def _longest_stream(config: StreamingEvalConfig, ed: EvalData, bos: bool, max_tokens: int | None) -> int:
+    """Positions (inputs) the longest stream feeds the model: n - 1 + BOS."""
+    if config.doc_mode == "stream":
+        n = ed.limit(max_tokens)
+    else:
+        lens = ed.document_lengths(max_tokens)
+        n = int(lens.max()) if len(lens) else 0
+    return max(0, n - 1 + bos)
+
+
+def _resolve_mode(config: StreamingEvalConfig, a: ModelAdapter, ed: EvalData, bos: bool,
+                  max_tokens: int | None) -> tuple[str, str]:
+    mode = config.mode
+    longest = _longest_stream(config, ed, bos, max_tokens)
+    fits = a.max_positions is None or longest <= a.max_positions
+    unit = "document" if config.doc_mode == "document" else "stream"
+    if mode == "auto":
+        if config.overlap > 0:
+            return "sliding", "auto: overlap > 0 is a sliding-window setting"
+        if "stateful" in a.modes:
+            return "stateful", f"auto: {a.kind} model carries its state"
+        if not a.supports_kv_cache():
+            return "sliding", f"auto: {a.kind} models carry no state or cache"
+        if not fits:
+            return "sliding", (f"auto: the longest {unit} needs {longest} positions, more than the model's "
+                               f"{a.max_positions}, so no single cache can hold it")
+        ok, why = a.kv_cache_check()
+        if not ok:
+            return "sliding", f"auto: kv-cache unusable ({why})"
+        return "kv-cache", f"auto: every {unit} fits the model's {a.max_positions} positions and {why}"
+    if mode not in a.modes:
+        raise ConfigError(f"mode={mode!r} is not available for model {a.name} ({a.kind}; it supports {', '.join(a.modes)})")
+    if mode == "kv-cache":
+        if not fits:
+            raise ConfigError(
+                f"mode='kv-cache' keeps one context per {unit}: {ed.name} needs {longest} positions but model "
+                f"{a.name} has {a.max_positions}: use mode='sliding' with an overlap, or limit max_tokens"
+            )
+        ok, why = a.kv_cache_check()
+        if not ok:
+            raise ModelError(f"model {a.name} cannot be evaluated with a carried cache ({why}): use mode='sliding'")
+    return mode, "requested"
+
+
+def _batch_windows(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:
+    if mode != "sliding":
+        return 1
+    bs = config.batch_size
+    if bs != "auto":
+        return int(bs)
+    if device.type != "cuda":
+        return max(1, min(_AUTO_MAX_WINDOWS, _CPU_AUTO_TOKENS // L))
+    # Free memory / a per-window estimate: activations of one layer at a time (~32 values per
+    # hidden unit per token, in the autocast/param dtype) plus the fp32 head slice. An overshoot
+    # costs one out-of-memory retry at half the size, never a wrong result.
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg = getattr(adapter.module, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 4096
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32
+    elt = 4 if config.dtype == "float32" else 2
+    per_window = L * (32 * hidden * elt + heads * L * elt // 4)
+    if adapter.full_logits:
+        # The model builds [B, L, vocab] logits itself (no body/head split to slice the head):
+        # counted at 4 bytes, since many models upcast their logits to fp32.
+        per_window += L * (adapter.vocab_size or 50000) * 4
+    budget = 0.6 * free - 3 * config.loss_slice * (adapter.vocab_size or 50000) * 4
+    return int(max(1, min(_AUTO_MAX_WINDOWS, budget // max(1, per_window))))
