@@ -1,4 +1,4 @@
-"""On-disk layout of a token store (format version 1), and the manifest that seals it.
+"""On-disk layout of a token store (format version 2), and the manifest that seals it.
 
 This module is the single description of the bytes on disk; the writer
 (:mod:`streamdata.writer`) and the readers (:mod:`streamdata.backends`) point back here.
@@ -14,7 +14,17 @@ Layout of a ``npy`` store::
                                     start, last entry == total tokens (documents never span shards)
       index/doc_bytes.npy           int64 [num_documents]: UTF-8 bytes of each document's text
       index/doc_words.npy           int64 [num_documents]: whitespace-separated words (str.split())
-      _build/                       only while building: per-shard ledgers for resuming (see writer)
+      _build/                       only while building (see streamdata.output and the writer):
+        streamdata-build.json       the build ledger: our marker, the settings, each source file's
+                                    size/mtime/digest, the finished shards; written before anything else
+        index-00000.npz             each finished shard's document lengths, bytes and words
+
+Manifest (``manifest.json``, :class:`Manifest`): ``format`` (npy | zarr), ``format_version``, ``dtype``,
+``tokenizer`` (name, sha256, vocab_size, special ids), ``special_tokens`` (EOS/BOS policy),
+``source``, ``shards`` (file, tokens, documents, sha256 of the file), ``index`` (version 2: name,
+file, length and :func:`index_sha256` of each document-index array), ``totals`` (tokens, documents,
+bytes, words), ``created_by`` and ``extra`` (``build_settings``: the identity a rerun compares).
+Version-1 stores (no ``index``) still open; ``verify`` says their index has no checksums.
 
 Token address space: shards are concatenated in order, so token ``i`` of the store is token
 ``i - shards[k].start`` of shard ``k``. A document's span includes the EOS/BOS ids the policy adds
@@ -23,7 +33,8 @@ Token address space: shards are concatenated in order, so token ``i`` of the sto
 Commit order (levanter's rule: data, then counts, then the seal): shard files are written and
 fsynced, the merged index is written and fsynced, and only then ``manifest.json`` is written to a
 temporary name, fsynced and renamed. A crash at any point leaves a folder without a manifest,
-which :func:`streamdata.open_store` refuses and ``streamdata tokenize`` resumes.
+which :func:`streamdata.open_store` refuses and ``streamdata tokenize`` resumes. Which folders a
+writer may use, resume, replace or remove: :mod:`streamdata.output`.
 """
 
 from __future__ import annotations
@@ -52,7 +63,6 @@ __all__ = [
     "ShardInfo",
     "choose_dtype",
     "read_manifest",
-    "write_manifest",
     "atomic_write_bytes",
     "fsync_dir",
     "sha256_file",
@@ -316,10 +326,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write_bytes(Path(root) / MANIFEST_NAME, manifest.to_json().encode())
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:

@@ -159,15 +159,10 @@ class BuildLedger:
         return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def parse(cls, data: bytes, where: str) -> "BuildLedger | None":
-        """The ledger in ``data``, or None when it is not ours (no marker): such a folder is foreign."""
+    def parse(cls, data: bytes, where: str) -> "BuildLedger":
+        """The ledger in ``data`` (which :func:`_has_marker` found ours); StoreError when damaged."""
         try:
             d = json.loads(data)
-        except (UnicodeDecodeError, ValueError):
-            return None
-        if not isinstance(d, dict) or d.get("marker") != LEDGER_MARKER:
-            return None
-        try:
             shards, start, doc_start = [], 0, 0
             for s in d["shards"]:
                 info = ShardInfo(_typed(s["file"], str), _typed(s["tokens"], int), _typed(s["documents"], int),
@@ -182,9 +177,18 @@ class BuildLedger:
                 packed_tokens=_typed(d["packed_tokens"], int),
                 pack_settings=None if d["pack_settings"] is None else _typed(d["pack_settings"], dict),
             )
-        except (KeyError, TypeError) as e:
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"build ledger {where!r} is damaged ({type(e).__name__}: {e}): "
                              "pass --overwrite to start the build over") from None
+
+
+def _has_marker(data: bytes | None) -> bool:
+    """True when ``data`` is a ledger of ours (our marker field): what makes a build folder ours."""
+    try:
+        d = json.loads(data) if data is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("marker") == LEDGER_MARKER
 
 
 def _typed(v: Any, t: type) -> Any:
@@ -316,9 +320,8 @@ def _kind(d: _Dir) -> str:
         return "absent"
     if _is_our_manifest(d.read(MANIFEST_NAME)):
         return "store"
-    data = d.read(LEDGER_FILE)
-    if data is not None and BuildLedger.parse(data, d.path(LEDGER_FILE)) is not None:
-        return "build"
+    if _has_marker(d.read(LEDGER_FILE)):
+        return "build"  # even if the rest of the ledger is damaged: ours, so --overwrite may clear it
     return "foreign"
 
 
@@ -436,7 +439,7 @@ class Output:
                 for name in self.dir.listdir():
                     if name in _TOP or _TMP.match(name):
                         self.dir.remove(name)
-                if self._created and self.dir.local and not self.dir.listdir():
+                if (self._created or self._swap) and self.dir.local and not self.dir.listdir():
                     os.rmdir(self.dir.root)
         finally:
             self.release()
@@ -507,7 +510,6 @@ def _clear(d: _Dir) -> None:
 
 def _resume(out: Output, d: _Dir, sources: list[SourceFile]) -> Output:
     ledger = BuildLedger.parse(d.read(LEDGER_FILE) or b"", d.path(LEDGER_FILE))
-    assert ledger is not None  # _kind said "build"
     if ledger.settings != out.settings:
         diff = sorted(k for k in set(ledger.settings) | set(out.settings)
                       if ledger.settings.get(k) != out.settings.get(k))
@@ -598,7 +600,7 @@ def prepare_output(
         # a finished store of ours
         try:
             m = Manifest.from_dict(json.loads(target_dir.read(MANIFEST_NAME) or b"null"), where=target_dir.path(MANIFEST_NAME))
-        except (StoreError, ValueError, AttributeError):
+        except (StoreError, ValueError):
             m = None  # damaged: not the finished identical store, so replaced only with overwrite
         if not overwrite:
             if m is not None and json_normalised(m.extra.get("build_settings")) == settings:
@@ -617,7 +619,7 @@ def prepare_output(
         if new_kind == "build" and not foreign_entries(new):
             try:
                 return _resume(out, new, sources)
-            except (ConfigError, SourceError):
+            except (ConfigError, SourceError, StoreError):
                 _clear(new)  # an earlier replacement with other settings or sources: overwrite means start over
         elif new_kind != "absent":
             _refuse_foreign(new, new_kind)  # a foreign folder with our sibling's name: never removed

@@ -278,3 +278,21 @@ def test_cli_choices_come_from_the_library():
         assert tuple(opts[verb, "compression"].choices) == COMPRESSIONS
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "a.bin", "out", "--dtype", "int32"])
+
+
+def test_damaged_ledger_of_ours_is_refused_then_cleared_by_overwrite(tmp_path, corpus, bpe_tokenizer, monkeypatch):
+    from streamdata import output as output_mod
+    from streamdata.output import LEDGER_FILE
+
+    out = tmp_path / "s"
+    kw = dict(source=str(corpus), tokenizer=str(bpe_tokenizer), out=str(out), shard_tokens=50, batch_size=4)
+    with monkeypatch.context() as mp:
+        mp.setattr(output_mod.Output, "seal", lambda *a: (_ for _ in ()).throw(OSError("killed (simulated)")))
+        with pytest.raises(OSError):
+            tokenize_dataset(**kw)
+    ledger = json.loads((out / LEDGER_FILE).read_text())
+    ledger["shards"][0]["tokens"] = "many"
+    (out / LEDGER_FILE).write_text(json.dumps(ledger))
+    with pytest.raises(StoreError, match=r"build ledger .* is damaged .*pass --overwrite"):
+        tokenize_dataset(**kw)
+    assert tokenize_dataset(overwrite=True, **kw).totals["documents"] == len(CORPUS) * 5
