@@ -268,3 +268,21 @@ def test_kill_during_convert_resumes_or_keeps_the_old_store(tmp_path, big_jsonl,
     assert at_out is None and beside is not None and beside.totals == old.totals  # the swap was decided
     assert convert_store(out, npy).totals == old.totals  # the rerun finishes the swap
     assert _siblings(npy) == []
+
+
+def test_kill_during_tokenize_zarr_resumes(tmp_path, big_jsonl, bpe_tokenizer):
+    from streamdata.output import STAGING_DIR
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kw = dict(source=str(big_jsonl), tokenizer=str(bpe_tokenizer), shard_tokens=4000, batch_size=50, max_docs=8000,
+              format="zarr")
+    ref = tokenize_dataset(out=str(tmp_path / "ref"), **kw)
+    out = tmp_path / "z"
+    args = ["tokenize", big_jsonl, "--tokenizer", bpe_tokenizer, "--out", out, "--shard-tokens", 4000,
+            "--batch-size", 50, "--max-docs", 8000, "--format", "zarr", "--quiet"]
+    _kill_run(args, env, ready=lambda: ledger_shards(out / STAGING_DIR) >= 3)
+    with pytest.raises(StoreError, match="unfinished build"):
+        open_store(out)
+    m = tokenize_dataset(out=str(out), **kw)
+    assert m.shards == ref.shards and m.totals == ref.totals and m.index == ref.index
+    assert not (out / BUILD_DIR).exists() and _siblings(out) == []
