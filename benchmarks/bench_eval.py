@@ -5,6 +5,8 @@
                                     [--out DIR]
 
 On the same model and the first ``N`` tokens of the same store, in one run:
+- ours + checkpoints: ours with a checkpoint folder (``--checkpoint-interval``, default 60 s as the
+         CLI's; a checkpoint is also written at the end, and its time counts);
 - ours:  ``StreamingEvaluator(model, chunk_size=L, overlap=0, mode="sliding").evaluate_streaming(store,
          max_tokens=N)``: windows streamed from the store by ``WindowLoader``, ``B`` windows per forward
          (``--batch-size``, default the evaluator's ``auto``), loss in slices, float64 sums on the device;
@@ -166,12 +168,23 @@ def make_evaluator(adapter, L: int, O: int, batch: int | str, device: torch.devi
                               batch_size=batch, dtype="float32")
 
 
-def run_ours(ev, store, max_tokens: int) -> Run:
+def run_ours(ev, store, max_tokens: int, checkpoint_interval: float | None = None) -> Run:
+    """One evaluation; with ``checkpoint_interval`` into a fresh checkpoint folder (a reused one
+    would resume the finished run and compute nothing). ``seconds`` is the engine's loop time
+    (checkpoint writes included); ``extra["wall_s"]`` the whole call (the run identity included)."""
+    import tempfile
+
     sync(ev.device)
-    r = ev.evaluate_streaming(store, max_tokens=max_tokens)
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        if checkpoint_interval is not None:
+            ev.config.checkpoint_interval = checkpoint_interval
+        t0 = time.perf_counter()
+        r = ev.evaluate_streaming(store, max_tokens=max_tokens,
+                                  checkpoint_dir=None if checkpoint_interval is None else tmp)
+        wall = time.perf_counter() - t0
     batch = int(r.get("batch_size_after_oom", r["batch_size"]))
     # positions -1: counted from the window plan by the caller
-    return Run(r["total_time"], r["total_tokens"], -1, r["loss"], batch, {"num_chunks": r["num_chunks"]})
+    return Run(r["total_time"], r["total_tokens"], -1, r["loss"], batch, {"num_chunks": r["num_chunks"], "wall_s": wall})
 
 
 def plan_batches(plan, B: int, device: torch.device) -> list[tuple[int, int, int, torch.Tensor]]:
@@ -276,10 +289,12 @@ def hf_guide_loop(model, encodings: torch.Tensor, max_length: int, stride: int, 
 # ---- the comparison -------------------------------------------------------------------------------
 def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch: int | str = "auto",
             repeat: int = 3, device: torch.device, log: Callable[[str], None] = print,
-            variants: tuple[str, ...] = ("ours", "compute", "quickref", "ours_overlap", "guide")) -> dict[str, Any]:
+            variants: tuple[str, ...] = ("ours", "compute", "quickref", "ours_overlap", "guide"),
+            checkpoint_interval: float = 60.0) -> dict[str, Any]:
     """Run the variants on the first ``tokens`` tokens of ``store`` and return a JSON-able dict.
 
-    ``variants``: any of ours, compute, quickref, ours_overlap, guide. Each result holds tok/s
+    ``variants``: any of ours, ours_ckpt (ours with a checkpoint folder, a checkpoint every
+    ``checkpoint_interval`` seconds and at the end), compute, quickref, ours_overlap, guide. Each result holds tok/s
     (scored targets per second, best of ``repeat``), the scored count, positions fed, loss and
     peak memory (device bytes on CUDA, resident-set bytes on CPU, above the run's start)."""
     from streamdata.windows import plan_windows
@@ -292,7 +307,7 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
 
     is_hf = isinstance(adapter, HFAdapter)  # the guide's loop needs model(input_ids, labels=...)
     wanted = [v for v in variants if v != "guide" or is_hf]
-    ev0 = make_evaluator(adapter, L, 0, batch, device) if {"ours", "compute"} & set(wanted) else None
+    ev0 = make_evaluator(adapter, L, 0, batch, device) if {"ours", "ours_ckpt", "compute"} & set(wanted) else None
     evO = make_evaluator(adapter, L, O, batch, device) if "ours_overlap" in wanted and O > 0 else None
     if evO is None:
         wanted = [v for v in wanted if v != "ours_overlap"]
@@ -330,6 +345,7 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
 
     fns: dict[str, Callable[[], Run]] = {
         "ours": lambda: run_ours(ev0, store, N),
+        "ours_ckpt": lambda: run_ours(ev0, store, N, checkpoint_interval),
         "compute": lambda: compute_only(adapter, batches, vocab, device, ev0.config.loss_slice),
         "quickref": lambda: quickref_loop(module, data, L, device),
         "ours_overlap": lambda: run_ours(evO, store, N),
@@ -353,6 +369,7 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
             positions_ours[o] = int(p.length.sum())
     meta = {
         "ours": ("ours: StreamingEvaluator from the store", 0),
+        "ours_ckpt": (f"ours + checkpoints (every {checkpoint_interval:g} s, and at the end)", 0),
         "compute": ("(a) compute only (device-resident synthetic)", 0),
         "quickref": ("(b) quick-ref loop (batch 1, RAM, .item()/chunk)", 0),
         "ours_overlap": (f"ours, overlap {O}", O),
@@ -368,11 +385,13 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
             "label": meta[v][0], "overlap": meta[v][1], "batch": best.batch, "scored": best.scored,
             "positions": pos, "seconds": best.seconds, "tok_per_s": best.rate, "loss": best.loss,
             "runs_s": [x.seconds for x in runs[v]], "peak_bytes": peaks[v],
+            "wall_s": [x.extra["wall_s"] for x in runs[v]] if "wall_s" in best.extra else None,
         }
     # Ratios of the best runs, and the median of per-round ratios: each round runs every variant back
     # to back, so a paired ratio cancels load that drifts between rounds (a shared machine).
     ratios, paired = {}, {}
-    for mine, other in (("ours", "compute"), ("ours", "quickref"), ("ours_overlap", "guide")):
+    for mine, other in (("ours", "compute"), ("ours_ckpt", "compute"), ("ours_ckpt", "ours"), ("ours", "quickref"),
+                        ("ours_overlap", "guide")):
         if mine in results and other in results:
             ratios[f"{mine}/{other}"] = results[mine]["tok_per_s"] / results[other]["tok_per_s"]
             rr = sorted((b.seconds / b.scored) / (a.seconds / a.scored) for a, b in zip(runs[mine], runs[other]))
@@ -385,7 +404,7 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
 
 def print_results(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> None:
     rows = []
-    order = ["ours", "compute", "quickref", "ours_overlap", "guide"]
+    order = ["ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide"]
     res = m["results"]
     ref = {0: res.get("ours"), m["overlap"]: res.get("ours_overlap")}
     for v in order:
@@ -412,6 +431,13 @@ def print_ratios(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> 
     if "ours/compute" in rt:
         ok = "met" if pr.get("ours/compute", rt["ours/compute"]) >= GOAL_VS_COMPUTE else "NOT met"
         print_fn(f"ours / (a) compute only   = {both('ours/compute', '.3f')}   (goal >= {GOAL_VS_COMPUTE}: {ok})")
+    if "ours_ckpt/compute" in rt:
+        ok = "met" if pr.get("ours_ckpt/compute", rt["ours_ckpt/compute"]) >= GOAL_VS_COMPUTE else "NOT met"
+        print_fn(f"ours+checkpoints / (a)    = {both('ours_ckpt/compute', '.3f')}   (goal >= {GOAL_VS_COMPUTE}: {ok})")
+        print_fn(f"ours+checkpoints / ours   = {both('ours_ckpt/ours', '.3f')}   (checkpointing's cost: ~1.0 expected)")
+        w = m["results"]["ours_ckpt"].get("wall_s"), m["results"]["ours"].get("wall_s")
+        if all(w):
+            print_fn(f"  whole calls (run identity included): {min(w[0]):.3f} s vs {min(w[1]):.3f} s without checkpoints")
     if "ours/quickref" in rt:
         print_fn(f"ours / (b) quick-ref loop = {both('ours/quickref', '.2f')}  (goal on a GPU: several times)")
     if "ours_overlap/guide" in rt:
@@ -434,6 +460,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, help="timed runs per variant; the best counts (default 3)")
     ap.add_argument("--threads", type=int, help="torch CPU threads for every variant (default: torch's default)")
     ap.add_argument("--cache", default=str(CACHE), help="folder for the default store (default bench-out/stores)")
+    ap.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
+                    help="the 'ours + checkpoints' row: seconds between checkpoints (default %(default)g, the CLI's)")
     ap.add_argument("--out", help="folder for bench_eval.json")
     a = ap.parse_args(argv)
 
@@ -458,7 +486,9 @@ def main(argv=None) -> int:
               + (f" ({torch.cuda.get_device_name(device)})" if cuda else f" ({torch.get_num_threads()} threads)"))
         print(f"chunk {L}, overlap rows {O}; warm-up, then {repeat} interleaved repeats (best counts); "
               f"load average {os.getloadavg()[0]:.2f}")
-        m = measure(adapter, store, chunk_size=L, overlap=O, tokens=N, batch=batch, repeat=repeat, device=device)
+        m = measure(adapter, store, chunk_size=L, overlap=O, tokens=N, batch=batch, repeat=repeat, device=device,
+                    variants=("ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide"),
+                    checkpoint_interval=a.checkpoint_interval)
     print()
     print_results(m)
     print()

@@ -196,11 +196,11 @@ class StreamingEvaluator:
                     nll_sum, tokens = sums.total()  # syncs: total_time includes all queued work
             finally:
                 progress.close()
-            total_time = elapsed0 + time.perf_counter() - t_start
             if tokens != expected:  # the loop and the plan disagree: a bug, never a user error
                 raise RuntimeError(f"internal error: scored {tokens} targets, the window semantics give {expected}")
             if ckpt is not None:
                 checkpoint(complete=True)
+            total_time = elapsed0 + time.perf_counter() - t_start  # checkpoint writes included
             res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time)
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
