@@ -101,9 +101,14 @@ def test_bench_eval_cli(toy_store, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "ours / (a) compute only" in text and "(c) HF perplexity guide" in text
     data = json.loads((tmp_path / "bench_eval.json").read_text())
-    assert set(data["ratios"]) == {"ours/compute", "ours/quickref", "ours_overlap/guide"}
+    assert set(data["ratios"]) == {"ours/compute", "ours_ckpt/compute", "ours_ckpt/ours", "ours/quickref",
+                                   "ours_overlap/guide"}
     assert all(_positive(x) for x in data["ratios"].values())
     assert data["results"]["guide"]["scored"] == data["results"]["ours"]["scored"] == 499
+    # the checkpointed row computes the same loss (a fresh checkpoint folder each run, never a no-op resume)
+    assert data["results"]["ours_ckpt"]["scored"] == 499
+    assert data["results"]["ours_ckpt"]["loss"] == data["results"]["ours"]["loss"]
+    assert "ours+checkpoints / ours" in text
 
 
 def test_bench_loader_cli(toy_store, tmp_path):
