@@ -153,3 +153,38 @@ def test_default_model_is_loadable():
     ids = torch.tensor(tok.tokenizer.encode(text).ids[:3000])
     r = StreamingEvaluator("default", chunk_size=512, overlap=128, device="cpu", verbose=False).evaluate_streaming(ids)
     assert r["perplexity"] < 400
+
+
+def test_auto_says_why_a_failed_cache_check_means_sliding(capsys):
+    """auto used to turn into sliding silently on any exception of the kv-cache check."""
+    m = tiny_gpt2(n_positions=128)
+    ev = StreamingEvaluator(m, chunk_size=16, device="cpu", verbose=True)
+    real = ev.adapter.forward_stream
+
+    def broken(inputs):
+        raise TypeError("this model's forward takes no cache argument (simulated)")
+
+    ev.adapter.forward_stream = broken
+    x = torch.randint(0, V, (60,), generator=torch.Generator().manual_seed(0))
+    res = ev.evaluate_streaming(x)
+    assert res["mode"] == "sliding"
+    assert "kv-cache unusable" in res["mode_reason"] and "TypeError" in res["mode_reason"]
+    assert "simulated" in capsys.readouterr().err  # printed when verbose
+    ev.adapter.forward_stream = real
+    ev.adapter._kv_ok.clear()
+    ok = ev.evaluate_streaming(x)
+    assert ok["mode"] == "kv-cache" and "reproduces the full forward" in ok["mode_reason"]
+
+
+def test_one_chunk_size_default_for_every_entry_point():
+    """create_streaming_evaluator(m) used to evaluate 8192-token windows, StreamingEvaluator(m) the
+    model's context: the same data gave different numbers depending on the entry point."""
+    m = tiny_gpt2(n_positions=96)
+    x = torch.randint(0, V, (400,), generator=torch.Generator().manual_seed(1))
+    a = create_streaming_evaluator(m, StreamingEvalConfig(device="cpu", verbose=False, mode="sliding"))
+    b = StreamingEvaluator(m, device="cpu", verbose=False, mode="sliding")
+    assert StreamingEvalConfig().chunk_size is None and a.chunk_size == b.chunk_size == 96
+    ra, rb = a.evaluate_streaming(x), b.evaluate_streaming(x)
+    assert ra["num_chunks"] == rb["num_chunks"] and ra["nll_sum"] == rb["nll_sum"]
+    with pytest.raises(evaluator.ConfigError, match="--chunk-size"):
+        StreamingEvaluator(TinyRNN("gru"), device="cpu", verbose=False)  # no context length: say how to set it
