@@ -28,7 +28,9 @@ from ._util import best_of, machine, table, write_json
 
 
 def _default_tokenizer(tmp: Path) -> str:
-    asset = Path(__file__).resolve().parents[1] / "evaluator" / "assets" / "default" / "tokenizer.json"
+    from streamdata.tokenize import DEFAULT_TOKENIZER
+
+    asset = DEFAULT_TOKENIZER / "tokenizer.json"  # the bundled tokenizer ('--tokenizer default')
     if asset.is_file():
         return str(asset)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

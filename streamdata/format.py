@@ -328,26 +328,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def manifest_missing(shown: str, root_exists: bool, has_build: bool) -> StoreError:
+    """The one-line error for a location without a readable ``manifest.json`` (any backend)."""
+    if not root_exists:
+        return StoreError(f"store {shown!r} does not exist: check the path or build it with 'streamdata tokenize'")
+    hint = (
+        "an unfinished build is there: rerun the same command to resume it"
+        if has_build
+        else "it is not a store: build one with 'streamdata tokenize' or 'streamdata convert'"
+    )
+    return StoreError(f"{shown!r} has no {MANIFEST_NAME}: {hint}")
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The manifest held by ``data`` (the bytes of a ``manifest.json``), validated; ``where`` names it in errors."""
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{where!r} is not readable JSON ({e}): the store is damaged, rebuild it") from None
+    if not isinstance(d, dict):
+        raise StoreError(f"{where!r} is not a JSON object: the store is damaged, rebuild it")
+    return Manifest.from_dict(d, where=where)
+
+
 def read_manifest(root: str | os.PathLike) -> Manifest:
     """Read and validate ``root/manifest.json``; a folder without one is not a store."""
     root = Path(root)
     path = root / MANIFEST_NAME
-    if not root.exists():
-        raise StoreError(f"store {str(root)!r} does not exist: check the path or build it with 'streamdata tokenize'")
     if not path.is_file():
-        hint = (
-            "an unfinished build is there: rerun the same 'streamdata tokenize' command to resume it"
-            if (root / BUILD_DIR).exists()
-            else "it is not a store: build one with 'streamdata tokenize'"
-        )
-        raise StoreError(f"{str(root)!r} has no {MANIFEST_NAME}: {hint}")
+        raise manifest_missing(str(root), root.exists(), (root / BUILD_DIR).exists())
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{str(path)!r} is not readable JSON ({e}): the store is damaged, rebuild it") from None
-    if not isinstance(d, dict):
-        raise StoreError(f"{str(path)!r} is not a JSON object: the store is damaged, rebuild it")
-    return Manifest.from_dict(d, where=str(path))
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{str(path)!r} cannot be read ({e.strerror}): check its permissions") from None
+    return parse_manifest(data, str(path))
 
 
 def sha256_file(path: Path) -> str:

@@ -36,7 +36,8 @@ __all__ = ["DEFAULT_TOKENIZER", "TokenizeConfig", "LoadedTokenizer", "load_token
 
 #: The bundled tokenizer (``--tokenizer default``): a 4096-entry byte-level BPE with
 #: ``<|endoftext|>`` as EOS, trained on the embedded corpus's train part by
-#: ``python -m evaluator.train_default`` (which also trains the bundled model on it).
+#: ``python -m evaluator.assets.default.train`` (which also trains the bundled model on it); the
+#: evaluator's default model uses this copy, the only one.
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "default_tokenizer"
 
 # Names tried, in order, when a tokenizer's configuration does not say which token is EOS/BOS.
@@ -92,7 +93,7 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
 
     if spec == "default":
         if not (DEFAULT_TOKENIZER / "tokenizer.json").is_file():
-            raise TokenizerError(f"the bundled tokenizer is missing from {str(DEFAULT_TOKENIZER)!r}: reinstall, or run 'python -m evaluator.train_default'")
+            raise TokenizerError(f"the bundled tokenizer is missing from {str(DEFAULT_TOKENIZER)!r}: reinstall, or run 'python -m evaluator.assets.default.train'")
         spec = str(DEFAULT_TOKENIZER)
     p = Path(os.path.expanduser(spec))
     cfg: dict[str, str | None] = {}

@@ -80,7 +80,9 @@ from ..format import (
     Manifest,
     ShardInfo,
     fsync_dir,
+    manifest_missing,
     numpy_dtype,
+    parse_manifest,
     resolve_inside,
 )
 from ..output import Output, json_normalised as _norm, prepare_output
@@ -214,24 +216,14 @@ class _Location:
         """(the bytes of ``manifest.json``, the manifest they hold): the bytes identify the store
         that was opened (a reader compares them again to detect a replaced store)."""
         shown = self.url
-        if not self.exists():
-            raise StoreError(f"store {shown!r} does not exist: check the path or build it with 'streamdata tokenize'")
         if not self.isfile(MANIFEST_NAME):
-            hint = (
-                "an unfinished build is there: rerun the same command to resume it"
-                if self.exists(BUILD_DIR)
-                else "it is not a store: build one with 'streamdata tokenize' or 'streamdata convert'"
-            )
-            raise StoreError(f"{shown!r} has no {MANIFEST_NAME}: {hint}")
+            raise manifest_missing(shown, self.exists(), self.exists(BUILD_DIR))
         where = f"{shown}/{MANIFEST_NAME}"
         try:
             data = self.read_bytes(MANIFEST_NAME)
-            d = json.loads(data)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{where} is not readable JSON ({e}): the store is damaged, rebuild it") from None
-        if not isinstance(d, dict):
-            raise StoreError(f"{where} is not a JSON object: the store is damaged, rebuild it")
-        return data, Manifest.from_dict(d, where=where)
+        except OSError as e:
+            raise StoreError(f"{where!r} cannot be read ({e}): check the location and its permissions") from None
+        return data, parse_manifest(data, where)
 
 
 # ---- reader -----------------------------------------------------------------------------------
