@@ -288,23 +288,21 @@ class _Fields:
             raise self._bad(prefix + key, v, f"an integer >= {low}")
         return v
 
-    def str(self, d: dict, key: str, prefix: str = "") -> str:
+    def _typed(self, d: dict, key: str, prefix: str, kind: type, what: str) -> Any:
         v = self._get(d, key, prefix)
-        if not isinstance(v, str):
-            raise self._bad(prefix + key, v, "a string")
+        if not isinstance(v, kind):
+            raise self._bad(prefix + key, v, what)
         return v
+
+    # (inside these methods the names str/dict/list are the builtins, not the methods)
+    def str(self, d: dict, key: str, prefix: str = "") -> str:
+        return self._typed(d, key, prefix, str, "a string")
 
     def dict(self, d: dict, key: str, prefix: str = "") -> dict:
-        v = self._get(d, key, prefix)
-        if not isinstance(v, dict):
-            raise self._bad(prefix + key, v, "a JSON object")
-        return v
+        return self._typed(d, key, prefix, dict, "a JSON object")
 
     def list(self, d: dict, key: str, prefix: str = "") -> list:
-        v = self._get(d, key, prefix)
-        if not isinstance(v, list):
-            raise self._bad(prefix + key, v, "a JSON list")
-        return v
+        return self._typed(d, key, prefix, list, "a JSON list")
 
 
 def fsync_dir(path: Path) -> None:
