@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from streamdata.errors import StreamdataError
+from streamdata.errors import StreamdataError, cli_flags, in_cli_terms
 
 from .errors import EvaluatorError
 
@@ -196,14 +196,15 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quiet:
         _quiet_libraries()
     cmd = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
     try:
         return cmd(args)
     except (EvaluatorError, StreamdataError) as e:
-        print(f"streameval: error: {e}", file=sys.stderr)
+        print(f"streameval: error: {in_cli_terms(str(e), cli_flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("streameval: interrupted", file=sys.stderr)

@@ -541,6 +541,12 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
         raise ModelError(f"loading {s!r} needs transformers, which is not installed: pip install 'streamdata[hf]'") from None
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     local = Path(os.path.expanduser(s))
+    # written as a path (./x, ../x, /x, ~/x): never a hub id, so say what is missing locally
+    # instead of the hub's repo-id validation text
+    if not local.is_dir() and (s.startswith((".", "~")) or os.path.isabs(s)):
+        what = "is a file, not a model folder" if local.exists() else "folder not found"
+        raise ModelError(f"model {s!r}: {what}: pass a folder holding a transformers causal LM (config.json and weights), "
+                         "a hub id, 'default' or package.module:factory")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else s, dtype=torch_dtype,
                                                                   trust_remote_code=trust_remote_code)

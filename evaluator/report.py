@@ -174,7 +174,8 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
     ppl = res.get("chunk_perplexities")
     if ppl:
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot(np.arange(len(ppl)), ppl, lw=0.8)
+        # markers while the points are few: a line through one chunk draws nothing
+        ax.plot(np.arange(len(ppl)), ppl, lw=0.8, marker="o" if len(ppl) <= 200 else None, ms=3)
         ax.axhline(res["perplexity"], color="k", ls="--", lw=0.8, label=f"overall {res['perplexity']:.3g}")
         ax.set_xlabel("chunk (window) index")
         ax.set_ylabel("perplexity of the chunk's scored tokens")

@@ -44,7 +44,7 @@ def resolve_chunk_size(config: StreamingEvalConfig, adapter: ModelAdapter) -> in
     if cs is None:
         cs = adapter.context_length
         if cs is None:
-            raise ConfigError(f"model {adapter.name} declares no context length: pass chunk_size (CLI: --chunk-size N)")
+            raise ConfigError(f"model {adapter.name} declares no context length: pass chunk_size=N (the window length in tokens)")
     if config.overlap >= cs:
         raise ConfigError(f"overlap={config.overlap} must be smaller than chunk_size={cs}: pass a smaller overlap")
     return int(cs)
@@ -59,7 +59,7 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
     if mode == "sliding" and p is not None and chunk_size > p:
         raise ConfigError(
             f"chunk_size={chunk_size} exceeds model {adapter.name}'s context of {p} positions: "
-            f"pass chunk_size<={p} (CLI: --chunk-size {p}, or --chunk-size model)"
+            f"pass chunk_size={p} or less, or leave chunk_size unset (the model's context)"
         )
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
                       batch_windows=_batch_windows(config, adapter, device, mode, chunk_size), bos_id=bos_id,

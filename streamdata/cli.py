@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import StreamdataError
+from .errors import StreamdataError, cli_flags, in_cli_terms
 
 __all__ = ["main"]
 
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return cmd(args)
     except StreamdataError as e:
-        print(f"streamdata: error: {e}", file=sys.stderr)
+        print(f"streamdata: error: {in_cli_terms(str(e), cli_flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("streamdata: interrupted (finished shards are kept: rerun the same command to resume)", file=sys.stderr)

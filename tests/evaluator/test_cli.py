@@ -63,8 +63,8 @@ def test_run_writes_report_matching_the_api(capsys, tmp_path, store, hf_model_di
 
 def test_run_bad_input_is_one_line(capsys, tmp_path, store, hf_model_dir, make_store):
     cases = [
-        (["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "16", "--overlap", "16", "--device", "cpu"], "overlap=16"),
-        (["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "128", "--device", "cpu", "--mode", "sliding"], "chunk_size=128 exceeds"),
+        (["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "16", "--overlap", "16", "--device", "cpu"], "--overlap 16"),
+        (["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "128", "--device", "cpu", "--mode", "sliding"], "--chunk-size 128 exceeds"),
         (["run", str(tmp_path / "nope"), "--model", str(hf_model_dir), "--device", "cpu"], "does not exist"),
         (["run", str(store), "--model", "no_such_pkg.mod:factory", "--device", "cpu"], "cannot import"),
         (["run", str(make_store([[1, 2, 3, V + 5, 4]], vocab_size=V + 10)), "--model", str(hf_model_dir), "--device", "cpu",
