@@ -7,7 +7,7 @@
 With ``--out DIR`` a run is crash-safe: DIR keeps a checkpoint (evaluator/checkpoint.py) and the
 same command resumes after a crash; the report files appear only when the run is complete.
 
-Exit codes: 0 success; 2 bad input (one line on stderr); 130 interrupted.
+Exit codes: 0 success; 2 bad input (one line on stderr); 130 interrupted; 141 stdout closed early (``| head``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from streamdata.cli import stdout_closed
 from streamdata.errors import StreamdataError, cli_flags, in_cli_terms
 
 from .errors import EvaluatorError
@@ -202,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
     cmd = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
     try:
-        return cmd(args)
+        rc = cmd(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return stdout_closed()
     except (EvaluatorError, StreamdataError) as e:
         print(f"streameval: error: {in_cli_terms(str(e), cli_flags(parser))}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
 
-Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted.
+Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted;
+141 stdout closed early (``| head``: no traceback, no message).
 """
 
 from __future__ import annotations
@@ -212,12 +213,26 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def stdout_closed() -> int:
+    """stdout's reader went away (``streamdata info --json | head``): no traceback and no message,
+    as shell tools do; stdout is pointed at /dev/null so the interpreter's final flush cannot fail
+    again. Returns 141 (128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert}[args.command]
     try:
-        return cmd(args)
+        rc = cmd(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return stdout_closed()
     except StreamdataError as e:
         print(f"streamdata: error: {in_cli_terms(str(e), cli_flags(parser))}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 Tokens and document bounds are copied exactly; the manifest keeps the source's identity
 (tokenizer, special tokens, source, created_by, extra) and records where it came from in
 ``extra["converted_from"]`` (format, path, dtype, totals and shard checksums of the source).
-Byte/word counts the source does not know (imports) are written as zeros (totals 0).
+Byte/word counts the source does not know (imports) are written as zeros (totals 0). The output
+dtype follows the format's rule (``choose_dtype`` of the vocabulary size): a uint32 import whose
+``vocab_size`` fits uint16 is written as uint16 (each id checked as it is narrowed).
 
 - ``format="zarr"``: :func:`streamdata.backends.zarr.write_zarr_store` (bounded memory, resumable,
   local folder or fsspec URL).
@@ -16,6 +18,7 @@ Byte/word counts the source does not know (imports) are written as zeros (totals
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -25,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from .backends import TokenStore, open_store
+from .backends.base import find_id_over
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url, write_zarr_store
-from .errors import ConfigError
-from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest
+from .errors import ConfigError, StoreError
+from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype, numpy_dtype
 
 __all__ = ["FORMATS", "ConvertConfig", "convert_store"]
 
@@ -102,15 +106,53 @@ def convert_store(
                 raise ConfigError(f"source and destination are the same path {os.fspath(dst)!r}: choose another output")
         m = store.manifest
         extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
-        extra["converted_from"] = _converted_from(m, store.path)
+        extra["converted_from"] = _converted_from(m, store.path)  # the source's own dtype
+        out_store = _narrowed(store)
         if cfg.format == "zarr":
-            return write_zarr_store(store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
+            return write_zarr_store(out_store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
                                     chunks_per_shard=cfg.chunks_per_shard, overwrite=overwrite, extra=extra,
                                     storage_options=storage_options)
-        return _to_npy(store, Path(dst), extra, cfg.shard_tokens, cfg.block_tokens, overwrite)
+        return _to_npy(out_store, Path(dst), extra, cfg.shard_tokens, cfg.block_tokens, overwrite)
     finally:
         if owned:
             store.close()
+
+
+class _NarrowedStore(TokenStore):
+    """A store read with the smallest dtype its vocabulary needs (the format's rule,
+    :func:`~streamdata.format.choose_dtype`): a uint32 import whose ``vocab_size`` fits uint16 is
+    written as uint16. Every id is checked against the vocabulary as it is narrowed."""
+
+    def __init__(self, inner: TokenStore, dtype: str):
+        self._inner = inner
+        self.path = inner.path
+        self.manifest = dataclasses.replace(inner.manifest, dtype=dtype)
+        self._offsets, self._bytes, self._words = inner.doc_offsets, inner.doc_bytes, inner.doc_words
+        self._buf = np.empty(0, dtype=inner.dtype)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        n = stop - start
+        if self._buf.size < n:
+            self._buf = np.empty(n, dtype=self._inner.dtype)
+        wide = self._buf[:n]
+        self._inner.read_into(start, stop, wide)
+        bad = find_id_over(wide, self.vocab_size)
+        if bad is not None:
+            raise StoreError(f"{self.path!r} holds token id {bad[1]} at token {start + bad[0]}, >= vocab_size "
+                             f"{self.vocab_size}: pass the right vocab_size, or the dtype the file was written with")
+        out[:n] = wide
+
+    def release(self, start: int, stop: int) -> None:
+        self._inner.release(start, stop)
+
+
+def _narrowed(store: TokenStore) -> TokenStore:
+    """``store`` itself, or a :class:`_NarrowedStore` when its vocabulary fits a smaller dtype."""
+    vocab = store.vocab_size
+    if vocab is None:
+        return store
+    want = choose_dtype(int(vocab))
+    return _NarrowedStore(store, want) if numpy_dtype(want).itemsize < store.dtype.itemsize else store
 
 
 def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_tokens: int,

@@ -1,0 +1,76 @@
+"""Issue 17, as a newcomer meets ``streamdata``: no tracebacks (closed pipe, URL outputs), the
+format's dtype rule on convert, errors in flag terms."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamdata import open_store
+from streamdata.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "zarr"])
+def test_convert_uint32_bin_whose_vocab_fits_is_written_as_uint16(tmp_path, capsys, fmt):
+    ids = np.array([5, 50256, 0, 7, 50256, 8, 9, 10], dtype="<u4")
+    ids.tofile(tmp_path / "train.bin")
+    out = tmp_path / f"conv-{fmt}"
+    assert main(["convert", str(tmp_path / "train.bin"), str(out), "--format", fmt, "--dtype", "uint32",
+                 "--eos-id", "50256", "--vocab-size", "50257"]) == 0
+    with open_store(out) as s:
+        assert s.manifest.dtype == "uint16" and s.dtype == np.dtype("<u2")
+        assert s.read(0, len(s)).tolist() == ids.tolist()
+        assert s.doc_offsets.tolist() == [0, 2, 5, 8]
+        assert s.manifest.extra["converted_from"]["dtype"] == "uint32"  # what the source was
+    assert main(["verify", str(out)]) == 0
+    # without a vocabulary nothing says the ids fit: the file's dtype is kept
+    assert main(["convert", str(tmp_path / "train.bin"), str(tmp_path / "wide"), "--dtype", "uint32"]) == 0
+    with open_store(tmp_path / "wide") as s:
+        assert s.manifest.dtype == "uint32"
+
+
+def test_info_json_into_a_closed_pipe_is_no_traceback(tmp_path):
+    ids = np.arange(100, dtype="<u2")
+    ids.tofile(tmp_path / "t.bin")
+    assert main(["convert", str(tmp_path / "t.bin"), str(tmp_path / "s")]) == 0
+    # `streamdata info --json s | head -0`: the reader is gone before the first write
+    p = subprocess.Popen([sys.executable, "-m", "streamdata", "info", "--json", str(tmp_path / "s")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert err == ""  # no traceback, no "Exception ignored" at exit
+
+
+def test_convert_to_file_url(tmp_path, capsys):
+    ids = np.arange(1, 60, dtype="<u2")
+    ids.tofile(tmp_path / "t.bin")
+    dst = tmp_path / "missing-parent" / "x.zarr"
+    assert main(["convert", str(tmp_path / "t.bin"), dst.as_uri(), "--format", "zarr"]) == 0
+    with open_store(dst.as_uri()) as s:
+        assert s.read(0, len(s)).tolist() == ids.tolist()
+    # an output that cannot be created: one line, exit 2, nothing left behind
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "t.bin"), (blocker / "x.zarr").as_uri(), "--format", "zarr"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("streamdata: error: ") and "x.zarr" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "missing-parent", "t.bin"]
+
+
+def test_errors_name_flags(tmp_path, capsys):
+    """The library says ``compression='zstd'``; the CLI says the flag."""
+    capsys.readouterr()
+    assert main(["tokenize", "stdlib:eval", "--tokenizer", "default", "--out", str(tmp_path / "o"),
+                 "--compression", "zstd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("streamdata: error: --compression zstd needs --format zarr") and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
