@@ -167,3 +167,27 @@ def fmt_bytes(x: int | None) -> str:
         if abs(x) >= k:
             return f"{x / k:,.3g} {unit}"
     return f"{x} B"
+
+
+def one_line_errors(prog: str, flags: Sequence[str] = ("device", "store", "model", "chunk_size", "tokens")):
+    """Decorator for a benchmark's ``main(argv)``: a user error (a ``StreamdataError``: no GPU for
+    ``--device cuda``, a missing store, ...) is one line on stderr in flag terms and exit 2, as the CLIs do."""
+    import functools
+    import sys
+
+    from streamdata.errors import StreamdataError, in_cli_terms
+
+    names = {f: "--" + f.replace("_", "-") for f in flags}
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv=None) -> int:
+            try:
+                return main(argv)
+            except StreamdataError as e:
+                print(f"{prog}: error: {in_cli_terms(str(e), names)}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._util import PeakMemory, fmt_bytes, fmt_rate, machine, sync, table, write_json
+from ._util import PeakMemory, fmt_bytes, fmt_rate, machine, one_line_errors, sync, table, write_json
 
 CACHE = Path("bench-out") / "stores"
 GOAL_VS_COMPUTE = 0.97
@@ -444,6 +444,7 @@ def print_ratios(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> 
         print_fn(f"ours(overlap {m['overlap']}) / (c) HF guide = {both('ours_overlap/guide', '.2f')}  (goal on a GPU: several times)")
 
 
+@one_line_errors("python -m benchmarks.bench_eval")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="a token store (default: the embedded stdlib corpus, built once and cached)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._util import best_of, machine, table, write_json
+from ._util import best_of, machine, one_line_errors, table, write_json
 
 
 def _write_npy(root: Path, tokens: np.ndarray, doc_lens: np.ndarray) -> None:
@@ -53,6 +53,7 @@ def _windows(store, window: int, buf: np.ndarray, limit: int | None = None) -> i
     return n
 
 
+@one_line_errors("python -m benchmarks.bench_zarr")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64 << 20, help="tokens in the test store (default 64Mi)")
@@ -108,13 +109,18 @@ def main(argv=None) -> int:
             rows.append((f"{name} read_into [{path}]", tps / 1e6, tps / base, 1e6 * a.window / tps))
         for comp in ("none", "zstd"):
             arr = stores[f"zarr {comp}"].zarr_array
-            k = a.naive_windows
+            # the same windows as _windows (the last one shorter), at most --naive-windows of them:
+            # a store smaller than naive_windows * window has fewer
+            k = min(a.naive_windows, -(-(a.tokens - 1) // a.window))
 
             def naive(arr=arr, k=k):
+                n = 0
                 for i in range(k):
                     s = i * a.window
-                    buf[:] = arr[s : s + a.window + 1]
-                return k * a.window
+                    e = min(a.tokens, s + a.window + 1)
+                    buf[: e - s] = arr[s:e]
+                    n += e - s - 1
+                return n
 
             dt, n = best_of(naive, 1)
             results[f"zarr {comp} naive"] = n / dt

@@ -50,7 +50,8 @@ from torch import nn
 
 from . import bench_eval as be
 from . import bench_loader as bl
-from ._util import PeakMemory, fmt_bytes, fmt_rate, machine, proc_status_kb, reset_peak_rss, sync, table, write_json
+from ._util import (PeakMemory, fmt_bytes, fmt_rate, machine, one_line_errors, proc_status_kb, reset_peak_rss, sync, table,
+                    write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 _READ_BLOCK = 16 << 20
@@ -372,7 +373,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def memory_scaling(sizes: tuple[int, ...], device: torch.device, cache: Path, chunk: int, batch: int,
                    log: Callable[[str], None], threads: int | None = None) -> dict[str, Any]:
-    store = memory_store(cache, max(sizes), log)
+    # absolute: the children run in the repository root, whatever the caller's cwd
+    store = memory_store(cache, max(sizes), log).resolve()
     rows = []
     for n in sizes:
         spec = {"store": str(store), "tokens": int(n), "device": str(device), "chunk": chunk, "batch": batch,
@@ -701,6 +703,7 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
         print_fn(f"wrote {res['json']}" + (f" and {', '.join(Path(c).name for c in res.get('charts', []))}" if res.get("charts") else ""))
 
 
+@one_line_errors("python -m benchmarks")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--memory-child"]:

@@ -1,0 +1,39 @@
+"""Issue 17, item 5 and 4: the benchmarks as a newcomer runs them (small sizes; no timing asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_bench_zarr_store_smaller_than_the_naive_windows(tmp_path, capsys):
+    """--tokens 4194304 with the default 1000 naive windows of 8192 read past the end; here the
+    same shape at toy size: 2.4 windows of 8192 in the store, 1000 asked for."""
+    pytest.importorskip("zarr")
+    from benchmarks import bench_zarr
+
+    assert bench_zarr.main(["--tokens", "20000", "--window", "8192", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    assert "zarr none naive" in capsys.readouterr().out
+
+
+def test_suite_device_cuda_without_gpu_is_one_line(monkeypatch, capsys):
+    from benchmarks import suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert suite.main(["--device", "cuda", "--quick"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("python -m benchmarks: error: --device cuda is not available"), err
+    assert "pass --device cpu" in err[0]
+
+
+def test_memory_step_with_a_relative_cache_from_another_cwd(tmp_path, monkeypatch):
+    """The child process runs in the repository root: a relative store path must not reach it."""
+    from benchmarks.suite import memory_scaling
+
+    monkeypatch.chdir(tmp_path)
+    res = memory_scaling((3000, 6000), torch.device("cpu"), Path("cache"), 256, 2, log=lambda s: None, threads=1)
+    assert [r["scored"] for r in res["rows"]] == [2999, 5999]
+    assert (tmp_path / "cache").is_dir() and Path(res["store"]).is_relative_to(tmp_path / "cache")
