@@ -703,12 +703,8 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
         print_fn(f"wrote {res['json']}" + (f" and {', '.join(Path(c).name for c in res.get('charts', []))}" if res.get("charts") else ""))
 
 
-@one_line_errors("python -m benchmarks")
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--memory-child"]:
-        print(json.dumps(memory_child(json.loads(argv[1]))))
-        return 0
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's options (also the README's options table, tests/test_readme.py)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", help="a token store (default: the embedded stdlib corpus, built once and cached)")
     ap.add_argument("--model", default="random",
@@ -722,6 +718,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory-scaling runs")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     ap.add_argument("--cache", help="folder for the default and synthetic stores (default bench-out/stores)")
+    return ap
+
+
+@one_line_errors("python -m benchmarks")
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--memory-child"]:
+        print(json.dumps(memory_child(json.loads(argv[1]))))
+        return 0
+    ap = build_parser()
     a = ap.parse_args(argv)
     from evaluator.config import resolve_device
 

@@ -53,16 +53,16 @@ def _bos(text: str) -> int | str:
     return text if text in ("none", "model", "eos") else _int(text)
 
 
-def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int) -> None:
+def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int, overlap_why: str) -> None:
     p.add_argument("--chunk-size", type=_int_or_none, default=chunk_default,
                    help="window length L in tokens, or 'model': the model's context length (default: model)")
     p.add_argument("--overlap", type=_int, default=overlap_default,
-                   help="sliding mode: context tokens each window re-reads (default: %(default)s)")
+                   help=f"sliding mode: context tokens each window re-reads (default: %(default)s; {overlap_why})")
     p.add_argument("--mode", default="auto", choices=("auto", "sliding", "stateful", "kv-cache"),
                    help="how context crosses windows (default: auto)")
     p.add_argument("--doc-mode", default="stream", choices=("stream", "document"),
                    help="stream: one concatenated stream; document: each document on its own (default: stream)")
-    p.add_argument("--batch-size", type=_batch, default="auto", help="windows per forward in sliding mode, or auto")
+    p.add_argument("--batch-size", type=_batch, default="auto", help="windows per forward in sliding mode, or auto (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
@@ -86,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True,
                    help="'default' (bundled), a transformers folder or hub id, or package.module:factory")
     r.add_argument("--out", default=None, help="report folder (default: none written)")
-    _add_eval_options(r, chunk_default=None, overlap_default=0)
+    _add_eval_options(r, chunk_default=None, overlap_default=0, overlap_why="demo's is 256")
     d = sub.add_parser("demo", help="the main job on the embedded default: tokenize the stdlib, evaluate the bundled model",
                        description="Tokenize the running Python's standard library (stdlib:eval) with the bundled tokenizer "
                                    "into OUT/store (reused if already there), then stream-evaluate the bundled model "
                                    "on its first --max-tokens tokens (default 1,000,001: one million scored targets) and write the "
                                    "report to OUT. No network needed.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
-    _add_eval_options(d, chunk_default=None, overlap_default=256)
+    _add_eval_options(d, chunk_default=None, overlap_default=256, overlap_why="run's is 0")
     # 1,000,001 tokens of the stream give exactly 1,000,000 scored targets (target 0 has no context)
     d.set_defaults(max_tokens=1_000_001)
     return p

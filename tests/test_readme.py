@@ -1,0 +1,210 @@
+"""The README cannot drift (issue 17): its options tables are the parsers' options, and every
+``bash``/``python`` block runs as written, with local stand-ins for hub ids (a tokenizer trained
+here, a tiny ``save_pretrained`` GPT-2, local jsonl) and no network.
+
+A block that cannot run here carries ``<!-- readme-test: skip: WHY -->`` on the line before its
+fence; :data:`SKIPPED` lists them, so a new skip is a visible change to this file.
+
+Regenerate the options tables after changing a parser: ``python -m tests.test_readme --write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+#: first line of each block that is skipped, with the README's reason
+SKIPPED = {
+    "# 1. the main job on the embedded default: create .venv, install, tokenize the running Python's": "installs packages (.ci/setup)",
+    ".venv/bin/python -m pytest -q -m cuda": "needs a GPU",
+    "streameval demo --out runs/demo        # the embedded default: stdlib store + bundled model, 1M tokens":
+        "tokenizes the whole stdlib and scores 1M tokens (minutes on a CPU)",
+    "python -m benchmarks                    # the suite: stages, verdict, sweeps, baselines, memory scaling":
+        "minutes of measurement; tests/benchmarks runs every benchmark at toy sizes",
+}
+
+#: hub ids and sizes in the README -> local stand-ins (the same words everywhere they appear)
+STAND_INS = [
+    ("wikitext --config wikitext-103-raw-v1 --split test", "wiki.jsonl"),
+    ("--tokenizer gpt2", "--tokenizer ./tokenizer.json"),
+    ("--model gpt2", "--model ./gpt2"),
+    ('from_pretrained("gpt2")', 'from_pretrained("./gpt2")'),
+    ('StreamingEvaluator("gpt2"', 'StreamingEvaluator("./gpt2"'),
+    ("stdlib:eval --tokenizer default --out stores/stdlib", "stdlib:eval --tokenizer default --out stores/stdlib --max-docs 20"),
+]
+
+_OPT_BEGIN = re.compile(r"<!-- options: (.+?) -->\n")
+_OPT_END = "<!-- /options -->"
+
+
+# ---- options tables ------------------------------------------------------------------------------
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every verb of every command line, by the name the README's table uses."""
+    from benchmarks.suite import build_parser as bench_parser
+    from evaluator.cli import build_parser as eval_parser
+    from streamdata.cli import build_parser as data_parser
+
+    out = {}
+    for prog, p in (("streamdata", data_parser()), ("streameval", eval_parser())):
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        for verb, sp in sub.choices.items():
+            out[f"{prog} {verb}"] = sp
+    out["python -m benchmarks"] = bench_parser()
+    return out
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def options_table(p: argparse.ArgumentParser) -> str:
+    """A markdown table of a parser's arguments: option, default, meaning (its --help text)."""
+    fmt = p._get_formatter()
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for a in p._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        if a.option_strings:
+            name = ", ".join(a.option_strings)
+            if a.nargs != 0:
+                name += " " + (a.metavar or a.dest.upper())
+        else:
+            name = (a.metavar or a.dest).upper() + ("..." if a.nargs in ("+", "*") else "")
+        if a.required:
+            default = "required"
+        elif a.nargs == 0 or a.default is None or a.default == argparse.SUPPRESS:
+            default = ""
+        else:
+            default = str(a.default)
+        if a.choices and not isinstance(a, argparse._SubParsersAction):
+            choices = " (" + " \\| ".join(str(c) for c in a.choices) + ")"
+        else:
+            choices = ""
+        meaning = fmt._expand_help(a) if a.help else ""
+        rows.append(f"| `{_cell(name)}` | {_cell(default) and '`' + _cell(default) + '`'} | {_cell(meaning)}{choices} |")
+    return "\n".join(rows) + "\n"
+
+
+def render_options(text: str) -> str:
+    """``text`` with every options table regenerated from its parser."""
+    ps = parsers()
+    out, pos = [], 0
+    for m in _OPT_BEGIN.finditer(text):
+        end = text.index(_OPT_END, m.end())
+        out += [text[pos : m.end()], options_table(ps[m.group(1)])]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def test_options_tables_match_the_parsers():
+    text = README.read_text(encoding="utf-8")
+    names = _OPT_BEGIN.findall(text)
+    assert sorted(names) == sorted(parsers()), "one options table per verb"
+    assert render_options(text) == text, "README options tables are stale: python -m tests.test_readme --write"
+
+
+# ---- code blocks ---------------------------------------------------------------------------------
+_BLOCK = re.compile(r"(<!-- readme-test: skip: (.+?) -->\n)?```(bash|python)\n(.*?)```", re.S)
+
+
+def blocks() -> list[tuple[str, str, str | None]]:
+    """(language, code, skip reason or None) of every bash/python block, in README order."""
+    return [(m.group(3), m.group(4), m.group(2)) for m in _BLOCK.finditer(README.read_text(encoding="utf-8"))]
+
+
+def test_skipped_blocks_are_the_listed_ones():
+    skipped = {code.splitlines()[0]: why for _, code, why in blocks() if why}
+    assert skipped == SKIPPED
+
+
+def _stand_ins(work: Path) -> None:
+    """The files the README's commands name, built locally: corpus, tokenizer, models, a factory."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .conftest import CORPUS, train_bpe
+
+    rng = np.random.default_rng(0)
+    words = " ".join(CORPUS).split()
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(20, 200, size=48)]
+    (work / "wiki.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    (work / "corpus").mkdir()
+    for i in range(2):
+        (work / "corpus" / f"part{i}.jsonl").write_text(
+            "".join(json.dumps({"content": t}) + "\n" for t in texts[i::2]), encoding="utf-8")
+    train_bpe(work / "tokenizer.json", texts, vocab_size=300)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=1024, vocab_size=300, bos_token_id=None, eos_token_id=None)
+    for name in ("gpt2", "my-checkpoint"):
+        GPT2LMHeadModel(cfg).save_pretrained(work / name)
+    (work / "mypkg").mkdir()
+    (work / "mypkg" / "__init__.py").write_text("")
+    (work / "mypkg" / "models.py").write_text(
+        "import torch\n\n\n"
+        "class GRULM(torch.nn.Module):\n"
+        "    def __init__(self, vocab=300, hidden=16):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.emb, self.rnn = torch.nn.Embedding(vocab, hidden), torch.nn.GRU(hidden, hidden, batch_first=True)\n"
+        "        self.head, self.h = torch.nn.Linear(hidden, vocab), None\n\n"
+        "    def forward(self, x):\n"
+        "        y, self.h = self.rnn(self.emb(x), self.h)\n"
+        "        return self.head(y)\n\n"
+        "    def get_state(self):\n"
+        "        return self.h\n\n"
+        "    def set_state(self, s):\n"
+        "        self.h = s\n\n"
+        "    def reset_state(self):\n"
+        "        self.h = None\n\n\n"
+        "def build():\n"
+        "    return GRULM()\n")
+
+
+def _localize(code: str) -> str:
+    for old, new in STAND_INS:
+        code = code.replace(old, new)
+    return code
+
+
+def test_every_readme_block_runs(tmp_path):
+    pytest.importorskip("transformers")
+    work = tmp_path / "readme"
+    work.mkdir()
+    _stand_ins(work)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ran = 0
+    for lang, code, skip in blocks():
+        if skip:
+            continue
+        code = _localize(code)
+        if lang == "bash":
+            cmd = ["bash", "-e", "-o", "pipefail", "-c", code]
+        else:
+            cmd = [sys.executable, "-c", code]
+        p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"README {lang} block failed:\n{code}\n--- stderr:\n{p.stderr[-3000:]}"
+        ran += 1
+    assert ran == len(blocks()) - len(SKIPPED)
+    assert (work / "runs" / "gpt2-wt103" / "results.json").is_file()
+    assert (work / "stores" / "code2" / "manifest.json").is_file()
+
+
+if __name__ == "__main__":  # python -m tests.test_readme --write: regenerate the options tables
+    if sys.argv[1:] == ["--write"]:
+        README.write_text(render_options(README.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        sys.exit("usage: python -m tests.test_readme --write")
