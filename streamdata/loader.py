@@ -544,15 +544,22 @@ class _Pipeline:
             return False
         ring.copied[i].synchronize()  # the DMA out of this host slot (its last copy) has finished
         n = hi - lo
-        self.store.read_into(lo, hi, ring.host_tok_np[i][:n])
-        self._check_ids(ring.host_tok_np[i][:n], lo)
-        m = self._pack_meta(b, lo, ring.host_meta_np[i])
+        m = self.fill_host(b, lo, hi, ring.host_tok_np[i], ring.host_meta_np[i])
         side = ring.side_stream  # also the current stream of this thread (see _run)
         side.wait_event(ring.consumed[i])  # the consumer's reads of device slot i are done
         ring.dev_tok[i][:n].copy_(ring.host_tok[i][:n], non_blocking=True)
         ring.dev_meta[i][:m].copy_(ring.host_meta[i][:m], non_blocking=True)
         ring.copied[i].record(side)
         return self._put(self._item(b, i, lo, hi))
+
+    def fill_host(self, b: int, lo: int, hi: int, tok: np.ndarray, meta: np.ndarray) -> int:
+        """The host side of one CUDA batch: its span read into ``tok`` (store dtype; the pinned
+        slot), its ids checked, its metadata packed into ``meta``. Returns the metadata words.
+        (benchmarks.bench_loader times this alone: the GPU path's host-side rate.)"""
+        span = tok[: hi - lo]
+        self.store.read_into(lo, hi, span)
+        self._check_ids(span, lo)
+        return self._pack_meta(b, lo, meta)
 
     def _pack_meta(self, b: int, lo: int, meta: np.ndarray) -> int:
         """Per-window metadata of batch ``b`` in one int64 block (one small copy to the device):

@@ -118,3 +118,14 @@ def test_bench_loader_cli(toy_store, tmp_path):
                               "--workers", "0", "--repeat", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench_loader.json").read_text())
     assert all(_positive(r["tok_per_s"]) for r in data["results"])
+    # the GPU path's host side alone, and the CPU path against the widened copy, at both overlaps
+    fills = [r for r in data["results"] if r["variant"].startswith("(d) slot fill")]
+    assert sorted(r["overlap"] for r in fills) == [0, 16]
+    from streamdata import open_store
+
+    with open_store(toy_store) as s:  # every input token of the plan was filled (overlap 0: B x L per batch)
+        from streamdata.windows import plan_windows
+
+        n_in = int(plan_windows(s.doc_offsets, 64, 0, "stream").length.size) * 64
+    assert next(r for r in fills if r["overlap"] == 0)["tokens"] == n_in
+    assert all(_positive(r["vs_int64_limit"]) for r in data["results"] if r["variant"] == "(d) WindowLoader")
