@@ -58,14 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--revision", help="dataset revision (hub datasets)")
     t.add_argument("--text-column", default=T.text_column, help=f"column holding the document text (default: {T.text_column})")
     t.add_argument("--sample-by", default=T.sample_by, choices=SAMPLE_BY,
-                   help=f"plain-text files: one document per file, paragraph or line (default: {T.sample_by})")
+                   help=f"plain-text files: one document per file, paragraph or line; blank (empty or whitespace-only) "
+                        f"lines and paragraphs are skipped (default: {T.sample_by})")
     t.add_argument("--streaming", action="store_true", help="stream the dataset (IterableDataset) instead of materialising it")
     t.add_argument("--max-docs", type=_positive, help="stop after this many documents")
     t.add_argument("--max-tokens", type=_positive, help="stop after the document that brings the total to this many tokens")
     t.add_argument("--shard-tokens", type=_positive, default=T.shard_tokens, help=f"tokens per shard file, closed at a document boundary (default: {T.shard_tokens})")
     t.add_argument("--eos", default=T.eos, help=f"EOS appended to every document: auto (the tokenizer's, if any), none, or a token (default: {T.eos})")
     t.add_argument("--bos", default=T.bos, help=f"BOS prepended to every document: none, auto, or a token (default: {T.bos})")
-    t.add_argument("--batch-size", type=_positive, default=T.batch_size, help=f"documents per tokenizer call (default: {T.batch_size})")
+    t.add_argument("--batch-bytes", type=_positive, default=T.batch_bytes,
+                   help=f"UTF-8 bytes of text per tokenizer call, whole documents only (default: {T.batch_bytes:,}); the peak "
+                        "memory grows by about 40 MB per MB of it. A document larger than this is encoded alone, at about 130x its size "
+                        "(one 50 MB document: 6.3 GB peak): split huge documents beforehand (e.g. --sample-by paragraph)")
+    t.add_argument("--batch-size", type=_positive, default=T.batch_size, metavar="DOCS",
+                   help="also at most DOCS documents per tokenizer call (default: no limit, --batch-bytes decides)")
     t.add_argument("--format", default=T.format, choices=STORE_FORMATS, help=f"store format (default: {T.format})")
     t.add_argument("--compression", default=T.compression, choices=COMPRESSIONS, help=f"zarr only: codec per inner chunk (default: {T.compression})")
     t.add_argument("--overwrite", action="store_true",
@@ -102,21 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_tokenize(a: argparse.Namespace) -> int:
-    from .tokenize import TokenizeConfig, tokenize_dataset
+    from .tokenize import TokenizeConfig, run_tokenize
 
     cfg = TokenizeConfig(
         source=a.source, tokenizer=a.tokenizer, out=a.out, config_name=a.config_name, split=a.split,
         revision=a.revision, text_column=a.text_column, streaming=a.streaming, sample_by=a.sample_by,
         max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
-        batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
+        batch_bytes=a.batch_bytes, batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
         format=a.format, compression=a.compression,
     )
     t0 = time.perf_counter()
-    m = tokenize_dataset(cfg)
+    r = run_tokenize(cfg)
     dt = time.perf_counter() - t0
-    tot = m.totals
-    print(f"{a.out}: {tot['tokens']:,} tokens, {tot['documents']:,} documents, {len(m.shards)} shard(s), "
-          f"dtype {m.dtype} ({dt:.1f} s, {tot['tokens'] / max(dt, 1e-9):,.0f} tok/s)")
+    m, tot = r.manifest, r.manifest.totals
+    head = f"{a.out}: {tot['tokens']:,} tokens, {tot['documents']:,} documents, {len(m.shards)} shard(s), dtype {m.dtype}"
+    if r.already_complete:  # nothing was tokenized: no rate to report
+        print(f"{head} (already complete with these settings: nothing to do; --overwrite rebuilds it)")
+    elif r.tokens_before:  # a rate counts this run's tokens only, not those an interrupted run wrote
+        print(f"{head} (resumed after {r.tokens_before:,} tokens; this run: {r.tokens_this_run:,} tokens in "
+              f"{dt:.1f} s, {r.tokens_this_run / max(dt, 1e-9):,.0f} tok/s)")
+    else:
+        print(f"{head} ({dt:.1f} s, {r.tokens_this_run / max(dt, 1e-9):,.0f} tok/s)")
     return 0
 
 

@@ -12,8 +12,10 @@ part (for fitting the default tokenizer/model) and an ``eval`` part (for evaluat
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
+import mmap
 import os
 import shutil
 import sys
@@ -26,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files"]
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files", "utf8_len"]
 
 # file extension -> datasets packaged builder
 _BUILDERS = {
@@ -42,10 +44,16 @@ _BUILDERS = {
 }
 #: SOURCE prefix naming the embedded default corpus: ``stdlib:eval``, ``stdlib:train``, ``stdlib:all``
 DEFAULT_CORPUS_PREFIX = "stdlib:"
-#: how plain-text files are cut into documents (``--sample-by``)
+#: how plain-text files are cut into documents (``--sample-by``); blank (empty or whitespace-only)
+#: lines and paragraphs are skipped, while ``document`` keeps every file
 SAMPLE_BY = ("document", "paragraph", "line")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
+#: rows whose text lengths are planned at once (materialised datasets): bounds the planner's memory
+#: (8 bytes a row) whatever the dataset's size
+_PLAN_ROWS = 8192
+#: documents read per step from a streaming dataset before they are regrouped by bytes
+_STREAM_READ_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class SourceSpec:
     revision: str | None = None
     text_column: str = "text"
     streaming: bool = False
-    sample_by: str = "document"  # for plain-text files: one document per file/paragraph/line
+    sample_by: str = "document"  # for plain-text files: one document per file/paragraph/line (blank units skipped)
     cache_dir: str | None = None
     data_files_builder: str | None = None  # force a builder for local files (e.g. "text")
 
@@ -101,34 +109,145 @@ class Source:
         """Number of documents, or None for a streaming dataset (unknown until the end)."""
         return None if self.spec.streaming else len(self.dataset)
 
-    def batches(self, batch_size: int, skip: int = 0) -> Iterator[list[str]]:
-        """Yield lists of document texts in order, starting after the first ``skip`` documents."""
-        col = self.spec.text_column
-        ds = self.dataset
+    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None) -> Iterator[list[str]]:
+        """Yield lists of document texts in order, starting after the first ``skip`` documents.
+
+        A batch holds whole documents of at most ``max_bytes`` UTF-8 bytes of text together (and at
+        most ``max_docs`` documents): the tokenizer's memory follows a batch's text, not its document
+        count. Documents are never split; one larger than ``max_bytes`` is a batch of its own.
+        """
+        if max_bytes < 1 or (max_docs is not None and max_docs < 1):
+            raise ConfigError(f"batches: max_bytes={max_bytes} and max_docs={max_docs} must be >= 1")
         if self.spec.streaming:
-            if skip:
-                ds = ds.skip(skip)
-            it = ds.iter(batch_size=batch_size)
-            row = skip
-            while True:
-                try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
-                    batch = next(it)
-                except StopIteration:
-                    return
-                except Exception as e:  # pyarrow/datasets/codec errors of several types
-                    where = repr(self.files[0]) + (" ..." if len(self.files) > 1 else "") if self.files else "the source"
-                    raise SourceError(f"cannot read {where} after document {row} ({_first_line(e)}): "
-                                      "fix or remove the bad rows (nothing was committed)") from None
-                texts = batch[col]
-                _check_texts(texts, col, row)
-                row += len(texts)
-                yield texts
+            yield from self._stream_batches(max_bytes, skip, max_docs)
         else:
-            n = len(ds)
-            for lo in range(skip, n, batch_size):
-                texts = ds[lo : min(n, lo + batch_size)][col]
-                _check_texts(texts, col, lo)
-                yield texts
+            yield from self._planned_batches(max_bytes, skip, max_docs)
+
+    def _planned_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
+        """Materialised dataset: batch boundaries come from the text lengths Arrow already stores
+        (no Python string is made to plan), _PLAN_ROWS rows at a time."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col, ds = self.spec.text_column, self.dataset
+        n = len(ds)
+        arrow = ds.with_format("arrow")  # honours an indices mapping (e.g. the blank-unit filter)
+        mapped = [c["filename"] for c in (getattr(ds, "cache_files", None) or []) if c.get("filename")]
+        start, pending = skip, 0  # the batch being planned: rows [start, c0 + i), ``pending`` bytes
+        for c0 in range(skip, n, _PLAN_ROWS):
+            column = arrow[c0 : min(n, c0 + _PLAN_ROWS)][col]
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            else:  # not text: the first batch reaches _check_texts, which names the row and the type
+                sizes = np.zeros(len(column), np.int64)
+            cum = np.cumsum(sizes)  # cum[k]: bytes of this window's rows 0..k
+            i, m = 0, len(sizes)
+            while i < m:
+                base = int(cum[i - 1]) if i else 0
+                j = int(np.searchsorted(cum, base + max_bytes - pending, side="right"))  # rows i..j-1 fit
+                if max_docs is not None:
+                    j = min(j, i + max_docs - (c0 + i - start))
+                if j <= i:
+                    if c0 + i > start:  # row i does not fit: the batch is full
+                        yield self._rows(start, c0 + i)
+                        start, pending = c0 + i, 0
+                        continue
+                    j = i + 1  # a document larger than max_bytes: a batch of its own
+                pending += int(cum[j - 1]) - base
+                i = j
+                if i < m:  # row i did not fit (or max_docs was reached)
+                    yield self._rows(start, c0 + i)
+                    drop_mapped_pages(mapped)
+                    start, pending = c0 + i, 0
+        if start < n:
+            yield self._rows(start, n)
+            drop_mapped_pages(mapped)
+
+    def _rows(self, lo: int, hi: int) -> list[str]:
+        texts = self.dataset[lo:hi][self.spec.text_column]
+        _check_texts(texts, self.spec.text_column, lo)
+        return texts
+
+    def _stream_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
+        """IterableDataset: read _STREAM_READ_ROWS documents at a time and regroup them by bytes."""
+        col, ds = self.spec.text_column, self.dataset
+        if skip:
+            ds = ds.skip(skip)
+        it = ds.iter(batch_size=_STREAM_READ_ROWS)
+        row = skip
+        batch: list[str] = []
+        size = 0
+        while True:
+            try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
+                texts = next(it)[col]
+            except StopIteration:
+                break
+            except Exception as e:  # pyarrow/datasets/codec errors of several types
+                where = repr(self.files[0]) + (" ..." if len(self.files) > 1 else "") if self.files else "the source"
+                raise SourceError(f"cannot read {where} after document {row} ({_first_line(e)}): "
+                                  "fix or remove the bad rows (nothing was committed)") from None
+            _check_texts(texts, col, row)
+            row += len(texts)
+            for t in texts:
+                b = utf8_len(t)
+                if batch and (size + b > max_bytes or len(batch) == max_docs):
+                    yield batch
+                    batch, size = [], 0
+                batch.append(t)
+                size += b
+        if batch:
+            yield batch
+
+
+def drop_mapped_pages(paths: Sequence[str]) -> int:
+    """Drop this process's resident pages of read-only memory maps of ``paths`` (the Arrow files
+    under a dataset); returns the bytes of mappings advised.
+
+    The Arrow cache is memory-mapped and every page read stays in our resident set (a 500 MB corpus:
+    +500 MB RSS) until the kernel needs it. ``MADV_DONTNEED`` on a read-only file mapping only
+    unmaps the pages: a later read faults them back from the page cache, so it is safe to apply to
+    the whole file, including the part not read yet. Writable mappings are left alone (there it
+    could discard private copies). Linux only; elsewhere a no-op.
+    """
+    if not paths or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    wanted = {os.path.realpath(p) for p in paths}
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return 0
+    done = 0
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "w" in parts[1] or parts[5].rstrip("\n") not in wanted:  # the kernel prints real paths
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) == 0:
+            done += hi - lo
+    return done
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _LIBC
+
+
+_LIBC: Any = None
+
+
+def utf8_len(text: str) -> int:
+    """UTF-8 size of ``text`` in bytes, without encoding a copy when it is ASCII (``isascii`` is O(1))."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _not_blank(texts: list[str]) -> list[bool]:
+    """Filter for line/paragraph units: False for an empty or whitespace-only one."""
+    return [bool(t) and not t.isspace() for t in texts]
 
 
 def _check_texts(texts: Sequence[Any], col: str, first_row: int) -> None:
@@ -301,6 +420,15 @@ def _check_columns(source: Source) -> None:
         source.dataset = ds.select_columns([spec.text_column]) if columns is not None else ds
     else:
         source.dataset = ds.select_columns([spec.text_column])
+    if source.identity.get("builder") == "text" and spec.sample_by != "document":
+        # Lines/paragraphs cut out of a file: a blank one is a separator, not a document (it would
+        # become a document holding only EOS). Filtering the dataset itself keeps resume exact: the
+        # skip count of a resumed build counts the same kept units.
+        source.dataset = source.dataset.filter(_not_blank, batched=True, input_columns=[spec.text_column])
+        source.identity["skip_blank"] = True
+        if not spec.streaming and len(source.dataset) == 0:
+            raise SourceError(f"every {spec.sample_by} of {paths[0]!r}{' ...' if len(paths) > 1 else ''} is blank "
+                              "(no documents): check the files or --sample-by")
 
 
 def _columns(ds: Any) -> list[str] | None:

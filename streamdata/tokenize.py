@@ -4,10 +4,18 @@ the source -> tokenizer -> writer pipeline (:func:`tokenize_dataset`).
 Throughput notes (measured on the 2-core build machine, see benchmarks/RESULTS.md):
 - ``Tokenizer.encode_batch_fast`` encodes a batch on all cores in Rust (rayon) and releases the GIL;
   it skips the character offsets that ``encode_batch`` computes and we never use.
-- Reading the next batch of texts out of Arrow runs in a background thread, so it overlaps the
-  Rust encoding of the current batch.
+- Reading the next batch of texts out of Arrow, its Rust encoding and flattening run in a background
+  thread, so they overlap the byte/word counting and writing of the batch before.
 - Ids are flattened with one ``np.fromiter`` over all documents of a batch; per-document numpy
   arrays cost more than the tokenizer on short documents.
+
+Memory: a batch is a text budget (``batch_bytes``), not a document count, because the tokenizer's
+``Encoding`` objects and the ``ids`` lists take ~40 bytes per byte of text while they live (a
+batch of 1,000 stdlib files held ~17 MB of text: 1.4 GB peak). Only the background thread holds
+``Encoding`` objects, one batch at a time; the bounded queue holds flat id arrays (8 bytes a token).
+So the peak is about a fixed ~350 MB + ~40x ``batch_bytes``. Documents are never split: one larger
+than the budget is encoded alone, and the tokenizer itself then takes ~130x its size (a 50 MB
+document: 6.3 GB peak).
 """
 
 from __future__ import annotations
@@ -29,16 +37,22 @@ import numpy as np
 from .errors import ConfigError, TokenizerError
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype
 from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
-from .source import Source, SourceSpec, load_source
+from .source import Source, SourceSpec, load_source, utf8_len
 from .writer import StoreWriter
 
-__all__ = ["DEFAULT_TOKENIZER", "TokenizeConfig", "LoadedTokenizer", "load_tokenizer", "tokenize_dataset", "tokenizer_sha256"]
+__all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TokenizeConfig", "TokenizeResult", "LoadedTokenizer",
+           "load_tokenizer", "run_tokenize", "tokenize_dataset", "tokenizer_sha256"]
 
 #: The bundled tokenizer (``--tokenizer default``): a 4096-entry byte-level BPE with
 #: ``<|endoftext|>`` as EOS, trained on the embedded corpus's train part by
 #: ``python -m evaluator.assets.default.train`` (which also trains the bundled model on it); the
 #: evaluator's default model uses this copy, the only one.
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "default_tokenizer"
+
+#: UTF-8 bytes of text per encode batch (``--batch-bytes``). Each MB of batch adds ~40 MB to the
+#: peak RSS on top of ~350 MB (interpreter, datasets, tokenizer); stdlib:all (2 cores): 1 MiB 391 MiB,
+#: 2 MiB 431 MiB, 4 MiB 509 MiB peak at equal throughput (benchmarks/bench_tokenize.py measures it).
+DEFAULT_BATCH_BYTES = 2 << 20
 
 # Names tried, in order, when a tokenizer's configuration does not say which token is EOS/BOS.
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -170,7 +184,8 @@ class TokenizeConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     eos: str = "auto"  # auto | none | TOKEN: appended to every document
     bos: str = "none"  # auto | none | TOKEN: prepended to every document
-    batch_size: int = 1000  # documents per encode call
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # UTF-8 text bytes per encode batch; a larger document is a batch alone
+    batch_size: int | None = None  # also at most this many documents per batch (None: bytes alone decide)
     overwrite: bool = False
     format: str = "npy"  # STORE_FORMATS (zarr: tokenized into an npy staging store, then packed)
     compression: str = "none"  # zarr only: none | zstd | blosc
@@ -188,8 +203,10 @@ class TokenizeConfig:
                 raise ConfigError(f"{name}={v} must be >= 1 (or unset for no limit)")
         if self.shard_tokens < 1:
             raise ConfigError(f"shard_tokens={self.shard_tokens} must be >= 1: pass e.g. --shard-tokens 67108864")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1 (or unset for no document limit)")
+        if self.batch_bytes < 1:
+            raise ConfigError(f"batch_bytes={self.batch_bytes} must be >= 1: pass e.g. --batch-bytes {DEFAULT_BATCH_BYTES}")
         if self.format not in STORE_FORMATS:
             raise ConfigError(f"format {self.format!r} is not supported: use {' or '.join(STORE_FORMATS)}")
         if self.format == "npy" and self.compression != "none":
@@ -212,8 +229,9 @@ class TokenizeConfig:
         )
 
 
-def _prefetch(it: Iterator[list[str]], depth: int = 2) -> Iterator[list[str]]:
-    """Run ``it`` in a background thread, ``depth`` batches ahead; errors are re-raised here."""
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` in a background thread, ``depth`` items ahead (plus the one it is making); errors
+    are re-raised here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     _END = object()
@@ -279,13 +297,42 @@ def encode_documents(tok: Any, texts: Sequence[str], bos: int | None, eos: int |
     return _flatten(_encode(tok, texts), bos, eos)
 
 
-def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> Manifest:
+@dataclass
+class TokenizeResult:
+    """What one :func:`run_tokenize` call did, so a rate can count this run's work only."""
+
+    manifest: Manifest
+    #: the store was already finished with these settings: this call did nothing
+    already_complete: bool
+    #: tokens and documents in finished shards of an interrupted build that this call resumed
+    tokens_before: int
+    documents_before: int
+    #: tokens and documents this call tokenized (0 when it only had to finish packing a zarr store)
+    tokens_this_run: int
+    documents_this_run: int
+
+
+def tokenize_dataset(config: TokenizeConfig | str | Sequence[str] | None = None, /, **kwargs: Any) -> Manifest:
     """Tokenize a dataset into a store at ``config.out`` and return its manifest.
 
     Resumes an unfinished build of the same settings and unchanged source files; refuses to replace
     a finished store unless ``overwrite`` (a finished store built with the same settings is returned
     as is); never touches a folder that is not ours (rules: :mod:`streamdata.output`).
+    ``config``: a :class:`TokenizeConfig`, or the source (a path, glob, hub id or a list of them) with
+    the other fields as keywords. :func:`run_tokenize` also says how much of the work this call did.
     """
+    return run_tokenize(config, **kwargs).manifest
+
+
+def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, **kwargs: Any) -> TokenizeResult:
+    """:func:`tokenize_dataset`, returning the manifest with this call's share of the work."""
+    if isinstance(config, (str, os.PathLike, list, tuple)):  # the source given positionally
+        if "source" in kwargs:
+            raise ConfigError(f"source given twice ({str(config)[:80]!r} and source={kwargs['source']!r}): pass one")
+        config, kwargs = None, {"source": [os.fspath(x) for x in ([config] if isinstance(config, (str, os.PathLike)) else config)], **kwargs}
+    elif config is not None and not isinstance(config, TokenizeConfig):
+        raise ConfigError(f"tokenize_dataset takes a TokenizeConfig, a source or keywords, not {type(config).__name__}: "
+                          "pass e.g. tokenize_dataset('corpus/*.jsonl', tokenizer=..., out=...)")
     cfg = config if config is not None else TokenizeConfig(**kwargs)
     tok = load_tokenizer(cfg.tokenizer)
     dtype = choose_dtype(tok.vocab_size)
@@ -320,7 +367,8 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
         out = prepare_output(cfg.out, settings, overwrite=cfg.overwrite, sources=files, lock=lock)
         lock = None  # the Output holds it now
         if out.finished is not None:
-            return out.finished
+            tot = out.finished.totals
+            return TokenizeResult(out.finished, True, int(tot["tokens"]), int(tot["documents"]), 0, 0)
         if cfg.format == "npy":
             writer = StoreWriter(None, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
                                  settings=settings, output=out)
@@ -333,7 +381,7 @@ def tokenize_dataset(config: TokenizeConfig | None = None, /, **kwargs: Any) -> 
 
 
 def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, out: Output, dtype: str,
-                   bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> Manifest:
+                   bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> TokenizeResult:
     """``--format zarr``: tokenize into an npy staging store inside the build, then pack it into zarr.
 
     Both steps resume (the staging store has its own ledger; the pack records packed shards)."""
@@ -345,16 +393,21 @@ def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, ou
         writer = StoreWriter(staging, dtype=dtype, vocab_size=tok.vocab_size, shard_tokens=cfg.shard_tokens,
                              settings=out.settings)
         if writer.finished is None:
-            _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
+            staged = _run_pipeline(cfg, tok, source, writer, bos_id, eos_id, special)
+        else:  # tokenized by an earlier run, interrupted while packing
+            tot = writer.finished.totals
+            staged = TokenizeResult(writer.finished, False, int(tot["tokens"]), int(tot["documents"]), 0, 0)
         with open_store(staging) as store:
-            return pack_into_output(store, out, compression=cfg.compression)  # seals: _build goes
+            manifest = pack_into_output(store, out, compression=cfg.compression)  # seals: _build goes
+        staged.manifest = manifest
+        return staged
     except BaseException:
         out.abort()
         raise
 
 
 def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, writer: StoreWriter,
-                  bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> Manifest:
+                  bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> TokenizeResult:
     """source -> encode -> writer, then seal. On any error the writer keeps its finished shards."""
     created = {
         "tool": "streamdata", "python": sys.version.split()[0], "numpy": np.__version__,
@@ -362,6 +415,7 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
         "time_unix": int(time.time()),
     }
     skip = writer.documents_done
+    tokens_before = writer.tokens_written
     bar = None
     try:
         if cfg.progress:
@@ -374,42 +428,65 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
 
         def encoded():
             # Runs in the background thread: reading Arrow and the (GIL-free) Rust encoding of batch
-            # k+1 overlap the Python-side flattening and writing of batch k in this thread.
+            # k+1 overlap the counting and writing of batch k in this thread. The Encoding objects
+            # (~40 bytes per byte of text) die here, inside _flatten's caller: only flat arrays queue.
             remaining = None if cfg.max_docs is None else cfg.max_docs - skip
-            for texts in source.batches(cfg.batch_size, skip=skip):
+            for texts in source.batches(cfg.batch_bytes, skip=skip, max_docs=cfg.batch_size):
                 if remaining is not None:
                     texts = texts[:remaining]
                     remaining -= len(texts)
-                yield texts, _encode(tok.tokenizer, texts)
+                flat, lens = _flatten(_encode(tok.tokenizer, texts), bos_id, eos_id)
+                yield texts, flat, lens
                 if remaining == 0:
                     return
 
-        for texts, encodings in ([] if done else _prefetch(encoded())):
-            flat, lens = _flatten(encodings, bos_id, eos_id)
+        for texts, flat, lens in ([] if done else _prefetch(encoded())):
             if cfg.max_tokens is not None:
                 cum = np.cumsum(lens) + writer.tokens_written
                 keep = int(np.searchsorted(cum, cfg.max_tokens, side="left")) + 1
                 if keep < len(lens):
                     texts, lens = texts[:keep], lens[:keep]
                     flat = flat[: int(lens.sum())]
-            nbytes = [len(t.encode("utf-8")) for t in texts]
-            nwords = [len(t.split()) for t in texts]
+            nbytes = [utf8_len(t) for t in texts]
+            nwords = [count_words(t) for t in texts]
             writer.add_documents(flat, lens, nbytes, nwords)
             if bar is not None:
                 bar.update(len(texts))
+            del texts, flat, lens  # not held while the next batch is awaited
             if (cfg.max_docs is not None and writer.documents_written >= cfg.max_docs) or (
                 cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens
             ):
                 break
         writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
                                         source=source.identity, created_by=created)
-        return writer.finished
+        return TokenizeResult(writer.finished, False, tokens_before, skip,
+                              writer.tokens_written - tokens_before, writer.documents_written - skip)
     except BaseException:
         writer.abort()
         raise
     finally:
         if bar is not None:
             bar.close()
+
+
+#: characters per slice when counting a long document's words: str.split() on a whole 50 MB document
+#: would hold a list of all its words at once (~60 bytes each)
+_WORDS_SLICE = 1 << 20
+
+
+def count_words(text: str) -> int:
+    """``len(text.split())`` in bounded memory: long texts are split in slices, and a word cut by a
+    slice boundary (non-space on both sides; ``isspace`` is split's own rule) is counted once."""
+    if len(text) <= _WORDS_SLICE:
+        return len(text.split())
+    n, in_word = 0, False
+    for lo in range(0, len(text), _WORDS_SLICE):
+        part = text[lo : lo + _WORDS_SLICE]
+        n += len(part.split())
+        if in_word and not part[0].isspace():
+            n -= 1
+        in_word = not part[-1].isspace()
+    return n
 
 
 def _version(mod: str) -> str | None:
