@@ -138,7 +138,8 @@ def _stand_ins(work: Path) -> None:
     rng = np.random.default_rng(0)
     words = " ".join(CORPUS).split()
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(20, 200, size=48)]
-    (work / "wiki.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    # small: the README's gpt2 runs use 1024-token windows; corpus/ needs >= 9192 tokens (store.read(1000, 9192))
+    (work / "wiki.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:16]), encoding="utf-8")
     (work / "corpus").mkdir()
     for i in range(2):
         (work / "corpus" / f"part{i}.jsonl").write_text(
