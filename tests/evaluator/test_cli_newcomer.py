@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 
 from evaluator import StreamingEvaluator
 from evaluator.cli import main
 from evaluator.errors import ConfigError, ModelError
 
-from .helpers import V, tiny_gpt2
-
-
-@pytest.fixture
-def hf_model_dir(tmp_path):
-    d = tmp_path / "tiny-gpt2"
-    tiny_gpt2(n_positions=64).save_pretrained(d)
-    return d
-
-
-@pytest.fixture
-def store(make_store):
-    rng = np.random.default_rng(5)
-    return make_store([rng.integers(1, V, size=40).tolist() for _ in range(3)], vocab_size=V)
+from .test_cli import hf_model_dir, store  # noqa: F401 - the same fixtures (pytest finds them by name)
 
 
 def _one_error_line(capsys, argv) -> str:
