@@ -96,8 +96,8 @@ class SlidingRunner(Runner):
             except _OOM:
                 if m == 1:
                     raise ModelError(
-                        f"out of device memory on a single window of chunk_size={self.plan.chunk_size}: lower "
-                        "chunk_size or loss_slice (CLI: --chunk-size)"
+                        f"out of device memory on a single window of chunk_size={self.plan.chunk_size}: pass "
+                        f"chunk_size={max(1, self.plan.chunk_size // 2)} or less (or a smaller loss_slice)"
                     ) from None
                 oom = True
             if oom:

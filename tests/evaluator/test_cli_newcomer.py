@@ -88,3 +88,16 @@ def test_one_chunk_run_plots_a_point_without_warnings(tmp_path, store, hf_model_
     lo, hi = ax.get_ylim()
     y = float(line.get_ydata()[0])
     assert lo < y < hi
+
+
+def oom_model():
+    """``tests.evaluator.test_cli_newcomer:oom_model``: every forward runs out of memory."""
+    from .helpers import Bigram, OOMAbove
+
+    return OOMAbove(Bigram(), max_rows=0)
+
+
+def test_out_of_memory_advice_names_the_flag(capsys, store):
+    err = _one_error_line(capsys, ["run", str(store), "--model", "tests.evaluator.test_cli_newcomer:oom_model",
+                                   "--device", "cpu", "--chunk-size", "16", "--mode", "sliding"])
+    assert "single window of --chunk-size 16: pass --chunk-size 8 or less" in err and "chunk_size" not in err
