@@ -74,3 +74,15 @@ def test_errors_name_flags(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("streamdata: error: --compression zstd needs --format zarr") and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_in_cli_terms_rewrites_only_known_argument_names():
+    from streamdata.errors import in_cli_terms
+
+    flags = {"mode": "--mode", "doc_mode": "--doc-mode", "overlap": "--overlap", "device": "--device"}
+    assert in_cli_terms("overlap=3 does not apply to mode='stateful': pass overlap=0, or mode='sliding'.", flags) == \
+        "--overlap 3 does not apply to --mode stateful: pass --overlap 0, or --mode sliding."
+    assert in_cli_terms("doc_mode='x' (mode=auto)", flags) == "--doc-mode x (--mode auto)"
+    assert in_cli_terms("pass device='cpu' or leave device unset", flags) == "pass --device cpu or omit --device"
+    # names the CLI has no flag for stay as they are
+    assert in_cli_terms("loss_slice=0 must be >= 1; leave loss_slice unset", flags) == "loss_slice=0 must be >= 1; leave loss_slice unset"
