@@ -172,6 +172,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from streamdata import tokenize_dataset
 
+    _prepare_out(a.out, a.overwrite)  # --out is checked before the corpus is tokenized into it
     store = Path(a.out) / "store"
     t0 = time.perf_counter()
     m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)

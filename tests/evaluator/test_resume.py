@@ -249,6 +249,9 @@ def test_cli_checks_out_before_any_work(tmp_path, make_store, docs, capsys):
                    "--chunk-size", "20", "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and word in err and len(err.splitlines()) == 1, err
+    rc = main(["demo", "--out", str(afile), "--quiet"])  # checked before the corpus is tokenized into it
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "is a file" in err and len(err.splitlines()) == 1, err
     old = tmp_path / "old"
     old.mkdir()
     (old / "results.json").write_text("{}")  # a report without its checkpoint (another tool, an older version)
