@@ -3,7 +3,8 @@
 Everything goes through :mod:`datasets` (``load_dataset`` / ``load_from_disk``), so hub datasets,
 local files and saved datasets behave alike, and ``streaming=True`` yields an ``IterableDataset``
 that is never materialised. Documents come out in a deterministic order in batches of Python
-strings; ``skip`` lets a resumed build continue after the documents it already wrote.
+strings bounded by their UTF-8 size; ``skip`` lets a resumed build continue after the documents it
+already wrote. With ``sample_by`` line or paragraph, blank units are not documents (filtered out).
 
 The embedded default corpus (no network, no download) is the running Python's own
 standard-library source, one document per ``.py`` file, split deterministically into a ``train``
