@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bos", default=T.bos, help=f"BOS prepended to every document: none, auto, or a token (default: {T.bos})")
     t.add_argument("--batch-bytes", type=_positive, default=T.batch_bytes,
                    help=f"UTF-8 bytes of text per tokenizer call, whole documents only (default: {T.batch_bytes:,}); the peak "
-                        "memory grows by about 40 MB per MB of it. A document larger than this is encoded alone, at about 130x its size "
+                        "memory grows by about 100 MB per MB of it. A document larger than this is encoded alone, at about 130x its size "
                         "(one 50 MB document: 6.3 GB peak): split huge documents beforehand (e.g. --sample-by paragraph)")
     t.add_argument("--batch-size", type=_positive, default=T.batch_size, metavar="DOCS",
                    help="also at most DOCS documents per tokenizer call (default: no limit, --batch-bytes decides)")

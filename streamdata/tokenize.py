@@ -12,8 +12,9 @@ Throughput notes (measured on the 2-core build machine, see benchmarks/RESULTS.m
 Memory: a batch is a text budget (``batch_bytes``), not a document count, because the tokenizer's
 ``Encoding`` objects and the ``ids`` lists take ~40 bytes per byte of text while they live (a
 batch of 1,000 stdlib files held ~17 MB of text: 1.4 GB peak). Only the background thread holds
-``Encoding`` objects, one batch at a time; the bounded queue holds flat id arrays (8 bytes a token).
-So the peak is about a fixed ~350 MB + ~40x ``batch_bytes``. Documents are never split: one larger
+``Encoding`` objects, two batches at most (two encode calls in flight); the bounded queue holds flat
+id arrays (8 bytes a token). So the peak is about a fixed ~220-280 MiB (interpreter, datasets, more
+with many source files) + ~100x ``batch_bytes``. Documents are never split: one larger
 than the budget is encoded alone, and the tokenizer itself then takes ~130x its size (a 50 MB
 document: 6.3 GB peak).
 """
@@ -51,10 +52,11 @@ __all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TokenizeConfig", "Tokeni
 #: evaluator's default model uses this copy, the only one.
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "default_tokenizer"
 
-#: UTF-8 bytes of text per encode batch (``--batch-bytes``). Each MB of batch adds ~40 MB to the
-#: peak RSS on top of ~350 MB (interpreter, datasets, tokenizer); stdlib:all (2 cores): 1 MiB 391 MiB,
-#: 2 MiB 431 MiB, 4 MiB 509 MiB peak at equal throughput (benchmarks/bench_tokenize.py measures it).
-DEFAULT_BATCH_BYTES = 2 << 20
+#: UTF-8 bytes of text per encode batch (``--batch-bytes``). Each MiB of batch adds ~100 MiB to the
+#: peak RSS (two batches in flight). Measured (2 cores, warm Arrow cache): 2 MiB gave 416 MiB on
+#: stdlib:all but 562 MiB on 16x that corpus (datasets' per-file state grows with the file count);
+#: 1 MiB gave 464 MiB on the 16x corpus, under the 512 MiB goal (benchmarks/bench_tokenize.py).
+DEFAULT_BATCH_BYTES = 1 << 20
 
 # Names tried, in order, when a tokenizer's configuration does not say which token is EOS/BOS.
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
