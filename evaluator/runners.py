@@ -19,6 +19,7 @@ per-token losses, when asked for, are copied to their memmap per batch (an opt-i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ __all__ = ["CarriedRunner", "Runner", "SlidingRunner"]
 _OOM = torch.OutOfMemoryError  # torch >= 2.5, every device type; a RuntimeError too
 
 
-class Runner:
+class Runner(ABC):
     """Feeds batches of a plan through a model into ``sums`` (and ``writer``). ``plan`` is the
     loader's plan, whose window 0 is window ``plan.first`` of the full plan."""
 
@@ -45,8 +46,9 @@ class Runner:
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
 
+    @abstractmethod
     def step(self, batch: WindowBatch) -> None:
-        raise NotImplementedError
+        """Score one batch of windows into the sums (and the per-token file)."""
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue after the last finished batch."""

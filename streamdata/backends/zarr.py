@@ -650,7 +650,7 @@ def _pack_settings(m: Manifest, compression: str, chunk_tokens: int, shard_token
 
 
 def write_zarr_store(
-    src: TokenStore | str | os.PathLike,
+    src: TokenStore,
     dst: str | os.PathLike,
     *,
     compression: str = "none",
@@ -660,7 +660,8 @@ def write_zarr_store(
     extra: dict[str, Any] | None = None,
     storage_options: dict | None = None,
 ) -> Manifest:
-    """Pack any TokenStore into a zarr store at ``dst`` (a local folder or an fsspec URL).
+    """Pack an open TokenStore into a zarr store at ``dst`` (a local folder or an fsspec URL).
+    (A path or URL as the source: :func:`streamdata.convert_store`, which opens it.)
 
     Reads ``src`` sequentially one zarr shard at a time (memory: one shard of ids, 32 MiB with the
     defaults, plus the per-document index), resumably (see module docstring), manifest last.
@@ -671,27 +672,21 @@ def write_zarr_store(
     finished remote store is never replaced). Folder rules: :mod:`streamdata.output`.
     """
     _check_layout(compression, chunk_tokens, chunks_per_shard)
-    from . import open_store  # TODO(A): take an open TokenStore; a backend should not call the dispatcher
-
-    owned = not isinstance(src, TokenStore)
-    store = open_store(src) if owned else src
+    if not isinstance(src, TokenStore):  # backends never call the dispatcher (no import circle)
+        raise ConfigError(f"write_zarr_store takes an open TokenStore, not {type(src).__name__}: open it with "
+                          "streamdata.open_store, or use streamdata.convert_store(path, dst, format='zarr')")
+    m = src.manifest
+    out_extra = _norm(_out_extra(m, extra))
+    settings = _pack_settings(m, compression, chunk_tokens, chunk_tokens * chunks_per_shard, out_extra)
+    out = prepare_output(dst, settings, overwrite=overwrite, storage_options=storage_options)
+    if out.finished is not None:
+        return out.finished
     try:
-        m = store.manifest
-        out_extra = _norm(_out_extra(m, extra))
-        settings = _pack_settings(m, compression, chunk_tokens, chunk_tokens * chunks_per_shard, out_extra)
-        out = prepare_output(dst, settings, overwrite=overwrite, storage_options=storage_options)
-        if out.finished is not None:
-            return out.finished
-        try:
-            return pack_into_output(store, out, compression=compression, chunk_tokens=chunk_tokens,
-                                    chunks_per_shard=chunks_per_shard, extra=out_extra,
-                                    storage_options=storage_options)
-        except BaseException:
-            out.abort()
-            raise
-    finally:
-        if owned:
-            store.close()
+        return pack_into_output(src, out, compression=compression, chunk_tokens=chunk_tokens,
+                                chunks_per_shard=chunks_per_shard, extra=out_extra, storage_options=storage_options)
+    except BaseException:
+        out.abort()
+        raise
 
 
 def pack_into_output(

@@ -35,9 +35,9 @@ def pristine(tmp_path_factory):
     docs = _docs(0)
     n = len(docs)
     write_token_store(root / "npy", docs, shard_tokens=1500, nbytes=np.arange(1, n + 1) * 7, nwords=np.arange(1, n + 1))
-    for comp in ("none", "zstd"):
-        write_zarr_store(root / "npy", root / f"zarr-{comp}", compression=comp, chunk_tokens=CHUNK,
-                         chunks_per_shard=PER_SHARD)
+    with open_store(root / "npy") as s:
+        for comp in ("none", "zstd"):
+            write_zarr_store(s, root / f"zarr-{comp}", compression=comp, chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD)
     return root
 
 
@@ -157,7 +157,8 @@ def test_direct_reads_equal_zarr_reads_across_shard_boundaries(pristine):
 # ---- a store replaced while it is read ----------------------------------------------------------
 def _write(npy_root: Path, zarr_root: Path, docs, make) -> np.ndarray:
     make(docs, name=npy_root.name)
-    write_zarr_store(npy_root, zarr_root, compression="none", chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD)
+    with open_store(npy_root) as s:
+        write_zarr_store(s, zarr_root, compression="none", chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD)
     return np.concatenate([np.asarray(d) for d in docs])
 
 

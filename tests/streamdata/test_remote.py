@@ -46,7 +46,8 @@ def _same(a, b):
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_write_and_read_memory_url(npy_store, mem_url, compression):
     url = f"{mem_url}/store"
-    m = write_zarr_store(npy_store, url, compression=compression, chunk_tokens=4096, chunks_per_shard=4)
+    with open_store(npy_store) as s:
+        m = write_zarr_store(s, url, compression=compression, chunk_tokens=4096, chunks_per_shard=4)
     fs = fsspec.filesystem("memory")
     root = url.removeprefix("memory://")
     assert fs.isfile(f"{root}/{MANIFEST_NAME}") and not fs.exists(f"{root}/_build")
@@ -60,7 +61,8 @@ def test_write_and_read_memory_url(npy_store, mem_url, compression):
 
 def test_copied_store_and_file_url(npy_store, tmp_path, mem_url):
     local = tmp_path / "z"
-    write_zarr_store(npy_store, local, compression="zstd", chunk_tokens=4096, chunks_per_shard=4)
+    with open_store(npy_store) as s:
+        write_zarr_store(s, local, compression="zstd", chunk_tokens=4096, chunks_per_shard=4)
     fs = fsspec.filesystem("memory")
     fs.put(str(local), mem_url.removeprefix("memory://") + "/copy", recursive=True)
     with open_store(f"{mem_url}/copy") as a, open_store(local.as_uri()) as b, open_store(npy_store) as ref:

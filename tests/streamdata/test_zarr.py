@@ -39,7 +39,8 @@ def make_docs(seed: int = 0, n_docs: int = 60, vocab: int = 1000) -> list[list[i
 
 
 def pack(src, dst, compression="none", **kw):
-    return write_zarr_store(src, dst, compression=compression, chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD, **kw)
+    with open_store(src) as s:
+        return write_zarr_store(s, dst, compression=compression, chunk_tokens=CHUNK, chunks_per_shard=PER_SHARD, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,8 @@ def test_uint32_store(make_store, tmp_path):
 
 def test_default_layout_is_large(make_store, tmp_path):
     npy = make_store([[1, 2, 3]] * 5)
-    write_zarr_store(npy, tmp_path / "z")
+    with open_store(npy) as s:
+        write_zarr_store(s, tmp_path / "z")
     with ZarrTokenStore(tmp_path / "z") as z:
         assert z.chunk_tokens == 1 << 20 and z.zarr_array.shards == (16 << 20,)
         assert z.block_tokens >= 1 << 20
@@ -349,3 +351,11 @@ def test_bad_zarr_arrays(make_store, tmp_path):
     shard.write_bytes(bytes(b))
     with pytest.raises(StoreError, match="damaged index"):
         open_store(root).read(0, 4)
+
+
+def test_write_zarr_store_takes_an_open_store(make_store, tmp_path):
+    """The backend never calls the dispatcher: a path is refused with one line naming what to use."""
+    npy = make_store([[1, 2, 3]] * 5)
+    with pytest.raises(ConfigError, match="convert_store") as e:
+        write_zarr_store(npy, tmp_path / "z")
+    assert "\n" not in str(e.value) and not (tmp_path / "z").exists()
