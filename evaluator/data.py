@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from streamdata import TokenStore, open_store
-from streamdata.backends.base import find_id_over
+from streamdata.backends.base import scan_tokens
 from streamdata.backends.memory import MemoryTokenStore
 from streamdata.errors import StreamdataError
 from streamdata.loader import WindowBatch, WindowLoader
@@ -26,10 +26,6 @@ from streamdata.loader import WindowBatch, WindowLoader
 from .errors import ConfigError, DataError
 
 __all__ = ["EvalData", "WindowBatch", "WindowSpec", "open_data"]
-
-# Token ids scanned per block when checking ids against the model's vocabulary (host memory bound).
-_SCAN_BLOCK = 1 << 24
-
 
 @dataclass(frozen=True)
 class WindowSpec:
@@ -136,17 +132,13 @@ class EvalData:
         reads (``WindowLoader(vocab_size=...)``), so even a damaged store fails with one line."""
         if vocab is None or (self.vocab_size is not None and self.vocab_size <= vocab):
             return
-        lim = self.limit(max_tokens)
-        for lo in range(0, lim, _SCAN_BLOCK):
-            hi = min(lim, lo + _SCAN_BLOCK)
-            bad = find_id_over(self.store.read(lo, hi), vocab)
-            self.store.release(lo, hi)
-            if bad is not None:
-                raise DataError(
-                    f"token id {bad[1]} at position {lo + bad[0]} of {self.name} is outside the model's vocabulary "
-                    f"[0, {vocab}): the data was tokenized with another tokenizer; evaluate with the matching model "
-                    "or re-tokenize"
-                )
+        _, bad = scan_tokens(self.store, 0, self.limit(max_tokens), vocab_size=vocab, checksum=False)
+        if bad is not None:
+            raise DataError(
+                f"token id {bad[1]} at position {bad[0]} of {self.name} is outside the model's vocabulary "
+                f"[0, {vocab}): the data was tokenized with another tokenizer; evaluate with the matching model "
+                "or re-tokenize"
+            )
 
     # ---- windows -----------------------------------------------------------------------
     def windows(self, spec: WindowSpec, device: torch.device, vocab_size: int | None = None,

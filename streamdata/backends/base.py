@@ -278,28 +278,31 @@ def find_id_over(ids: np.ndarray, vocab_size: int | None) -> tuple[int, int] | N
 
 
 def scan_tokens(store: TokenStore, start: int, stop: int, *, vocab_size: int | None = None,
-                each: Callable[[np.ndarray, int], None] | None = None) -> tuple[str, tuple[int, int] | None]:
+                each: Callable[[np.ndarray, int], None] | None = None,
+                checksum: bool = True) -> tuple[str, tuple[int, int] | None]:
     """One sequential pass over tokens ``[start, stop)`` through ``read_into`` in SCAN_BLOCK steps.
 
-    Returns (sha256 of the ids as little-endian bytes of the store dtype, the first
-    ``(token, id)`` with id >= ``vocab_size`` or None). ``each(block, global_start)`` sees every
-    block. Pages behind the pass are released, so memory stays bounded on any file size.
+    Returns (sha256 of the ids as little-endian bytes of the store dtype, "" with
+    ``checksum=False``; the first ``(token, id)`` with id >= ``vocab_size`` or None).
+    ``each(block, global_start)`` sees every block. Pages behind the pass are released, so memory
+    stays bounded on any file size.
     """
-    h = hashlib.sha256()
+    h = hashlib.sha256() if checksum else None
     bad = None
     buf = np.empty(min(SCAN_BLOCK, max(1, stop - start)), dtype=store.dtype)
     for lo in range(start, stop, len(buf)):
         hi = min(stop, lo + len(buf))
         view = buf[: hi - lo]
         store.read_into(lo, hi, view)
-        h.update(view)  # store dtype is little-endian: these are the LE bytes
+        if h is not None:
+            h.update(view)  # store dtype is little-endian: these are the LE bytes
         if bad is None:
             got = find_id_over(view, vocab_size)
             bad = None if got is None else (lo + got[0], got[1])
         if each is not None:
             each(view, lo)
         store.release(lo, hi)
-    return h.hexdigest(), bad
+    return ("" if h is None else h.hexdigest()), bad
 
 
 def imported_identity(vocab_size: int | None, eos_id: int | None, placement: str) -> tuple[dict[str, Any], dict[str, Any]]:
