@@ -22,7 +22,8 @@ def test_every_writer_records_index_checksums(make_store, tmp_path, fmt):
     docs = [[1, 2, 3], [4], [5, 6, 7, 8, 9], []]
     root = make_store(docs, nbytes=[3, 1, 9, 0], nwords=[1, 1, 2, 0])
     if fmt == "zarr":
-        write_zarr_store(root, tmp_path / "z", chunk_tokens=4, chunks_per_shard=2)
+        with open_store(root) as src:
+            write_zarr_store(src, tmp_path / "z", chunk_tokens=4, chunks_per_shard=2)
         root = tmp_path / "z"
     m = read_manifest(root)
     assert m.format_version == FORMAT_VERSION == 2
