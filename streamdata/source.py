@@ -9,10 +9,21 @@ already wrote. With ``sample_by`` line or paragraph, blank units are not documen
 The embedded default corpus (no network, no download) is the running Python's own
 standard-library source, one document per ``.py`` file, split deterministically into a ``train``
 part (for fitting the default tokenizer/model) and an ``eval`` part (for evaluation).
+
+Partitioned builds (``num_parts`` K, ``part`` I; :func:`part_bounds`): part I is a contiguous run of
+the source's documents, and parts 0..K-1 in order are the whole source in its order, so K jobs
+tokenize in parallel and ``streamdata merge`` concatenates them. The slice is cut where it costs
+the other parts nothing: local files (and the embedded corpus) by whole files, balanced by file
+size, so a part opens, converts and reads only its own files (the others are only stat-ed for the
+source identity); a saved or hub dataset by row index (``Dataset.shard(K, I, contiguous=True)``,
+which selects a row range of the Arrow table); a streaming hub dataset by its data files
+(``IterableDataset.shard``). ``Source.identity`` stays the whole source's, ``Source.part`` says
+which slice this is.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import glob
 import hashlib
@@ -29,7 +40,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files", "utf8_len"]
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files",
+           "part_bounds", "utf8_len"]
 
 # file extension -> datasets packaged builder
 _BUILDERS = {
@@ -70,12 +82,15 @@ class SourceSpec:
     sample_by: str = "document"  # for plain-text files: one document per file/paragraph/line (blank units skipped)
     cache_dir: str | None = None
     data_files_builder: str | None = None  # force a builder for local files (e.g. "text")
+    num_parts: int | None = None  # a partitioned read: the source is cut into this many contiguous parts ...
+    part: int | None = None  # ... and this one (0-based) is read (module docstring); both or neither
 
     def __post_init__(self):
         if isinstance(self.paths, str):
             object.__setattr__(self, "paths", (self.paths,))
         if not self.paths:
             raise ConfigError("no SOURCE given: pass a hub dataset id, data files, or a saved dataset folder")
+        check_part(self.num_parts, self.part)
         if self.sample_by not in SAMPLE_BY:
             raise ConfigError(f"sample_by={self.sample_by!r} must be one of {', '.join(SAMPLE_BY)}")
         if not self.text_column:
@@ -95,6 +110,9 @@ class Source:
     files: list[str] = field(default_factory=list)
     #: temporary datasets cache holding the Arrow copy of local files; removed by close() (or at exit)
     tmp_cache: str | None = None
+    #: a partitioned read (``spec.num_parts`` set): which slice of the source this is,
+    #: {"num_parts", "part", "unit" ("files" | "rows" | "data_files"), "range": [lo, hi), "of": units}
+    part: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.tmp_cache is not None:
@@ -313,6 +331,98 @@ def _pick_split(ds: Any, split: str | None, where: str) -> Any:
     return ds
 
 
+# ---- partitioned reads ------------------------------------------------------------------------
+def check_part(num_parts: int | None, part: int | None) -> None:
+    """Refuse an inconsistent partition request (one line naming the value)."""
+    if num_parts is None and part is None:
+        return
+    if num_parts is None or part is None:
+        raise ConfigError(f"num_parts={num_parts} and part={part}: pass both (part I of K parts) or neither")
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise ConfigError(f"num_parts={num_parts!r} must be an integer >= 1")
+    if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < num_parts:
+        raise ConfigError(f"part={part!r} must be an integer in [0, {num_parts}) (parts are numbered from 0)")
+
+
+def even_bounds(n: int, num_parts: int, part: int) -> tuple[int, int]:
+    """[lo, hi) of part ``part`` of ``n`` items cut into ``num_parts`` contiguous runs of equal size
+    (the first ``n % num_parts`` one item longer): the rule of datasets' ``shard(contiguous=True)``."""
+    div, mod = divmod(n, num_parts)
+    lo = div * part + min(part, mod)
+    return lo, lo + div + (1 if part < mod else 0)
+
+
+def part_bounds(weights: Sequence[int], num_parts: int, part: int) -> tuple[int, int]:
+    """[lo, hi) of part ``part`` when ``len(weights)`` items (>= ``num_parts``) are cut into
+    ``num_parts`` contiguous non-empty runs of about equal total weight (file sizes in bytes).
+
+    Boundary ``i`` is the item boundary whose cumulative weight is nearest ``i / num_parts`` of the
+    total (the earlier one on a tie), moved just enough that every run keeps at least one item.
+    Deterministic: the same weights give the same cuts on every machine.
+    """
+    n = len(weights)
+    if n < num_parts:
+        raise ConfigError(f"{n} item(s) cannot be cut into {num_parts} non-empty parts")
+    total = sum(int(w) for w in weights)
+    if total <= 0:
+        return even_bounds(n, num_parts, part)
+    cum = [0]
+    for w in weights:
+        cum.append(cum[-1] + int(w))
+    scaled = [c * num_parts for c in cum]  # integers: cum[j] * K against i * total, no float rounding
+    bounds = [0]
+    for i in range(1, part + 2):
+        if i == num_parts:
+            bounds.append(n)
+            break
+        goal = i * total
+        j = bisect.bisect_left(scaled, goal)  # the first boundary at or past the goal (j <= n: goal < K * total)
+        if j > 0 and goal - scaled[j - 1] <= scaled[j] - goal:
+            j -= 1
+        bounds.append(min(max(j, bounds[-1] + 1), n - (num_parts - i)))
+    return bounds[part], bounds[part + 1]
+
+
+def _files_part(files: Sequence[Path], spec: SourceSpec, what: str) -> tuple[list[Path], dict[str, Any] | None]:
+    """The files of this part (all of them when the read is not partitioned) and its part record."""
+    if spec.num_parts is None:
+        return list(files), None
+    if len(files) < spec.num_parts:
+        raise SourceError(
+            f"{what} has {len(files)} file(s), fewer than num_parts={spec.num_parts}: parts of local files are cut "
+            "at file boundaries, so split the data into more files (e.g. 'split -n l/K'), save it with "
+            "datasets' save_to_disk and pass that folder, or use fewer parts")
+    lo, hi = part_bounds([os.path.getsize(f) for f in files], spec.num_parts, spec.part)
+    return list(files[lo:hi]), {"num_parts": spec.num_parts, "part": spec.part, "unit": "files",
+                                "range": [lo, hi], "of": len(files)}
+
+
+def _rows_part(ds: Any, spec: SourceSpec, where: str) -> tuple[Any, dict[str, Any] | None]:
+    """A materialised dataset's contiguous row range of this part (``Dataset.shard``, contiguous)."""
+    if spec.num_parts is None:
+        return ds, None
+    n = len(ds)
+    if n < spec.num_parts:
+        raise SourceError(f"{where} has {n} document(s), fewer than num_parts={spec.num_parts}: use fewer parts")
+    lo, hi = even_bounds(n, spec.num_parts, spec.part)
+    ds = ds.shard(num_shards=spec.num_parts, index=spec.part, contiguous=True)  # rows [lo, hi): a table slice
+    return ds, {"num_parts": spec.num_parts, "part": spec.part, "unit": "rows", "range": [lo, hi], "of": n}
+
+
+def _data_files_part(ds: Any, spec: SourceSpec, where: str) -> tuple[Any, dict[str, Any] | None]:
+    """A streaming dataset's contiguous run of data files (``IterableDataset.shard``): its row count is
+    unknown before reading it all, so the cut is at its files, as datasets shards it."""
+    if spec.num_parts is None:
+        return ds, None
+    n = int(getattr(ds, "num_shards", 1) or 1)
+    if n < spec.num_parts:
+        raise SourceError(f"streaming {where} has {n} data file(s), fewer than num_parts={spec.num_parts}: "
+                          "drop --streaming (parts are then cut by row) or use fewer parts")
+    lo, hi = even_bounds(n, spec.num_parts, spec.part)
+    ds = ds.shard(num_shards=spec.num_parts, index=spec.part, contiguous=True)
+    return ds, {"num_parts": spec.num_parts, "part": spec.part, "unit": "data_files", "range": [lo, hi], "of": n}
+
+
 def load_source(spec: SourceSpec) -> Source:
     """Resolve ``spec`` into a single-split dataset with its text column checked."""
     import datasets
@@ -327,15 +437,19 @@ def load_source(spec: SourceSpec) -> Source:
         # the embedded default corpus: local stdlib files through the same datasets path
         part = single[len(DEFAULT_CORPUS_PREFIX):] or "eval"
         files = default_corpus_files(part)
-        inner = load_source(SourceSpec(paths=tuple(files), text_column="text", streaming=spec.streaming,
+        mine, part_record = _files_part([Path(f) for f in files], spec, f"the embedded corpus {single!r}")
+        inner = load_source(SourceSpec(paths=tuple(str(f) for f in mine), text_column="text", streaming=spec.streaming,
                                        sample_by="document", cache_dir=spec.cache_dir, data_files_builder="text"))
-        # files stay the inner source's (each file's identity is recorded for resume)
+        # files stay the inner source's (each file's identity is recorded for resume); the identity
+        # is the whole corpus's, from names and sizes only
         digest = hashlib.sha256("\n".join(f"{Path(f).name}:{os.path.getsize(f)}" for f in files).encode()).hexdigest()
         inner.identity = {"kind": "default", "id": single, "part": part, "python": sys.version.split()[0],
                           "files": len(files), "files_sha256": digest, "text_column": "text", "streaming": spec.streaming}
+        inner.part = part_record
         return inner
     local_files: list[str] = []
     tmp_cache: str | None = None
+    part_record: dict[str, Any] | None = None
     try:
         if single is not None and os.path.isdir(single) and any(os.path.exists(os.path.join(single, m)) for m in _SAVED_MARKERS):
             kind = "saved"
@@ -344,10 +458,12 @@ def load_source(spec: SourceSpec) -> Source:
             except Exception as e:  # datasets raises several types for a damaged folder
                 raise SourceError(f"cannot load saved dataset {single!r} ({_first_line(e)}): check the folder") from None
             ds = _pick_split(ds, spec.split, f"saved dataset {single!r}")
+            # the whole dataset's identity (an IterableDataset has no fingerprint), taken before the cut
+            identity.update(kind=kind, path=str(Path(single).resolve()), split=spec.split,
+                            fingerprint=None if spec.streaming else getattr(ds, "_fingerprint", None))
+            ds, part_record = _rows_part(ds, spec, f"saved dataset {single!r}")
             if spec.streaming:
                 ds = ds.to_iterable_dataset()
-            identity.update(kind=kind, path=str(Path(single).resolve()), split=spec.split,
-                            fingerprint=getattr(ds, "_fingerprint", None))
             local_files = sorted(str(p) for p in Path(single).rglob("*") if p.is_file())
         elif single is None or _looks_local(single):
             kind = "files"
@@ -371,9 +487,11 @@ def load_source(spec: SourceSpec) -> Source:
                 # would keep a second copy of the whole corpus, so it goes to a temporary folder
                 # (an explicit --cache-dir is kept: the user asked for a reusable copy there)
                 tmp_cache = kwargs["cache_dir"] = tempfile.mkdtemp(prefix="streamdata-datasets-")
-            local_files = [str(f) for f in files]
+            # a part converts and reads only its own files; the identity below lists all of them (stat only)
+            mine, part_record = _files_part(files, spec, f"SOURCE {paths[0]!r}{' ...' if len(paths) > 1 else ''}")
+            local_files = [str(f) for f in mine]
             try:
-                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                ds = datasets.load_dataset(builder, data_files=local_files, split="train",
                                            streaming=spec.streaming, **kwargs)
             except Exception as e:  # parse errors come as several pyarrow/datasets types
                 if "corresponds to no data" in str(e):
@@ -395,11 +513,13 @@ def load_source(spec: SourceSpec) -> Source:
             ds = _pick_split(ds, spec.split, f"dataset {single!r}")
             identity.update(kind=kind, id=single, config=spec.config, split=spec.split, revision=spec.revision,
                             fingerprint=None if spec.streaming else getattr(ds, "_fingerprint", None))
+            cut = _data_files_part if spec.streaming else _rows_part
+            ds, part_record = cut(ds, spec, f"dataset {single!r}")
     except BaseException:
         if tmp_cache is not None:
             shutil.rmtree(tmp_cache, ignore_errors=True)
         raise
-    source = Source(spec, kind, ds, identity, files=local_files, tmp_cache=tmp_cache)
+    source = Source(spec, kind, ds, identity, files=local_files, tmp_cache=tmp_cache, part=part_record)
     try:
         _check_columns(source)
     except BaseException:

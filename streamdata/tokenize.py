@@ -40,7 +40,7 @@ import numpy as np
 from .errors import ConfigError, TokenizerError
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype
 from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
-from .source import Source, SourceSpec, load_source, utf8_len
+from .source import Source, SourceSpec, check_part, load_source, utf8_len
 from .writer import StoreWriter
 
 __all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TokenizeConfig", "TokenizeResult", "LoadedTokenizer",
@@ -196,11 +196,21 @@ class TokenizeConfig:
     cache_dir: str | None = None
     progress: bool = False
     data_files_builder: str | None = None
+    #: a partitioned build (both or neither): this store holds part ``part`` (0-based) of ``num_parts``
+    #: contiguous slices of the source (cut as streamdata.source says); ``streamdata merge`` joins them
+    num_parts: int | None = None
+    part: int | None = None
 
     def __post_init__(self):
         if isinstance(self.source, str):
             self.source = (self.source,)
         self.source = tuple(str(s) for s in self.source)
+        check_part(self.num_parts, self.part)
+        if self.num_parts is not None:
+            for name in ("max_docs", "max_tokens"):
+                if getattr(self, name) is not None:  # a global limit: a part cannot know what the parts before it hold
+                    raise ConfigError(f"{name}={getattr(self, name)} cannot be combined with num_parts={self.num_parts}: "
+                                      f"a limit counts from the source's start, which a part does not see; leave {name} unset")
         for name in ("max_docs", "max_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -230,6 +240,7 @@ class TokenizeConfig:
             paths=tuple(self.source), config=self.config_name, split=self.split, revision=self.revision,
             text_column=self.text_column, streaming=self.streaming, sample_by=self.sample_by,
             cache_dir=self.cache_dir, data_files_builder=self.data_files_builder,
+            num_parts=self.num_parts, part=self.part,
         )
 
 
@@ -375,6 +386,8 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
         }
         if cfg.format == "zarr":
             settings = {**settings, "format": "zarr", "compression": cfg.compression}
+        if source.part is not None:  # a part resumes only as the same part of the same cut
+            settings = {**settings, "part": source.part}
         files = [SourceFile.of(f) for f in source.files]
         out = prepare_output(cfg.out, settings, overwrite=cfg.overwrite, sources=files, lock=lock)
         lock = None  # the Output holds it now
@@ -487,8 +500,10 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
                 cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens
             ):
                 break
+        # a part's manifest says which slice it holds (extra survives convert and the zarr pack)
         writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
-                                        source=source.identity, created_by=created)
+                                        source=source.identity, created_by=created,
+                                        extra=None if source.part is None else {"part": source.part})
         return TokenizeResult(writer.finished, False, tokens_before, skip,
                               writer.tokens_written - tokens_before, writer.documents_written - skip)
     except BaseException:
