@@ -31,7 +31,7 @@ from .backends import TokenStore, open_store
 from .backends.base import find_id_over
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url, write_zarr_store
 from .errors import ConfigError, StoreError
-from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype, numpy_dtype
+from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype, numpy_dtype, word_rule_of
 
 __all__ = ["FORMATS", "ConvertConfig", "convert_store"]
 
@@ -190,7 +190,7 @@ def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_
             i = j
         created = {**m.created_by, "converted_by": {"tool": "streamdata.convert", "python": sys.version.split()[0]}}
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
-                        created_by=created, extra=extra)
+                        created_by=created, extra=extra, word_rule=word_rule_of(m))
     except BaseException:
         w.abort()
         raise

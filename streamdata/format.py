@@ -13,17 +13,22 @@ Layout of a ``npy`` store::
       index/doc_offsets.npy         int64 [num_documents + 1]: global token offset of each document
                                     start, last entry == total tokens (documents never span shards)
       index/doc_bytes.npy           int64 [num_documents]: UTF-8 bytes of each document's text
-      index/doc_words.npy           int64 [num_documents]: whitespace-separated words (str.split())
+      index/doc_words.npy           int64 [num_documents]: words of each document's text, counted by
+                                    the manifest's ``word_rule`` (see WORD_RULES)
       _build/                       only while building (see streamdata.output and the writer):
         streamdata-build.json       the build ledger: our marker, the settings, each source file's
                                     size/mtime/digest, the finished shards; written before anything else
         index-00000.npz             each finished shard's document lengths, bytes and words
 
 Manifest (``manifest.json``, :class:`Manifest`): ``format`` (npy | zarr), ``format_version``, ``dtype``,
-``tokenizer`` (name, sha256, vocab_size, special ids), ``special_tokens`` (EOS/BOS policy),
+``tokenizer`` (name, vocab_size, special ids; ``sha256`` of its whole JSON, and since it was added
+``ids_sha256`` with ``ids_parts``: digests of only the parts that decide the ids, see
+:func:`streamdata.tokenize.tokenizer_digests`), ``special_tokens`` (EOS/BOS policy),
 ``source``, ``shards`` (file, tokens, documents, sha256 of the file), ``index`` (version 2: name,
 file, length and :func:`index_sha256` of each document-index array), ``totals`` (tokens, documents,
-bytes, words), ``created_by`` and ``extra`` (``build_settings``: the identity a rerun compares).
+bytes, words), ``word_rule`` (how the words were counted: :data:`WORD_RULES`; absent in stores
+written before it was recorded, whose words are ``str.split()`` counts, :data:`LEGACY_WORD_RULE`),
+``created_by`` and ``extra`` (``build_settings``: the identity a rerun compares).
 Version-1 stores (no ``index``) still open; ``verify`` says their index has no checksums.
 
 Token address space: shards are concatenated in order, so token ``i`` of the store is token
@@ -55,6 +60,10 @@ __all__ = [
     "FORMAT_VERSION",
     "STORE_FORMATS",
     "READABLE_VERSIONS",
+    "LEGACY_WORD_RULE",
+    "WORD_RULE",
+    "WORD_RULES",
+    "word_rule_of",
     "IndexInfo",
     "index_sha256",
     "resolve_inside",
@@ -77,6 +86,23 @@ SHARD_DIR = "shards"
 INDEX_DIR = "index"
 BUILD_DIR = "_build"
 SHARD_PATTERN = "tokens-{:05d}.bin"
+#: How a document's words are counted (``manifest["word_rule"]``), the denominator of word perplexity.
+#: ``lm-eval``: ``len(re.split(r"\s+", text))``, lm-evaluation-harness's ``Task.count_words`` (the
+#: figure papers cite): the number of whitespace runs + 1, so leading and trailing whitespace each
+#: add an empty "word" and an empty text counts 1. ``str-split``: ``len(text.split())``, no empty
+#: words; what stores written before the rule was recorded hold. Word perplexities from the two
+#: rules differ by far more than noise on short documents (one or two words more per document):
+#: a figure is always reported with its rule, never mixed.
+#: Both use the same whitespace (``str.isspace``, which is also what ``re``'s ``\s`` matches in str).
+WORD_RULES = {
+    "lm-eval": 'len(re.split(r"\\s+", text)) (lm-evaluation-harness Task.count_words)',
+    "str-split": "len(text.split())",
+    "unrecorded": "counts given with in-memory token ids: the rule that counted them is not known",
+}
+#: The rule this code writes.
+WORD_RULE = "lm-eval"
+#: The rule of our stores without a ``word_rule`` field (written before it was recorded).
+LEGACY_WORD_RULE = "str-split"
 #: Formats this package writes (``tokenize --format``, ``convert --format``); imports only read others.
 STORE_FORMATS = ("npy", "zarr")
 #: npy shard size in tokens (64Mi: 128 MiB uint16 files), the default of tokenize and convert.
@@ -178,7 +204,7 @@ class Manifest:
     """Everything a reader needs to trust and interpret a store. Serialised as ``manifest.json``."""
 
     dtype: str
-    tokenizer: dict[str, Any]  # name, sha256 (of its JSON), vocab_size, special token ids
+    tokenizer: dict[str, Any]  # name, sha256 (of its JSON), ids_sha256/ids_parts, vocab_size, special token ids
     special_tokens: dict[str, Any]  # EOS/BOS policy: {"bos": id|None, "eos": id|None, ...}
     source: dict[str, Any]  # dataset id/config/split/revision or file list, text column
     shards: list[ShardInfo]
@@ -188,6 +214,8 @@ class Manifest:
     created_by: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     index: list[IndexInfo] = field(default_factory=list)  # empty in version-1 stores and imports
+    #: how doc_words were counted (a WORD_RULES key); None: not recorded (see :func:`word_rule_of`)
+    word_rule: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -200,6 +228,8 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d["shards"] = [{k: v for k, v in s.items() if k not in ("start", "doc_start")} for s in d["shards"]]
+        if d["word_rule"] is None:  # not recorded: the JSON stays what it was (store digests unchanged)
+            del d["word_rule"]
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -231,6 +261,13 @@ class Manifest:
         tokenizer = f.dict(d, "tokenizer")
         if tokenizer.get("vocab_size") is not None:
             f.int(tokenizer, "vocab_size", "tokenizer.", low=1)
+        for k in ("sha256", "ids_sha256"):  # ids_*: absent in stores written before they were recorded
+            if tokenizer.get(k) is not None:
+                f.str(tokenizer, k, "tokenizer.")
+        if tokenizer.get("ids_parts") is not None:
+            parts = f.dict(tokenizer, "ids_parts", "tokenizer.")
+            for k in parts:
+                f.str(parts, k, "tokenizer.ids_parts.")
         special = f.dict(d, "special_tokens")
         for k in ("bos", "eos"):
             if special.get(k) is not None:
@@ -240,6 +277,10 @@ class Manifest:
             f.obj(x, f"index[{i}]")
             index.append(IndexInfo(f.str(x, "name", f"index[{i}]."), f.str(x, "file", f"index[{i}]."),
                                    f.int(x, "length", f"index[{i}]."), f.str(x, "sha256", f"index[{i}].")))
+        word_rule = f.str(d, "word_rule") if "word_rule" in d else None
+        if word_rule is not None and word_rule not in WORD_RULES:
+            raise StoreError(f"{where}: word_rule {word_rule!r} is unknown (this reader knows {', '.join(WORD_RULES)}): "
+                             "upgrade streamdata, or rebuild the store")
         m = cls(
             dtype=f.str(d, "dtype"),
             tokenizer=tokenizer,
@@ -252,6 +293,7 @@ class Manifest:
             created_by=f.dict(d, "created_by") if "created_by" in d else {},
             extra=f.dict(d, "extra") if "extra" in d else {},
             index=index,
+            word_rule=word_rule,
         )
         numpy_dtype(m.dtype)
         if start != m.num_tokens or doc_start != m.num_documents:
@@ -260,6 +302,19 @@ class Manifest:
                 f"{m.num_tokens} / {m.num_documents}: the store is damaged, rebuild it"
             )
         return m
+
+
+def word_rule_of(m: Manifest) -> str | None:
+    """How the words of ``m``'s store were counted (a :data:`WORD_RULES` key): its recorded
+    ``word_rule``; for our own formats without one, :data:`LEGACY_WORD_RULE` (written before the
+    rule was recorded); for counts given some other way (in-memory ids with ``doc_words``),
+    ``"unrecorded"``; None when the store knows no words (imports; a total of 0, where word
+    perplexity is not reported either). Writers that copy counts record this."""
+    if m.word_rule is not None:
+        return m.word_rule
+    if not m.totals.get("words"):
+        return None
+    return LEGACY_WORD_RULE if m.format in STORE_FORMATS else "unrecorded"
 
 
 class _Fields:

@@ -38,13 +38,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import ConfigError, TokenizerError
-from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype
+from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, WORD_RULE, Manifest, choose_dtype
 from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
 from .source import Source, SourceSpec, check_part, load_source, utf8_len
 from .writer import StoreWriter
 
-__all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TokenizeConfig", "TokenizeResult", "LoadedTokenizer",
-           "load_tokenizer", "run_tokenize", "tokenize_dataset", "tokenizer_sha256"]
+__all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TOKENIZER_ID_PARTS", "TokenizeConfig", "TokenizeResult",
+           "LoadedTokenizer", "count_words", "load_tokenizer", "run_tokenize", "tokenize_dataset", "tokenizer_digests",
+           "tokenizer_sha256"]
 
 #: The bundled tokenizer (``--tokenizer default``): a 4096-entry byte-level BPE with
 #: ``<|endoftext|>`` as EOS, trained on the embedded corpus's train part by
@@ -63,19 +64,43 @@ _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[BOS]", "<|endoftext|>")
 
 
+#: The parts of a ``tokenizer.json`` that decide the ids we write (``encode(text,
+#: add_special_tokens=False)``): the model (vocabulary, merges), normalizer, pre-tokenizer, added
+#: tokens (their ids and how they match), and truncation/padding (both change what ``encode_batch``
+#: returns when set; null in most files). Not the post-processor (we never apply it, and
+#: transformers' ``save_pretrained`` adds an empty one to files that had none), nor the decoder.
+TOKENIZER_ID_PARTS = ("model", "normalizer", "pre_tokenizer", "added_tokens", "truncation", "padding")
+
+
 def tokenizer_sha256(tok: Any) -> str:
-    """sha256 of the tokenizer's canonical JSON (``Tokenizer.to_str()``): equal for the same tokenizer
-    whether it came from a file, a folder or the hub, so stores and models can be matched."""
+    """sha256 of the tokenizer's whole canonical JSON (``Tokenizer.to_str()``): the identity stores
+    recorded before ``ids_sha256`` existed. It also covers parts that never change an id (the
+    post-processor, the decoder), so two files that encode alike can differ here."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def tokenizer_digests(tok: Any) -> dict[str, Any]:
+    """The tokenizer's identity as stores and models record it: ``sha256`` (the whole JSON, kept for
+    stores and readers of the older kind), ``ids_parts`` (sha256 of each :data:`TOKENIZER_ID_PARTS`
+    entry's canonical JSON, so a mismatch can be named) and ``ids_sha256`` (of those part digests:
+    equal exactly when every part that decides the ids is equal)."""
+    text = tok.to_str()
+    d = json.loads(text)
+    parts = {k: hashlib.sha256(json.dumps(d.get(k), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                               .encode("utf-8")).hexdigest() for k in TOKENIZER_ID_PARTS}
+    ids = hashlib.sha256("".join(f"{k}={parts[k]}\n" for k in TOKENIZER_ID_PARTS).encode()).hexdigest()
+    return {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "ids_sha256": ids, "ids_parts": parts}
 
 
 @dataclass
 class LoadedTokenizer:
     tokenizer: Any  # tokenizers.Tokenizer
     name: str
-    sha256: str
+    sha256: str  # of the whole JSON (the build's resume identity; stores of the older kind record only it)
     vocab_size: int
     config_tokens: dict[str, str | None] = field(default_factory=dict)  # eos/bos from tokenizer_config.json
+    ids_sha256: str | None = None  # of the parts that decide the ids (tokenizer_digests)
+    ids_parts: dict[str, str] = field(default_factory=dict)
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
@@ -83,7 +108,8 @@ class LoadedTokenizer:
     def identity(self) -> dict[str, Any]:
         added = self.tokenizer.get_added_tokens_decoder()
         specials = {t.content: int(i) for i, t in sorted(added.items()) if getattr(t, "special", False)}
-        return {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "special_ids": specials}
+        return {"name": self.name, "sha256": self.sha256, "ids_sha256": self.ids_sha256, "ids_parts": dict(self.ids_parts),
+                "vocab_size": self.vocab_size, "special_ids": specials}
 
 
 def _read_token_config(folder: Path) -> dict[str, str | None]:
@@ -148,7 +174,8 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         except Exception:  # noqa: BLE001 - absent config is normal; we fall back to known names
             cfg = {}
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    return LoadedTokenizer(tok, name, tokenizer_sha256(tok), int(vocab), cfg)
+    dig = tokenizer_digests(tok)
+    return LoadedTokenizer(tok, name, dig["sha256"], int(vocab), cfg, dig["ids_sha256"], dig["ids_parts"])
 
 
 def _resolve_special(tok: LoadedTokenizer, choice: str, which: str) -> tuple[int | None, str | None]:
@@ -378,6 +405,9 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
         settings = {
             "source": source.identity,
             "tokenizer_sha256": tok.sha256,
+            # doc_words' rule: a build begun by a version that counted words otherwise never resumes
+            # into one store with mixed counts (it is refused with the key named)
+            "word_rule": WORD_RULE,
             "special": special,
             "dtype": dtype,
             "shard_tokens": cfg.shard_tokens,
@@ -502,7 +532,7 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
                 break
         # a part's manifest says which slice it holds (extra survives convert and the zarr pack)
         writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
-                                        source=source.identity, created_by=created,
+                                        source=source.identity, created_by=created, word_rule=WORD_RULE,
                                         extra=None if source.part is None else {"part": source.part})
         return TokenizeResult(writer.finished, False, tokens_before, skip,
                               writer.tokens_written - tokens_before, writer.documents_written - skip)
@@ -520,18 +550,25 @@ _WORDS_SLICE = 1 << 20
 
 
 def count_words(text: str) -> int:
-    """``len(text.split())`` in bounded memory: long texts are split in slices, and a word cut by a
-    slice boundary (non-space on both sides; ``isspace`` is split's own rule) is counted once."""
-    if len(text) <= _WORDS_SLICE:
-        return len(text.split())
-    n, in_word = 0, False
+    r"""Words of ``text`` by lm-evaluation-harness's rule (:data:`~streamdata.format.WORD_RULE`):
+    ``len(re.split(r"\s+", text))``, i.e. whitespace runs + 1, so leading and trailing whitespace
+    each count an empty word and ``""`` counts 1.
+
+    Computed from ``str.split()`` (same whitespace as ``\s``, ~2x faster than the regex and no list
+    of empty strings): a slice with ``w`` words holds ``w - 1`` runs between them plus one at each
+    whitespace end, or exactly 1 when it is all whitespace. Long texts are counted slice by slice in
+    bounded memory; a whitespace run cut by a slice boundary (whitespace on both sides) is one run.
+    """
+    runs, prev_ws = 0, False
     for lo in range(0, len(text), _WORDS_SLICE):
         part = text[lo : lo + _WORDS_SLICE]
-        n += len(part.split())
-        if in_word and not part[0].isspace():
-            n -= 1
-        in_word = not part[-1].isspace()
-    return n
+        w = len(part.split())
+        first_ws = part[0].isspace()
+        runs += 1 if w == 0 else w - 1 + first_ws + part[-1].isspace()
+        if prev_ws and first_ws:
+            runs -= 1
+        prev_ws = part[-1].isspace()
+    return runs + 1
 
 
 def _version(mod: str) -> str | None:

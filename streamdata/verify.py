@@ -10,6 +10,8 @@ Checks, in order (a defect stops only the checks that depend on it):
    every token id is below the tokenizer's vocabulary size;
 3. per document-index array: its checksum (:func:`streamdata.format.index_sha256`) equals the one in
    ``manifest.index``. Version-1 stores have no index checksums: a note says so (not a defect).
+Notes (facts, not defects) also say when the words were counted by the older ``str-split`` rule
+(stores written before ``word_rule`` was recorded): their word perplexity is not lm-eval's.
 
 The checksums are computed from what the store returns (``read_into`` and the index arrays), so the
 same code verifies every backend; for npy shards these bytes are exactly the file's bytes.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from .backends import TokenStore, open_store
 from .backends.base import scan_tokens
 from .errors import StreamdataError
-from .format import index_sha256
+from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, index_sha256, word_rule_of
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -55,6 +57,10 @@ def verify_store(path: str | os.PathLike | TokenStore) -> VerifyReport:
     try:
         _check_tokens(store, report)
         _check_index(store, report)
+        if word_rule_of(store.manifest) == LEGACY_WORD_RULE:
+            report.notes.append(f"words were counted by the {LEGACY_WORD_RULE} rule ({WORD_RULES[LEGACY_WORD_RULE]}), "
+                                f"not lm-eval's: results label its word perplexity so; re-tokenize to count by "
+                                f"the {WORD_RULE} rule")
     finally:
         if store is not path:
             store.close()

@@ -239,8 +239,11 @@ class StoreWriter:
             self._tmp.unlink()
 
     def commit(self, *, tokenizer: dict, special_tokens: dict, source: dict, created_by: dict | None = None,
-               extra: dict | None = None) -> Manifest:
-        """Seal the last shard, merge the per-shard indexes, write the manifest, drop the build ledger."""
+               extra: dict | None = None, word_rule: str | None = None) -> Manifest:
+        """Seal the last shard, merge the per-shard indexes, write the manifest, drop the build ledger.
+
+        ``word_rule``: how the documents' words were counted (streamdata.format.WORD_RULES), None when
+        not known (copied counts of a store that recorded none keep recording none)."""
         if self._shard_len or not self.state.shards:
             if self._shard_len == 0 and self._docs_seen == 0:
                 self.abort()
@@ -281,6 +284,7 @@ class StoreWriter:
             created_by=created_by or {},
             extra=dict(extra or {}),
             index=index,
+            word_rule=word_rule,
         )
         self.finished = self.output.seal(manifest)
         return self.finished

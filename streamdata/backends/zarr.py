@@ -84,6 +84,7 @@ from ..format import (
     numpy_dtype,
     parse_manifest,
     resolve_inside,
+    word_rule_of,
 )
 from ..output import Output, json_normalised as _norm, prepare_output
 from .base import MappedFile, TokenStore, check_document_index
@@ -778,6 +779,7 @@ def pack_into_output(
         totals={"tokens": N, "documents": n, "bytes": sums[0], "words": sums[1]},
         format="zarr",
         index=index,
+        word_rule=word_rule_of(m),  # the counts are copied, and so is the rule that counted them
         created_by=dict(m.created_by),
         extra={**out_extra,
                "zarr": {"chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "compression": compression,
