@@ -2,7 +2,8 @@
 common recipe, and our byte-budget batching vs the old document-count batching.
 
     python -m benchmarks.bench_tokenize [--source FILES...] [--part all] [--tokenizer T] [--repeat 2]
-                                        [--batch-docs 1000] [--scale 16] [--huge-mb 50] [--out DIR]
+                                        [--batch-docs 1000] [--scale 16] [--huge-mb 50] [--parts 2 [--parts-only]]
+                                        [--out DIR]
 
 On the same documents, in one run:
 - limit:   ``Tokenizer.encode_batch`` (and ``encode_batch_fast``) over the texts already in a Python
@@ -19,6 +20,11 @@ interpreter, datasets, the tokenizer and the pipeline; the time excludes imports
 folder); ``--huge-mb M`` adds one document of M MB (stdlib text concatenated): what a single huge
 document costs. These extra rows run once each (they take K times, or minutes, longer). Every variant produces the same tokens (checked). Throughput is tokens per second
 (min of repeats); peak RSS is the max of repeats.
+``--parts K`` adds the partitioned build (``tokenize --num-parts K``): K part processes started at
+once against one process for the whole corpus, each timed from start to the last exit by the
+parent (imports and the Arrow conversion of its own files included on both sides: no shared
+cache), plus the ``merge`` of the parts, which must equal the single run (checked). Wall-clock
+ratios, min of ``--repeat``, the two taking turns; ``--parts-only`` runs just these rows.
 Defaults: the embedded corpus (``stdlib:all``, the issue-15 goal's corpus) and the bundled tokenizer.
 """
 
@@ -31,6 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +96,57 @@ def _ours_in_children(kws: list[dict], repeat: int) -> list[dict]:
              "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)} for rs in runs]
 
 
+def _wall_of_children(kws: list[dict]) -> float:
+    """Wall seconds from starting one ``run_tokenize(**kw)`` child per ``kws`` (all at once) to the last exit."""
+    import subprocess
+    import sys
+
+    # stderr to files, not pipes: a child whose pipe filled up (progress output) would stall until read
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in kws]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=log, text=True) for log in logs]
+    for p, kw in zip(procs, kws):
+        p.stdin.write(json.dumps(kw))
+        p.stdin.close()
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - t0
+    errors = []
+    for code, log in zip(codes, logs):
+        log.seek(0)
+        if code != 0:
+            errors.append(log.read().strip().splitlines()[-1:])
+        log.close()
+    if errors:
+        raise RuntimeError(f"tokenize child failed: {errors}")
+    return wall
+
+
+def _parts_vs_one(files: list[str], k: int, tok_path: str, text_column: str, tmp: Path, repeat: int) -> dict:
+    """``tokenize --num-parts k`` (k processes at once, then merge) against one process, same corpus."""
+    from streamdata.merge import merge_parts
+
+    base = {"source": list(files), "tokenizer": tok_path, "overwrite": True, "text_column": text_column}
+    one = [{**base, "out": str(tmp / "one")}]
+    parts = [{**base, "out": str(tmp / f"part{i}"), "num_parts": k, "part": i} for i in range(k)]
+    t_one = t_parts = t_merge = float("inf")
+    for _ in range(repeat):  # taking turns: a busy spell of the machine hits both alike
+        t_one = min(t_one, _wall_of_children(one))
+        t_parts = min(t_parts, _wall_of_children(parts))
+        t0 = time.perf_counter()
+        merge_parts([kw["out"] for kw in parts], tmp / "merged", overwrite=True)
+        t_merge = min(t_merge, time.perf_counter() - t0)
+        print(f"  one {t_one:.1f} s, {k} parts {t_parts:.1f} s, merge {t_merge:.1f} s", flush=True)
+    import streamdata
+
+    with streamdata.open_store(tmp / "one") as a, streamdata.open_store(tmp / "merged") as b:
+        assert np.array_equal(a.read(0, len(a)), b.read(0, len(b))), "merged parts differ from the single run"
+        assert [s.sha256 for s in a.manifest.shards] == [s.sha256 for s in b.manifest.shards]
+        n = len(a)
+    return {"parts": k, "tokens": n, "seconds_one": t_one, "seconds_parts": t_parts, "seconds_merge": t_merge,
+            "speedup_parts": t_one / t_parts, "speedup_parts_and_merge": t_one / (t_parts + t_merge)}
+
+
 def _scaled_corpus(files: list[str], k: int, folder: Path) -> list[str]:
     """``files`` copied ``k`` times under ``folder`` (one document each, as the stdlib corpus); returns
     a glob for them (a list of ~30k paths would not fit a command line)."""
@@ -126,8 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument("--text-column", default="text")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count(), help="processes for the Dataset.map recipe")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--parts", type=int, default=0,
+                    help="also time 'tokenize --num-parts K' (K processes at once, then merge) against one process (0: skip)")
+    ap.add_argument("--parts-only", action="store_true", help="with --parts: only those rows")
     ap.add_argument("--out", help="folder for a JSON result")
     a = ap.parse_args(argv)
+    if a.parts_only and a.parts < 1:
+        ap.error("--parts-only needs --parts K (K >= 1)")
 
     import datasets
     from tokenizers import Tokenizer
@@ -142,6 +205,8 @@ def main(argv=None) -> int:
         tok = Tokenizer.from_file(tok_path)
         eos = tok.token_to_id("<|endoftext|>")
         cache = str(tmp / "hf-cache")
+        if a.parts_only:
+            return _report_parts(_parts_vs_one(files, a.parts, tok_path, a.text_column, tmp, a.repeat), a)
         spec = SourceSpec(paths=tuple(files), text_column=a.text_column, cache_dir=cache)
         src = load_source(spec)  # builds the Arrow cache once: every variant below reads it warm
         ds = src.dataset
@@ -235,6 +300,9 @@ def main(argv=None) -> int:
             rows.append((f"ours, one {a.huge_mb} MB document", r_huge["tokens"] / r_huge["seconds"], r_huge["seconds"],
                          float("nan"), f"{r_huge['peak_rss_mib']:,.0f}"))
             extra["huge_document"] = {"mb": a.huge_mb, **r_huge}
+        if a.parts:
+            extra["partitioned"] = _report_parts(_parts_vs_one(files, a.parts, tok_path, a.text_column, tmp, a.repeat),
+                                                 None)
         print(table(rows, ["variant", "tok/s", "seconds", "x encode_batch", "peak RSS MiB"]))
         print(f"ours / encode_batch = {t_slow / t_ours:.2f}x   ours / recipe = {t_rec / t_ours:.2f}x   "
               f"ours / old batching = {r_old['seconds'] / t_ours:.2f}x tok/s at {r_ours['peak_rss_mib'] / r_old['peak_rss_mib']:.2f}x "
@@ -252,6 +320,22 @@ def main(argv=None) -> int:
         })
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _report_parts(r: dict, a) -> Any:
+    """Print the partitioned rows; with ``a`` (``--parts-only``) also write the JSON and return 0."""
+    k = r["parts"]
+    print(table([("one process, whole corpus", r["tokens"] / r["seconds_one"], r["seconds_one"], 1.0),
+                 (f"{k} part processes at once", r["tokens"] / r["seconds_parts"], r["seconds_parts"], r["speedup_parts"]),
+                 (f"{k} parts + merge", r["tokens"] / (r["seconds_parts"] + r["seconds_merge"]),
+                  r["seconds_parts"] + r["seconds_merge"], r["speedup_parts_and_merge"])],
+                ["variant", "tok/s", "wall s", "x one process"]))
+    print(f"{k} parts at once / one process = {r['speedup_parts']:.2f}x wall clock ({r['speedup_parts_and_merge']:.2f}x "
+          f"with the merge; {r['tokens']:,} tokens, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')})")
+    if a is None:
+        return r
+    write_json(a.out, "bench_tokenize.json", {"partitioned": r, "repeat": a.repeat, "machine": machine()})
     return 0
 
 

@@ -4,6 +4,7 @@
     streamdata info STORE [--json]
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
+    streamdata merge PART... --out DIR [--format npy|zarr] [options]
 
 Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted;
 141 stdout closed early (``| head``: no traceback, no message).
@@ -31,6 +32,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return v
 
 
@@ -77,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace a finished store of ours (built beside it, swapped in only when complete) or restart an unfinished build")
     t.add_argument("--cache-dir", help="datasets cache folder to keep the Arrow copy of local files in (default: a temporary one, removed at exit)")
+    t.add_argument("--num-parts", type=_positive, metavar="K",
+                   help="tokenize only one of K contiguous parts of the source (with --part; then 'streamdata merge' "
+                        "the K part folders): local files are cut at file boundaries, balanced by size, saved/hub datasets by row")
+    t.add_argument("--part", type=_non_negative, metavar="I", help="which part to tokenize, 0 to K-1 (with --num-parts)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="summarise a store", description="Print a human summary of a store (or JSON with --json).")
@@ -104,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
     g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
     g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
+
+    mg = sub.add_parser("merge", help="join the parts of 'tokenize --num-parts K' into one store",
+                        description="Join the K part stores of a partitioned tokenize (given in any order) into one "
+                                    "store equal to a single tokenize of the whole source: same tokens, document "
+                                    "index, counts and checksums. Refuses parts of different runs or settings, "
+                                    "duplicate, missing or unfinished parts. Reruns resume.")
+    mg.add_argument("parts", nargs="+", metavar="PART", help="the --out folders of 'tokenize --num-parts K --part I', I = 0..K-1")
+    mg.add_argument("--out", required=True, help="output store folder (not one of the parts)")
+    mg.add_argument("--format", choices=STORE_FORMATS, help="output format (default: the parts' format)")
+    mg.add_argument("--compression", choices=COMPRESSIONS, help="zarr output: codec per inner chunk (default: the parts', else none)")
+    mg.add_argument("--shard-tokens", type=_positive,
+                    help="npy output: tokens per shard file (default: the parts' own, which gives the shard checksums of a single run)")
+    mg.add_argument("--overwrite", action="store_true", help="replace a finished store of ours (swapped in only when complete)")
     return p
 
 
@@ -115,13 +143,15 @@ def _cmd_tokenize(a: argparse.Namespace) -> int:
         revision=a.revision, text_column=a.text_column, streaming=a.streaming, sample_by=a.sample_by,
         max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
         batch_bytes=a.batch_bytes, batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
-        format=a.format, compression=a.compression,
+        format=a.format, compression=a.compression, num_parts=a.num_parts, part=a.part,
     )
     t0 = time.perf_counter()
     r = run_tokenize(cfg)
     dt = time.perf_counter() - t0
     m, tot = r.manifest, r.manifest.totals
     head = f"{a.out}: {tot['tokens']:,} tokens, {tot['documents']:,} documents, {len(m.shards)} shard(s), dtype {m.dtype}"
+    if a.num_parts is not None:
+        head += f", part {a.part} of {a.num_parts}"
     if r.already_complete:  # nothing was tokenized: no rate to report
         print(f"{head} (already complete with these settings: nothing to do; --overwrite rebuilds it)")
     elif r.tokens_before:  # a rate counts this run's tokens only, not those an interrupted run wrote
@@ -225,6 +255,18 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(a: argparse.Namespace) -> int:
+    from .merge import MergeConfig, merge_parts
+
+    cfg = MergeConfig(parts=a.parts, out=a.out, format=a.format, compression=a.compression,
+                      shard_tokens=a.shard_tokens, overwrite=a.overwrite)
+    t0 = time.perf_counter()
+    m = merge_parts(cfg)
+    print(f"{a.out}: {m.num_tokens:,} tokens, {m.num_documents:,} documents from {len(a.parts)} part(s), "
+          f"format {m.format} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def stdout_closed() -> int:
     """stdout's reader went away (``streamdata info --json | head``): no traceback and no message,
     as shell tools do; stdout is pointed at /dev/null so the interpreter's final flush cannot fail
@@ -238,7 +280,8 @@ def stdout_closed() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert}[args.command]
+    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert,
+           "merge": _cmd_merge}[args.command]
     try:
         rc = cmd(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit

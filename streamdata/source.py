@@ -378,7 +378,7 @@ def part_bounds(weights: Sequence[int], num_parts: int, part: int) -> tuple[int,
         goal = i * total
         j = bisect.bisect_left(scaled, goal)  # the first boundary at or past the goal (j <= n: goal < K * total)
         if j > 0 and goal - scaled[j - 1] <= scaled[j] - goal:
-            j -= 1
+            j = bisect.bisect_left(scaled, scaled[j - 1])  # the earliest boundary at that weight (empty files)
         bounds.append(min(max(j, bounds[-1] + 1), n - (num_parts - i)))
     return bounds[part], bounds[part + 1]
 

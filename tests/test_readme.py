@@ -31,6 +31,7 @@ SKIPPED = {
         "tokenizes the whole stdlib and scores 1M tokens (minutes on a CPU)",
     "python -m benchmarks                    # the suite: stages, verdict, sweeps, baselines, memory scaling":
         "minutes of measurement; tests/benchmarks runs every benchmark at toy sizes",
+    "#!/bin/bash": "needs a SLURM cluster (the one-machine loop above runs the same commands)",
 }
 
 #: hub ids and sizes in the README -> local stand-ins (the same words everywhere they appear)
