@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True,
                    help="'default' (bundled), a transformers folder or hub id, or package.module:factory")
     r.add_argument("--out", default=None, help="report folder (default: none written)")
+    r.add_argument("--no-check-tokenizer", dest="check_tokenizer", action="store_false",
+                   help="evaluate even when the store's tokenizer differs from the model's (by default refused when "
+                        "both are known; compared by what decides the ids)")
     _add_eval_options(r, chunk_default=None, overlap_default=0, overlap_why="demo's is 256")
     d = sub.add_parser("demo", help="the main job on the embedded default: tokenize the stdlib, evaluate the bundled model",
                        description="Tokenize the running Python's standard library (stdlib:eval) with the bundled tokenizer "
@@ -110,6 +113,7 @@ def _config(a: argparse.Namespace):
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval,
+        check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)
     )
 
 

@@ -61,7 +61,8 @@ class StreamingEvalConfig:
     bos: Union[str, int, None] = None
     # Per-token losses (float32, nats) go to this file as a raw memmap; None: a temporary file.
     per_token_path: str | None = None
-    # Refuse a store whose tokenizer sha256 differs from the model's when both are known.
+    # Refuse a store whose tokenizer differs from the model's when both are known: compared by what
+    # decides the ids (evaluator/resolve.py). CLI: --no-check-tokenizer.
     check_tokenizer: bool = True
     # Crash-safe runs: a folder for checkpoint.pt (see evaluator/checkpoint.py). A rerun with the
     # same data, model and settings resumes from it and gives the uninterrupted result; another

@@ -144,6 +144,10 @@ class ModelAdapter:
         self.bos_token_id: int | None = _first_attr((module, cfg), ("bos_token_id",), minimum=0)
         sha = tokenizer_sha256 or getattr(module, "tokenizer_sha256", None) or getattr(cfg, "tokenizer_sha256", None)
         self.tokenizer_sha256: str | None = sha if isinstance(sha, str) and sha else None
+        # what the tokenizer check compares with a store's manifest["tokenizer"]: the whole-file sha256
+        # and, when the tokenizer.json was at hand (load_model of a folder, hub id or 'default'),
+        # ids_sha256/ids_parts (streamdata.tokenize.tokenizer_digests)
+        self.tokenizer_identity: dict[str, Any] | None = {"sha256": self.tokenizer_sha256} if self.tokenizer_sha256 else None
 
     @staticmethod
     def _find_vocab(module: nn.Module, cfg: Any) -> int | None:
@@ -164,7 +168,8 @@ class ModelAdapter:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "modes": list(self.modes), "vocab_size": self.vocab_size,
-                "max_positions": self.max_positions, "tokenizer_sha256": self.tokenizer_sha256}
+                "max_positions": self.max_positions, "tokenizer_sha256": self.tokenizer_sha256,
+                "tokenizer_ids_sha256": (self.tokenizer_identity or {}).get("ids_sha256")}
 
     def supports_kv_cache(self) -> bool:
         return "kv-cache" in self.modes
@@ -480,26 +485,34 @@ def wrap_model(model: Any, name: str | None = None, tokenizer_sha256: str | None
     return ModuleAdapter(model, name, tokenizer_sha256)
 
 
-def _tokenizer_sha_of_folder(folder: Path) -> str | None:
+def _tokenizer_identity_of_folder(folder: Path) -> dict[str, Any] | None:
+    """The digests of ``folder/tokenizer.json`` (streamdata.tokenize.tokenizer_digests), None without one."""
     f = folder / "tokenizer.json"
     if not f.is_file():
         return None
-    from streamdata.tokenize import tokenizer_sha256
+    from streamdata.tokenize import tokenizer_digests
     from tokenizers import Tokenizer
 
     try:
-        return tokenizer_sha256(Tokenizer.from_file(str(f)))
+        return tokenizer_digests(Tokenizer.from_file(str(f)))
     except Exception:  # noqa: BLE001 - an unreadable tokenizer just leaves the identity unknown
         return None
 
 
-def _tokenizer_sha_of_hub(repo: str) -> str | None:
+def _tokenizer_identity_of_hub(repo: str) -> dict[str, Any] | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return _tokenizer_sha_of_folder(Path(hf_hub_download(repo, "tokenizer.json")).parent)
+        return _tokenizer_identity_of_folder(Path(hf_hub_download(repo, "tokenizer.json")).parent)
     except Exception:  # noqa: BLE001 - offline or no tokenizer.json: identity unknown
         return None
+
+
+def _set_tokenizer_identity(adapter: ModelAdapter, identity: dict[str, Any] | None) -> ModelAdapter:
+    if identity is not None:
+        adapter.tokenizer_identity = identity
+        adapter.tokenizer_sha256 = identity["sha256"]
+    return adapter
 
 
 def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> ModelAdapter:
@@ -520,8 +533,7 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
 
         adapter = load_model(str(DEFAULT_MODEL_DIR), dtype=dtype)
         adapter.name = "default"
-        adapter.tokenizer_sha256 = _tokenizer_sha_of_folder(DEFAULT_TOKENIZER)
-        return adapter
+        return _set_tokenizer_identity(adapter, _tokenizer_identity_of_folder(DEFAULT_TOKENIZER))
     if _FACTORY_RE.match(s) and not os.path.exists(s):
         mod_name, fn_name = s.split(":")
         try:
@@ -553,5 +565,5 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
     except Exception as e:  # noqa: BLE001 - unknown id, offline, not a causal LM: all one user error
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {s!r} ({first}): pass a transformers causal LM folder or hub id, or package.module:factory") from None
-    sha = _tokenizer_sha_of_folder(local) if local.is_dir() else _tokenizer_sha_of_hub(s)
-    return _hf_adapter(model, name=s, tokenizer_sha256=sha)
+    identity = _tokenizer_identity_of_folder(local) if local.is_dir() else _tokenizer_identity_of_hub(s)
+    return _set_tokenizer_identity(_hf_adapter(model, s, None), identity)

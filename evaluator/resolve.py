@@ -68,12 +68,34 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
 
 
 def _check_tokenizer(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> None:
-    a, b = ed.tokenizer_sha256, adapter.tokenizer_sha256
-    if config.check_tokenizer and a and b and a != b:
-        raise DataError(
-            f"{ed.name} was tokenized with tokenizer sha256 {a[:12]}..., but model {adapter.name} uses "
-            f"{b[:12]}...: re-tokenize with the model's tokenizer (or pass check_tokenizer=False)"
-        )
+    """Refuse a store whose ids were made by another tokenizer than the model's, when both are known.
+
+    Compares what decides the ids (``ids_sha256``: model, normalizer, pre-tokenizer, added tokens,
+    truncation, padding), so a copy saved by transformers' ``save_pretrained`` (which adds an empty
+    post-processor) matches its original. Stores and models that record only the older whole-file
+    ``sha256`` are compared by that, and the message says so, since a difference there may not
+    change a single id."""
+    if not config.check_tokenizer:
+        return
+    from streamdata.tokenize import tokenizer_mismatch
+
+    store = dict(ed.store.manifest.tokenizer or {})
+    model = dict(adapter.tokenizer_identity or {})
+    what = tokenizer_mismatch(store, model)
+    if what is None:
+        return
+    if store.get("ids_sha256") and model.get("ids_sha256"):
+        raise DataError(f"{ed.name} was tokenized with another tokenizer than model {adapter.name}'s ({what}), so "
+                        "its ids mean other tokens: re-tokenize with the model's tokenizer (or, if you know better, "
+                        "pass check_tokenizer=False)")
+    older = " and ".join(n for n, d in ((ed.name, store), (f"model {adapter.name}", model)) if not d.get("ids_sha256"))
+    fix = ("re-tokenize the store (it then records ids_sha256, and only what decides the ids is compared)"
+           if not store.get("ids_sha256") else
+           "load the model from a folder holding its tokenizer.json (its ids digest is then computed)")
+    raise DataError(f"{ed.name}'s tokenizer file differs from model {adapter.name}'s ({what}), and {older} records only "
+                    "that whole-file digest, which also covers parts that never change an id (such as the "
+                    f"post-processor save_pretrained adds): {fix}, or pass check_tokenizer=False if one tokenizer "
+                    "made both")
 
 
 def _resolve_bos(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> int | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import StreamdataError, cli_flags, in_cli_terms
+from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, word_rule_of
 
 __all__ = ["main"]
 
@@ -183,6 +184,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
             "disk_bytes": _disk_bytes(a.store) if os.path.isdir(a.store) else None,
             "tokens_per_document": tot["tokens"] / max(1, tot["documents"]),
             "bytes_per_token": (tot.get("bytes", 0) / tot["tokens"]) if tot["tokens"] else None,
+            "word_rule": word_rule_of(m),  # recorded, or what a store without the field used
         }
         if a.json:
             d = json.loads(m.to_json())
@@ -196,6 +198,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
             ("documents", f"{tot['documents']:,} ({derived['tokens_per_document']:,.1f} tokens/doc)"),
             ("text", f"{tot.get('bytes', 0):,} UTF-8 bytes, {tot.get('words', 0):,} words"
                      + (f", {derived['bytes_per_token']:.2f} bytes/token" if derived["bytes_per_token"] else "")),
+            ("words", _describe_word_rule(m)),
             ("shards", f"{len(m.shards)}" + (f", {derived['disk_bytes'] / 2**20:,.1f} MiB on disk" if derived["disk_bytes"] else "")),
             ("tokenizer", f"{tk.get('name')} (vocab {tk.get('vocab_size')}, sha256 {str(tk.get('sha256'))[:12]})"),
             ("special", f"bos={sp.get('bos')} ({sp.get('bos_token')}), eos={sp.get('eos')} ({sp.get('eos_token')})"),
@@ -205,6 +208,17 @@ def _cmd_info(a: argparse.Namespace) -> int:
         for k, val in rows:
             print(f"{k:<{w}}  {val}")
     return 0
+
+
+def _describe_word_rule(m) -> str:
+    rule = word_rule_of(m)
+    if rule is None:
+        return "not counted (no word perplexity from this store)"
+    text = f"{rule} rule: {WORD_RULES[rule]}"
+    if rule == LEGACY_WORD_RULE and m.word_rule is None:
+        text += (f"; written before the rule was recorded, so its word perplexity is not lm-eval's "
+                 f"(re-tokenize to count by the {WORD_RULE} rule)")
+    return text
 
 
 def _describe_source(src: dict) -> str:

@@ -57,7 +57,8 @@ _ARG_RE = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()]+)|\ble
 def in_cli_terms(message: str, flags: dict[str, str]) -> str:
     """A :class:`ConfigError` message in the CLI's terms: the API names arguments as Python does
     (``pass device='cpu' or leave device unset``, ``chunk_size=1024``); a CLI user reads flags
-    (``pass --device cpu or omit --device``, ``--chunk-size 1024``). Only names in ``flags`` change
+    (``pass --device cpu or omit --device``, ``--chunk-size 1024``); a switch is its flag alone
+    (``check_tokenizer=False`` -> ``--no-check-tokenizer``). Only names in ``flags`` change
     (``{dest: "--flag"}``, e.g. from :func:`cli_flags`), so one message serves both callers."""
 
     def sub(m: re.Match) -> str:
@@ -68,6 +69,9 @@ def in_cli_terms(message: str, flags: dict[str, str]) -> str:
         if flag is None:
             return m.group(0)
         value, tail = m.group(2), ""
+        if value.rstrip(".") in ("True", "False"):  # a switch: its flag alone (or "without" it)
+            on = (value.rstrip(".") == "True") != flag.startswith("--no-")  # --no-x sets x=False
+            return (flag if on else f"without {flag}") + value[len(value.rstrip(".")):]
         if value[:1] in "'\"":
             value = value[1:-1]
         elif value.endswith("."):  # end of a sentence, not part of the value

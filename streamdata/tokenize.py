@@ -45,7 +45,7 @@ from .writer import StoreWriter
 
 __all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TOKENIZER_ID_PARTS", "TokenizeConfig", "TokenizeResult",
            "LoadedTokenizer", "count_words", "load_tokenizer", "run_tokenize", "tokenize_dataset", "tokenizer_digests",
-           "tokenizer_sha256"]
+           "tokenizer_mismatch", "tokenizer_sha256"]
 
 #: The bundled tokenizer (``--tokenizer default``): a 4096-entry byte-level BPE with
 #: ``<|endoftext|>`` as EOS, trained on the embedded corpus's train part by
@@ -90,6 +90,26 @@ def tokenizer_digests(tok: Any) -> dict[str, Any]:
                                .encode("utf-8")).hexdigest() for k in TOKENIZER_ID_PARTS}
     ids = hashlib.sha256("".join(f"{k}={parts[k]}\n" for k in TOKENIZER_ID_PARTS).encode()).hexdigest()
     return {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "ids_sha256": ids, "ids_parts": parts}
+
+
+def tokenizer_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """What differs between two recorded tokenizer identities (a manifest's ``tokenizer``, a model's),
+    or None when they agree or cannot be compared (a side records no digest).
+
+    Like is compared with like: ``ids_sha256`` when both sides have it (the differing
+    :data:`TOKENIZER_ID_PARTS` are named); otherwise the whole-JSON ``sha256``, where a difference
+    may lie only in parts that never change an id, so the text says which side has only that kind."""
+    ai, bi = a.get("ids_sha256"), b.get("ids_sha256")
+    if ai and bi:
+        if ai == bi:
+            return None
+        pa, pb = a.get("ids_parts") or {}, b.get("ids_parts") or {}
+        parts = [k for k in TOKENIZER_ID_PARTS if pa.get(k) != pb.get(k)]
+        return f"their {', '.join(parts) if parts else 'ids digests'} differ"
+    af, bf = a.get("sha256"), b.get("sha256")
+    if af and bf and af != bf:
+        return f"whole-file sha256 {af[:12]}... vs {bf[:12]}..."
+    return None
 
 
 @dataclass

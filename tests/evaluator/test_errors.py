@@ -126,7 +126,7 @@ def test_tokenizer_mismatch(make_store):
     m = Bigram()
     m.tokenizer_sha256 = "ab" * 32
     ev = StreamingEvaluator(m, chunk_size=8, device="cpu", verbose=False)
-    with pytest.raises(DataError, match="tokenizer sha256 000000000000..., but model Bigram uses ababababab") as e:
+    with pytest.raises(DataError, match=r"whole-file sha256 000000000000\.\.\. vs ababababab") as e:
         ev.evaluate_streaming(path)
     _one_line(e)
     off = StreamingEvaluator(m, chunk_size=8, device="cpu", verbose=False, check_tokenizer=False)
@@ -146,9 +146,9 @@ def test_tokenizer_of_a_local_checkpoint(tmp_path, make_store, bpe_tokenizer):
     tiny_gpt2(n_positions=64, vocab=tok.vocab_size).save_pretrained(folder)
     shutil.copy(bpe_tokenizer, folder / "tokenizer.json")
     ev = StreamingEvaluator(str(folder), chunk_size=16, device="cpu", verbose=False)
-    assert ev.adapter.tokenizer_sha256 == tok.sha256
+    assert ev.adapter.tokenizer_sha256 == tok.sha256 and ev.adapter.tokenizer_identity["ids_sha256"] == tok.ids_sha256
     store = make_store([list(range(30))], vocab_size=tok.vocab_size)
-    with pytest.raises(DataError, match="re-tokenize with the model's tokenizer"):
+    with pytest.raises(DataError, match="records only that whole-file digest.*re-tokenize the store"):
         ev.evaluate_streaming(store)
 
 
