@@ -58,6 +58,9 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="window length L in tokens, or 'model': the model's context length (default: model)")
     p.add_argument("--overlap", type=_int, default=overlap_default,
                    help=f"sliding mode: context tokens each window re-reads (default: %(default)s; {overlap_why})")
+    p.add_argument("--tail", default="full", choices=("full", "short"),
+                   help="sliding mode: each stream's (document's) last window: full = right-aligned, a whole "
+                        "chunk of context, as lm-evaluation-harness; short = cut at the stream's end (default: full)")
     p.add_argument("--mode", default="auto", choices=("auto", "sliding", "stateful", "kv-cache"),
                    help="how context crosses windows (default: auto)")
     p.add_argument("--doc-mode", default="stream", choices=("stream", "document"),
@@ -109,7 +112,8 @@ def _config(a: argparse.Namespace):
     from .config import StreamingEvalConfig
 
     return StreamingEvalConfig(
-        chunk_size=a.chunk_size, overlap=a.overlap, max_tokens=a.max_tokens, device=a.device, verbose=not a.quiet,
+        chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
+        verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval,

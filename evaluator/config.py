@@ -10,9 +10,10 @@ from typing import Union
 
 from .errors import ConfigError
 
-__all__ = ["StreamingEvalConfig", "MODES", "DOC_MODES", "DTYPES", "resolve_device"]
+__all__ = ["StreamingEvalConfig", "MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
 
 MODES = ("auto", "sliding", "stateful", "kv-cache")
+TAILS = ("full", "short")
 DOC_MODES = ("stream", "document")
 DTYPES = ("float32", "bfloat16", "float16")
 _BOS_WORDS = ("none", "model", "eos")
@@ -34,6 +35,11 @@ class StreamingEvalConfig:
     # Windows advance by chunk_size - overlap. Stateful and kv-cache modes carry the whole past
     # instead, so they need overlap == 0.
     overlap: int = 0
+    # Sliding mode only: the last window of each stream (document). "full": right-aligned to the
+    # stream's end with chunk_size inputs, scoring only targets not scored yet (lm-evaluation-harness's
+    # rolling windows: more context for the tail, same cost); "short": cut short at the stream's end
+    # (the transformers perplexity guide). Carried modes feed each token once, so the tail is "short".
+    tail: str = "full"
     max_tokens: int | None = None  # evaluate only the stream's first max_tokens tokens
     device: str | None = None  # None: "cuda" when available, else "cpu"
     verbose: bool = True  # progress lines on stderr every log_interval chunks
@@ -88,6 +94,8 @@ class StreamingEvalConfig:
             raise ConfigError(f"log_interval={self.log_interval!r} must be an int >= 1")
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.tail not in TAILS:
+            raise ConfigError(f"tail={self.tail!r} is not one of {', '.join(TAILS)}: pass tail='full' or tail='short'")
         if self.doc_mode not in DOC_MODES:
             raise ConfigError(f"doc_mode={self.doc_mode!r} is not one of {', '.join(DOC_MODES)}")
         if self.mode in ("stateful", "kv-cache") and self.overlap:

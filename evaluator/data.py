@@ -37,12 +37,15 @@ class WindowSpec:
     batch_windows: int = 1
     bos_id: int | None = None
     max_tokens: int | None = None  # evaluate the prefix [0, max_tokens) of the token sequence
+    tail: str = "full"  # last window of a stream: "full" (right-aligned, L inputs) | "short"
 
     def __post_init__(self):
         if self.chunk_size < 1 or not 0 <= self.overlap < self.chunk_size:
             raise ConfigError(f"window spec chunk_size={self.chunk_size}, overlap={self.overlap}: need 0 <= overlap < chunk_size")
         if self.batch_windows < 1:
             raise ConfigError(f"batch_windows={self.batch_windows} must be >= 1")
+        if self.tail not in ("full", "short"):
+            raise ConfigError(f"window spec tail={self.tail!r}: pass 'full' or 'short'")
 
 
 @dataclass
@@ -150,7 +153,7 @@ class EvalData:
         return WindowLoader(
             self.store, chunk_size=spec.chunk_size, overlap=spec.overlap, mode=spec.doc_mode,
             batch_windows=spec.batch_windows, device=device, prepend_bos_id=spec.bos_id,
-            max_tokens=spec.max_tokens, vocab_size=vocab_size, start_at=start_at,
+            max_tokens=spec.max_tokens, vocab_size=vocab_size, start_at=start_at, tail=spec.tail,
         )
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
     "num_documents", "total_bytes", "total_words", "byte_metric_documents", "total_time", "tokens_per_second",
     "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
-    "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
+    "tail", "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
     "per_token_path", "mode_reason", "resumed_from_window",
 )
 

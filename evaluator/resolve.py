@@ -63,7 +63,7 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
         )
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
                       batch_windows=_batch_windows(config, adapter, device, mode, chunk_size), bos_id=bos_id,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, tail=config.tail if mode == "sliding" else "short")
     return ResolvedRun(mode, why, spec, device, config.dtype, config.loss_slice, config.bos)
 
 

@@ -43,6 +43,7 @@ def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tok
         "doc_mode": spec.doc_mode,
         "chunk_size": spec.chunk_size,
         "overlap": spec.overlap,
+        "tail": spec.tail,
         "batch_size": spec.batch_windows if run.mode == "sliding" else 1,
         "bos_id": spec.bos_id,
         "bos_policy": run.bos_policy,

@@ -166,7 +166,8 @@ class _Batches:
         hi = np.maximum.reduceat(plan.stop, w0)
         d0 = np.searchsorted(doc_offsets, lo, side="right") - 1
         d1 = np.searchsorted(doc_offsets, hi - 1, side="right") - 1
-        full = (plan.length == plan.chunk_size) & ~plan.bos
+        # (a right-aligned tail window is full-length but scores from past the overlap: not uniform)
+        full = (plan.length == plan.chunk_size) & ~plan.bos & (plan.score_from <= plan.overlap)
         partial = np.add.reduceat((~full).astype(np.int64), w0)
         bad_step = np.zeros(W, np.int64)
         np.cumsum(np.diff(plan.start) != plan.stride, out=bad_step[1:])
@@ -225,8 +226,9 @@ class WindowLoader(_ClosesOnExit):
     """Iterate the windows of a store as :class:`WindowBatch` es on a device. See the module docstring.
 
     ``store``: an open :class:`TokenStore` (not closed by the loader) or a path (opened and owned).
-    ``chunk_size``/``overlap``/``mode``/``prepend_bos_id``: the window plan (:func:`plan_windows`;
-    a BOS id turns on ``prepend_bos`` and is the id substituted for the virtual BOS token).
+    ``chunk_size``/``overlap``/``mode``/``prepend_bos_id``/``tail``: the window plan
+    (:func:`plan_windows`; a BOS id turns on ``prepend_bos`` and is the id substituted for the
+    virtual BOS token; ``tail="full"`` right-aligns each stream's last window, ``"short"`` cuts it).
     ``batch_windows`` or ``batch_tokens`` (not both): windows per batch ``B``, or a budget of padded
     tokens per batch, ``B = batch_tokens // chunk_size`` (tensors are always ``[B, chunk_size]``;
     default ``B = max(1, 65536 // chunk_size)``). The last batch may hold fewer windows.
@@ -264,18 +266,19 @@ class WindowLoader(_ClosesOnExit):
         release_behind: bool = True,
         max_tokens: int | None = None,
         vocab_size: int | None = None,
+        tail: str = "full",
     ):
         self._owns_store = not isinstance(store, TokenStore)
         self.store = open_store(store) if self._owns_store else store
         try:
             self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
-                        prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size)
+                        prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
-               prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size) -> None:
+               prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail) -> None:
         self.device = _resolve_device(device)
         if vocab_size is not None:
             vocab_size = _check_int("vocab_size", vocab_size, 1, "pass the model's vocabulary size, or None")
@@ -287,7 +290,8 @@ class WindowLoader(_ClosesOnExit):
             max_tokens = _check_int("max_tokens", max_tokens, 0, "pass None for the whole store, or a token count")
         self.num_slots = _check_int("num_slots", num_slots, 2, "pass num_slots >= 2 (one being filled, one being consumed)")
         offsets = self.store.doc_offsets
-        full = plan_windows(offsets, chunk_size, overlap, mode, prepend_bos_id is not None, max_tokens=max_tokens)
+        full = plan_windows(offsets, chunk_size, overlap, mode, prepend_bos_id is not None, max_tokens=max_tokens,
+                            tail=tail)
         if batch_windows is not None and batch_tokens is not None:
             raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
         if batch_windows is not None:

@@ -9,22 +9,39 @@ exactly once.
 A window with ``chunk_size = L`` starting at ``s`` reads up to ``L + 1`` tokens: inputs
 ``x[s : s+L]``, targets ``x[s+1 : s+L+1]``. Window ``k`` of a stream starts at ``s_k = k * stride``
 with ``stride = L - overlap``. Window 0 scores all its targets; every later window treats its first
-``overlap`` targets as context only (they were scored by the window before) and scores the rest. The
-last window may be shorter than ``L``; windows continue until target ``N - 1`` is scored, so the
-number of windows of a stream is ``0`` if ``N < 2``, else ``1 + ceil(max(0, N - 1 - L) / stride)``.
+``overlap`` targets as context only (they were scored by the window before) and scores the rest.
+Windows continue until target ``N - 1`` is scored, so the number of windows of a stream is ``0`` if
+``N < 2``, else ``1 + ceil(max(0, N - 1 - L) / stride)``, whatever the tail policy.
+
+Tail policy (the last window of a stream that has >= 2 windows; a one-window stream is the same
+under both):
+
+- ``short`` (the transformers perplexity guide's): the last window starts at its stride multiple
+  like the others and is shorter than ``L`` when the stream ends first; ``score_from = overlap``.
+- ``full`` (lm-evaluation-harness's rolling windows; the default): the last window is
+  right-aligned to the stream's end with a full ``L`` inputs, ``start = N - 1 - L``; the targets
+  it shares with the window before are context only, so ``score_from`` is the index of its first
+  target not scored yet: ``overlap + (s_short - (N - 1 - L))``, where ``s_short`` is the ``short``
+  start (``score_from >= overlap``). It scores the same targets as the ``short`` tail, each with at
+  least as much context, and costs nothing extra (the window count, hence the forwards, is the same).
 
 Context: the target at index ``j`` of a window (global position ``s + 1 + j``) is predicted from the
 ``j + 1`` tokens ``x[s .. s+j]``. Window 0 therefore gives target ``t`` its full history (``t``
 tokens); a later window gives each scored target at least ``overlap + 1`` and at most ``L`` tokens.
 
-Worked example: ``N = 10, L = 4, overlap = 1`` (stride 3)::
+Worked example: ``N = 10, L = 4, overlap = 1`` (stride 3), tail ``short``::
 
     window  start  inputs      targets     score_from  scored targets
     0       0      x[0:4]      x[1:5]      0           1 2 3 4
     1       3      x[3:7]      x[4:8]      1           5 6 7        (target 4 is context only)
     2       6      x[6:9]      x[7:10]     1           8 9          (last window: length 3)
 
-Every target 1..9 is scored once: ``num_scored == N - 1 == 9``.
+and tail ``full``: windows 0 and 1 are the same; the last one is right-aligned::
+
+    2       5      x[5:9]      x[6:10]     2           8 9          (targets 6 7 are context only)
+
+Every target 1..9 is scored once under both: ``num_scored == N - 1 == 9``; targets 8 and 9 see
+3 and 4 tokens under ``full`` instead of 2 and 3.
 
 Modes
 -----
@@ -52,9 +69,10 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["MODES", "WindowPlan", "plan_windows"]
+__all__ = ["MODES", "TAILS", "WindowPlan", "plan_windows"]
 
 MODES = ("stream", "document")
+TAILS = ("full", "short")  # the last window of a stream: right-aligned with L inputs, or cut short
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class WindowPlan:
     mode: str
     prepend_bos: bool
     num_tokens: int  # N: tokens of the (possibly max_tokens-truncated) address space
+    tail: str = "full"  # the tail policy the plan was made with (see the module docstring)
     first: int = 0
     _num_scored: int | None = field(default=None, repr=False, compare=False)
 
@@ -133,7 +152,7 @@ class WindowPlan:
         return self[n * rank // world_size : n * (rank + 1) // world_size]
 
 
-def _check_config(chunk_size: int, overlap: int, mode: str) -> None:
+def _check_config(chunk_size: int, overlap: int, mode: str, tail: str) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1: pass e.g. chunk_size=1024")
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < chunk_size:
@@ -142,6 +161,8 @@ def _check_config(chunk_size: int, overlap: int, mode: str) -> None:
         )
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not known: pass one of {', '.join(repr(m) for m in MODES)}")
+    if tail not in TAILS:
+        raise ConfigError(f"tail={tail!r} is not known: pass one of {', '.join(repr(t) for t in TAILS)}")
 
 
 def plan_windows(
@@ -152,15 +173,18 @@ def plan_windows(
     prepend_bos: bool = False,
     *,
     max_tokens: int | None = None,
+    tail: str = "full",
 ) -> WindowPlan:
     """Plan the windows over a store whose document ``i`` is ``[doc_offsets[i], doc_offsets[i+1])``.
 
     ``doc_offsets``: int64 ``[num_documents + 1]``, non-decreasing, ``doc_offsets[0] == 0``,
     ``doc_offsets[-1] == N``. ``max_tokens``: plan as if the store ended at token ``max_tokens``
     (every document is cut there), so no target at a global position ``>= max_tokens`` is read.
+    ``tail``: ``"full"`` (the last window of a stream right-aligned with ``chunk_size`` inputs) or
+    ``"short"`` (cut short at the stream's end).
     See the module docstring for the exact semantics. Vectorised: O(windows + documents) numpy work.
     """
-    _check_config(chunk_size, overlap, mode)
+    _check_config(chunk_size, overlap, mode, tail)
     L, O = int(chunk_size), int(overlap)
     stride = L - O
     off = np.asarray(doc_offsets)
@@ -198,11 +222,20 @@ def plan_windows(
     vstart = k * stride  # start within the virtual stream
     vlen = np.repeat(v_h, nw_h)
     length = np.minimum(L, vlen - 1 - vstart)
-    start = np.repeat(a_h, nw_h) - bos_shift + vstart
     score_from = np.where(k == 0, 0, O).astype(np.int64)
+    if tail == "full":
+        # The last window of a stream with >= 2 windows ends where it did but starts L tokens before
+        # the stream's last target; the targets it gains were scored by the window before, so they
+        # become context: score_from grows by exactly the distance the start moved back.
+        last = (k > 0) & (k == np.repeat(nw_h, nw_h) - 1)
+        moved = np.where(last, L - length, 0)
+        vstart -= moved
+        length += moved
+        score_from += moved
+    start = np.repeat(a_h, nw_h) - bos_shift + vstart
     bos = (k == 0) & bool(prepend_bos)
     doc = np.repeat(d_h, nw_h)
     return WindowPlan(
         start=start, length=length, score_from=score_from, doc=doc, bos=bos,
-        chunk_size=L, overlap=O, mode=mode, prepend_bos=bool(prepend_bos), num_tokens=n_tok,
+        chunk_size=L, overlap=O, mode=mode, prepend_bos=bool(prepend_bos), num_tokens=n_tok, tail=tail,
     )

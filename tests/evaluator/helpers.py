@@ -113,15 +113,17 @@ def full_nll(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return nll.double().numpy()
 
 
-def brute_sliding_nll(model: nn.Module, v: torch.Tensor, L: int, overlap: int) -> np.ndarray:
+def brute_sliding_nll(model: nn.Module, v: torch.Tensor, L: int, overlap: int, tail: str = "full") -> np.ndarray:
     """For every target t of stream v, run the model on exactly the context the window semantics
     give it (from the start of the window that scores t) and return the NLLs in target order.
 
     Written from the window semantics (streamdata/windows.py docstring), independently of the planner: window k starts at
-    k * (L - overlap) and scores targets (s + 1 + (overlap if k else 0)) .. s + L.
+    k * (L - overlap) and scores targets (s + 1 + (overlap if k else 0)) .. s + L. Under tail "full" the
+    targets of the last window of a stream with >= 2 windows are predicted from its start n - 1 - L instead.
     """
     n = len(v)
     stride = L - overlap
+    nw = 1 + -(-max(0, n - 1 - L) // stride)  # windows of the stream
     out = []
     with torch.inference_mode():
         for t in range(1, n):
@@ -129,6 +131,8 @@ def brute_sliding_nll(model: nn.Module, v: torch.Tensor, L: int, overlap: int) -
             while not (k * stride + 1 + (overlap if k else 0) <= t <= k * stride + L):
                 k += 1
             s = k * stride
+            if tail == "full" and k == nw - 1 and k > 0:
+                s = n - 1 - L
             ctx = v[s:t][None]
             o = model(ctx)
             logits = o if isinstance(o, torch.Tensor) else o.logits

@@ -31,13 +31,13 @@ def store(make_store):
 
 def test_run_writes_report_matching_the_api(capsys, tmp_path, store, hf_model_dir):
     out = tmp_path / "report"
-    rc = main(["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "32", "--overlap", "8",
+    rc = main(["run", str(store), "--model", str(hf_model_dir), "--chunk-size", "32", "--overlap", "8", "--tail", "short",
                "--device", "cpu", "--out", str(out), "--per-token", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "bits per byte" in printed and "report:" in printed
     res = json.loads((out / "results.json").read_text())
-    ref = StreamingEvaluator(str(hf_model_dir), chunk_size=32, overlap=8, device="cpu", verbose=False) \
+    ref = StreamingEvaluator(str(hf_model_dir), chunk_size=32, overlap=8, tail="short", device="cpu", verbose=False) \
         .evaluate_streaming_with_metrics(str(store))
     assert res["total_tokens"] == ref["total_tokens"]
     assert math.isclose(res["loss"], ref["loss"], rel_tol=1e-6)
@@ -45,6 +45,7 @@ def test_run_writes_report_matching_the_api(capsys, tmp_path, store, hf_model_di
     assert res["mode"] == "sliding" and res["chunk_size"] == 32 and res["overlap"] == 8
     assert res["store"]["tokenizer"]["vocab_size"] == V and res["model_identity"]["vocab_size"] == V
     assert res["versions"]["torch"] and res["config"]["overlap"] == 8
+    assert res["tail"] == res["config"]["tail"] == "short"
     with open(out / "chunks.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == res["num_chunks"]

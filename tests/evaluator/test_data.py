@@ -3,6 +3,8 @@ stores, in both doc modes; tensors and stores go through the same loader and giv
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,13 +89,19 @@ def test_tensor_windows_score_every_target_once(n, chunk, ov, bos, batch):
 def test_window_inputs_follow_the_stride():
     x = torch.arange(20)
     ed = open_data(x)
-    spec = WindowSpec(chunk_size=8, overlap=3, batch_windows=10)
+    spec = WindowSpec(chunk_size=8, overlap=3, batch_windows=10, tail="short")
     (b,) = list(ed.windows(spec, torch.device("cpu")))
     # windows start at 0, 5, 10, 15 (stride 5); the last one is shorter (targets up to 19)
     assert b.inputs[:, 0].tolist() == [0, 5, 10, 15]
     assert b.lengths.tolist() == [8, 8, 8, 4]
     assert b.score_mask.sum(1).tolist() == [8, 5, 5, 1]
     assert b.score_mask[1].tolist() == [False] * 3 + [True] * 5
+    # tail "full": the last window is right-aligned (inputs 11..18) and scores only target 19
+    (b,) = list(ed.windows(dataclasses.replace(spec, tail="full"), torch.device("cpu")))
+    assert b.inputs[:, 0].tolist() == [0, 5, 10, 11]
+    assert b.lengths.tolist() == [8, 8, 8, 8]
+    assert b.score_mask.sum(1).tolist() == [8, 5, 5, 1]
+    assert b.score_mask[3].tolist() == [False] * 7 + [True]
 
 
 def test_open_data_accepts_arrays_lists_and_2d():

@@ -62,6 +62,7 @@ def test_token_id_outside_vocab_in_store(make_store):
     ({"chunk_size": 0}, "chunk_size=0"),
     ({"mode": "fast"}, "mode='fast'"),
     ({"doc_mode": "docs"}, "doc_mode='docs'"),
+    ({"tail": "long"}, "tail='long'"),
     ({"batch_size": 0}, "batch_size=0"),
     ({"batch_size": "big"}, "batch_size='big'"),
     ({"dtype": "fp8"}, "dtype='fp8'"),

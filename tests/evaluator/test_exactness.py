@@ -85,13 +85,15 @@ def test_losing_context_would_be_detected(make):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(2, 70), chunk=st.integers(1, 24), ov_frac=st.floats(0, 0.95), seed=st.integers(0, 10**6))
-def test_sliding_matches_brute_force(n, chunk, ov_frac, seed, as_input):
+@given(n=st.integers(2, 70), chunk=st.integers(1, 24), ov_frac=st.floats(0, 0.95), seed=st.integers(0, 10**6),
+       tail=st.sampled_from(["full", "short"]))
+def test_sliding_matches_brute_force(n, chunk, ov_frac, seed, tail, as_input):
     overlap = min(chunk - 1, int(ov_frac * chunk))
     m = tiny_gpt2(n_positions=32)
     x = _tokens(n, seed=seed)
-    ref = brute_sliding_nll(m, x, chunk, overlap)
-    ev = StreamingEvaluator(m, chunk_size=chunk, overlap=overlap, device="cpu", mode="sliding", batch_size=3, verbose=False)
+    ref = brute_sliding_nll(m, x, chunk, overlap, tail)
+    ev = StreamingEvaluator(m, chunk_size=chunk, overlap=overlap, device="cpu", mode="sliding", batch_size=3,
+                            verbose=False, tail=tail)
     res = ev.evaluate_streaming_with_metrics(as_input(x), compute_per_token_metrics=True)
     assert res["total_tokens"] == n - 1
     np.testing.assert_allclose(np.asarray(res["per_token_losses"]), ref, rtol=1e-5, atol=1e-5)
@@ -162,3 +164,14 @@ def test_tensor_and_store_input_give_identical_results(make_store, make, kw, doc
     assert a["nll_sum"] == b["nll_sum"]
     np.testing.assert_array_equal(np.asarray(a["per_token_losses"]), np.asarray(b["per_token_losses"]))
     np.testing.assert_array_equal(a["per_document"]["tokens"], b["per_document"]["tokens"])
+
+
+def test_carried_modes_feed_every_token_once_whatever_the_tail():
+    """tail applies to sliding windows: a carried run records tail 'short' and its numbers do not move."""
+    x = _tokens(150, seed=4)
+    res = {t: StreamingEvaluator(TinyRNN("gru"), chunk_size=16, device="cpu", mode="stateful", tail=t,
+                                 verbose=False).evaluate_streaming(x) for t in ("full", "short")}
+    assert res["full"]["tail"] == res["short"]["tail"] == "short"
+    assert res["full"]["nll_sum"] == res["short"]["nll_sum"]
+    sl = StreamingEvaluator(Bigram(), chunk_size=16, device="cpu", mode="sliding", verbose=False).evaluate_streaming(x)
+    assert sl["tail"] == "full"

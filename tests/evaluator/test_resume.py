@@ -103,7 +103,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, make_store, docs):
     ck = tmp_path / "ck"
     StreamingEvaluator(Bigram(), chunk_size=16, device="cpu", verbose=False).evaluate_streaming(store, checkpoint_dir=ck)
     for kw, word in ((dict(chunk_size=16, overlap=2), "overlap"), (dict(chunk_size=8), "chunk_size"),
-                     (dict(chunk_size=16, max_tokens=50), "max_tokens")):
+                     (dict(chunk_size=16, max_tokens=50), "max_tokens"), (dict(chunk_size=16, tail="short"), "tail")):
         with pytest.raises(ConfigError, match=word) as e:
             StreamingEvaluator(Bigram(), device="cpu", verbose=False, **kw).evaluate_streaming(store, checkpoint_dir=ck)
         assert "\n" not in str(e.value) and "--overwrite" in str(e.value)

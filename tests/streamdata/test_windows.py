@@ -13,7 +13,7 @@ from streamdata.errors import ConfigError
 from streamdata.windows import WindowPlan, plan_windows
 
 
-def brute_windows(offsets, L, O, mode, bos):
+def brute_windows(offsets, L, O, mode, bos, tail="full"):
     """Reference: walk each stream window by window, exactly as the semantics read.
 
     Returns (start, length, score_from, doc, bos) tuples in reading order.
@@ -27,9 +27,18 @@ def brute_windows(offsets, L, O, mode, bos):
         if v < 2:
             continue
         s, first = 0, True
+        scored_to = 0  # virtual position of the last target scored so far
         while True:
             length = min(L, v - 1 - s)
+            if tail == "full" and not first and s + L >= v - 1:
+                # last window of a multi-window stream: L inputs ending at the stream's end; score
+                # from the first target past those already scored
+                s = v - 1 - L
+                length = L
+                out.append((a - b + s, length, scored_to - s, d, False))
+                break
             out.append((a - b + s, length, 0 if first else O, d, bool(b) and s == 0))
+            scored_to = s + length
             if s + L >= v - 1:  # target v-1 (the stream's last token) is scored
                 break
             s += L - O
@@ -58,7 +67,8 @@ def layouts(draw):
     O = draw(st.integers(0, L - 1))
     mode = draw(st.sampled_from(["stream", "document"]))
     bos = draw(st.booleans())
-    return off, L, O, mode, bos
+    tail = draw(st.sampled_from(["full", "short"]))
+    return off, L, O, mode, bos, tail
 
 
 def as_tuples(plan):
@@ -69,9 +79,10 @@ def as_tuples(plan):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts())
 def test_plan_matches_brute_force_and_scores_every_target_once(layout):
-    off, L, O, mode, bos = layout
-    plan = plan_windows(off, L, O, mode, prepend_bos=bos)
-    assert as_tuples(plan) == brute_windows(off.tolist(), L, O, mode, bos)
+    off, L, O, mode, bos, tail = layout
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail)
+    assert as_tuples(plan) == brute_windows(off.tolist(), L, O, mode, bos, tail)
+    assert plan.tail == tail
     for arr in (plan.start, plan.length, plan.score_from, plan.doc):
         assert arr.dtype == np.int64
     assert plan.bos.dtype == bool
@@ -88,15 +99,27 @@ def test_plan_matches_brute_force_and_scores_every_target_once(layout):
         assert plan.num_scored == max(N - 1 + b, 0)
 
     # ... with the most context the semantics allow: q = position in the virtual stream.
-    stream_start = {d: a for a, e, d in streams}
+    stream = {d: (a, e) for a, e, d in streams}
     S = L - O
     for (d, p), ctx in seen.items():
-        q = p - stream_start[d] + b
+        a, e = stream[d]
+        v = e - a + b
+        q = p - a + b
+        nw = 1 + -(-max(0, v - 1 - L) // S)
+        before_tail = (nw - 2) * S + L  # last target scored by the window before the last one
         if q <= L:
             assert ctx == q  # first window: the whole history
+        elif tail == "full" and nw >= 2 and q > before_tail:
+            assert ctx == q - (v - 1 - L)  # right-aligned last window: L inputs end at the stream's end
+            assert O + 1 <= ctx <= L
         else:
             assert ctx == O + 1 + (q - L - 1) % S  # a later window: overlap + 1 .. L tokens
             assert O + 1 <= ctx <= L
+    # The full tail scores the same targets with at least as much context as the short one, in as many windows.
+    other = plan_windows(off, L, O, mode, prepend_bos=bos, tail="short" if tail == "full" else "full")
+    full, short = (seen, scored_targets(other)) if tail == "full" else (scored_targets(other), seen)
+    assert set(full) == set(short) and len(other) == len(plan)
+    assert all(full[k] >= short[k] for k in full)
 
     # Windows stay inside their stream, never read past it, and the last one reaches its end.
     for (s, n, f, d, w_bos) in as_tuples(plan):
@@ -104,17 +127,22 @@ def test_plan_matches_brute_force_and_scores_every_target_once(layout):
         assert a - b <= s and s + n + 1 <= e
         assert 1 <= n <= L and 0 <= f < n
         assert w_bos == (bos and s == a - 1)
+    starts = plan.start.tolist()
+    assert starts == sorted(starts)  # reading order: the loader's spans only move forward
     for a, e, d in streams:
-        ends = [s + n + 1 for (s, n, f, dd, _) in as_tuples(plan) if dd == d]
+        mine = [(s, n) for (s, n, f, dd, _) in as_tuples(plan) if dd == d]
+        ends = [s + n + 1 for s, n in mine]
         if e - a + b >= 2:
             assert max(ends) == e  # the last (possibly partial) window reads the stream's last token
+            if tail == "full" and len(mine) >= 2:
+                assert mine[-1] == (e - 1 - L, L)
 
 
 @settings(max_examples=100, deadline=None)
 @given(layouts(), st.integers(1, 5), st.data())
 def test_shard_blocks_union_is_the_plan(layout, world, data):
-    off, L, O, mode, bos = layout
-    plan = plan_windows(off, L, O, mode, prepend_bos=bos)
+    off, L, O, mode, bos, tail = layout
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail)
     parts = [plan.shard(r, world) for r in range(world)]
     assert sum(len(p) for p in parts) == len(plan)
     assert sum(p.num_scored for p in parts) == plan.num_scored
@@ -129,9 +157,36 @@ def test_shard_blocks_union_is_the_plan(layout, world, data):
 
 
 def test_worked_example_from_the_docstring():
-    plan = plan_windows(np.array([0, 10]), 4, 1, "stream")
+    plan = plan_windows(np.array([0, 10]), 4, 1, "stream", tail="short")
     assert as_tuples(plan) == [(0, 4, 0, -1, False), (3, 4, 1, -1, False), (6, 3, 1, -1, False)]
     assert plan.num_scored == 9
+    plan = plan_windows(np.array([0, 10]), 4, 1, "stream")  # tail "full", the default
+    assert as_tuples(plan) == [(0, 4, 0, -1, False), (3, 4, 1, -1, False), (5, 4, 2, -1, False)]
+    assert plan.num_scored == 9
+
+
+def test_full_tail_is_lm_eval_rolling_windows():
+    """lm-eval's get_rolling_token_windows (context_len=1, as loglikelihood_rolling calls it), written
+    out here: with a BOS prefix, document mode, overlap 0 and tail full our windows are its windows."""
+
+    def rolling(n, max_len):  # yields (first input position, first target position, last target + 1), virtual
+        pred_len = max_len  # context_len=1: max_len - context_len + 1
+        out = [(0, 1, min(max_len, n) + 1)]  # first window: [BOS] + tokens, targets 1..max_len
+        predicted = min(max_len, n)
+        while predicted < n:
+            w = min(n - predicted, pred_len)
+            end = predicted + w + 1
+            out.append((end - 1 - max_len, predicted + 1, end))  # inputs [end-1-max_len, end-1)
+            predicted += w
+        return out
+
+    for n in range(1, 40):
+        for L in (1, 2, 3, 5, 8, 16):
+            plan = plan_windows(np.array([0, n]), L, 0, "document", prepend_bos=True)
+            # virtual position = global + 1 (the document starts at 0, BOS at -1)
+            ours = [(s + 1, s + 1 + 1 + f, s + 1 + ln + 1) for s, ln, f, _, _ in as_tuples(plan)]
+            # lm-eval's first window is [BOS] + x[:L-1]; ours too (virtual position 0 = BOS)
+            assert ours == rolling(n, L), (n, L)
 
 
 def test_plan_is_document_and_shard_agnostic_in_stream_mode():
@@ -156,10 +211,10 @@ def test_document_mode_small_documents():
 
 def test_max_tokens_cuts_the_store():
     off = np.array([0, 5, 12, 30], np.int64)
-    for mode in ("stream", "document"):
+    for mode, tail in ((m, t) for m in ("stream", "document") for t in ("full", "short")):
         for M in (0, 1, 5, 6, 13, 30, 100):
-            got = plan_windows(off, 4, 1, mode, max_tokens=M)
-            want = plan_windows(np.minimum(off, M), 4, 1, mode)
+            got = plan_windows(off, 4, 1, mode, max_tokens=M, tail=tail)
+            want = plan_windows(np.minimum(off, M), 4, 1, mode, tail=tail)
             assert as_tuples(got) == as_tuples(want)
             assert all(p < M for (_, p) in scored_targets(got))
 
@@ -172,6 +227,7 @@ def test_max_tokens_cuts_the_store():
         (dict(chunk_size=8, overlap=-1), "overlap=-1"),
         (dict(chunk_size=8, overlap=0, mode="sliding"), "mode='sliding'"),
         (dict(chunk_size=2.5, overlap=0), "chunk_size=2.5"),
+        (dict(chunk_size=8, overlap=0, tail="long"), "tail='long'"),
     ],
 )
 def test_bad_config_raises_one_line_config_error(kw, word):
