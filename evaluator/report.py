@@ -38,7 +38,7 @@ _SCALARS = (
     "num_documents", "total_bytes", "total_words", "byte_metric_documents", "total_time", "tokens_per_second",
     "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
     "tail", "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
-    "per_token_path", "mode_reason", "resumed_from_window",
+    "per_token_path", "mode_reason", "resumed_from_window", "word_rule",
 )
 
 
@@ -79,7 +79,9 @@ def format_table(res: dict[str, Any]) -> str:
         ("perplexity", res.get("perplexity")),
         ("bits per byte", res.get("bits_per_byte")),
         ("byte perplexity", res.get("byte_perplexity")),
-        ("word perplexity", res.get("word_perplexity")),
+        # labelled with the rule that counted the words (lm-eval's, or the older str-split)
+        (f"word perplexity ({res['word_rule']} words)" if res.get("word_rule") else "word perplexity",
+         res.get("word_perplexity")),
         ("time (s)", res.get("total_time")),
         ("tokens/s", res.get("tokens_per_second")),
     ]

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from streamdata.format import word_rule_of
+
 from .data import EvalData
 from .metrics import (
     MetricSums,
@@ -78,6 +80,9 @@ def detail(run: ResolvedRun, ed: EvalData, sums: MetricSums, chunk_times: list[f
         total_words=nwords,
         byte_metric_documents=int(complete.sum()) if nbytes is not None or nwords is not None else 0,
         num_documents=nd,
+        # how doc_words were counted (streamdata.format.WORD_RULES): word perplexities of two rules
+        # differ by far more than noise, so the figure always travels with its rule
+        word_rule=word_rule_of(ed.store.manifest) if nwords is not None else None,
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         doc_loss = doc_nll / doc_tok
