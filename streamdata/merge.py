@@ -19,7 +19,7 @@ held once, as a ``tokenize`` of the whole source holds it when it seals.
 Checks, one line each naming the part and the fix (before anything is written): every part is a
 finished store (a folder with an unfinished build, or without ``manifest.json``, is refused) made
 by ``tokenize --num-parts``; all parts have the same ``num_parts``, tokenizer (sha256), special
-tokens (EOS/BOS policy), dtype and source identity (which includes ``sample_by`` and the text
+tokens (EOS/BOS policy), dtype, word-count rule and source identity (which includes ``sample_by`` and the text
 column); each part number appears once and none is missing; the output is not one of the parts. While
 copying, every part's shards are hashed and compared with the part's manifest, so a damaged part
 stops the merge instead of being sealed under a new, valid checksum.
@@ -44,7 +44,7 @@ import numpy as np
 from .backends import TokenStore, open_store
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url
 from .errors import ConfigError, StoreError
-from .format import BUILD_DIR, DEFAULT_SHARD_TOKENS, MANIFEST_NAME, STORE_FORMATS, Manifest, ShardInfo
+from .format import BUILD_DIR, DEFAULT_SHARD_TOKENS, MANIFEST_NAME, STORE_FORMATS, Manifest, ShardInfo, word_rule_of
 from .output import prepare_output
 
 __all__ = ["MergeConfig", "merge_parts"]
@@ -210,7 +210,8 @@ def _check_parts(parts: list[_Part]) -> list[_Part]:
         m = p.store.manifest
         for what, a, b in (("tokenizer", m.tokenizer.get("sha256"), m0.tokenizer.get("sha256")),
                            ("vocabulary size", m.tokenizer.get("vocab_size"), m0.tokenizer.get("vocab_size")),
-                           ("token dtype", m.dtype, m0.dtype)):
+                           ("token dtype", m.dtype, m0.dtype),
+                           ("word-count rule", word_rule_of(m), word_rule_of(m0))):
             if a != b:
                 raise ConfigError(f"part {p.path!r} has another {what} ({_short(a)}) than part {ref.path!r} "
                                   f"({_short(b)}): {redo}")
@@ -310,7 +311,7 @@ class _Concatenated(TokenStore):
         created = {**m0.created_by, "merged_by": {"tool": "streamdata.merge", "python": sys.version.split()[0]}}
         self.manifest = Manifest(dtype=m0.dtype, tokenizer=dict(m0.tokenizer), special_tokens=dict(m0.special_tokens),
                                  source=dict(m0.source), shards=shards, totals=totals, format="parts",
-                                 created_by=created, extra=extra)
+                                 created_by=created, extra=extra, word_rule=word_rule_of(m0))
         self._offsets = _Joined([p.store.doc_offsets for p in parts], [p.tokens_start for p in parts], offsets=True)
         self._bytes = None if any(p.store.doc_bytes is None for p in parts) else _Joined([p.store.doc_bytes for p in parts])
         self._words = None if any(p.store.doc_words is None for p in parts) else _Joined([p.store.doc_words for p in parts])
@@ -423,7 +424,7 @@ def _to_npy(view: _Concatenated, cfg: MergeConfig, settings: dict[str, Any]) -> 
                 i = j
         view.verified_all()
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
-                        created_by=m.created_by, extra=m.extra)
+                        created_by=m.created_by, extra=m.extra, word_rule=m.word_rule)
     except BaseException:
         w.abort()
         raise

@@ -336,8 +336,10 @@ def check_part(num_parts: int | None, part: int | None) -> None:
     """Refuse an inconsistent partition request (one line naming the value)."""
     if num_parts is None and part is None:
         return
-    if num_parts is None or part is None:
-        raise ConfigError(f"num_parts={num_parts} and part={part}: pass both (part I of K parts) or neither")
+    if part is None:
+        raise ConfigError(f"num_parts={num_parts} needs part=I too (0 <= I < {num_parts}): pass both, or neither")
+    if num_parts is None:
+        raise ConfigError(f"part={part} needs num_parts=K too (the number of parts): pass both, or neither")
     if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
         raise ConfigError(f"num_parts={num_parts!r} must be an integer >= 1")
     if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < num_parts:

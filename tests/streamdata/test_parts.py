@@ -19,7 +19,7 @@ from streamdata import ConfigError, SourceError, StoreError, open_store, tokeniz
 from streamdata import source as source_mod
 from streamdata import writer as writer_mod
 from streamdata.cli import main
-from streamdata.format import BUILD_DIR, MANIFEST_NAME
+from streamdata.format import BUILD_DIR, LEGACY_WORD_RULE, MANIFEST_NAME, WORD_RULE
 from streamdata.merge import MergeConfig, merge_parts
 from streamdata.source import SourceSpec, even_bounds, load_source, part_bounds
 from streamdata.tokenize import run_tokenize
@@ -72,6 +72,7 @@ def assert_same_store(a_path, b_path):
                [(s.file, s.tokens, s.documents, s.sha256) for s in mb.shards]
         assert [(x.name, x.length, x.sha256) for x in ma.index] == [(x.name, x.length, x.sha256) for x in mb.index]
         assert (ma.source, ma.tokenizer, ma.special_tokens) == (mb.source, mb.tokenizer, mb.special_tokens)
+        assert ma.word_rule == mb.word_rule == WORD_RULE
 
 
 # ---- the cut ------------------------------------------------------------------------------------
@@ -155,6 +156,30 @@ def test_saved_dataset_parts_by_row(tmp_path, bpe_tokenizer):
     assert [(r["unit"], r["range"]) for r in recs] == [("rows", [0, 8]), ("rows", [8, 16]), ("rows", [16, 23])]
     merge_parts(parts, tmp_path / "merged")
     assert_same_store(tmp_path / "ref", tmp_path / "merged")
+
+
+def test_streaming_files_parts(tmp_path, corpus, bpe_tokenizer):
+    _tok(corpus, bpe_tokenizer, tmp_path / "ref", streaming=True)
+    merge_parts(_parts(corpus, bpe_tokenizer, tmp_path, 3, streaming=True), tmp_path / "merged")
+    assert_same_store(tmp_path / "ref", tmp_path / "merged")
+
+
+def test_streaming_dataset_parts_by_data_files():
+    # the cut of a streaming hub dataset (no hub here: an IterableDataset of 5 data shards stands in)
+    import datasets
+
+    from streamdata.source import _data_files_part
+
+    it = datasets.Dataset.from_dict({"text": [str(i) for i in range(23)]}).to_iterable_dataset(num_shards=5)
+    rows, ranges = [], []
+    for i in range(3):
+        part, rec = _data_files_part(it, SourceSpec(paths=("x",), streaming=True, num_parts=3, part=i), "dataset 'x'")
+        rows += [r["text"] for r in part]
+        ranges.append(tuple(rec["range"]))
+        assert (rec["unit"], rec["of"]) == ("data_files", 5)
+    assert rows == [str(i) for i in range(23)] and ranges == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(SourceError, match=r"has 5 data file\(s\), fewer than num_parts=6: drop --streaming"):
+        _data_files_part(it, SourceSpec(paths=("x",), streaming=True, num_parts=6, part=0), "dataset 'x'")
 
 
 def test_text_files_by_paragraph(tmp_path, bpe_tokenizer):
@@ -349,17 +374,22 @@ def test_refuses_another_sample_by(tmp_path, bpe_tokenizer):
     _refused([a[0], b[1]], tmp_path / "m", r"another source or source setting \(sample_by 'document'\)")
 
 
-def test_refuses_another_dtype(tmp_path, three_parts):
+@pytest.mark.parametrize("dtype, word_rule, msg", [
+    ("uint32", WORD_RULE, "another token dtype"),
+    ("uint16", LEGACY_WORD_RULE, "another word-count rule \\('str-split'\\)"),
+])
+def test_refuses_another_dtype_or_word_rule(tmp_path, three_parts, dtype, word_rule, msg):
     from streamdata.writer import StoreWriter
 
     root, (p0, p1, p2) = three_parts
-    with open_store(p1) as s:  # part 1 rewritten with uint32 ids, identity otherwise unchanged
+    with open_store(p1) as s:  # part 1 rewritten with one field changed, its identity otherwise unchanged
         m = s.manifest
-        w = StoreWriter(tmp_path / "wide", dtype="uint32", vocab_size=int(m.tokenizer["vocab_size"]),
-                        shard_tokens=SHARD, settings={"test": "wide"})
+        w = StoreWriter(tmp_path / "odd", dtype=dtype, vocab_size=int(m.tokenizer["vocab_size"]),
+                        shard_tokens=SHARD, settings={"test": "odd"})
         w.add_documents(s.read(0, len(s)).astype(np.int64), np.diff(np.asarray(s.doc_offsets)), s.doc_bytes, s.doc_words)
-        w.commit(tokenizer=m.tokenizer, special_tokens=m.special_tokens, source=m.source, extra={"part": m.extra["part"]})
-    _refused([p0, str(tmp_path / "wide"), p2], tmp_path / "m", "another token dtype")
+        w.commit(tokenizer=m.tokenizer, special_tokens=m.special_tokens, source=m.source, extra={"part": m.extra["part"]},
+                 word_rule=word_rule)
+    _refused([p0, str(tmp_path / "odd"), p2], tmp_path / "m", msg)
 
 
 @pytest.mark.parametrize("fmt", ["npy", "zarr"])
@@ -387,8 +417,8 @@ def test_partition_needs_enough_units(tmp_path, corpus, bpe_tokenizer):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"num_parts": 3}, "pass both"),
-    ({"part": 0}, "pass both"),
+    ({"num_parts": 3}, "num_parts=3 needs part=I too"),
+    ({"part": 0}, "part=0 needs num_parts=K too"),
     ({"num_parts": 0, "part": 0}, "num_parts=0 must be an integer >= 1"),
     ({"num_parts": 3, "part": 3}, r"part=3 must be an integer in \[0, 3\)"),
     ({"num_parts": 2, "part": 0, "max_docs": 5}, "max_docs=5 cannot be combined with num_parts=2"),
@@ -425,7 +455,7 @@ def test_cli_parts_and_merge(tmp_path, corpus, bpe_tokenizer, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "part(s) 0 of 2 are missing" in err and "--num-parts 2 --part 0" in err
     assert main(["tokenize", *corpus, "--out", str(tmp_path / "x"), "--num-parts", "2", *base]) == 2
-    assert "--num-parts 2 and --part None: pass both" in capsys.readouterr().err
+    assert "--num-parts 2 needs --part I too (0 <= I < 2): pass both, or neither" in capsys.readouterr().err
     assert main(["tokenize", *corpus, "--out", str(tmp_path / "x"), "--num-parts", "2", "--part", "0",
                  "--max-docs", "3", *base]) == 2
     assert "--max-docs 3 cannot be combined with --num-parts 2" in capsys.readouterr().err
