@@ -10,10 +10,13 @@ a reader sees the previous checkpoint or the new one, never half of one. It hold
   detail level). A checkpoint of another identity is refused, naming what differs.
 - ``next_window``: the first window not yet summed (a batch boundary: the resumed loader's
   batches are then the same windows as the uninterrupted run's);
-- the float64/int64 metric sums (total, per window, per document, per position bucket) as exact
-  copies, the per-token file's filled length, the runner's state (the micro-batch size after an
-  out-of-memory error; the carried model state: RNN state or KV cache tensors), the per-window
-  times and the seconds spent so far.
+- the float64/int64 metric sums that live in memory (the total, the position buckets, and the
+  running sums of the document the run is in) as exact copies, and how far the spilled files are
+  valid: per-window sums and times up to ``next_window``, per-document sums below ``doc_base``
+  (:mod:`evaluator.spill`; they are flushed and fsynced before the checkpoint is written, and a
+  resumed run continues them in place), the per-token file's filled length, the runner's state
+  (the micro-batch size after an out-of-memory error; the carried model state: RNN state or KV
+  cache tensors) and the seconds spent so far. Its size does not grow with the stream.
 
 The same batches are then summed in the same order, so a resumed run gives the uninterrupted
 run's totals bit for bit on the same device. Tensors are saved with ``torch.save`` and loaded with
@@ -45,7 +48,7 @@ __all__ = ["CHECKPOINT_NAME", "PROGRESS_NAME", "Checkpointer", "RunIdentity", "r
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PROGRESS_NAME = "progress.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: per-window/per-document sums spilled to files, not held in the checkpoint
 
 
 @dataclass(frozen=True)

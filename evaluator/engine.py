@@ -15,9 +15,10 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
-from streamdata.loader import WindowLoader
+from streamdata.loader import WindowBatch, WindowLoader
 
 from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
@@ -29,6 +30,7 @@ from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
 from .results import detail, summary
 from .runners import CarriedRunner, Runner, SlidingRunner
+from .spill import SpillFiles
 
 __all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
 
@@ -50,8 +52,11 @@ class StreamingEvaluator:
         elif chunk_size is not None or overlap or device is not None or options:
             raise ConfigError("pass either config=StreamingEvalConfig(...) or keyword settings, not both")
         config = dataclasses.replace(config)  # our own copy: setters below must not change the caller's
-        self.device = resolve_device(config.device)
-        self.adapter: ModelAdapter = load_model(model, dtype=config.dtype)
+        device = resolve_device(config.device) if config.device is not None else None  # bad names fail first
+        self.adapter: ModelAdapter = load_model(model, dtype=config.dtype, device_map=config.device_map)
+        # A model spread over devices (device map) takes its inputs on its first device and stays
+        # where it is; any other model is moved to the requested (or default) device.
+        self.device = device or self.adapter.input_device() or resolve_device(None)
         self.adapter.to(self.device)
         self.config = config
         self._chunk_size = resolve_chunk_size(config, self.adapter)
@@ -145,23 +150,28 @@ class StreamingEvaluator:
                 f"{ed.name} has no token to score ({ed.limit(spec.max_tokens)} tokens; each "
                 f"{'document' if spec.doc_mode == 'document' else 'stream'} needs >= 2, or 1 with a BOS prefix)"
             )
-        lens = ed.document_lengths(spec.max_tokens)
-        sums = MetricSums(dev, num_windows, ed.num_documents, int(lens.max()) if len(lens) else 1, detailed)
         path = cfg.per_token_path
         if per_token and path is None and ckpt is not None:
             path = str(ckpt.folder / "per_token_losses.f32")  # resumable: beside the checkpoint
-        writer = PerTokenWriter(path, expected, filled=0 if state is None else int(state["per_token_filled"])) \
-            if per_token else None
+        writer, spill = None, None
         try:
+            writer = PerTokenWriter(path, expected, filled=0 if state is None else int(state["per_token_filled"])) \
+                if per_token else None
+            timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
+            if detailed:
+                # Per-window and per-document sums leave the device in blocks into files: beside the
+                # checkpoint (the CLI's --out) so a resumed run continues them, else in a temporary
+                # folder removed at the end (and on errors).
+                spill = SpillFiles(None if ckpt is None else ckpt.folder, num_windows, ed.num_documents,
+                                   resume=state is not None)
+            sums = MetricSums(dev, detailed, spill, seconds=timer.drain)
             args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev)
             runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
                 else CarriedRunner(*args, document_mode=spec.doc_mode == "document")
-            timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
             elapsed0, resumed_from = 0.0, None
             if state is not None:
                 sums.load_state_dict(state["sums"])
                 runner.load(state["runner"])
-                timer.restored = state["chunk_times"].tolist()
                 elapsed0, resumed_from = float(state["elapsed"]), int(state["next_window"])
             progress = Progress(total_windows=num_windows, total_tokens=expected, done_windows=windows.plan.first,
                                 done_tokens=sums.tokens, log_interval=log_interval, verbose=cfg.verbose)
@@ -174,9 +184,9 @@ class StreamingEvaluator:
                 if writer is not None:
                     writer.flush()
                 ckpt.save({"next_window": next_window, "windows_total": num_windows, "expected": expected,
-                           "sums": sums.state_dict(), "runner": runner.state(),
+                           "sums": sums.state_dict(),  # flushes the detail block and syncs its files first
+                           "runner": runner.state(),
                            "per_token_filled": 0 if writer is None else writer.filled,
-                           "chunk_times": torch.tensor(timer.per_window(), dtype=torch.float64),
                            "elapsed": elapsed0 + time.perf_counter() - t_start,
                            "resumed_from": -1 if resumed_from is None else resumed_from}, complete=complete)
 
@@ -186,6 +196,8 @@ class StreamingEvaluator:
             try:
                 with on_device, torch.inference_mode(), self._autocast():
                     for batch in windows:
+                        if detailed:  # may flush the previous block first (a sync every few thousand windows)
+                            sums.begin_batch(batch.first_window, batch.num_windows, *_doc_range(batch))
                         timer.start()
                         runner.step(batch)
                         timer.stop(batch.num_windows)
@@ -194,6 +206,7 @@ class StreamingEvaluator:
                         if ckpt is not None and ckpt.due():
                             checkpoint(complete=False)
                     nll_sum, tokens = sums.total()  # syncs: total_time includes all queued work
+                    sums.flush()
             finally:
                 progress.close()
             if tokens != expected:  # the loop and the plan disagree: a bug, never a user error
@@ -207,7 +220,9 @@ class StreamingEvaluator:
             if spec.batch_windows > getattr(runner, "micro", spec.batch_windows):
                 res["batch_size_after_oom"] = runner.micro
             if detailed:
-                res.update(detail(run, ed, sums, timer.per_window()))
+                files = spill.finish()
+                spill = None
+                res.update(detail(run, ed, sums, files))
                 res["per_token_losses"], res["per_token_path"] = None, None
                 if writer is not None:
                     if writer.filled != expected:
@@ -218,6 +233,13 @@ class StreamingEvaluator:
         finally:
             if writer is not None:
                 writer.discard()
+            if spill is not None:
+                spill.discard()
+
+
+def _doc_range(batch: WindowBatch) -> tuple[int, int]:
+    """(first, last) document id that the batch's span touches: host ints the loader computed."""
+    return batch._d0, batch._d0 + len(batch._doc_starts) - 1
 
 
 class _Timer:
@@ -229,8 +251,7 @@ class _Timer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.enabled = enabled
-        self.marks: list[tuple[Any, Any, int]] = []
-        self.restored: list[float] = []  # seconds per window already converted (or from a checkpoint)
+        self.marks: list[tuple[Any, Any, int]] = []  # batches since the last drain: (start, stop, windows)
         self._t0: Any = None
 
     def _now(self) -> Any:
@@ -250,14 +271,19 @@ class _Timer:
         if self.enabled:
             self.marks.append((self._t0, self._now(), windows))
 
-    def per_window(self) -> list[float]:
-        """Seconds per window: each batch's time shared equally among its windows. On CUDA the
-        caller has synced the device (the events must have completed)."""
-        for a, b, n in self.marks:
-            dt = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
-            self.restored.extend([dt / n] * n)
+    def drain(self, n: int) -> np.ndarray:
+        """Seconds per window of the ``n`` windows timed since the last drain (each batch's time
+        shared equally among its windows). On CUDA the caller has synced the device (the events
+        must have completed)."""
+        out = np.empty(n, np.float64)
+        i = 0
+        for a, b, k in self.marks:
+            out[i : i + k] = (a.elapsed_time(b) / 1000.0 if self.cuda else b - a) / k
+            i += k
         self.marks = []
-        return list(self.restored)
+        if i != n:
+            raise RuntimeError(f"internal error: {i} windows timed, {n} flushed")
+        return out
 
 
 def create_streaming_evaluator(model: Any, config: StreamingEvalConfig | None = None) -> StreamingEvaluator:

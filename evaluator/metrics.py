@@ -3,8 +3,9 @@
 Units: NLL in nats. Sums, never means of means: the loss is sum(NLL) / count over every scored
 target, chunk and document figures are sums divided by their own counts. Sums are float64 on the
 device (one fp32 addition per token would lose ~1e-7 relative per 1e7 tokens); counts are host ints
-(known from the window plan, so they cost no device sync). The device is synced only to log and
-at the end.
+(known from the window plan, so they cost no device sync). The device is synced only to log, to
+move a block of per-window/per-document sums to their files (every few thousand windows) and at
+the end.
 
 Tokenizer-independent metrics, as EleutherAI's lm-evaluation-harness defines them:
     bits_per_byte   = sum(NLL) / sum(UTF-8 bytes) / ln 2
@@ -17,14 +18,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .models import ForwardOutput
+from .spill import BLOCK, BlockView
 
 __all__ = [
+    "BUCKET_EDGES",
     "LN2",
     "MetricSums",
     "PerTokenWriter",
@@ -110,28 +113,125 @@ def _nll_inplace(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ---- sums on the device -----------------------------------------------------------------------
-class MetricSums:
-    """float64 NLL sums on the device: total, and (``detailed``) per window, per document and per
-    log-spaced position bucket; counts of the latter two too (int64, device)."""
+#: Position buckets [0,1), [1,2), [2,4), ..., [2^61, 2^62): a fixed set that covers any position, so
+#: their device arrays never depend on the data (results trim the empty buckets at the end).
+BUCKET_EDGES = position_bucket_edges(1 << 61)
 
-    def __init__(self, device: torch.device, num_windows: int, num_documents: int, max_position: int, detailed: bool):
+
+class MetricSums:
+    """float64 NLL sums on the device, in memory that does not grow with the stream.
+
+    Always: the total NLL (a 0-d float64 tensor) and the scored-token count (a host int: every
+    batch says how many targets it scores). With ``detailed``: NLL sums and int64 counts per
+    log-spaced position bucket (fixed size, :data:`BUCKET_EDGES`), and per window and per document
+    in *blocks*: the device holds the windows and documents of the last few batches only; a block
+    leaves the device (one sync, :meth:`flush`) into ``spill`` (:class:`evaluator.spill.SpillFiles`)
+    when full, at checkpoints and at the end.
+
+    Why results stay bit-identical to full device arrays: every window is scored inside one batch,
+    so its block cell starts at 0 and receives the same additions in the same order. Documents do
+    span batches: windows come in global order, so no batch touches a document before the last one
+    its predecessor touched; at a flush every earlier document is final, and the last one's cell is
+    carried (an exact float64 copy) to the start of the emptied block and keeps accumulating in
+    place, as it would have in a full array. Caller protocol: :meth:`begin_batch` with the batch's
+    windows and document range (host ints) before the runner adds its targets.
+    """
+
+    def __init__(self, device: torch.device, detailed: bool, spill: Any = None,
+                 seconds: Callable[[int], np.ndarray] | None = None, block_windows: int = 4096,
+                 block_documents: int = 4096):
         self.device = device
         self.detailed = detailed
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = 0  # host int: every batch says how many targets it scores
         if detailed:
-            self.window_nll = torch.zeros(num_windows, dtype=torch.float64, device=device)
-            self.window_tokens = torch.zeros(num_windows, dtype=torch.int64, device=device)
-            self.doc_nll = torch.zeros(max(1, num_documents), dtype=torch.float64, device=device)
-            self.doc_tokens = torch.zeros(max(1, num_documents), dtype=torch.int64, device=device)
-            self.edges_np = position_bucket_edges(max_position)
-            self.edges = torch.as_tensor(self.edges_np, device=device)
-            self.bucket_nll = torch.zeros(len(self.edges_np), dtype=torch.float64, device=device)
-            self.bucket_tokens = torch.zeros(len(self.edges_np), dtype=torch.int64, device=device)
+            if spill is None:
+                raise ValueError("detailed MetricSums need a spill (evaluator.spill.SpillFiles)")
+            self.spill = spill
+            self._seconds = seconds  # n -> seconds of the next n windows (the engine's timer), or None
+            self.edges_np = BUCKET_EDGES
+            self.edges = torch.as_tensor(BUCKET_EDGES, device=device)
+            self.bucket_nll = torch.zeros(len(BUCKET_EDGES), dtype=torch.float64, device=device)
+            self.bucket_tokens = torch.zeros(len(BUCKET_EDGES), dtype=torch.int64, device=device)
+            # Blocks: window ids [w_base, w_end) and documents [d_base, d_last] live on the device.
+            self.window_nll = torch.zeros(block_windows, dtype=torch.float64, device=device)
+            self.window_tokens = torch.zeros(block_windows, dtype=torch.int64, device=device)
+            self.doc_nll = torch.zeros(block_documents, dtype=torch.float64, device=device)
+            self.doc_tokens = torch.zeros(block_documents, dtype=torch.int64, device=device)
+            self.w_base = self.w_end = 0
+            self.d_base: int | None = None
+            self.d_last: int | None = None
 
+    # ---- blocks ----------------------------------------------------------------------------
+    def begin_batch(self, first_window: int, num_windows: int, doc_first: int, doc_last: int) -> None:
+        """Make room for a batch of windows ``[first_window, +num_windows)`` whose span lies in
+        documents ``doc_first..doc_last`` (host ints from the plan: no device sync)."""
+        if not self.detailed:
+            return
+        full_w = self.w_end - self.w_base + num_windows > len(self.window_nll)
+        full_d = self.d_base is not None and doc_last - self.d_base + 1 > len(self.doc_nll)
+        if full_w or full_d:
+            self.flush()
+        if num_windows > len(self.window_nll):  # a batch larger than the block (the block is empty now)
+            self.window_nll = torch.zeros(num_windows, dtype=torch.float64, device=self.device)
+            self.window_tokens = torch.zeros(num_windows, dtype=torch.int64, device=self.device)
+        if self.w_end == self.w_base:  # empty block: it starts wherever the batches do (resume, rank block)
+            self.w_base = self.w_end = first_window
+        elif first_window != self.w_end:
+            raise RuntimeError(f"internal error: batch starts at window {first_window}, the sums expect {self.w_end}")
+        self.w_end += num_windows
+        if self.d_base is None:
+            self.d_base = self.d_last = doc_first
+        # doc_first may lie before d_base: with overlap (or a right-aligned tail window) a batch
+        # re-reads earlier tokens as context, but its *scored* targets never precede the last
+        # target of the batch before, so they all fall in documents >= d_base.
+        need = doc_last - self.d_base + 1
+        if need > len(self.doc_nll):
+            # Only a span of many empty documents gets here (the loader reads their offsets too).
+            # Grow in place of flushing: the carried cell and the block's cells are copied exactly.
+            cap = 1 << (need - 1).bit_length()
+            kept = self.d_last - self.d_base + 1
+            nll = torch.zeros(cap, dtype=torch.float64, device=self.device)
+            tok = torch.zeros(cap, dtype=torch.int64, device=self.device)
+            nll[:kept].copy_(self.doc_nll[:kept])
+            tok[:kept].copy_(self.doc_tokens[:kept])
+            self.doc_nll, self.doc_tokens = nll, tok
+        self.d_last = max(self.d_last, doc_last)
+
+    def flush(self) -> None:
+        """Copy the block to the spill files (one device sync) and empty it, carrying the last
+        document's running sums (it may continue in the next batch)."""
+        if not self.detailed:
+            return
+        nw = self.w_end - self.w_base
+        nd = 0 if self.d_base is None else self.d_last - self.d_base + 1
+        if nw == 0 and nd == 0:
+            return
+        # One transfer: the int64 counts travel bit for bit as float64-typed views.
+        host = torch.cat([self.window_nll[:nw], self.window_tokens[:nw].view(torch.float64),
+                          self.doc_nll[:nd], self.doc_tokens[:nd].view(torch.float64)]).cpu().numpy()
+        if nw:
+            self.spill.write("window_nll", self.w_base, host[:nw])
+            self.spill.write("window_tokens", self.w_base, host[nw : 2 * nw].view(np.int64))
+            if self._seconds is not None:  # after the sync above: timing events have completed
+                self.spill.write("window_seconds", self.w_base, self._seconds(nw))
+            self.window_nll[:nw].zero_()
+            self.window_tokens[:nw].zero_()
+            self.w_base = self.w_end
+        if nd:
+            self.spill.write("document_nll", self.d_base, host[2 * nw : 2 * nw + nd])
+            self.spill.write("document_tokens", self.d_base, host[2 * nw + nd :].view(np.int64))
+            self.doc_nll[:1].copy_(self.doc_nll[nd - 1 : nd])
+            self.doc_tokens[:1].copy_(self.doc_tokens[nd - 1 : nd])
+            self.doc_nll[1:nd].zero_()
+            self.doc_tokens[1:nd].zero_()
+            self.d_base = self.d_last
+
+    # ---- sums ------------------------------------------------------------------------------
     def add(self, nll: torch.Tensor, count: int, windows: torch.Tensor | None = None,
             docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
-        """Add ``count`` scored targets (``nll`` fp32 [count]) with their window, document and position."""
+        """Add ``count`` scored targets (``nll`` fp32 [count]) with their global window and
+        document ids and positions (within the batch announced by :meth:`begin_batch`)."""
         # Every allocation first, then the in-place updates: an out-of-memory error raised here
         # leaves the sums as they were, never half-updated.
         n64 = nll.double()
@@ -139,13 +239,15 @@ class MetricSums:
         if self.detailed:
             ones = torch.ones_like(windows)
             b = torch.bucketize(positions, self.edges, right=True)  # pos p -> i with edges[i-1] <= p < edges[i]
+            wi = windows - self.w_base
+            di = docs - self.d_base
         self.nll += total
         self.tokens += count
         if self.detailed:
-            self.window_nll.index_add_(0, windows, n64)
-            self.window_tokens.index_add_(0, windows, ones)
-            self.doc_nll.index_add_(0, docs, n64)
-            self.doc_tokens.index_add_(0, docs, ones)
+            self.window_nll.index_add_(0, wi, n64)
+            self.window_tokens.index_add_(0, wi, ones)
+            self.doc_nll.index_add_(0, di, n64)
+            self.doc_tokens.index_add_(0, di, ones)
             self.bucket_nll.index_add_(0, b, n64)
             self.bucket_tokens.index_add_(0, b, ones)
 
@@ -153,39 +255,49 @@ class MetricSums:
         """(sum NLL, tokens): one device sync."""
         return float(self.nll.item()), self.tokens
 
-    _STATE = ("nll", "window_nll", "window_tokens", "doc_nll", "doc_tokens", "bucket_nll", "bucket_tokens")
+    def buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(upper edges, NLL sums, token counts) of the position buckets (one sync; the end only)."""
+        return self.edges_np, self.bucket_nll.cpu().numpy(), self.bucket_tokens.cpu().numpy()
 
     def state_dict(self) -> dict[str, Any]:
-        """Every sum as a CPU tensor (exact float64/int64 copies) plus the token count: a checkpoint."""
-        out: dict[str, Any] = {"tokens": self.tokens}
-        for k in self._STATE:
-            if hasattr(self, k):
-                out[k] = getattr(self, k).cpu()
+        """A checkpoint: the total, the bucket sums, and how far the spill files are valid, as exact
+        CPU copies. Flushes the block and makes the spill files durable first, so the state never
+        points past what is on disk."""
+        out: dict[str, Any] = {"tokens": self.tokens, "nll": self.nll.cpu()}
+        if self.detailed:
+            self.flush()
+            self.spill.sync()
+            out.update(bucket_nll=self.bucket_nll.cpu(), bucket_tokens=self.bucket_tokens.cpu(),
+                       window_base=self.w_base, doc_base=-1 if self.d_base is None else self.d_base,
+                       doc_carry_nll=self.doc_nll[:1].cpu(), doc_carry_tokens=self.doc_tokens[:1].cpu())
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the same values, so later additions give bit-identical sums."""
-        for k in self._STATE:
-            if hasattr(self, k):
-                mine = getattr(self, k)
-                if k not in state or tuple(state[k].shape) != tuple(mine.shape) or state[k].dtype != mine.dtype:
-                    raise ValueError(f"checkpoint sums {k!r} do not match this run's shape/dtype")
-                mine.copy_(state[k])
+        pairs = [("nll", self.nll)]
+        if self.detailed:
+            pairs += [("bucket_nll", self.bucket_nll), ("bucket_tokens", self.bucket_tokens),
+                      ("doc_carry_nll", self.doc_nll[:1]), ("doc_carry_tokens", self.doc_tokens[:1])]
+        for k, mine in pairs:
+            if k not in state or tuple(state[k].shape) != tuple(mine.shape) or state[k].dtype != mine.dtype:
+                raise ValueError(f"checkpoint sums {k!r} do not match this run's shape/dtype")
+        for k, mine in pairs:
+            mine.copy_(state[k])
         self.tokens = int(state["tokens"])
-
-    def host(self) -> dict[str, np.ndarray]:
-        """All detailed sums as numpy arrays (one sync per array, at the end only)."""
-        if not self.detailed:
-            return {}
-        return {k: getattr(self, k).cpu().numpy() for k in
-                ("window_nll", "window_tokens", "doc_nll", "doc_tokens", "bucket_nll", "bucket_tokens")}
+        if self.detailed:
+            self.w_base = self.w_end = int(state["window_base"])
+            d = int(state["doc_base"])
+            self.d_base = self.d_last = None if d < 0 else d
 
 
 class PerTokenWriter:
-    """Per-token NLL (float32, nats) in stream order, written to a raw memmap file of known length.
+    """Per-token NLL (float32, nats) in stream order, written to a raw file of known length.
 
     Element i is the i-th scored target in the order the semantics define (stream/document order,
-    position order within it); nothing per token is ever held in a Python list.
+    position order within it); nothing per token is ever held in a Python list. The values are
+    gathered on the device in a block of ``block`` floats and leave it when the block is full (one
+    sync per block, not per batch), written with ``pwrite`` (no writable mapping, so written pages
+    do not count in the process's RSS).
 
     A named file is written as ``PATH.partial`` and renamed to ``PATH`` only by :meth:`finish`, so
     a file at ``PATH`` is always complete; ``filled`` > 0 continues a checkpointed ``.partial``
@@ -194,9 +306,11 @@ class PerTokenWriter:
     so nothing is left on disk either way.
     """
 
-    def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0):
+    def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20):
         self.total = total
-        self.filled = filled
+        self.filled = filled  # values accepted (on disk or in the device block)
+        self._written = filled  # values on disk
+        self._block, self._buf, self._k = block, None, 0
         if path is None:
             fd, tmp = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
             os.close(fd)
@@ -204,29 +318,58 @@ class PerTokenWriter:
         else:
             self.path = str(path)
             self._file = self.path + ".partial"
-        shape = (max(1, total),)
+        size = max(1, total) * 4
         if filled == total and self.path is not None and not os.path.isfile(self._file) and os.path.isfile(self.path):
             self._file = self.path  # a finished run resumed from its final checkpoint: already published
         if filled:
-            if not os.path.isfile(self._file) or os.path.getsize(self._file) != shape[0] * 4:
-                raise ValueError(f"per-token file {self._file!r} is missing or not {shape[0]} float32 values")
-            self._mm = np.memmap(self._file, dtype=np.float32, mode="r+", shape=shape)
+            if not os.path.isfile(self._file) or os.path.getsize(self._file) != size:
+                raise ValueError(f"per-token file {self._file!r} is missing or not {size // 4} float32 values")
+            self._fd = os.open(self._file, os.O_RDWR)
         else:
-            self._mm = np.memmap(self._file, dtype=np.float32, mode="w+", shape=shape)
+            self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, size)  # sparse: disk is used as values arrive
 
     def write(self, nll: torch.Tensor) -> None:
         n = nll.numel()
-        self._mm[self.filled : self.filled + n] = nll.detach().cpu().numpy()  # syncs the device: opt-in cost
+        if self._k + n > self._block:
+            self._drain()
+        if n > self._block:  # larger than the block: straight to the file (a sync)
+            self._pwrite(nll.detach().cpu().numpy())
+        else:
+            if self._buf is None or self._buf.device != nll.device:
+                self._drain()
+                self._buf = torch.empty(self._block, dtype=torch.float32, device=nll.device)
+            self._buf[self._k : self._k + n].copy_(nll.detach())
+            self._k += n
         self.filled += n
+
+    def _pwrite(self, values: np.ndarray) -> None:
+        view, pos = memoryview(np.ascontiguousarray(values, dtype="<f4").tobytes()), self._written * 4
+        self._written += len(values)
+        while view:
+            k = os.pwrite(self._fd, view, pos)
+            view, pos = view[k:], pos + k
+
+    def _drain(self) -> None:
+        if self._k:
+            self._pwrite(self._buf[: self._k].cpu().numpy())  # the one sync per block
+            self._k = 0
 
     def flush(self) -> None:
         """Make the values written so far durable (before a checkpoint records ``filled``)."""
-        self._mm.flush()
+        self._drain()
+        os.fsync(self._fd)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._buf = None
 
     def finish(self) -> np.memmap:
         """Flush, publish the file under its final name, and return a read-only memmap of it."""
-        self._mm.flush()
-        del self._mm
+        self.flush()
+        self._close()
         if self.path is None:
             out = np.memmap(self._file, dtype=np.float32, mode="r", shape=(self.total,))
             os.unlink(self._file)
@@ -237,21 +380,28 @@ class PerTokenWriter:
     def discard(self) -> None:
         """After an error: close; an anonymous temporary file is removed, a ``.partial`` one kept
         (a checkpointed run resumes into it; it never looks complete)."""
-        mm = getattr(self, "_mm", None)
-        if mm is not None:
-            del self._mm
+        self._close()
         if self.path is None and os.path.exists(self._file):
             os.unlink(self._file)
 
 
-def summarize_chunks(window_nll: np.ndarray, window_tokens: np.ndarray) -> dict[str, Any]:
-    """Per-chunk loss and perplexity lists, and their mean and (population) standard deviation."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        loss = window_nll / window_tokens
-    losses = [float(x) for x in loss]
+def summarize_chunks(window_nll: Any, window_tokens: Any) -> dict[str, Any]:
+    """Per-chunk loss and perplexity (read-only arrays computed block by block from the spilled
+    sums, see :class:`evaluator.spill.BlockView`), and their mean and (population) standard
+    deviation, computed in bounded memory."""
+    losses = BlockView(np.divide, window_nll, window_tokens)
+    n = len(losses)
+    if n == 0:
+        mean = std = math.nan
+    elif n <= BLOCK:  # one block: numpy's own mean and std of the whole array, as always
+        loss = losses[:]
+        mean, std = float(np.mean(loss)), float(np.std(loss))
+    else:  # two passes over the file: the mean, then the squared deviations (no cancellation)
+        mean = math.fsum(float(b.sum()) for b in losses.blocks()) / n
+        std = math.sqrt(math.fsum(float(np.square(b - mean).sum()) for b in losses.blocks()) / n)
     return {
         "chunk_losses": losses,
-        "chunk_perplexities": [_exp(x) for x in losses],
-        "avg_chunk_loss": float(np.mean(loss)) if len(loss) else math.nan,
-        "std_chunk_loss": float(np.std(loss)) if len(loss) else math.nan,
+        "chunk_perplexities": BlockView(lambda a, b: np.exp(a / b), window_nll, window_tokens),
+        "avg_chunk_loss": mean,
+        "std_chunk_loss": std,
     }

@@ -8,9 +8,13 @@ Files written to ``out``:
     documents.csv      one row per document: tokens scored, nll, loss, perplexity, bytes, words, complete
     positions.csv      loss by position in the document, log-spaced buckets [lo, hi)
     perplexity_per_chunk.png, loss_by_position.png   (matplotlib, Agg backend; skipped with a note
-                       when matplotlib is missing)
+                       when matplotlib is missing; over 20,000 chunks, each point is the mean
+                       loss of an equal group of consecutive chunks)
 
-Arrays stay out of results.json so it stays small for 1B-token runs; the CSVs hold them.
+Arrays stay out of results.json so it stays small for 1B-token runs; the CSVs hold them. The CSVs
+are written block by block from the spilled arrays (:mod:`evaluator.spill`: window_*.npy and
+document_*.npy, which the engine leaves in the same folder), never built as whole tables, so
+writing a report of 10^8 chunks takes memory of one block.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from .spill import BLOCK
+from .spill import FILE_NAMES as SPILL_FILES
+
 __all__ = ["REPORT_FILES", "format_table", "write_report", "versions"]
 
 #: Every file name the report stage writes (``--overwrite`` removes these and no others).
 REPORT_FILES = ("results.json", "chunks.csv", "documents.csv", "positions.csv", "perplexity_per_chunk.png",
-                "loss_by_position.png")
+                "loss_by_position.png", *SPILL_FILES, *(f"{f}.partial" for f in SPILL_FILES))
 
 _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
@@ -105,13 +112,32 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def _write_csv(path: Path, header: list[str], columns: list[Any]) -> None:
+def _blocks(col: Any, n: int, size: int) -> Any:
+    """Consecutive blocks of ``col[:n]`` as Python lists (None: a column of None)."""
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        if col is None:
+            yield [None] * (hi - lo)
+        elif isinstance(col, range):
+            yield list(col[lo:hi])
+        else:
+            yield np.asarray(col[lo:hi]).tolist()
+
+
+#: Rows per block when a CSV is written (64Ki rows: a few MB of Python objects at a time).
+CSV_BLOCK = BLOCK // 16
+
+
+def _write_csv(path: Path, header: list[str], columns: list[Any], n: int) -> None:
+    """Rows ``0..n-1`` of ``columns`` (arrays, memmaps, BlockViews, ranges or None), written block
+    by block: memory is one block whatever ``n``."""
+    block = CSV_BLOCK
     tmp = _tmp(path)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        for row in zip(*columns):
-            w.writerow([_json_safe(x.item() if hasattr(x, "item") else x) for x in row])
+        for rows in zip(*(_blocks(c, n, block) for c in columns)):
+            w.writerows([_json_safe(x) for x in row] for row in zip(*rows))
     os.replace(tmp, path)  # a report file is either absent or whole
 
 
@@ -135,24 +161,21 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
 
     if res.get("chunk_losses") is not None:
         n = len(res["chunk_losses"])
-        times = res.get("chunk_times") or [None] * n
         files["chunks"] = out / "chunks.csv"
         _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds"],
-                   [range(n), res["chunk_losses"], res["chunk_perplexities"], times])
+                   [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times")], n)
     docs = res.get("per_document")
     if docs is not None:
         nd = len(docs["tokens"])
-        none = [None] * nd
         files["documents"] = out / "documents.csv"
         _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words", "complete"],
-                   [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"],
-                    docs["bytes"] if docs.get("bytes") is not None else none,
-                    docs["words"] if docs.get("words") is not None else none, docs["complete"]])
+                   [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"], docs.get("bytes"),
+                    docs.get("words"), docs["complete"]], nd)
     pos = res.get("position_buckets")
     if pos is not None:
         files["positions"] = out / "positions.csv"
         _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity"],
-                   [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"]])
+                   [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"]], len(pos["hi"]))
     if plots:
         files.update(_plots(res, out))
     # results.json last: its presence means the report is complete
@@ -173,13 +196,14 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         print("[streameval] matplotlib is not installed: no PNG plots (pip install 'streamdata[plots]')", file=sys.stderr)
         return {}
     files: dict[str, Path] = {}
-    ppl = res.get("chunk_perplexities")
-    if ppl:
+    losses = res.get("chunk_losses")
+    if losses is not None and len(losses):
+        x, ppl, group = _chunk_curve(losses)
         fig, ax = plt.subplots(figsize=(8, 4))
         # markers while the points are few: a line through one chunk draws nothing
-        ax.plot(np.arange(len(ppl)), ppl, lw=0.8, marker="o" if len(ppl) <= 200 else None, ms=3)
+        ax.plot(x, ppl, lw=0.8, marker="o" if len(ppl) <= 200 else None, ms=3)
         ax.axhline(res["perplexity"], color="k", ls="--", lw=0.8, label=f"overall {res['perplexity']:.3g}")
-        ax.set_xlabel("chunk (window) index")
+        ax.set_xlabel("chunk (window) index" + (f" (each point: exp of the mean loss of {group:,} chunks)" if group > 1 else ""))
         ax.set_ylabel("perplexity of the chunk's scored tokens")
         ax.set_yscale("log")
         ax.set_title(f"Perplexity per chunk: {res.get('model')} on {res.get('data')}", fontsize=9)
@@ -205,3 +229,29 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         os.replace(_tmp(files["plot_positions"]), files["plot_positions"])
         plt.close(fig)
     return files
+
+
+#: Most points the per-chunk plot draws (a plot of 10^8 chunks would need the whole column in memory).
+PLOT_POINTS = 20_000
+
+
+def _chunk_curve(losses: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, perplexity, chunks per point) for the per-chunk plot: every chunk while there are at
+    most :data:`PLOT_POINTS`, else exp of the mean chunk loss of equal groups of consecutive
+    chunks (x: the group's middle chunk), read block by block."""
+    n = len(losses)
+    if n <= PLOT_POINTS:
+        with np.errstate(over="ignore"):
+            return np.arange(n), np.exp(np.asarray(losses[:n], np.float64)), 1
+    group = -(-n // PLOT_POINTS)
+    size = group * max(1, BLOCK // group)  # blocks hold whole groups
+    means = []
+    for lo in range(0, n, size):
+        b = np.asarray(losses[lo : min(n, lo + size)], np.float64)
+        k = -(-len(b) // group)
+        pad = np.full(k * group - len(b), np.nan)
+        means.append(np.nanmean(np.concatenate([b, pad]).reshape(k, group), axis=1))
+    m = np.concatenate(means)
+    x = np.minimum(np.arange(len(m)) * group + group // 2, n - 1)
+    with np.errstate(over="ignore"):
+        return x, np.exp(m), group

@@ -2,7 +2,8 @@
 
 Keys: those of the quick reference (loss, perplexity, total_tokens, num_chunks, total_time,
 tokens_per_second, avg_chunk_time) plus the resolved settings; with detail, per-chunk,
-per-document and per-position figures and the tokenizer-independent metrics (see metrics.py).
+per-document and per-position figures and the tokenizer-independent metrics (see metrics.py),
+read from the spilled per-window and per-document files (see spill.py) in bounded memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .metrics import (
     word_perplexity,
 )
 from .resolve import ResolvedRun
+from .spill import BlockView, block_sum
 
 __all__ = ["summary", "detail"]
 
@@ -57,46 +59,49 @@ def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tok
     }
 
 
-def detail(run: ResolvedRun, ed: EvalData, sums: MetricSums, chunk_times: list[float]) -> dict[str, Any]:
-    """Per-chunk, per-document and per-position figures, and bits per byte / byte and word perplexity."""
-    h = sums.host()
-    out: dict[str, Any] = summarize_chunks(h["window_nll"], h["window_tokens"])
-    out["chunk_times"] = chunk_times
+def detail(run: ResolvedRun, ed: EvalData, sums: MetricSums, files: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-chunk, per-document and per-position figures, and bits per byte / byte and word perplexity.
+
+    ``files``: the spilled per-window and per-document columns (read-only memmaps, see
+    :mod:`evaluator.spill`). Nothing here holds a whole column in memory: chunk and document
+    losses are :class:`~evaluator.spill.BlockView` s over them, sums are taken block by block.
+    """
+    out: dict[str, Any] = summarize_chunks(files["window_nll"], files["window_tokens"])
+    out["chunk_times"] = files["window_seconds"]
     # Byte/word metrics count only documents scored to their end, so a max_tokens cut never
-    # pairs a partial NLL with a whole document's bytes (nothing is estimated).
+    # pairs a partial NLL with a whole document's bytes (nothing is estimated). Documents end in
+    # order, so the complete ones are a prefix [0, c): found by bisection, summed in blocks.
     nd = ed.num_documents
     limit = ed.limit(run.spec.max_tokens)
-    complete = ed.doc_offsets[1:] <= limit
-    doc_nll, doc_tok = h["doc_nll"][:nd], h["doc_tokens"][:nd]
-    nll_c = float(doc_nll[complete].sum())
+    ends = ed.doc_offsets[1:]
+    c = int(np.searchsorted(ends, limit, side="right"))
+    doc_nll, doc_tok = files["document_nll"][:nd], files["document_tokens"][:nd]
+    nll_c = float(block_sum(doc_nll, c))
     doc_bytes, doc_words = ed.doc_bytes, ed.doc_words
-    nbytes = int(doc_bytes[complete].sum()) if doc_bytes is not None else None
-    nwords = int(doc_words[complete].sum()) if doc_words is not None else None
+    nbytes = int(block_sum(doc_bytes, c)) if doc_bytes is not None else None
+    nwords = int(block_sum(doc_words, c)) if doc_words is not None else None
     out.update(
         bits_per_byte=bits_per_byte(nll_c, nbytes),
         byte_perplexity=byte_perplexity(nll_c, nbytes),
         word_perplexity=word_perplexity(nll_c, nwords),
         total_bytes=nbytes,
         total_words=nwords,
-        byte_metric_documents=int(complete.sum()) if nbytes is not None or nwords is not None else 0,
+        byte_metric_documents=c if nbytes is not None or nwords is not None else 0,
         num_documents=nd,
         # how doc_words were counted (streamdata.format.WORD_RULES): word perplexities of two rules
         # differ by far more than noise, so the figure always travels with its rule
         word_rule=word_rule_of(ed.store.manifest) if nwords is not None else None,
     )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        doc_loss = doc_nll / doc_tok
     out["per_document"] = {
         "tokens": doc_tok,
         "nll": doc_nll,
-        "loss": doc_loss,
-        "perplexity": np.exp(doc_loss),
+        "loss": BlockView(np.divide, doc_nll, doc_tok),
+        "perplexity": BlockView(lambda a, b: np.exp(a / b), doc_nll, doc_tok),
         "bytes": doc_bytes,
         "words": doc_words,
-        "complete": complete,
+        "complete": BlockView(lambda e: e <= limit, ends, dtype=bool),
     }
-    edges = sums.edges_np
-    bt, bn = h["bucket_tokens"], h["bucket_nll"]
+    edges, bn, bt = sums.buckets()
     last = int(np.flatnonzero(bt)[-1]) + 1 if bt.any() else 0
     with np.errstate(divide="ignore", invalid="ignore"):
         bl = bn[:last] / bt[:last]
