@@ -80,14 +80,21 @@ def _store_digest(ed: EvalData) -> str:
 
 
 def _model_fingerprint(adapter: ModelAdapter) -> str:
-    """Name, kind, every parameter's name/shape/dtype and its float64 sum (one device sync)."""
+    """Name, kind, every parameter's name/shape/dtype and its float64 sum (one device sync per
+    device: a model under a device map has its parameters on several, some offloaded)."""
     h = hashlib.sha256(f"{adapter.name}|{adapter.kind}|{type(adapter.module).__qualname__}".encode())
     sums = []
-    for name, p in adapter.module.named_parameters():
+    for name, p in adapter.parameter_values():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         sums.append(p.detach().double().sum())
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(i)
+    values = np.zeros(len(sums), np.float64)
+    for dev, idx in by_device.items():
+        values[idx] = torch.stack([sums[i] for i in idx]).cpu().numpy()
     if sums:
-        h.update(torch.stack(sums).cpu().numpy().tobytes())
+        h.update(values.tobytes())
     return h.hexdigest()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -49,6 +50,21 @@ def _batch(text: str) -> int | str:
     return "auto" if text == "auto" else _int(text)
 
 
+def _device_map(text: str) -> str | dict:
+    from .config import DEVICE_MAPS
+
+    if text in DEVICE_MAPS:
+        return text
+    try:
+        m = json.loads(text)
+    except ValueError:
+        m = None
+    if not isinstance(m, dict) or not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {', '.join(DEVICE_MAPS)} or a JSON object "
+                                         "such as '{\"model.embed_tokens\": 0, \"model.layers.0\": 1}'")
+    return m
+
+
 def _bos(text: str) -> int | str:
     return text if text in ("none", "model", "eos") else _int(text)
 
@@ -67,6 +83,9 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="stream: one concatenated stream; document: each document on its own (default: stream)")
     p.add_argument("--batch-size", type=_batch, default="auto", help="windows per forward in sliding mode, or auto (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--device-map", type=_device_map, metavar="MAP",
+                   help="spread a model loaded by name over devices (needs accelerate): auto, balanced, "
+                        "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
@@ -113,7 +132,7 @@ def _config(a: argparse.Namespace):
 
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
-        verbose=not a.quiet,
+        device_map=a.device_map, verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval,

@@ -17,6 +17,7 @@ TAILS = ("full", "short")
 DOC_MODES = ("stream", "document")
 DTYPES = ("float32", "bfloat16", "float16")
 _BOS_WORDS = ("none", "model", "eos")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named strategies
 
 
 @dataclass
@@ -42,6 +43,10 @@ class StreamingEvalConfig:
     tail: str = "full"
     max_tokens: int | None = None  # evaluate only the stream's first max_tokens tokens
     device: str | None = None  # None: "cuda" when available, else "cpu"
+    # A model loaded by name, spread over devices by transformers' device_map (needs accelerate):
+    # "auto", "balanced", "balanced_low_0", "sequential", or {module name: device} ("disk": offloaded).
+    # The model stays where the map puts it; windows go to its first device (leave device unset).
+    device_map: Union[str, dict, None] = None
     verbose: bool = True  # progress lines on stderr every log_interval chunks
     log_interval: int = 10  # chunks (windows) between progress lines; each line syncs the device once
     # auto: stateful protocol or recurrent model (RWKV) -> stateful; transformers attention model
@@ -115,6 +120,10 @@ class StreamingEvalConfig:
             self.bos = "none"
         elif isinstance(b, bool) or not (isinstance(b, int) and b >= 0 or b in _BOS_WORDS):
             raise ConfigError(f"bos={b!r} must be None/'none', 'model', 'eos' or a token id >= 0")
+        dm = self.device_map
+        if dm is not None and not (isinstance(dm, dict) and dm or dm in DEVICE_MAPS):
+            raise ConfigError(f"device_map={dm!r} is not a device map: pass one of {', '.join(DEVICE_MAPS)}, or a "
+                              "dict {module name: device}, e.g. {'model.layers.0': 0, ...}")
         if self.device is not None and not isinstance(self.device, str):
             self.device = str(self.device)  # accept torch.device
         ci = self.checkpoint_interval

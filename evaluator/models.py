@@ -25,10 +25,14 @@ log-softmax are sliced.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import shutil
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -160,8 +164,46 @@ class ModelAdapter:
         return max(rows) if rows else None
 
     # ---- lifecycle ----------------------------------------------------------------------
+    @property
+    def dispatched(self) -> bool:
+        """True for a model spread over devices by a device map (transformers + accelerate): its
+        layers stay where the map put them, and inputs go to :meth:`input_device`."""
+        return bool(getattr(self.module, "hf_device_map", None))
+
+    def input_device(self) -> torch.device | None:
+        """Where a dispatched model takes its inputs (accelerate's execution device of the whole
+        model: the device of its first layers); None for a model that is moved as a whole."""
+        if not self.dispatched:
+            return None
+        hook = getattr(self.module, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is None:  # no top-level hook (every layer on one device): where the weights are
+            dev = next((q.device for q in self.module.parameters() if q.device.type != "meta"), "cpu")
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+
+    def parameter_values(self):
+        """(name, tensor) of every parameter with its values: a layer a device map offloaded to disk
+        has meta parameters, whose values accelerate keeps in its hook's ``weights_map``."""
+        hooked = {n: m._hf_hook for n, m in self.module.named_modules()
+                  if getattr(getattr(m, "_hf_hook", None), "weights_map", None) is not None} if self.dispatched else {}
+        for name, q in self.module.named_parameters():
+            if q.device.type == "meta":
+                owners = [h for h in hooked if h == "" or name.startswith(h + ".")]
+                if owners:
+                    h = max(owners, key=len)
+                    q = hooked[h].weights_map[name[len(h) + 1:] if h else name]
+            yield name, q
+
     def to(self, device: torch.device) -> "ModelAdapter":
-        self.module.to(device)
+        if self.dispatched:
+            # Moving a dispatched model would undo its map (and accelerate refuses to move offloaded
+            # weights): it stays put, and ``device`` must be where it takes its inputs.
+            if device != self.input_device():
+                raise ModelError(f"model {self.name} is spread over devices by a device map and takes its inputs on "
+                                 f"{self.input_device()}, not {device}: leave --device unset (or pass "
+                                 f"--device {self.input_device()})")
+        else:
+            self.module.to(device)
         self.module.eval()  # dropout off: chunked and full evaluation must agree
         self.device = device
         return self
@@ -280,7 +322,9 @@ class HFAdapter(ModelAdapter):
     def _check_split(self) -> None:
         """Use body + head only where it reproduces the model's logits (no softcap/scale after the head)."""
         self.split = False
-        if self.body is None or self.head is None:
+        if self.body is None or self.head is None or self.dispatched:
+            # Dispatched: only the whole model's forward returns its output on the input device
+            # (accelerate's io_same_device); a head called alone answers on its own device.
             return
         n = max(2, min(8, self.vocab_size or 8))
         x = torch.arange(n, device=self.device).remainder(self.vocab_size or n)[None]
@@ -376,9 +420,35 @@ class HFAttentionAdapter(HFAdapter):
 
     def load_state(self, state: Any) -> None:
         self.begin_stream()
+        devices = self._layer_devices()
         for i, kv in enumerate(state or []):
             if kv is not None:
-                self.cache.update(kv[0].to(self.device), kv[1].to(self.device), i)
+                dev = devices.get(i, self.device)
+                self.cache.update(kv[0].to(dev), kv[1].to(dev), i)
+
+    def _layer_devices(self) -> dict[int, torch.device]:
+        """Cache layer index -> the device its attention runs on. A dispatched model's layer i
+        concatenates new keys to its cached ones on its own device, so a restored cache must be put
+        there; attention modules of transformers carry their cache index as ``layer_idx``."""
+        if not self.dispatched:
+            return {}
+        # accelerate hooks the blocks of the map (and the whole model): a module runs on the
+        # execution device of its nearest hooked ancestor.
+        hooked: dict[str, Any] = {}
+        for name, m in self.module.named_modules():
+            dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                hooked[name] = dev
+        out: dict[int, torch.device] = {}
+        for name, m in self.module.named_modules():
+            idx = getattr(m, "layer_idx", None)
+            if not isinstance(idx, int) or idx in out:
+                continue
+            owners = [h for h in hooked if h == "" or name == h or name.startswith(h + ".")]
+            if owners:
+                dev = hooked[max(owners, key=len)]
+                out[idx] = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        return out
 
     def kv_cache_check(self) -> tuple[bool, str]:
         """Feeding 8 tokens as 4 + 4 with a carried cache must reproduce one forward of 8 (checked
@@ -515,14 +585,21 @@ def _set_tokenizer_identity(adapter: ModelAdapter, identity: dict[str, Any] | No
     return adapter
 
 
-def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> ModelAdapter:
+def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               device_map: str | dict[str, Any] | None = None) -> ModelAdapter:
     """Resolve ``spec`` into an adapter.
 
     ``spec``: an nn.Module/transformers model/adapter; ``"default"`` (the embedded model); a local
     folder or hub id of a transformers causal LM (loaded with ``from_pretrained`` in ``dtype``);
     or ``"package.module:factory"`` (called without arguments; may return any of these).
+    ``device_map``: for a model loaded by name, transformers' ``device_map`` ("auto", "balanced",
+    "sequential", or {module name: device}; needs accelerate): the model is spread over the GPUs
+    (and CPU/disk offload) and stays there; the evaluator feeds its first device.
     """
     if not isinstance(spec, (str, os.PathLike)):
+        if device_map is not None:
+            raise ModelError(f"device_map={device_map!r} applies to models loaded by name (a folder or hub id), not to a "
+                             f"{type(spec).__name__} object: load it with from_pretrained(..., device_map=...) and pass it")
         return wrap_model(spec)
     s = os.fspath(spec)
     if s == "default":
@@ -531,7 +608,7 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
                              "run 'python -m evaluator.assets.default.train'")
         from streamdata.tokenize import DEFAULT_TOKENIZER
 
-        adapter = load_model(str(DEFAULT_MODEL_DIR), dtype=dtype)
+        adapter = load_model(str(DEFAULT_MODEL_DIR), dtype=dtype, device_map=device_map)
         adapter.name = "default"
         return _set_tokenizer_identity(adapter, _tokenizer_identity_of_folder(DEFAULT_TOKENIZER))
     if _FACTORY_RE.match(s) and not os.path.exists(s):
@@ -545,7 +622,10 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
             raise ModelError(f"{mod_name!r} has no callable {fn_name!r}: pass package.module:factory naming a function")
         made = fn()
         if isinstance(made, (str, os.PathLike)):
-            return load_model(made, dtype=dtype, trust_remote_code=trust_remote_code)
+            return load_model(made, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+        if device_map is not None:
+            raise ModelError(f"device_map={device_map!r} applies to models loaded by name, but factory {s!r} returned a "
+                             f"{type(made).__name__}: return a folder or hub id from it, or dispatch the model yourself")
         return wrap_model(made, name=s)
     try:
         import transformers
@@ -559,11 +639,22 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
         what = "is a file, not a model folder" if local.exists() else "folder not found"
         raise ModelError(f"model {s!r}: {what}: pass a folder holding a transformers causal LM (config.json and weights), "
                          "a hub id, 'default' or package.module:factory")
+    extra: dict[str, Any] = {}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelError(f"device_map={device_map!r} needs accelerate, which is not installed: pip install 'streamdata[hf]'")
+        # Layers the map offloads to disk ("disk", or "auto" when GPUs and RAM are full) are
+        # written by accelerate into a folder of ours, removed with the model (or at once on failure).
+        extra = {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="streameval-offload-")}
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else s, dtype=torch_dtype,
-                                                                  trust_remote_code=trust_remote_code)
+                                                                  trust_remote_code=trust_remote_code, **extra)
     except Exception as e:  # noqa: BLE001 - unknown id, offline, not a causal LM: all one user error
+        if extra:
+            shutil.rmtree(extra["offload_folder"], ignore_errors=True)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {s!r} ({first}): pass a transformers causal LM folder or hub id, or package.module:factory") from None
+    if extra:
+        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
     identity = _tokenizer_identity_of_folder(local) if local.is_dir() else _tokenizer_identity_of_hub(s)
     return _set_tokenizer_identity(_hf_adapter(model, s, None), identity)
