@@ -163,6 +163,9 @@ class MetricSums:
             self.d_last: int | None = None
 
     # ---- blocks ----------------------------------------------------------------------------
+    # Blocks made inside the engine's inference mode are inference tensors, which may be updated
+    # in place only inside inference mode: the methods that touch them always run in it.
+    @torch.inference_mode()
     def begin_batch(self, first_window: int, num_windows: int, doc_first: int, doc_last: int) -> None:
         """Make room for a batch of windows ``[first_window, +num_windows)`` whose span lies in
         documents ``doc_first..doc_last`` (host ints from the plan: no device sync)."""
@@ -198,6 +201,7 @@ class MetricSums:
             self.doc_nll, self.doc_tokens = nll, tok
         self.d_last = max(self.d_last, doc_last)
 
+    @torch.inference_mode()
     def flush(self) -> None:
         """Copy the block to the spill files (one device sync) and empty it, carrying the last
         document's running sums (it may continue in the next batch)."""
@@ -272,6 +276,7 @@ class MetricSums:
                        doc_carry_nll=self.doc_nll[:1].cpu(), doc_carry_tokens=self.doc_tokens[:1].cpu())
         return out
 
+    @torch.inference_mode()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the same values, so later additions give bit-identical sums."""
         pairs = [("nll", self.nll)]

@@ -208,7 +208,8 @@ class BlockView:
             return self._compute(*(c[key] for c in self.columns))
         return np.asarray(self)[key]
 
-    def blocks(self, size: int = BLOCK) -> Iterator[np.ndarray]:
+    def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        size = size or BLOCK
         for lo in range(0, self._len, size):
             yield self._compute(*(c[lo : lo + size] for c in self.columns))
 
