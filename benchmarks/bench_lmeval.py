@@ -85,6 +85,16 @@ def _quiet() -> None:
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    # loglikelihood_rolling asks for a progress bar per batch (disable_tqdm=False, not ours to pass)
+    import lm_eval.models.huggingface as hflm
+
+    bar = hflm.tqdm
+
+    def no_bar(*args, **kw):
+        kw["disable"] = True
+        return bar(*args, **kw)
+
+    hflm.tqdm = no_bar
     try:
         from transformers.utils import logging as hf_logging
 
