@@ -202,7 +202,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     _prepare_out(a.out, a.overwrite)  # --out is checked before the corpus is tokenized into it
     store = Path(a.out) / "store"
     t0 = time.perf_counter()
-    m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)
+    if (store / "manifest.json").is_file():
+        # a finished store of an earlier demo is reused as it is, also one an older version built
+        # (tokenize would refuse it: its build settings lack what this version records, e.g. the
+        # word rule; the results then label its word perplexity with the rule it used)
+        from streamdata.format import read_manifest
+
+        m = read_manifest(store)
+    else:
+        m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)
     print(f"[demo] store {store}: {m.num_tokens:,} tokens, {m.num_documents:,} documents of the Python standard library "
           f"({time.perf_counter() - t0:.1f} s; reused when already built)")
     return _evaluate(str(store), "default", a)

@@ -57,3 +57,20 @@ def test_in_memory_counts_and_no_counts():
     none = _run(ids)
     assert none["word_rule"] is None and none["word_perplexity"] is None
     assert "word perplexity " in format_table(none) and "words)" not in format_table(none)
+
+
+def test_demo_reuses_a_store_an_older_version_built(tmp_path, capsys):
+    """An earlier demo's store (no word_rule, no ids digest) is reused, not refused; the tokenizer is
+    matched by its whole-file digest and word perplexity says which rule counted its words."""
+    out = tmp_path / "demo"
+    tokenize_dataset(source=str(write_jsonl(tmp_path / "c.jsonl", CORPUS * 4)), tokenizer="default", out=str(out / "store"))
+    p = out / "store" / "manifest.json"
+    d = json.loads(p.read_text())
+    del d["word_rule"]
+    d["tokenizer"].pop("ids_sha256")
+    d["tokenizer"].pop("ids_parts")
+    p.write_text(json.dumps(d))
+    assert main(["demo", "--out", str(out), "--max-tokens", "600", "--chunk-size", "64", "--overlap", "16",
+                 "--device", "cpu", "--no-plots", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "reused when already built" in printed and "word perplexity (str-split words)" in printed
