@@ -98,14 +98,17 @@ def tokenizer_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
     Like is compared with like: ``ids_sha256`` when both sides have it (the differing
     :data:`TOKENIZER_ID_PARTS` are named); otherwise the whole-JSON ``sha256``, where a difference
-    may lie only in parts that never change an id, so the text says which side has only that kind."""
+    may lie only in parts that never change an id, so a caller should say which side has only that
+    kind (evaluator/resolve.py does)."""
     ai, bi = a.get("ids_sha256"), b.get("ids_sha256")
     if ai and bi:
         if ai == bi:
             return None
         pa, pb = a.get("ids_parts") or {}, b.get("ids_parts") or {}
         parts = [k for k in TOKENIZER_ID_PARTS if pa.get(k) != pb.get(k)]
-        return f"their {', '.join(parts) if parts else 'ids digests'} differ"
+        if not parts:  # equal parts, other ids digest: only a damaged manifest can do this
+            return "their ids digests differ"
+        return f"their {', '.join(parts)} {'differs' if len(parts) == 1 else 'differ'}"
     af, bf = a.get("sha256"), b.get("sha256")
     if af and bf and af != bf:
         return f"whole-file sha256 {af[:12]}... vs {bf[:12]}..."

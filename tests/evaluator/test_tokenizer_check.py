@@ -81,14 +81,14 @@ def test_another_normalizer_is_refused_by_name(trained, tmp_path, capsys):
     tok.save(str(other_json))
     model = _saved_model(tmp_path / "model", other_json, vocab)
     ev = StreamingEvaluator(str(model), chunk_size=32, device="cpu", verbose=False)
-    with pytest.raises(DataError, match=r"another tokenizer than model .*'s \(their normalizer differ\)") as e:
+    with pytest.raises(DataError, match=r"another tokenizer than model .*'s \(their normalizer differs\)") as e:
         ev.evaluate_streaming(str(store))
     assert "\n" not in str(e.value) and "check_tokenizer=False" in str(e.value)
     # the CLI says it in its own terms, and its switch turns the check off
     args = ["run", str(store), "--model", str(model), "--chunk-size", "32", "--device", "cpu", "--quiet"]
     assert eval_main(args) == 2
     err = capsys.readouterr().err
-    assert "their normalizer differ" in err and "pass --no-check-tokenizer" in err and "check_tokenizer" not in err
+    assert "their normalizer differs" in err and "pass --no-check-tokenizer" in err and "check_tokenizer" not in err
     assert eval_main(args + ["--no-check-tokenizer"]) == 0
     off = StreamingEvaluator(str(model), chunk_size=32, device="cpu", verbose=False, check_tokenizer=False)
     assert off.evaluate_streaming(str(store))["total_tokens"] > 0
@@ -98,11 +98,13 @@ def test_each_part_is_named():
     base = {"ids_sha256": "x", "ids_parts": {k: k for k in TOKENIZER_ID_PARTS}, "sha256": "s"}
     for k in TOKENIZER_ID_PARTS:
         other = {"ids_sha256": "y", "ids_parts": {**base["ids_parts"], k: "changed"}, "sha256": "t"}
-        assert tokenizer_mismatch(base, other) == f"their {k} differ"
+        assert tokenizer_mismatch(base, other) == f"their {k} differs"
     two = {"ids_sha256": "y", "ids_parts": {**base["ids_parts"], "model": 1, "added_tokens": 2}, "sha256": "t"}
     assert tokenizer_mismatch(base, two) == "their model, added_tokens differ"
     assert tokenizer_mismatch(base, {**base, "sha256": "other file"}) is None  # same ids, other post-processor
     assert tokenizer_mismatch(base, {}) is None and tokenizer_mismatch({}, base) is None  # unknown: not compared
+    damaged = {"ids_sha256": "z", "ids_parts": dict(base["ids_parts"])}  # parts equal, digest not: edited
+    assert tokenizer_mismatch(base, damaged) == "their ids digests differ"
 
 
 def test_store_with_only_the_whole_file_digest(trained, tmp_path, capsys):
