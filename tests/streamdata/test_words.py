@@ -113,7 +113,7 @@ def test_store_without_a_rule_reads_as_str_split_and_says_so(tmp_path, capsys):
     assert "str-split rule" in capsys.readouterr().out
 
 
-def test_convert_keeps_the_rule_the_counts_were_made_by(tmp_path, bpe_tokenizer):
+def test_convert_keeps_the_rule_the_counts_were_made_by(tmp_path, bpe_tokenizer, capsys):
     old = _old_store(tmp_path / "old")
     m = convert_store(old, tmp_path / "old.zarr", format="zarr")
     assert m.word_rule == "str-split"  # now recorded explicitly; the counts are the same
@@ -130,6 +130,8 @@ def test_convert_keeps_the_rule_the_counts_were_made_by(tmp_path, bpe_tokenizer)
     with open_raw_bin(raw, eos_id=0, vocab_size=10) as s:
         assert word_rule_of(s.manifest) is None
         assert convert_store(s, tmp_path / "raw.npy", format="npy").word_rule is None
+    assert main(["info", str(tmp_path / "raw.npy")]) == 0
+    assert "not counted (no word perplexity from this store)" in capsys.readouterr().out
 
 
 def test_unknown_rule_is_refused_with_its_name(tmp_path):
