@@ -247,13 +247,14 @@ def slot_fill_pass(store, L: int, O: int, B: int) -> tuple[float, int]:
         pipe = it._pipe
         it.close()  # keep the pipeline's methods, stop its reader thread: this thread drives it
         pipe.stop.clear()
-        bt = ld._batches
-        tok = np.empty(bt.max_span, dtype=store.dtype)
-        meta = np.empty(bt.max_meta, dtype=np.int64)
+        # slot sizes the loader allocates (stream mode: every batch fits them, nothing grows)
+        tok = np.empty(ld._span_cap, dtype=store.dtype)
+        meta = np.empty(ld._meta_cap, dtype=np.int64)
         tokens = [0]
 
         def emit(b: int, lo: int, hi: int) -> bool:
             pipe.fill_host(b, lo, hi, tok, meta)
+            bt = pipe.batches  # the reader's current batch table (b indexes it)
             tokens[0] += (bt.w1[b] - bt.w0[b]) * L
             return True
 

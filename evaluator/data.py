@@ -27,6 +27,8 @@ from .errors import ConfigError, DataError
 
 __all__ = ["EvalData", "WindowBatch", "WindowSpec", "open_data"]
 
+_INDEX_BLOCK = 1 << 20  # documents per step of a pass over the document index (8 MiB of offsets)
+
 @dataclass(frozen=True)
 class WindowSpec:
     """How to cut windows: the engine resolves these from its config and the model."""
@@ -123,9 +125,23 @@ class EvalData:
         return self.num_tokens if max_tokens is None else min(self.num_tokens, int(max_tokens))
 
     def document_lengths(self, max_tokens: int | None = None) -> np.ndarray:
+        """int64 [D]: tokens of each document before ``max_tokens`` (O(documents) memory: small data only)."""
         lim = self.limit(max_tokens)
         off = self.doc_offsets
         return np.clip(np.minimum(off[1:], lim) - off[:-1], 0, None)
+
+    def longest_document(self, max_tokens: int | None = None) -> int:
+        """Tokens of the longest document before ``max_tokens`` (0 without documents), read from the
+        (memory-mapped) index in blocks: memory does not grow with the number of documents."""
+        lim = self.limit(max_tokens)
+        off = self.store.doc_offsets
+        longest = 0
+        for d0 in range(0, len(off) - 1, _INDEX_BLOCK):
+            o = np.minimum(np.asarray(off[d0 : d0 + _INDEX_BLOCK + 1]), lim)
+            longest = max(longest, int(np.diff(o).max()))
+            if int(o[-1]) >= lim:  # documents from here on are cut away by max_tokens
+                break
+        return longest
 
     # ---- checks that run before any compute ----------------------------------------------
     def check_ids(self, vocab: int | None, max_tokens: int | None = None) -> None:

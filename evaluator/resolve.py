@@ -125,8 +125,7 @@ def _longest_stream(config: StreamingEvalConfig, ed: EvalData, bos: bool, max_to
     if config.doc_mode == "stream":
         n = ed.limit(max_tokens)
     else:
-        lens = ed.document_lengths(max_tokens)
-        n = int(lens.max()) if len(lens) else 0
+        n = ed.longest_document(max_tokens)
     return max(0, n - 1 + bos)
 
 

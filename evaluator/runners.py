@@ -22,7 +22,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamdata.loader import WindowBatch
@@ -39,7 +38,8 @@ _OOM = torch.OutOfMemoryError  # torch >= 2.5, every device type; a RuntimeError
 
 class Runner(ABC):
     """Feeds batches of a plan through a model into ``sums`` (and ``writer``). ``plan`` is the
-    loader's plan, whose window 0 is window ``plan.first`` of the full plan."""
+    loader's (lazy) plan, whose window 0 is window ``plan.first`` of the full plan; each batch
+    carries its own windows (``batch.windows``), so a runner never indexes whole-plan arrays."""
 
     def __init__(self, adapter: ModelAdapter, plan: WindowPlan, sums: MetricSums, writer: PerTokenWriter | None,
                  loss_slice: int, device: torch.device):
@@ -82,12 +82,13 @@ class SlidingRunner(Runner):
         self.micro = int(state["micro"])
 
     def step(self, batch: WindowBatch) -> None:
-        w0 = batch.first_window - self.plan.first  # index into this plan's arrays
         rows = batch.num_windows
-        lens = np.asarray(self.plan.length[w0 : w0 + rows], np.int64)
-        scored = lens - np.asarray(self.plan.score_from[w0 : w0 + rows], np.int64)
+        win = batch.windows  # this batch's windows of the plan (host numpy; no whole-plan array)
+        lens = win.length
+        scored = lens - win.score_from
         if int(scored.sum()) != batch.num_scored:  # never trust a plan that disagrees with its batch
-            raise RuntimeError(f"internal error: plan scores {int(scored.sum())} targets in windows {w0}.., batch says {batch.num_scored}")
+            raise RuntimeError(f"internal error: plan scores {int(scored.sum())} targets in windows "
+                               f"{batch.first_window}.., batch says {batch.num_scored}")
         i = 0
         while i < rows:
             m = min(self.micro, rows - i)
@@ -139,10 +140,10 @@ class CarriedRunner(Runner):
 
     def step(self, batch: WindowBatch) -> None:
         a = self.adapter
+        win = batch.windows  # this batch's windows of the plan (host numpy)
         for r in range(batch.num_windows):
-            w = batch.first_window - self.plan.first + r  # index into this plan's arrays
-            n = int(self.plan.length[w])
-            doc = int(self.plan.doc[w])
+            n = int(win.length[r])
+            doc = int(win.doc[r])
             if not self.started or (self.document_mode and doc != self.prev_doc):
                 a.begin_stream()
                 self.started = True

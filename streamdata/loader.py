@@ -27,7 +27,9 @@ store the span is read straight into the int64 array that inputs and targets vie
 Memory stays bounded for stores larger than RAM: the reader calls ``store.release`` behind its
 cursor (numpy backend: ``madvise(DONTNEED)`` + ``posix_fadvise(DONTNEED)``) and ``store.prefetch``
 ahead of it. Batch tensors are fresh allocations (never views of the ring), so a consumer may keep
-them as long as it likes.
+them as long as it likes. Nothing grows with the stream's length either: the plan is lazy
+(:mod:`streamdata.windows`), the reader tabulates ``_TABLE_WINDOWS`` windows at a time, and the
+document index is the store's own (memory-mapped for npy stores), read a batch's span at a time.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ import torch
 from .errors import ConfigError, StoreError
 from .backends import TokenStore, open_store
 from .backends.base import find_id_over
-from .windows import WindowPlan, plan_windows
+from .windows import WindowBlock, WindowPlan, plan_windows
 
 __all__ = ["WindowBatch", "WindowLoader"]
 
 _THREAD_NAME = "streamdata-loader"
+# Windows per host-side batch table (a whole number of batches): the reader plans and tabulates this
+# many windows at a time, so its memory does not grow with the stream (~100 bytes per window).
+_TABLE_WINDOWS = 1 << 15
 # Seconds close() waits for a reader thread to exit (a store read can block, e.g. on a network FS).
 _JOIN_TIMEOUT_S = 60.0
 _DEFAULT_BATCH_TOKENS = 1 << 16
@@ -82,6 +87,9 @@ class WindowBatch:
     - ``first_window``, ``num_windows``, ``num_scored``: host ints from the plan (no device sync).
       ``first_window`` is the index of window 0 of this batch in the full plan (before ``start_at``
       and rank blocks), so ``first_window + num_windows`` is a valid ``start_at`` to resume after it.
+    - ``windows``: the batch's windows of the plan as host numpy arrays (a
+      :class:`~streamdata.windows.WindowBlock`: ``start``, ``length``, ``score_from``, ``doc``,
+      ``bos``, ``first == first_window``), so consumers need no whole-plan array.
     """
 
     inputs: torch.Tensor
@@ -91,6 +99,7 @@ class WindowBatch:
     first_window: int
     num_windows: int
     num_scored: int
+    windows: WindowBlock
     # Lazy doc/position state (numpy on CPU, tensors on CUDA): each window's start relative to
     # ``_lo`` ([B] int64), the global start offsets of the documents d0..d1 that the batch's span
     # touches ([k] int64), and d0.
@@ -138,12 +147,14 @@ class WindowBatch:
 
 @dataclass(frozen=True)
 class _Batches:
-    """Host-side table of the loader's batches, vectorised once over the whole plan.
+    """Host-side table of a run of consecutive batches, vectorised once over their windows ``win``
+    (a block of the loader's plan that starts at a batch boundary; ``w0``/``w1`` index into it).
 
     Held as Python lists: the reader indexes them once per batch, and ``list[b]`` is far cheaper
     than ``int(ndarray[b])``."""
 
-    w0: list  # first window (index into the loader's plan)
+    win: WindowBlock
+    w0: list  # first window (index into win)
     w1: list  # one past the last window
     lo: list  # span [lo, hi) of global tokens the batch reads (lo >= 0; a BOS window's virtual token is not read)
     hi: list
@@ -156,26 +167,27 @@ class _Batches:
     max_meta: int  # int64 metadata words per batch: 4 per window + document starts
 
     @classmethod
-    def build(cls, plan: WindowPlan, B: int, doc_offsets: np.ndarray) -> "_Batches":
-        W = len(plan)
+    def build(cls, win: WindowBlock, B: int, doc_offsets: np.ndarray, L: int, O: int) -> "_Batches":
+        W = len(win)
         if W == 0:
-            return cls([], [], [], [], [], [], [], [], [], 1, 1)
+            return cls(win, [], [], [], [], [], [], [], [], [], 1, 1)
+        start, stop = win.start, win.stop
         w0 = np.arange(0, W, B, dtype=np.int64)
         w1 = np.minimum(w0 + B, W)
-        lo = np.maximum(np.minimum.reduceat(plan.start, w0), 0)
-        hi = np.maximum.reduceat(plan.stop, w0)
+        lo = np.maximum(np.minimum.reduceat(start, w0), 0)
+        hi = np.maximum.reduceat(stop, w0)
         d0 = np.searchsorted(doc_offsets, lo, side="right") - 1
         d1 = np.searchsorted(doc_offsets, hi - 1, side="right") - 1
         # (a right-aligned tail window is full-length but scores from past the overlap: not uniform)
-        full = (plan.length == plan.chunk_size) & ~plan.bos & (plan.score_from <= plan.overlap)
+        full = (win.length == L) & ~win.bos & (win.score_from <= O)
         partial = np.add.reduceat((~full).astype(np.int64), w0)
         bad_step = np.zeros(W, np.int64)
-        np.cumsum(np.diff(plan.start) != plan.stride, out=bad_step[1:])
+        np.cumsum(np.diff(start) != L - O, out=bad_step[1:])
         uniform = (partial == 0) & (bad_step[w1 - 1] == bad_step[w0])
-        any_bos = np.add.reduceat(plan.bos.astype(np.int64), w0) > 0
-        scored = np.add.reduceat(plan.scored_per_window, w0)
+        any_bos = np.add.reduceat(win.bos.astype(np.int64), w0) > 0
+        scored = np.add.reduceat(win.scored_per_window, w0)
         meta = 4 * (w1 - w0) + (d1 - d0 + 1)
-        return cls(w0.tolist(), w1.tolist(), lo.tolist(), hi.tolist(), d0.tolist(), d1.tolist(), uniform.tolist(),
+        return cls(win, w0.tolist(), w1.tolist(), lo.tolist(), hi.tolist(), d0.tolist(), d1.tolist(), uniform.tolist(),
                    any_bos.tolist(), scored.tolist(), int((hi - lo).max()), int(meta.max()))
 
     def __len__(self) -> int:
@@ -235,9 +247,10 @@ class WindowLoader(_ClosesOnExit):
     ``device``: None picks CUDA when available, else CPU.
     ``start_at``: index of the first window of the full plan to load (resume after a batch with
     ``batch.first_window + batch.num_windows``); the windows from there are split into
-    ``world_size`` contiguous blocks and this loader yields block ``rank``. ``plan`` is that block;
-    ``plan.first`` is the full-plan index of its window 0 (so ``plan.length[w - plan.first]`` is
-    the length of window ``w``).
+    ``world_size`` contiguous blocks and this loader yields block ``rank``. ``plan`` is that block
+    (a lazy :class:`~streamdata.windows.WindowPlan`); ``plan.first`` is the full-plan index of its
+    window 0, ``full_plan_windows`` the full plan's window count. Each batch carries its own
+    windows (``batch.windows``).
     ``max_tokens``: plan as if the store ended there (no target at a position >= it is loaded).
     ``vocab_size``: when given, the reader checks every span it reads and raises StoreError naming
     the first id ``>= vocab_size`` and its position, before that batch reaches a model (an
@@ -289,9 +302,11 @@ class WindowLoader(_ClosesOnExit):
         if max_tokens is not None:
             max_tokens = _check_int("max_tokens", max_tokens, 0, "pass None for the whole store, or a token count")
         self.num_slots = _check_int("num_slots", num_slots, 2, "pass num_slots >= 2 (one being filled, one being consumed)")
+        # The store's own index (memory-mapped for npy stores; checked when the store was opened, so
+        # the plan skips its monotonicity pass). The plan and the reader read it block by block.
         offsets = self.store.doc_offsets
         full = plan_windows(offsets, chunk_size, overlap, mode, prepend_bos_id is not None, max_tokens=max_tokens,
-                            tail=tail)
+                            tail=tail, check=False)
         if batch_windows is not None and batch_tokens is not None:
             raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
         if batch_windows is not None:
@@ -316,14 +331,30 @@ class WindowLoader(_ClosesOnExit):
         self.bos_id = prepend_bos_id
         self.release_behind = bool(release_behind)
         self._offsets = offsets
-        self._batches = _Batches.build(self.plan, B, offsets)
+        self._num_batches = -(-len(self.plan) // B)
+        # Ring slot sizes. B consecutive windows of one stream span (B-1)*stride + L + 1 tokens; a
+        # batch may span more (documents too short to have a window lie between its windows) and
+        # touch any number of documents: the reader then grows the slot (rare, see _Ring.ensure).
+        L, O = full.chunk_size, full.overlap
+        span = (B - 1) * (L - O) + L + 1 if mode == "stream" else B * (L + 1)
+        self._span_cap = max(1, min(span, full.num_tokens + 1))
+        self._meta_cap = 4 * B + min(self._span_cap, len(offsets) - 1) + 1
         self._iters: weakref.WeakSet = weakref.WeakSet()
         self._ring: _Ring | None = None
 
     # ---- public ------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of batches this loader yields."""
-        return len(self._batches)
+        return self._num_batches
+
+    def _tables(self) -> Iterator[_Batches]:
+        """The batch tables of one pass, in order: ``_TABLE_WINDOWS`` windows (whole batches) each."""
+        B, plan = self.batch_windows, self.plan
+        per = max(1, _TABLE_WINDOWS // B) * B
+        # A plain ndarray view: slicing an np.memmap object costs ~10x more (subclass bookkeeping).
+        offsets = np.asarray(self._offsets)
+        for lo in range(0, len(plan), per):
+            yield _Batches.build(plan.block(lo, lo + per), B, offsets, plan.chunk_size, plan.overlap)
 
     @property
     def num_scored(self) -> int:
@@ -355,8 +386,7 @@ class WindowLoader(_ClosesOnExit):
         slow to allocate); a second concurrent iteration gets its own."""
         ring, self._ring = self._ring, None
         if ring is None:
-            b = self._batches
-            ring = _Ring(self.device, self.store.dtype, self.num_slots, b.max_span, b.max_meta)
+            ring = _Ring(self.device, self.store.dtype, self.num_slots, self._span_cap, self._meta_cap)
         return ring
 
     def _give_ring(self, ring: "_Ring") -> None:
@@ -384,7 +414,7 @@ class _Ring:
     def _allocate(self, device: torch.device, dtype: np.dtype, num_slots: int, span: int, meta: int) -> None:
         self.device, self.np_dtype = device, dtype
         self.cuda = device.type == "cuda"
-        bits = _BITS_DTYPE[dtype]
+        self.bits = bits = _BITS_DTYPE[dtype]
         # CPU: the reader cuts each batch as soon as its span is read, so one slot suffices; the
         # read-ahead is the queue of finished batches. (A second CPU reader taking alternate batches
         # was measured here: with another job on the cores it cut throughput by up to 2x.)
@@ -407,6 +437,29 @@ class _Ring:
                 t.record_stream(self.side_stream)
         self.num_slots = n
 
+    def ensure(self, i: int, span: int, meta: int) -> None:
+        """Grow slot ``i`` to hold ``span`` tokens and ``meta`` metadata words (at least doubling).
+
+        Rare: a batch whose windows lie far apart (many documents too short for a window between
+        them) or whose span touches many documents. Called by the reader while it owns slot ``i``:
+        the slot's last copy has finished (``copied[i]``), and on CUDA the side stream is current,
+        so new device buffers belong to it; the old ones were recorded on every stream that read
+        them (``record_stream``), so the caching allocator recycles them only after those reads."""
+        if span <= self.host_tok[i].numel() and (not self.cuda or meta <= self.host_meta[i].numel()):
+            return
+        with torch.inference_mode(False):  # see __init__
+            if span > self.host_tok[i].numel():
+                n = max(span, 2 * self.host_tok[i].numel())
+                self.host_tok[i] = torch.empty(n, dtype=self.bits, pin_memory=self.cuda)
+                self.host_tok_np[i] = self.host_tok[i].numpy().view(self.np_dtype)
+                if self.cuda:
+                    self.dev_tok[i] = torch.empty(n, dtype=self.bits, device=self.device)
+            if self.cuda and meta > self.host_meta[i].numel():
+                n = max(meta, 2 * self.host_meta[i].numel())
+                self.host_meta[i] = torch.empty(n, dtype=torch.int64, pin_memory=True)
+                self.host_meta_np[i] = self.host_meta[i].numpy()
+                self.dev_meta[i] = torch.empty(n, dtype=torch.int64, device=self.device)
+
 
 @dataclass
 class _Item:
@@ -421,6 +474,10 @@ class _Item:
     d0: int
     uniform: bool
     any_bos: bool
+    # Everything the consumer needs from the batch table (the reader has moved on to later tables).
+    first_window: int
+    scored: int
+    windows: WindowBlock
 
 
 _END = object()  # the reader has emitted every batch
@@ -438,7 +495,9 @@ class _Pipeline:
     def __init__(self, loader: WindowLoader, ring: _Ring):
         self.store = loader.store
         self.plan = loader.plan
-        self.batches = loader._batches
+        self.tables = loader._tables  # batch tables of a pass, made by the reader thread as it goes
+        self.batches: _Batches | None = None  # the current table (reader thread)
+        self.span_cap = loader._span_cap
         # A plain ndarray view: slicing an np.memmap object costs ~10x more (subclass bookkeeping).
         self.offsets = np.asarray(loader._offsets)
         self.ring = ring
@@ -495,27 +554,34 @@ class _Pipeline:
         return None
 
     def _produce(self, emit) -> None:
-        bt, store = self.batches, self.store
-        if len(bt) == 0:
+        plan, store = self.plan, self.store
+        n = len(plan)
+        if n == 0:
             return
-        end = bt.hi[-1]
+        # Spans only move forward (starts and stops never decrease in plan order), so the pass reads
+        # [first window's start, last window's stop).
+        end = int(plan.block(n - 1, n).stop[0])
         # Hint the kernel in large steps (a syscall each): a few ring-fulls ahead, released behind.
-        hint = max(_MIN_HINT_TOKENS, 2 * bt.max_span * max(self.ring.num_slots, 2))
-        released = bt.lo[0]  # never drop pages before our first batch (not ours to judge)
-        prefetched = released
-        for b in range(len(bt)):
-            if self.stop.is_set():
-                return
-            lo, hi = bt.lo[b], bt.hi[b]
-            if prefetched < min(hi + hint // 2, end):
-                nxt = min(max(prefetched, hi) + hint, end)
-                store.prefetch(max(prefetched, lo), nxt)
-                prefetched = nxt
-            if not emit(b, lo, hi):
-                return
-            if self.release_behind and lo - released >= hint:
-                store.release(released, lo)  # spans only move forward: nothing before lo is read again
-                released = lo
+        hint = max(_MIN_HINT_TOKENS, 2 * self.span_cap * max(self.ring.num_slots, 2))
+        released = None  # never drop pages before our first batch (not ours to judge)
+        prefetched = 0
+        for bt in self.tables():
+            self.batches = bt
+            if released is None:
+                released = prefetched = bt.lo[0]
+            for b in range(len(bt)):
+                if self.stop.is_set():
+                    return
+                lo, hi = bt.lo[b], bt.hi[b]
+                if prefetched < min(hi + hint // 2, end):
+                    nxt = min(max(prefetched, hi) + hint, end)
+                    store.prefetch(max(prefetched, lo), nxt)
+                    prefetched = nxt
+                if not emit(b, lo, hi):
+                    return
+                if self.release_behind and lo - released >= hint:
+                    store.release(released, lo)  # spans only move forward: nothing before lo is read again
+                    released = lo
         if self.release_behind and end > released:
             store.release(released, end)
 
@@ -533,10 +599,11 @@ class _Pipeline:
             # narrow span and then widening it was two passes: 0.5-0.6x of that copy at overlap 512.)
             w0, w1 = self.batches.w0[b], self.batches.w1[b]
             tok = np.empty((w1 - w0, self.L + 1), np.int64)
-            for r, s in enumerate(self.plan.start[w0:w1].tolist()):
+            for r, s in enumerate(self.batches.win.start[w0:w1].tolist()):
                 self.store.read_into(s, s + self.L + 1, tok[r])
                 self._check_ids(tok[r], s)
             return self._put(self._cut_host(tok, b, lo))
+        self.ring.ensure(0, hi - lo, 0)
         span = self.ring.host_tok_np[0][: hi - lo]
         self.store.read_into(lo, hi, span)
         self._check_ids(span, lo)
@@ -558,6 +625,8 @@ class _Pipeline:
             return False
         ring.copied[i].synchronize()  # the DMA out of this host slot (its last copy) has finished
         n = hi - lo
+        bt = self.batches
+        ring.ensure(i, n, 4 * (bt.w1[b] - bt.w0[b]) + bt.d1[b] - bt.d0[b] + 1)
         m = self.fill_host(b, lo, hi, ring.host_tok_np[i], ring.host_meta_np[i])
         side = ring.side_stream  # also the current stream of this thread (see _run)
         side.wait_event(ring.consumed[i])  # the consumer's reads of device slot i are done
@@ -579,26 +648,29 @@ class _Pipeline:
         """Per-window metadata of batch ``b`` in one int64 block (one small copy to the device):
         start - lo, length, score_from, bos ([B] each), then the start offsets of documents d0..d1.
         Returns the number of words written."""
-        bt, plan = self.batches, self.plan
+        bt = self.batches
+        win = bt.win
         w0, w1, d0, d1 = bt.w0[b], bt.w1[b], bt.d0[b], bt.d1[b]
         nw, k = w1 - w0, d1 - d0 + 1
-        meta[0:nw] = plan.start[w0:w1] - lo
-        meta[nw : 2 * nw] = plan.length[w0:w1]
-        meta[2 * nw : 3 * nw] = plan.score_from[w0:w1]
-        meta[3 * nw : 4 * nw] = plan.bos[w0:w1]
+        meta[0:nw] = win.start[w0:w1] - lo
+        meta[nw : 2 * nw] = win.length[w0:w1]
+        meta[2 * nw : 3 * nw] = win.score_from[w0:w1]
+        meta[3 * nw : 4 * nw] = win.bos[w0:w1]
         meta[4 * nw : 4 * nw + k] = self.offsets[d0 : d1 + 1]
         return 4 * nw + k
 
     def _item(self, b: int, slot: int, lo: int, hi: int) -> _Item:
         bt = self.batches
-        return _Item(b, slot, hi - lo, bt.w1[b] - bt.w0[b], bt.d1[b] - bt.d0[b] + 1, lo, bt.d0[b], bt.uniform[b],
-                     bt.any_bos[b])
+        w0, w1 = bt.w0[b], bt.w1[b]
+        return _Item(b, slot, hi - lo, w1 - w0, bt.d1[b] - bt.d0[b] + 1, lo, bt.d0[b], bt.uniform[b],
+                     bt.any_bos[b], bt.win.first + w0, bt.scored[b], bt.win[w0:w1])
 
     # ---- cutting a batch out of its span -------------------------------------------------------
-    def _batch(self, b, inputs, targets, score_mask, lengths, rel, lo, doc_starts, d0) -> WindowBatch:
-        bt = self.batches
-        return WindowBatch(inputs, targets, score_mask, lengths, self.plan.first + bt.w0[b], bt.w1[b] - bt.w0[b],
-                           bt.scored[b], rel, lo, doc_starts, d0)
+    @staticmethod
+    def _batch(win: WindowBlock, scored: int, inputs, targets, score_mask, lengths, rel, lo, doc_starts,
+               d0) -> WindowBatch:
+        return WindowBatch(inputs, targets, score_mask, lengths, win.first, len(win), scored, win, rel, lo,
+                           doc_starts, d0)
 
     def _cut_host(self, span: np.ndarray, b: int, lo: int) -> WindowBatch:
         """CPU, in the reader thread. ``span``: tokens [lo, lo+n) in the store dtype (the slot), or
@@ -611,10 +683,11 @@ class _Pipeline:
         is reused for the next batch); inputs and targets share one allocation, because each
         MB-sized allocation can cost fresh zeroed pages from the kernel (measured here: two separate
         1 MiB arrays per batch were 20x slower than one 2 MiB array)."""
-        bt, plan, L, O = self.batches, self.plan, self.L, self.O
+        bt, L, O = self.batches, self.L, self.O
         w0, w1 = bt.w0[b], bt.w1[b]
         B = w1 - w0
-        sf = plan.score_from[w0:w1]
+        wb = bt.win[w0:w1]  # this batch's windows (views)
+        sf = wb.score_from
         if bt.uniform[b] and O == 0:
             # Back-to-back full windows: widen the span once; inputs/targets are views (no copy).
             if span.dtype == np.int64:
@@ -639,21 +712,21 @@ class _Pipeline:
             score_mask = np.ones((B, L), bool)
             score_mask[:, :O] = (sf == 0)[:, None]  # context, except in a stream's first window
         else:
-            idx = (plan.start[w0:w1] - lo)[:, None] + self._jn  # [B, L+1] span index of each token read
+            idx = (wb.start - lo)[:, None] + self._jn  # [B, L+1] span index of each token read
             np.clip(idx, 0, span.size - 1, out=idx)  # clamped lanes are masked below
             tok = span[idx]  # one gather (still narrow)
             jl = self._jn[:L]
-            valid = jl < plan.length[w0:w1, None]
+            valid = jl < wb.length[:, None]
             inputs, targets = np.empty((2, B, L), np.int64)
             np.multiply(tok[:, :L], valid, out=inputs, dtype=np.int64)  # padding -> 0, widened exactly
             np.multiply(tok[:, 1:], valid, out=targets, dtype=np.int64)
             if bt.any_bos[b]:
-                inputs[:, 0] = np.where(plan.bos[w0:w1], self.bos_id, inputs[:, 0])
+                inputs[:, 0] = np.where(wb.bos, self.bos_id, inputs[:, 0])
             score_mask = valid & (jl >= sf[:, None])
         t = torch.from_numpy
         d0, d1 = bt.d0[b], bt.d1[b]
-        return self._batch(b, t(inputs), t(targets), t(score_mask), t(plan.length[w0:w1].copy()),
-                           plan.start[w0:w1] - lo, lo, self.offsets[d0 : d1 + 1].copy(), d0)
+        return self._batch(wb, bt.scored[b], t(inputs), t(targets), t(score_mask), t(wb.length.copy()),
+                           wb.start - lo, lo, self.offsets[d0 : d1 + 1].copy(), d0)
 
     def _cut_device(self, span: torch.Tensor, meta: torch.Tensor, it: _Item) -> WindowBatch:
         """CUDA, on the consumer's stream. ``span``: int64 [n] tokens [lo, lo+n) on the device;
@@ -687,7 +760,8 @@ class _Pipeline:
             if it.any_bos:
                 inputs[:, 0] = torch.where(meta[3 * B : 4 * B] != 0, self.bos_id, inputs[:, 0])
             score_mask = valid & (jl >= sf[:, None])
-        return self._batch(it.b, inputs, targets, score_mask, length, rel, it.lo, meta[4 * B : 4 * B + it.k], it.d0)
+        return self._batch(it.windows, it.scored, inputs, targets, score_mask, length, rel, it.lo,
+                           meta[4 * B : 4 * B + it.k], it.d0)
 
     # ---- consumer side -----------------------------------------------------------------------
     def next(self) -> WindowBatch:

@@ -121,3 +121,21 @@ def test_open_data_rejects(bad):
 
     with pytest.raises(StreamdataError):
         open_data(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lens=st.lists(st.integers(0, 50), min_size=1, max_size=30), cut=st.one_of(st.none(), st.integers(2, 900)),
+       block=st.integers(1, 4))
+def test_longest_document_reads_the_index_in_blocks(lens, cut, block):
+    import evaluator.data as data_mod
+
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    if off[-1] == 0:
+        return
+    ed = EvalData.from_tokens(torch.zeros(int(off[-1]), dtype=torch.long), doc_offsets=off)
+    old = data_mod._INDEX_BLOCK
+    data_mod._INDEX_BLOCK = block
+    try:
+        assert ed.longest_document(cut) == int(ed.document_lengths(cut).max())
+    finally:
+        data_mod._INDEX_BLOCK = old

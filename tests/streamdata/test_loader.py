@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import streamdata.loader as loader_mod
+import streamdata.windows as windows_mod
 from streamdata import open_store
 from streamdata.errors import ConfigError
 from streamdata.loader import WindowBatch, WindowLoader
@@ -61,6 +62,9 @@ def batch_tuples(batch: WindowBatch, L: int):
     assert batch.inputs.dtype == batch.targets.dtype == torch.int64 and batch.score_mask.dtype == torch.bool
     assert batch.doc_ids.shape == batch.positions.shape == (B, L) and batch.doc_ids.dtype == torch.int64
     assert batch.lengths.shape == (B,) and batch.num_windows == B
+    w = batch.windows  # the batch's windows of the plan, on the host
+    assert len(w) == B and w.first == batch.first_window
+    assert w.length.tolist() == batch.lengths.tolist() and int((w.length - w.score_from).sum()) == batch.num_scored
     assert batch.num_scored == int(batch.score_mask.sum())
     valid = np.arange(L)[None, :] < batch.lengths.numpy()[:, None]
     cols = [t.numpy() for t in (batch.inputs, batch.targets, batch.score_mask, batch.doc_ids, batch.positions)]
@@ -77,6 +81,17 @@ def run(loader, L):
         got += batch_tuples(batch, L)
         firsts.append((batch.first_window, batch.num_windows))
     return got, firsts
+
+
+@pytest.fixture(params=["default", "tiny"])
+def tables(request, monkeypatch):
+    """Run a test with the default table/group sizes and again with tiny ones, so a pass crosses
+    many batch tables (the reader's blocks of windows) and many groups of the lazy plan."""
+    if request.param == "tiny":
+        monkeypatch.setattr(loader_mod, "_TABLE_WINDOWS", 5)
+        monkeypatch.setattr(windows_mod, "_INDEX_DOCS", 2)
+        monkeypatch.setattr(windows_mod, "_PASS_DOCS", 3)
+    return request.param
 
 
 CASES = [  # (store, mode, chunk_size, overlap, BOS id): every mode x overlap 0/>0 x BOS, both dtypes
@@ -98,11 +113,14 @@ CASES = [  # (store, mode, chunk_size, overlap, BOS id): every mode x overlap 0/
 
 
 @pytest.mark.parametrize("name, mode, L, O, bos", CASES)
-def test_batches_reproduce_brute_force(stores, name, mode, L, O, bos):
+@pytest.mark.parametrize("tail", ["full", "short"])
+def test_batches_reproduce_brute_force(stores, tables, name, mode, L, O, bos, tail):
     with open_store(stores[name]) as store:
-        want = expected_tuples(store, L, O, mode, bos)
+        wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, mode, bos is not None, tail)
+        want = expected_tuples(store, L, O, mode, bos, wins)
         for kw in (dict(batch_windows=3), dict(batch_tokens=5 * L + L // 2), dict(batch_windows=1000)):
-            loader = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, device="cpu", prepend_bos_id=bos, **kw)
+            loader = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, device="cpu", prepend_bos_id=bos,
+                                  tail=tail, **kw)
             expect_B = kw.get("batch_windows") or 5
             got, firsts = run(loader, L)
             assert got == want
@@ -110,6 +128,7 @@ def test_batches_reproduce_brute_force(stores, name, mode, L, O, bos):
             assert len(firsts) == len(loader) == -(-len(loader.plan) // expect_B)
             assert [f for f, _ in firsts] == list(range(0, len(loader.plan), expect_B))
             assert sum(t[2] for t in got) == loader.num_scored == loader.plan.num_scored
+            assert loader.full_plan_windows == len(wins)
 
 
 def test_unsigned_ids_widen_exactly(make_store):
@@ -126,7 +145,7 @@ def test_unsigned_ids_widen_exactly(make_store):
         assert [t[0] for t in got] == hi32[:-1] and [t[1] for t in got] == hi32[1:]
 
 
-def test_start_at_resumes_and_rank_blocks_union_is_whole(stores):
+def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
     with open_store(stores["u16"]) as store:
         L, O = 16, 4
         full = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
@@ -151,7 +170,7 @@ def test_start_at_resumes_and_rank_blocks_union_is_whole(stores):
             assert scored == sum(t[2] for t in glued)
 
 
-def test_max_tokens_scores_only_targets_before_it(stores):
+def test_max_tokens_scores_only_targets_before_it(stores, tables):
     with open_store(stores["u16"]) as store:
         for mode in ("stream", "document"):
             for M in (0, 1, 50, 1000, len(store), len(store) + 10):
@@ -231,7 +250,7 @@ def test_reader_exception_propagates_to_the_consumer(make_store):
     with open_store(big_store(make_store)) as s:
         real = s.read_into
         ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu")
-        bad = ld._batches.lo[3]  # the span of batch 3 cannot be read
+        bad = next(ld._tables()).lo[3]  # the span of batch 3 cannot be read
 
         def failing(start, stop, out):
             if start == bad:
@@ -309,11 +328,13 @@ def test_device_cut_matches_host_cut(stores, name, mode, L, O, bos):
         it = iter(ld)
         pipe = it._pipe
         it.close()  # keep the pipeline's methods, stop its threads
-        bt = ld._batches
-        meta = np.empty(bt.max_meta, np.int64)
         signed = np.int16 if store.dtype == np.uint16 else np.int32  # the bit patterns the device slot holds
         mask = 0xFFFF if store.dtype == np.uint16 else 0xFFFFFFFF
-        for b, want in enumerate(host):
+        tables = [(bt, b) for bt in ld._tables() for b in range(len(bt))]
+        assert len(tables) == len(host)
+        for (bt, b), want in zip(tables, host):
+            pipe.batches = bt
+            meta = np.empty(bt.max_meta, np.int64)
             lo, hi = bt.lo[b], bt.hi[b]
             raw = store.read(lo, hi)
             span = _widen_bits(torch.from_numpy(raw.view(signed)), mask)
@@ -339,3 +360,22 @@ def test_other_backends_go_through_read_into(stores, tmp_path):
             for mode, L, O in (("stream", 16, 0), ("document", 16, 4)):
                 ld = WindowLoader(s, chunk_size=L, overlap=O, mode=mode, batch_windows=3, device="cpu")
                 assert run(ld, L)[0] == expected_tuples(s, L, O, mode, None)
+
+
+def test_slots_grow_for_batches_spanning_many_short_documents(make_store):
+    """Document mode: 1-token documents have no window but lie inside a batch's span, so a batch can
+    read far more than B * (L + 1) tokens; the ring slot grows and the batches stay exact."""
+    rng = np.random.default_rng(11)
+    docs = []
+    for _ in range(6):
+        docs.append(rng.integers(0, 500, size=5).tolist())  # one window each
+        docs += [[int(t)] for t in rng.integers(0, 500, size=int(rng.integers(20, 60)))]
+    with open_store(make_store(docs, vocab_size=500, shard_tokens=10_000)) as s:
+        for tail in ("full", "short"):
+            ld = WindowLoader(s, chunk_size=4, overlap=1, mode="document", batch_windows=3, device="cpu", tail=tail)
+            assert ld._span_cap == 3 * 5  # less than a batch with short documents between its windows reads
+            got, _ = run(ld, 4)
+            off = np.asarray(s.doc_offsets).tolist()
+            assert got == expected_tuples(s, 4, 1, "document", None, brute_windows(off, 4, 1, "document", False, tail))
+            assert max(bt.max_span for bt in ld._tables()) > ld._span_cap  # the growth was needed
+            assert ld._ring.host_tok[0].numel() >= max(bt.max_span for bt in ld._tables())

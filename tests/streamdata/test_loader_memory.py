@@ -56,14 +56,17 @@ CHILD = textwrap.dedent(
     out = {"base": base}
     n_tok, scored = 0, 0
     with WindowLoader(sys.argv[1], chunk_size=65536, batch_windows=16, device="cpu") as loader:
+        n_all = len(loader.store)
         for b in loader:
-            starts = (b.first_window + np.arange(b.num_windows)) * 65536
-            ok = np.array_equal(b.inputs[:, 0].numpy(), expect(starts))
+            # window w starts at w * 65536; the last one (tail "full") at n - 1 - 65536, right-aligned
+            starts = np.minimum((b.first_window + np.arange(b.num_windows)) * 65536, n_all - 1 - 65536)
+            ok = np.array_equal(b.windows.start, starts)
+            ok &= np.array_equal(b.inputs[:, 0].numpy(), expect(starts))
             last = starts + b.lengths.numpy()
             ok &= np.array_equal(b.targets[torch.arange(b.num_windows), b.lengths - 1].numpy(), expect(last))
             if not ok:
                 raise SystemExit(f"wrong tokens in batch at window {b.first_window}")
-            n_tok += int(b.lengths.sum())
+            n_tok += int((b.lengths - torch.from_numpy(b.windows.score_from)).sum())  # targets, each once
             scored += b.num_scored
     out.update(bounded=hwm() - base, tokens=n_tok, scored=scored)
     # Negative control: the same stream over the first 512 MiB without release_behind must show
@@ -94,3 +97,45 @@ def test_streaming_2gib_store_keeps_peak_rss_bounded(tmp_path):
     assert r["tokens"] == N_TOKENS - 1 and r["scored"] == N_TOKENS - 1  # the whole stream went through
     assert r["bounded"] < 256 * MiB, f"peak RSS grew by {r['bounded'] / MiB:.0f} MiB streaming 2 GiB"
     assert r["unbounded"] > 400 * MiB, f"control without release_behind grew only {r['unbounded'] / MiB:.0f} MiB"
+
+
+def test_a_1e11_token_store_starts_without_o_windows_memory(tmp_path):
+    """Issue 18: a sparse 10^11-token raw .bin (200 GB apparent, nothing on disk). The eager plan
+    held ~32 bytes per window, 3 GB here (~10^8 windows of 1024); the lazy plan and the reader's
+    batch tables hold O(batch). Python/numpy heap measured with tracemalloc (numpy reports its
+    arrays to it; the file's mapping is not heap)."""
+    import tracemalloc
+
+    import streamdata
+    from streamdata.loader import WindowLoader
+
+    path = tmp_path / "sparse.bin"
+    n_tok = 10**11
+    try:
+        with open(path, "wb") as f:
+            f.truncate(2 * n_tok)  # uint16: holes read as zeros
+    except OSError as e:
+        pytest.skip(f"no 200 GB sparse file where tmp_path lives ({e})")
+    # (vocab_size at open would scan all 10^11 ids; the loader checks each span it reads instead)
+    with streamdata.open_raw_bin(path, dtype="uint16", checksum=False) as store:
+        tracemalloc.start()
+        try:
+            ld = WindowLoader(store, chunk_size=1024, batch_windows=64, device="cpu", vocab_size=66)
+            windows = 1 + -(-(n_tok - 1 - 1024) // 1024)
+            assert ld.full_plan_windows == len(ld.plan) == windows
+            assert len(ld) == -(-windows // 64) and ld.num_scored == n_tok - 1
+            it = iter(ld)
+            first = next(it)
+            second = next(it)
+            it.close()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert first.inputs.shape == (64, 1024) and not first.inputs.any() and first.num_scored == 64 * 1024
+        assert second.first_window == 64 and second.windows.start.tolist() == [1024 * w for w in range(64, 128)]
+        assert peak < 64 * MiB, f"starting on 10^11 tokens peaked at {peak / MiB:.0f} MiB of heap"
+    with streamdata.open_raw_bin(path, dtype="uint16", checksum=False) as store, \
+            WindowLoader(store, chunk_size=1024, batch_windows=64, device="cpu", start_at=windows - 3) as last:
+        (b,) = list(last)  # resuming at the end plans and reads only the end (tail "full": right-aligned)
+        assert b.windows.start.tolist()[-1] == n_tok - 1 - 1024
+        assert b.num_scored == (n_tok - 1) - (1024 + (windows - 4) * 1024)  # windows before: L, then a stride each

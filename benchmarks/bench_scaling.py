@@ -1,0 +1,222 @@
+"""Memory scaling (issue 18): start-up time and peak memory must not grow with the stream's length.
+
+    python -m benchmarks.bench_scaling [--lengths 1e8 1e10 1e11] [--chunk-size 1024] [--batch-windows 64]
+                                       [--batches 20] [--documents 1e8] [--tmp DIR] [--out DIR]
+
+Loader rows, one per length N: a sparse raw uint16 ``.bin`` of N tokens (2N bytes apparent, no
+block on disk: ``truncate``; it reads as zeros), opened with ``open_raw_bin(checksum=False)``, then
+``WindowLoader`` (stream mode, chunk ``--chunk-size``, ``--batch-windows`` per batch, CPU, ids
+checked against a vocabulary of 66) in a fresh child process per row, so each peak is its own:
+- first batch (s): from constructing the loader (planning included) to the first batch in hand;
+- peak RSS growth: the child's peak resident set (VmHWM) after the first batch and ``--batches``
+  more, minus its resident set once the store is open (imports and the store excluded).
+The baseline is the shortest length, measured in the same run: the other rows report their
+difference to it. Goals: every first batch within 1 s, RSS growth within 64 MiB of the baseline's.
+(The eager plan this replaced held ~32 bytes per window: 10^11 tokens at chunk 1024 took 7.8 GB
+and 18.6 s before the first batch.)
+
+Document row: a synthetic index of ``--documents`` documents (lengths 1..8 tokens, cycling), its
+offsets a memory-mapped ``.npy`` written in blocks, the tokens a sparse file, as a
+``MemoryTokenStore`` over the two memory maps; ``WindowLoader`` in document mode with a BOS
+prefix (every document then has a window): seconds to the first batch (goal: within 5 s; the plan
+walks the whole index once to count windows) and the RSS growth (the index pages that walk maps
+count as resident while mapped: page cache, not heap).
+
+Files go to ``--tmp`` (default: the system temporary folder) and are removed afterwards; they
+need no disk blocks, except the document index (8 bytes per document: 0.8 GB for 10^8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ._util import fmt_bytes, one_line_errors, table, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+# One row in a fresh process. Prints one JSON line. argv: kind, path, N or D, chunk, batch, batches.
+_CHILD = r"""
+import json, sys, time
+import numpy as np
+
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+kind, path, n, L, B, more = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+import torch  # noqa: F401  (imported before the baseline: its ~200 MB are not the loader's)
+import streamdata
+from streamdata.backends.memory import MemoryTokenStore
+from streamdata.loader import WindowLoader
+
+t_open = time.perf_counter()
+if kind == "stream":
+    store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)
+    kw = dict(mode="stream")
+else:
+    tokens = np.memmap(path + ".tok", dtype=np.uint16, mode="r")
+    store = MemoryTokenStore(tokens, doc_offsets=np.load(path + ".off.npy", mmap_mode="r"), checksum=False)
+    kw = dict(mode="document", prepend_bos_id=1)
+open_s = time.perf_counter() - t_open
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+except OSError:
+    pass
+base = kb("VmRSS")
+t0 = time.perf_counter()
+ld = WindowLoader(store, chunk_size=L, batch_windows=B, device="cpu", vocab_size=66, **kw)
+it = iter(ld)
+first = next(it)
+first_s = time.perf_counter() - t0
+got = 1
+for _ in range(more):
+    try:
+        next(it)
+        got += 1
+    except StopIteration:
+        break
+it.close()
+out = {"kind": kind, "n": n, "open_s": open_s, "first_batch_s": first_s, "batches_read": got,
+       "batches": len(ld), "windows": ld.full_plan_windows, "scored": ld.num_scored,
+       "first_inputs": list(first.inputs.shape), "rss_growth": (kb("VmHWM") - base) * 1024,
+       "tokens": len(store)}
+ld.close()
+store.close()
+print(json.dumps(out))
+"""
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", _CHILD, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[:3]} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def sparse_bin(path: Path, tokens: int) -> None:
+    """A uint16 file of ``tokens`` zeros that takes no disk blocks (a hole)."""
+    with open(path, "wb") as f:
+        f.truncate(2 * tokens)
+
+
+def synthetic_index(stem: Path, documents: int, step: int = 1 << 22) -> int:
+    """Offsets of ``documents`` documents of 1..8 tokens (cycling) as ``stem.off.npy`` (written in
+    blocks of ``step``: this process's memory stays small) and a sparse token file ``stem.tok``.
+    Returns the token count."""
+    import numpy as np
+
+    off = np.lib.format.open_memmap(str(stem) + ".off.npy", mode="w+", dtype=np.int64, shape=(documents + 1,))
+    off[0] = 0
+    cycle = np.arange(1, 9, dtype=np.int64)
+    for d0 in range(0, documents, step):
+        d1 = min(d0 + step, documents)
+        lens = cycle[np.arange(d0, d1) % 8]
+        np.cumsum(lens, out=off[d0 + 1 : d1 + 1])
+        off[d0 + 1 : d1 + 1] += off[d0]
+    n = int(off[-1])
+    off.flush()
+    del off
+    with open(str(stem) + ".tok", "wb") as f:
+        f.truncate(2 * n)
+    return n
+
+
+def loader_rows(lengths: list[int], L: int, B: int, batches: int, tmp: Path, log=print) -> list[dict[str, Any]]:
+    rows = []
+    for n in lengths:
+        path = tmp / f"sparse-{n}.bin"
+        sparse_bin(path, n)
+        try:
+            r = _child(["stream", path, n, L, B, batches])
+        finally:
+            path.unlink(missing_ok=True)
+        rows.append(r)
+        log(f"  {n:.0e} tokens: first batch {r['first_batch_s']:.3f} s, peak RSS growth {fmt_bytes(r['rss_growth'])}")
+    base = rows[0]
+    for r in rows:
+        r["first_batch_vs_base_s"] = r["first_batch_s"] - base["first_batch_s"]
+        r["rss_growth_vs_base"] = r["rss_growth"] - base["rss_growth"]
+    return rows
+
+
+def document_row(documents: int, L: int, B: int, batches: int, tmp: Path, log=print) -> dict[str, Any]:
+    stem = tmp / f"index-{documents}"
+    try:
+        n = synthetic_index(stem, documents)
+        r = _child(["document", stem, documents, L, B, batches])
+    finally:
+        for suffix in (".off.npy", ".tok"):
+            Path(str(stem) + suffix).unlink(missing_ok=True)
+    r["tokens"] = n
+    log(f"  {documents:.0e} documents: first batch {r['first_batch_s']:.3f} s, peak RSS growth {fmt_bytes(r['rss_growth'])}")
+    return r
+
+
+def _count(text: str) -> int:
+    v = float(text)
+    if v < 1 or v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1 (e.g. 1e10)")
+    return int(v)
+
+
+@one_line_errors("bench_scaling", flags=("chunk_size",))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_scaling",
+                                 description="Loader start-up time and peak RSS across stream lengths (sparse stores).")
+    ap.add_argument("--lengths", type=_count, nargs="+", default=[10**8, 10**10, 10**11],
+                    help="stream lengths in tokens, shortest first: the baseline (default: 1e8 1e10 1e11)")
+    ap.add_argument("--chunk-size", type=int, default=1024, help="window length (default: 1024)")
+    ap.add_argument("--batch-windows", type=int, default=64, help="windows per batch (default: 64)")
+    ap.add_argument("--batches", type=int, default=20, help="batches read after the first (default: 20)")
+    ap.add_argument("--documents", type=_count, default=10**8,
+                    help="documents of the document-mode row's synthetic index (default: 1e8; 8 bytes each on disk)")
+    ap.add_argument("--tmp", help="folder for the sparse files (default: the system temporary folder)")
+    ap.add_argument("--out", help="folder for a JSON result")
+    a = ap.parse_args(argv)
+    lengths = sorted(a.lengths)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=a.tmp))
+    try:
+        print(f"loader, stream mode, chunk {a.chunk_size}, {a.batch_windows} windows/batch, CPU, sparse raw uint16 .bin:")
+        rows = loader_rows(lengths, a.chunk_size, a.batch_windows, a.batches, tmp)
+        print(f"loader, document mode with BOS, synthetic index:")
+        doc = document_row(a.documents, a.chunk_size, a.batch_windows, a.batches, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(table([[f"{r['n']:.0e} tokens", r["windows"], r["first_batch_s"], fmt_bytes(r["rss_growth"]),
+                  fmt_bytes(r["rss_growth_vs_base"])] for r in rows]
+                + [[f"{a.documents:.0e} documents", doc["windows"], doc["first_batch_s"], fmt_bytes(doc["rss_growth"]), ""]],
+                ["loader", "windows", "first batch s", "peak RSS growth", "vs shortest"]))
+    spread = max(r["rss_growth"] for r in rows) - min(r["rss_growth"] for r in rows)
+    slowest = max(r["first_batch_s"] for r in rows)
+    goals = [
+        f"first batch within 1 s at every length: slowest {slowest:.3f} s ({'met' if slowest <= 1 else 'NOT met'})",
+        f"RSS growth within 64 MiB across lengths: spread {spread / MiB:.1f} MiB ({'met' if spread <= 64 * MiB else 'NOT met'})",
+        f"document mode over {a.documents:,} documents starts within 5 s: {doc['first_batch_s']:.2f} s "
+        f"({'met' if doc['first_batch_s'] <= 5 else 'NOT met'})",
+    ]
+    print("\n".join(goals))
+    path = write_json(a.out, "bench_scaling.json", {
+        "command": "python -m benchmarks.bench_scaling", "args": vars(a), "loader": rows, "document": doc,
+        "goals": goals,
+    })
+    if path:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
