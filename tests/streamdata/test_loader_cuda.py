@@ -182,3 +182,21 @@ def test_iterating_inside_inference_mode_on_cuda(make_store):
             got = _checksums(ld)
         assert got == want
         assert _checksums(ld) == want  # the same ring, reused outside inference mode
+
+
+def test_slots_grow_on_cuda_for_batches_spanning_many_short_documents(make_store):
+    """Batches whose span (1-token documents between their windows) and document count exceed the
+    ring's first slot sizes: the reader grows host, pinned and device slots; same tensors as the CPU."""
+    rng = np.random.default_rng(3)
+    docs = []
+    for _ in range(8):
+        docs.append(rng.integers(0, 500, size=5).tolist())  # one window of 4 each
+        docs += [[int(t)] for t in rng.integers(0, 500, size=int(rng.integers(20, 90)))]
+    with open_store(make_store(docs, vocab_size=500, shard_tokens=10_000)) as s:
+        kw = dict(chunk_size=4, overlap=1, mode="document", batch_windows=3, num_slots=2)
+        cpu = list(WindowLoader(s, device="cpu", **kw))
+        ld = WindowLoader(s, device="cuda", **kw)
+        gpu = list(ld)
+        assert_same_batches(cpu, gpu)
+        assert max(t.numel() for t in ld._ring.dev_tok) > ld._span_cap  # a slot grew
+        assert max(t.numel() for t in ld._ring.dev_meta) > ld._meta_cap
