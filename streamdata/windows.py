@@ -71,6 +71,7 @@ for sequential reads). ``len()`` is O(1).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -182,6 +183,9 @@ class _Streams:
         np.cumsum(per_s, out=self.sco[1:])
         self.total_windows, self.total_scored = int(self.win[-1]), int(self.sco[-1])
         self._cache: dict[int, tuple] = {}
+        # Views share this object across threads (a loader's reader threads, the caller asking
+        # num_scored): the group cache is the one mutable part.
+        self._lock = threading.Lock()
 
     def _offsets(self, d0: int, d1: int) -> np.ndarray:
         """Offsets of streams [d0, d1) and the end of the last, cut at max_tokens (int64 [d1 - d0 + 1])."""
@@ -207,16 +211,18 @@ class _Streams:
     def _group(self, j: int) -> tuple:
         """Group ``j`` of _INDEX_DOCS streams: (first stream, windows before each stream (local,
         [k+1]), starts, virtual lengths, windows per stream). The last two groups are cached."""
-        g = self._cache.get(j)
+        with self._lock:
+            g = self._cache.get(j)
         if g is None:
             d0 = j * _INDEX_DOCS
             nw, a, v = self._counts(d0, min(d0 + _INDEX_DOCS, self.nd))
             before = np.zeros(len(nw) + 1, np.int64)
             np.cumsum(nw, out=before[1:])
             g = (d0, before, a, v, nw)
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[j] = g
+            with self._lock:
+                while len(self._cache) >= 2:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[j] = g
         return g
 
     def windows(self, g0: int, g1: int) -> WindowBlock:
