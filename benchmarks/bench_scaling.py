@@ -1,7 +1,8 @@
 """Memory scaling (issue 18): start-up time and peak memory must not grow with the stream's length.
 
     python -m benchmarks.bench_scaling [--lengths 1e8 1e10 1e11] [--chunk-size 1024] [--batch-windows 64]
-                                       [--batches 20] [--documents 1e8] [--tmp DIR] [--out DIR]
+                                       [--batches 20] [--documents 1e8] [--part all|loader|eval]
+                                       [--device D] [--lines 3] [--tmp DIR] [--out DIR]
 
 Loader rows, one per length N: a sparse raw uint16 ``.bin`` of N tokens (2N bytes apparent, no
 block on disk: ``truncate``; it reads as zeros), opened with ``open_raw_bin(checksum=False)``, then
@@ -22,6 +23,21 @@ prefix (every document then has a window): seconds to the first batch (goal: wit
 walks the whole index once to count windows) and the RSS growth (the index pages that walk maps
 count as resident while mapped: page cache, not heap).
 
+Evaluator rows, one per length N, on the same sparse stores: ``evaluate_streaming_with_metrics``
+(what ``streameval run`` calls: per-chunk and per-document detail included) of the WHOLE store
+(no ``max_tokens``: that would shrink the plan and hide the length), sliding mode, a tiny model
+that declares no vocabulary (so no id scan runs up front), ``--device`` (default: CUDA when
+present), one progress line per batch; the child stops the run when its ``--lines``-th progress
+line is printed (an exception out of the progress print: the engine's own cleanup runs, as after
+any error) and reports:
+- first progress line (s): from the evaluate call (plan, spill files, first batch, its forward);
+- peak RSS growth: VmHWM at the stop minus the resident set once model and store are loaded;
+- CUDA peak: ``torch.cuda.max_memory_allocated`` over the run (with a GPU);
+- metric state: the bytes of every tensor the metric sums hold (the device-side state of issue 18:
+  before it, 16 bytes per window, ~1.5 GB at 10^11 tokens and chunk 1024, plus per document).
+Goals: every first progress line within 5 s; peak RSS growth, CUDA peak and metric state equal
+across lengths (RSS within 64 MiB).
+
 Files go to ``--tmp`` (default: the system temporary folder) and are removed afterwards; they
 need no disk blocks, except the document index (8 bytes per document: 0.8 GB for 10^8).
 """
@@ -37,6 +53,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from streamdata.errors import ConfigError
 
 from ._util import fmt_bytes, one_line_errors, table, write_json
 
@@ -165,6 +183,118 @@ def document_row(documents: int, L: int, B: int, batches: int, tmp: Path, log=pr
     return r
 
 
+# One evaluator row in a fresh process. Prints one JSON line. argv: path, N, chunk, batch, lines, device.
+_EVAL_CHILD = r"""
+import contextlib, io, json, sys, time
+
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+path, n, L, B, lines, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+import torch
+from torch import nn
+import streamdata
+import evaluator.engine as engine
+from evaluator import StreamingEvaluator
+from evaluator.metrics import MetricSums
+
+class NoVocabBigram(nn.Module):
+    # logits from the current token via a plain parameter table: no vocab_size, no nn.Embedding,
+    # so nothing scans the store's ids up front (a sparse store is all zeros)
+    def __init__(self, vocab=66):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(vocab, vocab))
+    def forward(self, x):
+        return self.table[x]
+
+made = []
+class Recorded(MetricSums):  # the metric state, measured apart from everything else
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        made.append(self)
+engine.MetricSums = Recorded
+
+class Stop(Exception):
+    pass
+
+out = {"n": n}
+dev = torch.device(device)
+
+def at_stop():
+    s = made[0]
+    out["metric_state_bytes"] = sum(v.numel() * v.element_size() for v in vars(s).values() if isinstance(v, torch.Tensor))
+    out["windows"] = s.spill.num_windows
+    out["rss_growth"] = (kb("VmHWM") - base) * 1024
+    out["cuda_peak"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+
+class ProgressLines(io.TextIOBase):  # stderr stand-in: times the progress lines, stops after `lines`
+    def __init__(self):
+        self.times, self.buf = [], ""
+    def writable(self):
+        return True
+    def write(self, text):
+        self.buf += text
+        *done, self.buf = self.buf.split("\n")
+        for line in done:
+            if line.startswith("[streameval] chunk"):
+                self.times.append(time.perf_counter())
+                if len(self.times) == lines:
+                    at_stop()
+                    raise Stop
+        return len(text)
+
+store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)  # no vocab_size: no whole-file id scan
+ev = StreamingEvaluator(NoVocabBigram(), chunk_size=L, batch_size=B, mode="sliding", device=device, verbose=True,
+                        log_interval=B, check_tokenizer=False)
+sink = ProgressLines()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+except OSError:
+    pass
+base = kb("VmRSS")
+if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(dev)
+t0 = time.perf_counter()
+try:
+    with contextlib.redirect_stderr(sink):
+        ev.evaluate_streaming_with_metrics(store)
+    raise SystemExit(f"the evaluation ended before {lines} progress lines: pass a longer --lengths or fewer --lines")
+except Stop:
+    pass
+store.close()
+out["first_line_s"] = sink.times[0] - t0
+out["lines_s"] = sink.times[-1] - t0
+print(json.dumps(out))
+"""
+
+
+def eval_rows(lengths: list[int], L: int, B: int, lines: int, device: str, tmp: Path, log=print) -> list[dict[str, Any]]:
+    rows = []
+    for n in lengths:
+        path = tmp / f"sparse-{n}.bin"
+        sparse_bin(path, n)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            # in the system temporary folder of the child: --tmp, so its spill files land there too
+            env["TMPDIR"] = str(tmp)
+            p = subprocess.run([sys.executable, "-c", _EVAL_CHILD, str(path), str(n), str(L), str(B), str(lines), device],
+                               capture_output=True, text=True, env=env, timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(f"evaluator child for {n:,} tokens failed:\n{p.stderr[-3000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+        finally:
+            path.unlink(missing_ok=True)
+        rows.append(r)
+        cuda = f", CUDA peak {fmt_bytes(r['cuda_peak'])}" if r["cuda_peak"] is not None else ""
+        log(f"  {n:.0e} tokens: first progress line {r['first_line_s']:.3f} s, peak RSS growth "
+            f"{fmt_bytes(r['rss_growth'])}{cuda}, metric state {fmt_bytes(r['metric_state_bytes'])}")
+    return rows
+
+
 def _count(text: str) -> int:
     v = float(text)
     if v < 1 or v != int(v):
@@ -172,46 +302,92 @@ def _count(text: str) -> int:
     return int(v)
 
 
-@one_line_errors("bench_scaling", flags=("chunk_size",))
+@one_line_errors("bench_scaling", flags=("chunk_size", "device"))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_scaling",
-                                 description="Loader start-up time and peak RSS across stream lengths (sparse stores).")
+                                 description="Loader and evaluator start-up time and peak memory across stream lengths "
+                                             "(sparse stores).")
     ap.add_argument("--lengths", type=_count, nargs="+", default=[10**8, 10**10, 10**11],
                     help="stream lengths in tokens, shortest first: the baseline (default: 1e8 1e10 1e11)")
     ap.add_argument("--chunk-size", type=int, default=1024, help="window length (default: 1024)")
     ap.add_argument("--batch-windows", type=int, default=64, help="windows per batch (default: 64)")
-    ap.add_argument("--batches", type=int, default=20, help="batches read after the first (default: 20)")
+    ap.add_argument("--batches", type=int, default=20, help="loader rows: batches read after the first (default: 20)")
     ap.add_argument("--documents", type=_count, default=10**8,
                     help="documents of the document-mode row's synthetic index (default: 1e8; 8 bytes each on disk)")
+    ap.add_argument("--part", choices=("all", "loader", "eval"), default="all",
+                    help="which rows: the loader's, the evaluator's, or both (default: all)")
+    ap.add_argument("--device", default=None,
+                    help="evaluator rows: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    ap.add_argument("--lines", type=int, default=3,
+                    help="evaluator rows: progress lines (one per batch) before the run is stopped (default: 3)")
     ap.add_argument("--tmp", help="folder for the sparse files (default: the system temporary folder)")
     ap.add_argument("--out", help="folder for a JSON result")
     a = ap.parse_args(argv)
+    if a.lines < 1:
+        raise ConfigError(f"--lines {a.lines} must be >= 1: pass e.g. --lines 3")
     lengths = sorted(a.lengths)
+    device = a.device
+    if a.part != "loader":
+        from evaluator.config import resolve_device  # a device that is not there: one line, before any work
+
+        device = str(resolve_device(device))
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=a.tmp))
+    rows, doc, ev = [], None, []
     try:
-        print(f"loader, stream mode, chunk {a.chunk_size}, {a.batch_windows} windows/batch, CPU, sparse raw uint16 .bin:")
-        rows = loader_rows(lengths, a.chunk_size, a.batch_windows, a.batches, tmp)
-        print(f"loader, document mode with BOS, synthetic index:")
-        doc = document_row(a.documents, a.chunk_size, a.batch_windows, a.batches, tmp)
+        if a.part != "eval":
+            print(f"loader, stream mode, chunk {a.chunk_size}, {a.batch_windows} windows/batch, CPU, sparse raw uint16 .bin:")
+            rows = loader_rows(lengths, a.chunk_size, a.batch_windows, a.batches, tmp)
+            print(f"loader, document mode with BOS, synthetic index:")
+            doc = document_row(a.documents, a.chunk_size, a.batch_windows, a.batches, tmp)
+        if a.part != "loader":
+            print(f"evaluator with metrics, whole store, sliding, chunk {a.chunk_size}, {a.batch_windows} windows/batch, "
+                  f"{device}, stopped at progress line {a.lines}:")
+            ev = eval_rows(lengths, a.chunk_size, a.batch_windows, a.lines, device, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print(table([[f"{r['n']:.0e} tokens", r["windows"], r["first_batch_s"], fmt_bytes(r["rss_growth"]),
-                  fmt_bytes(r["rss_growth_vs_base"])] for r in rows]
-                + [[f"{a.documents:.0e} documents", doc["windows"], doc["first_batch_s"], fmt_bytes(doc["rss_growth"]), ""]],
-                ["loader", "windows", "first batch s", "peak RSS growth", "vs shortest"]))
-    spread = max(r["rss_growth"] for r in rows) - min(r["rss_growth"] for r in rows)
-    slowest = max(r["first_batch_s"] for r in rows)
-    goals = [
-        f"first batch within 1 s at every length: slowest {slowest:.3f} s ({'met' if slowest <= 1 else 'NOT met'})",
-        f"RSS growth within 64 MiB across lengths: spread {spread / MiB:.1f} MiB ({'met' if spread <= 64 * MiB else 'NOT met'})",
-        f"document mode over {a.documents:,} documents starts within 5 s: {doc['first_batch_s']:.2f} s "
-        f"({'met' if doc['first_batch_s'] <= 5 else 'NOT met'})",
-    ]
+    goals = []
+    if rows:
+        print()
+        print(table([[f"{r['n']:.0e} tokens", r["windows"], r["first_batch_s"], fmt_bytes(r["rss_growth"]),
+                      fmt_bytes(r["rss_growth_vs_base"])] for r in rows]
+                    + [[f"{a.documents:.0e} documents", doc["windows"], doc["first_batch_s"], fmt_bytes(doc["rss_growth"]), ""]],
+                    ["loader", "windows", "first batch s", "peak RSS growth", "vs shortest"]))
+        spread = max(r["rss_growth"] for r in rows) - min(r["rss_growth"] for r in rows)
+        slowest = max(r["first_batch_s"] for r in rows)
+        goals += [
+            f"first batch within 1 s at every length: slowest {slowest:.3f} s ({'met' if slowest <= 1 else 'NOT met'})",
+            f"RSS growth within 64 MiB across lengths: spread {spread / MiB:.1f} MiB ({'met' if spread <= 64 * MiB else 'NOT met'})",
+            f"document mode over {a.documents:,} documents starts within 5 s: {doc['first_batch_s']:.2f} s "
+            f"({'met' if doc['first_batch_s'] <= 5 else 'NOT met'})",
+        ]
+    if ev:
+        print()
+        base = ev[0]
+        for r in ev:
+            r["rss_growth_vs_base"] = r["rss_growth"] - base["rss_growth"]
+        print(table([[f"{r['n']:.0e} tokens", r["windows"], r["first_line_s"], fmt_bytes(r["rss_growth"]),
+                      fmt_bytes(r["rss_growth_vs_base"]), fmt_bytes(r["cuda_peak"]), fmt_bytes(r["metric_state_bytes"])]
+                     for r in ev],
+                    ["evaluator", "windows", "first line s", "peak RSS growth", "vs shortest", "CUDA peak", "metric state"]))
+        slowest = max(r["first_line_s"] for r in ev)
+        spread = max(r["rss_growth"] for r in ev) - min(r["rss_growth"] for r in ev)
+        states = {r["metric_state_bytes"] for r in ev}
+        goals += [
+            f"evaluator: first progress line within 5 s at every length: slowest {slowest:.3f} s "
+            f"({'met' if slowest <= 5 else 'NOT met'})",
+            f"evaluator: peak RSS growth within 64 MiB across lengths: spread {spread / MiB:.1f} MiB "
+            f"({'met' if spread <= 64 * MiB else 'NOT met'})",
+            f"evaluator: metric state the same at every length: {', '.join(fmt_bytes(b) for b in sorted(states))} "
+            f"({'met' if len(states) == 1 else 'NOT met'})",
+        ]
+        if base["cuda_peak"] is not None:
+            cspread = max(r["cuda_peak"] for r in ev) - min(r["cuda_peak"] for r in ev)
+            goals.append(f"evaluator: CUDA peak the same across lengths: spread {fmt_bytes(cspread)} "
+                         f"({'met' if cspread <= MiB else 'NOT met'})")
     print("\n".join(goals))
     path = write_json(a.out, "bench_scaling.json", {
         "command": "python -m benchmarks.bench_scaling", "args": vars(a), "loader": rows, "document": doc,
-        "goals": goals,
+        "evaluator": ev, "evaluator_device": device if ev else None, "goals": goals,
     })
     if path:
         print(f"wrote {path}")
