@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamdata.loader import WindowBatch, WindowLoader
+from streamdata.loader import WindowLoader
 
 from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
@@ -197,7 +197,7 @@ class StreamingEvaluator:
                 with on_device, torch.inference_mode(), self._autocast():
                     for batch in windows:
                         if detailed:  # may flush the previous block first (a sync every few thousand windows)
-                            sums.begin_batch(batch.first_window, batch.num_windows, *_doc_range(batch))
+                            sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
                         timer.start()
                         runner.step(batch)
                         timer.stop(batch.num_windows)
@@ -235,11 +235,6 @@ class StreamingEvaluator:
                 writer.discard()
             if spill is not None:
                 spill.discard()
-
-
-def _doc_range(batch: WindowBatch) -> tuple[int, int]:
-    """(first, last) document id that the batch's span touches: host ints the loader computed."""
-    return batch._d0, batch._d0 + len(batch._doc_starts) - 1
 
 
 class _Timer:

@@ -90,6 +90,9 @@ class WindowBatch:
     - ``windows``: the batch's windows of the plan as host numpy arrays (a
       :class:`~streamdata.windows.WindowBlock`: ``start``, ``length``, ``score_from``, ``doc``,
       ``bos``, ``first == first_window``), so consumers need no whole-plan array.
+    - ``doc_range``: ``(first, last)`` document ids that the batch's span touches, host ints (no
+      sync): every ``doc_ids`` entry of a target lies in it (the evaluator sizes its per-document
+      block from it).
     """
 
     inputs: torch.Tensor
@@ -112,6 +115,10 @@ class WindowBatch:
     @property
     def batch_size(self) -> int:
         return self.inputs.shape[0]
+
+    @property
+    def doc_range(self) -> tuple[int, int]:
+        return self._d0, self._d0 + len(self._doc_starts) - 1
 
     def _docs(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "doc" in self._cache:

@@ -313,3 +313,21 @@ def test_plot_groups_chunks_beyond_the_point_limit(monkeypatch):
     assert x.tolist() == [min(94, i * 10 + 5) for i in range(10)]
     x, ppl, group = report_mod._chunk_curve(loss[:7])
     assert group == 1 and x.tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("mode, overlap, bos", [("stream", 3, None), ("document", 0, 1), ("document", 2, None)])
+def test_batch_doc_range_holds_every_scored_target(make_store, mode, overlap, bos):
+    """The per-document block is sized from WindowBatch.doc_range: every scored target's document
+    must lie in it, and no batch scores a document before the last one its predecessor scored."""
+    from streamdata.loader import WindowLoader
+
+    store = make_store(_docs(3), vocab_size=V)
+    last = -1
+    with WindowLoader(store, chunk_size=6, overlap=overlap, mode=mode, batch_windows=3, device="cpu",
+                      prepend_bos_id=bos) as ld:
+        for b in ld:
+            lo, hi = b.doc_range
+            docs = b.doc_ids[b.score_mask]
+            assert lo <= int(docs.min()) and int(docs.max()) <= hi
+            assert int(docs.min()) >= last  # documents in order: earlier ones are final at a flush
+            last = int(docs.max())
