@@ -14,7 +14,8 @@ until both succeeded, so a retry never counts a target twice. The cache is empti
 the ``except`` block (inside it the traceback still references the failed forward's tensors).
 
 Hot loop rules: no device sync per batch (sums stay on the device, counts come from the plan);
-per-token losses, when asked for, are copied to their memmap per batch (an opt-in sync).
+per-window/per-document sums and per-token losses leave the device in blocks (one sync per block,
+see metrics.py).
 """
 
 from __future__ import annotations
