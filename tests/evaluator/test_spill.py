@@ -24,7 +24,7 @@ import evaluator.runners as runners_mod
 import evaluator.spill as spill_mod
 from evaluator import StreamingEvaluator
 from evaluator.cli import main
-from evaluator.metrics import MetricSums, summarize_chunks
+from evaluator.metrics import MetricSums, PerTokenWriter, summarize_chunks
 from evaluator.spill import BlockView, SpillFiles, block_sum
 
 from .helpers import V, Bigram, TinyRNN
@@ -41,8 +41,10 @@ def _docs(seed=0):
     return [rng.integers(1, V, n).tolist() for n in lens]
 
 
-def _tiny_blocks(monkeypatch, w=1, d=1):
+def _tiny_blocks(monkeypatch, w=1, d=1, per_token=5):
     monkeypatch.setattr(engine_mod, "MetricSums", functools.partial(MetricSums, block_windows=w, block_documents=d))
+    # per-token losses too: blocks of 5 values (batches both fill a block and exceed one)
+    monkeypatch.setattr(engine_mod, "PerTokenWriter", functools.partial(PerTokenWriter, block=per_token))
 
 
 def _evaluate(model, data, **kw):
