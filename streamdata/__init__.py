@@ -1,7 +1,8 @@
 """streamdata: tokenize a Hugging Face dataset once into memory-mapped token shards, then stream
 overlapping chunk windows from disk to the GPU in bounded memory.
 
-Pipeline (one module per stage): source -> tokenize -> writer -> format/store -> windows -> loader.
+Pipeline (one module per stage): source -> tokenize -> writer -> format/store -> windows -> loader;
+merge joins the stores of a partitioned tokenize (``--num-parts``).
 """
 
 from .backends import TokenStore, open_store
@@ -10,12 +11,14 @@ from .backends.raw_bin import open_raw_bin
 from .convert import convert_store
 from .errors import ConfigError, SourceError, StoreError, StreamdataError, TokenizerError
 from .format import Manifest, ShardInfo
+from .merge import MergeConfig, merge_parts
 from .tokenize import TokenizeConfig, load_tokenizer, tokenize_dataset
 from .windows import WindowPlan, plan_windows
 
 __all__ = [
     "ConfigError",
     "Manifest",
+    "MergeConfig",
     "ShardInfo",
     "SourceError",
     "StoreError",
@@ -28,6 +31,7 @@ __all__ = [
     "WindowPlan",
     "convert_store",
     "load_tokenizer",
+    "merge_parts",
     "open_megatron",
     "open_raw_bin",
     "open_store",
