@@ -7,6 +7,9 @@
 With ``--out DIR`` a run is crash-safe: DIR keeps a checkpoint (evaluator/checkpoint.py) and the
 same command resumes after a crash; the report files appear only when the run is complete.
 
+Under torchrun (``torchrun --nproc-per-node N -m evaluator run ...``) N processes share the run
+(evaluator/distributed.py); rank 0 prints the table and writes the report.
+
 Exit codes: 0 success; 2 bad input (one line on stderr); 130 interrupted; 141 stdout closed early (``| head``).
 """
 
@@ -161,9 +164,13 @@ def _prepare_out(out: str | None, overwrite: bool) -> None:
         raise EvaluatorError(f"--out {out!r} is not a writable folder ({e.strerror}): choose another --out") from None
     ours = [*REPORT_FILES, CHECKPOINT_NAME, PROGRESS_NAME, _PER_TOKEN, _PER_TOKEN + ".partial"]
     if overwrite:
+        from .distributed import remove_rank_folders
+
         for name in ours:  # only the files this tool writes: nothing else in the folder is touched
             (path / name).unlink(missing_ok=True)
-    elif (path / "results.json").exists() and not (path / CHECKPOINT_NAME).exists():
+        remove_rank_folders(path)  # torchrun runs' per-rank checkpoints
+    elif (path / "results.json").exists() and not (path / CHECKPOINT_NAME).exists() \
+            and not any(path.glob(f"rank-*-of-*/{CHECKPOINT_NAME}")):  # torchrun runs: per-rank checkpoints
         raise EvaluatorError(f"--out {out!r} holds the report of an earlier run without its checkpoint: "
                              "pass --overwrite to replace it, or choose another --out")
 
@@ -171,24 +178,39 @@ def _prepare_out(out: str | None, overwrite: bool) -> None:
 def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
     from streamdata import open_store
 
+    import torch
+
+    from .distributed import barrier, rank_device, session
     from .engine import StreamingEvaluator
-    from .report import format_table, write_report
 
     if a.per_token and not a.out:
         raise EvaluatorError("--per-token needs --out DIR (the losses go to a memory-mapped file there)")
     cfg = _config(a)  # settings are checked before the folder and the model are touched
-    _prepare_out(a.out, a.overwrite)
-    ev = StreamingEvaluator(model, config=cfg)
-    with open_store(store_path) as store:
-        res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token)
-        print(format_table(res))
-        if a.out:
-            if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
-                print(f"report: already complete in {a.out} (nothing was recomputed)")
-                return 0
-            files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store,
-                                 model=ev.adapter.describe(), plots=not a.no_plots)
-            print(f"report: {', '.join(str(f) for f in files.values())}")
+    with session(a.device) as info:  # torchrun's process group, or None (one process)
+        main_rank = info is None or info.is_main
+        if main_rank:
+            _prepare_out(a.out, a.overwrite)
+        if info is not None:
+            barrier(info, torch.device(rank_device(info)))  # --out is ready (and --overwrite done) for every rank
+        ev = StreamingEvaluator(model, config=cfg)
+        with open_store(store_path) as store:
+            res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token)
+            if main_rank:
+                _report(res, a, cfg, store, ev)
+    return 0
+
+
+def _report(res: dict[str, Any], a: argparse.Namespace, cfg: Any, store: Any, ev: Any) -> int:
+    from .report import format_table, write_report
+
+    print(format_table(res))
+    if a.out:
+        if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
+            print(f"report: already complete in {a.out} (nothing was recomputed)")
+            return 0
+        files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store,
+                             model=ev.adapter.describe(), plots=not a.no_plots)
+        print(f"report: {', '.join(str(f) for f in files.values())}")
     return 0
 
 

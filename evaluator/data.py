@@ -161,15 +161,15 @@ class EvalData:
 
     # ---- windows -----------------------------------------------------------------------
     def windows(self, spec: WindowSpec, device: torch.device, vocab_size: int | None = None,
-                start_at: int = 0) -> WindowLoader:
+                start_at: int = 0, stop_at: int | None = None) -> WindowLoader:
         """The windows of ``spec`` as a :class:`~streamdata.loader.WindowLoader` on ``device``
         (``len()``, ``plan``, ``num_scored``; call ``close()`` at the end), from window ``start_at``
         of the full plan (resuming). Ids ``>= vocab_size`` stop the iteration with one line naming
-        the first of them."""
+        the first of them. ``stop_at``: one past the last window (a rank's block; None: the end)."""
         return WindowLoader(
             self.store, chunk_size=spec.chunk_size, overlap=spec.overlap, mode=spec.doc_mode,
             batch_windows=spec.batch_windows, device=device, prepend_bos_id=spec.bos_id,
-            max_tokens=spec.max_tokens, vocab_size=vocab_size, start_at=start_at, tail=spec.tail,
+            max_tokens=spec.max_tokens, vocab_size=vocab_size, start_at=start_at, stop_at=stop_at, tail=spec.tail,
         )
 
     def close(self) -> None:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from streamdata.loader import WindowLoader
+from streamdata.windows import plan_windows
 
+from . import distributed as dd
 from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
 from .data import EvalData, open_data
@@ -53,6 +55,9 @@ class StreamingEvaluator:
             raise ConfigError("pass either config=StreamingEvalConfig(...) or keyword settings, not both")
         config = dataclasses.replace(config)  # our own copy: setters below must not change the caller's
         device = resolve_device(config.device) if config.device is not None else None  # bad names fail first
+        info = dd.current()
+        if device is None and info is not None and config.device_map is None:
+            device = resolve_device(dd.rank_device(info))  # under torchrun: this rank's local device
         self.adapter: ModelAdapter = load_model(model, dtype=config.dtype, device_map=config.device_map)
         # A model spread over devices (device map) takes its inputs on its first device and stays
         # where it is; any other model is moved to the requested (or default) device.
@@ -128,35 +133,50 @@ class StreamingEvaluator:
             if cfg.verbose and cfg.mode == "auto":
                 print(f"[streameval] mode {run.mode} ({run.mode_reason})", file=sys.stderr, flush=True)
             ed.check_ids(self.adapter.vocab_size, max_tokens)
+            part = _Part.of(dd.current(), run, ed, checkpoint_dir)
             ckpt = None
             if checkpoint_dir is not None:
-                ckpt = Checkpointer(checkpoint_dir, run_identity(ed, self.adapter, run, detailed, per_token),
-                                    cfg.checkpoint_interval)
+                dd.check_rank_folders(checkpoint_dir, part.info)
+                ident = run_identity(ed, self.adapter, run, detailed, per_token)
+                folder: Any = checkpoint_dir
+                if part.info is not None:  # one checkpoint per rank, of its own block
+                    ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
+                    folder = dd.rank_folder(checkpoint_dir, part.info)
+                ckpt = Checkpointer(folder, ident, cfg.checkpoint_interval)
             state = ckpt.load() if ckpt is not None else None
             windows = ed.windows(run.spec, self.device, vocab_size=self.adapter.vocab_size,
-                                 start_at=0 if state is None else int(state["next_window"]))
+                                 start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
             try:
-                return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state)
+                return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part)
             finally:
                 windows.close()
 
     def _loop(self, ed: EvalData, run: ResolvedRun, windows: WindowLoader, log_interval: int, detailed: bool,
-              per_token: bool, ckpt: Checkpointer | None, state: dict[str, Any] | None) -> dict[str, Any]:
+              per_token: bool, ckpt: Checkpointer | None, state: dict[str, Any] | None,
+              part: "_Part") -> dict[str, Any]:
         cfg, dev, spec = self.config, self.device, run.spec
+        info = part.info
         num_windows = windows.full_plan_windows
         expected = state["expected"] if state is not None else windows.num_scored  # every target once
-        if expected == 0:
+        # (one rank's block may be empty, e.g. more ranks than documents: only an empty plan is an error)
+        if expected == 0 and (info is None or part.total_scored == 0):
             raise DataError(
                 f"{ed.name} has no token to score ({ed.limit(spec.max_tokens)} tokens; each "
                 f"{'document' if spec.doc_mode == 'document' else 'stream'} needs >= 2, or 1 with a BOS prefix)"
             )
         path = cfg.per_token_path
         if per_token and path is None and ckpt is not None:
-            path = str(ckpt.folder / "per_token_losses.f32")  # resumable: beside the checkpoint
+            path = str(part.root / "per_token_losses.f32")  # resumable: beside the checkpoint
         writer, spill = None, None
+        filled = 0 if state is None else int(state["per_token_filled"])
         try:
-            writer = PerTokenWriter(path, expected, filled=0 if state is None else int(state["per_token_filled"])) \
-                if per_token else None
+            if not per_token:
+                writer = None
+            elif info is None:
+                writer = PerTokenWriter(path, expected, filled=filled)
+            else:  # one file, this rank's slice at its own offset
+                shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
+                writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled)
             timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
             if detailed:
                 # Per-window and per-document sums leave the device in blocks into files: beside the
@@ -173,8 +193,10 @@ class StreamingEvaluator:
                 sums.load_state_dict(state["sums"])
                 runner.load(state["runner"])
                 elapsed0, resumed_from = float(state["elapsed"]), int(state["next_window"])
-            progress = Progress(total_windows=num_windows, total_tokens=expected, done_windows=windows.plan.first,
-                                done_tokens=sums.tokens, log_interval=log_interval, verbose=cfg.verbose)
+            progress = Progress(total_windows=num_windows if info is None else part.hi, total_tokens=expected,
+                                done_windows=windows.plan.first, done_tokens=sums.tokens, log_interval=log_interval,
+                                verbose=cfg.verbose and (info is None or info.is_main),
+                                world_size=1 if info is None else info.world_size)
             if resumed_from is not None:
                 progress.note(f"resuming from window {resumed_from:,} of {num_windows:,} ({ckpt.path})")
             t_start = time.perf_counter()
@@ -214,7 +236,15 @@ class StreamingEvaluator:
             if ckpt is not None:
                 checkpoint(complete=True)
             total_time = elapsed0 + time.perf_counter() - t_start  # checkpoint writes included
+            if info is not None:  # float64/int64 sums over the ranks (never averages); the slowest rank's time
+                (nll_sum,) = dd.all_reduce_scalars([nll_sum], torch.float64, info, dev)
+                (tokens,) = dd.all_reduce_scalars([tokens], torch.int64, info, dev)
+                (total_time,) = dd.all_reduce_scalars([total_time], torch.float64, info, dev, op="max")
+                if tokens != part.total_scored:
+                    raise RuntimeError(f"internal error: the ranks scored {tokens} targets, the plan gives {part.total_scored}")
             res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time)
+            res["world_size"] = 1 if info is None else info.world_size
+            res["backend"] = None if info is None else info.backend
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
             if spec.batch_windows > getattr(runner, "micro", spec.batch_windows):
@@ -222,12 +252,23 @@ class StreamingEvaluator:
             if detailed:
                 files = spill.finish()
                 spill = None
-                res.update(detail(run, ed, sums, files))
+                if info is not None:
+                    files = self._reduce_detail(part, sums, files, num_windows, ed.num_documents)
+                if files is not None:  # (other ranks than 0 return the totals only)
+                    res.update(detail(run, ed, sums, files))
                 res["per_token_losses"], res["per_token_path"] = None, None
                 if writer is not None:
                     if writer.filled != expected:
                         raise RuntimeError(f"internal error: wrote {writer.filled} per-token losses, expected {expected}")
-                    res["per_token_losses"], res["per_token_path"] = writer.finish(), writer.path
+                    if info is None:
+                        res["per_token_losses"], res["per_token_path"] = writer.finish(), writer.path
+                    else:
+                        shared = writer.path
+                        writer.finish()
+                        dd.barrier(info, dev)  # every rank's slice is on disk before rank 0 publishes
+                        if info.is_main:
+                            res["per_token_losses"] = dd.publish_per_token(shared, path, part.total_scored)
+                            res["per_token_path"] = path
                     writer = None
             return res
         finally:
@@ -235,6 +276,54 @@ class StreamingEvaluator:
                 writer.discard()
             if spill is not None:
                 spill.discard()
+
+    def _reduce_detail(self, part: "_Part", sums: MetricSums, files: dict[str, Any], num_windows: int,
+                       num_documents: int) -> dict[str, Any] | None:
+        """Every rank's position buckets and spilled columns summed (float64/int64) into rank 0's
+        files (beside the checkpoints, else a temporary folder); None on the other ranks."""
+        info, dev = part.info, self.device
+        sums.bucket_nll, sums.bucket_tokens = dd.all_reduce_([sums.bucket_nll, sums.bucket_tokens], info, dev)
+        final = SpillFiles(part.root if part.checkpointed else None, num_windows, num_documents) if info.is_main else None
+        try:
+            dd.reduce_spill(files, final, info, dev)
+        except BaseException:
+            if final is not None:
+                final.discard()
+            raise
+        return final.finish() if final is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """This process's share of a run: windows ``[lo, hi)`` of the full plan (``hi`` None: to the end),
+    the targets scored before ``lo`` and in the whole plan (per-token file offsets), the run's
+    folder. ``info`` None: a single process, the whole plan."""
+
+    info: dd.DistInfo | None
+    lo: int = 0
+    hi: int | None = None
+    scored_before: int = 0
+    total_scored: int = 0
+    root: Any = None
+    checkpointed: bool = False
+
+    @staticmethod
+    def of(info: dd.DistInfo | None, run: ResolvedRun, ed: EvalData, checkpoint_dir: str | None) -> "_Part":
+        from pathlib import Path
+
+        root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if info is None:
+            return _Part(None, root=root, checkpointed=root is not None)
+        spec = run.spec
+        if run.mode != "sliding" and spec.doc_mode == "stream":
+            raise ConfigError(
+                f"mode {run.mode!r} with doc_mode 'stream' carries one state through the whole stream and cannot be "
+                f"split over {info.world_size} processes: pass --doc-mode document (doc_mode='document'), or run one process"
+            )
+        full = plan_windows(ed.doc_offsets, spec.chunk_size, spec.overlap, spec.doc_mode, spec.bos_id is not None,
+                            max_tokens=spec.max_tokens, tail=spec.tail, check=False)
+        lo, hi = dd.rank_range(full, ed.doc_offsets, info.rank, info.world_size)
+        return _Part(info, lo, hi, full[:lo].num_scored, full.num_scored, root, root is not None)
 
 
 class _Timer:

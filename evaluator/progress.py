@@ -4,6 +4,10 @@ On a terminal: a tqdm bar counting scored tokens, with rate and ETA, its postfix
 and perplexity. Elsewhere (a pipe, a log file): one plain line every ``log_interval`` windows.
 Nothing with ``verbose=False``. The loss needs the device's running sum: one sync per
 ``log_interval`` windows, never per batch (the bar itself advances from host-known counts).
+
+Under torchrun only rank 0 reports, counting its own block; with ``world_size`` N > 1 the lines
+show the global throughput as N x rank 0's rate (the split gives every rank about the same tokens;
+measuring it exactly would need a collective per line, in lockstep across ranks).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ __all__ = ["Progress"]
 
 class Progress:
     def __init__(self, *, total_windows: int, total_tokens: int, done_windows: int, done_tokens: int,
-                 log_interval: int, verbose: bool, stream: TextIO | None = None, bar: bool | None = None):
+                 log_interval: int, verbose: bool, stream: TextIO | None = None, bar: bool | None = None,
+                 world_size: int = 1):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = verbose
         self.total_windows, self.log_interval = total_windows, log_interval
+        self.world_size = world_size
         self.done, self.tokens = done_windows, done_tokens
         self.start_tokens = done_tokens  # rates count this process's work only (a resumed run too)
         self.next_log = (done_windows // log_interval + 1) * log_interval
@@ -32,7 +38,8 @@ class Progress:
         if verbose and (isatty if bar is None else bar):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="streameval",
+            desc = "streameval" if world_size == 1 else f"streameval rank 0/{world_size}"
+            self.bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc=desc,
                             file=self.stream, dynamic_ncols=True, smoothing=0.1)
 
     def note(self, text: str) -> None:
@@ -60,8 +67,11 @@ class Progress:
         else:
             dt = time.perf_counter() - self.t0
             rate = (self.tokens - self.start_tokens) / dt if dt > 0 else 0.0
-            print(f"[streameval] chunk {self.done}/{self.total_windows}  loss {nll / n:.4f}  ppl {perplexity(nll, n):.3f}  "
-                  f"{rate:,.0f} tok/s", file=self.stream, flush=True)
+            who, scale = "", ""
+            if self.world_size > 1:
+                who, scale = "rank 0 ", f" (all {self.world_size} ranks, est. {self.world_size} x rank 0)"
+            print(f"[streameval] {who}chunk {self.done}/{self.total_windows}  loss {nll / n:.4f}  ppl {perplexity(nll, n):.3f}  "
+                  f"{rate * self.world_size:,.0f} tok/s{scale}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

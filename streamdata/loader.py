@@ -254,7 +254,9 @@ class WindowLoader(_ClosesOnExit):
     ``device``: None picks CUDA when available, else CPU.
     ``start_at``: index of the first window of the full plan to load (resume after a batch with
     ``batch.first_window + batch.num_windows``); the windows from there are split into
-    ``world_size`` contiguous blocks and this loader yields block ``rank``. ``plan`` is that block
+    ``world_size`` contiguous blocks and this loader yields block ``rank``. ``stop_at``: one past the
+    last window of the full plan to load (None: its end); a rank that owns an explicit block (the
+    evaluator's document-balanced split) resumes with ``start_at``/``stop_at``. ``plan`` is that block
     (a lazy :class:`~streamdata.windows.WindowPlan`); ``plan.first`` is the full-plan index of its
     window 0, ``full_plan_windows`` the full plan's window count. Each batch carries its own
     windows (``batch.windows``).
@@ -279,6 +281,7 @@ class WindowLoader(_ClosesOnExit):
         batch_tokens: int | None = None,
         device: Any = None,
         start_at: int = 0,
+        stop_at: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         prepend_bos_id: int | None = None,
@@ -291,7 +294,7 @@ class WindowLoader(_ClosesOnExit):
         self._owns_store = not isinstance(store, TokenStore)
         self.store = open_store(store) if self._owns_store else store
         try:
-            self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
+            self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, (start_at, stop_at), rank, world_size,
                         prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail)
         except BaseException:
             self.close()
@@ -328,12 +331,17 @@ class WindowLoader(_ClosesOnExit):
                     f"pass batch_tokens >= {full.chunk_size} or use batch_windows"
                 )
             B = budget // full.chunk_size
+        start_at, stop_at = start_at
         start_at = _check_int("start_at", start_at, 0, "pass the index of the first window to load (0 = start)")
         if start_at > len(full):
             raise ConfigError(f"start_at={start_at} is past the plan's {len(full)} windows: pass 0 <= start_at <= {len(full)}")
+        if stop_at is not None:
+            stop_at = _check_int("stop_at", stop_at, start_at, f"pass start_at={start_at} <= stop_at <= {len(full)}, or None")
+            if stop_at > len(full):
+                raise ConfigError(f"stop_at={stop_at} is past the plan's {len(full)} windows: pass stop_at <= {len(full)}, or None")
         self.full_plan_windows = len(full)
-        #: This loader's windows: the full plan from ``start_at``, then rank ``rank``'s block.
-        self.plan: WindowPlan = full[start_at:].shard(rank, world_size)
+        #: This loader's windows: the full plan from ``start_at`` (to ``stop_at``), then rank ``rank``'s block.
+        self.plan: WindowPlan = full[start_at:stop_at].shard(rank, world_size)
         self.batch_windows = B
         self.bos_id = prepend_bos_id
         self.release_behind = bool(release_behind)
