@@ -205,3 +205,39 @@ def test_loader_stop_at(tmp_path):
                       (dict(stop_at=10 ** 6), "stop_at=1000000 is past the plan's")]:
         with pytest.raises(StreamConfigError, match=match):
             WindowLoader(ed.store, chunk_size=8, device="cpu", **kw)
+
+
+def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
+    """``torchrun -m evaluator run``: one table, one report (rank 0), equal to the API in one process."""
+    import torch
+
+    from evaluator import StreamingEvaluator
+
+    from .helpers import V, tiny_gpt2
+
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(1, V, size=int(n)).tolist() for n in rng.integers(1, 60, size=9)]
+    store = make_store(docs, vocab_size=V, shard_tokens=100)
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny_gpt2(n_positions=64).save_pretrained(model_dir)
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "evaluator", "run",
+           str(store), "--model", str(model_dir), "--chunk-size", "16", "--mode", "kv-cache", "--doc-mode", "document",
+           "--device", "cpu", "--out", str(out), "--per-token", "--quiet", "--no-plots"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("report: ") == 1  # rank 0 only
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["backend"] == "gloo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same fp32 addition order
+    try:
+        ref = StreamingEvaluator(str(model_dir), chunk_size=16, mode="kv-cache", doc_mode="document", device="cpu",
+                                 verbose=False).evaluate_streaming_with_metrics(str(store), compute_per_token_metrics=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert res["total_tokens"] == ref["total_tokens"]
+    assert abs(res["nll_sum"] - ref["nll_sum"]) <= 1e-9 * ref["nll_sum"]
+    per_token = np.fromfile(out / "per_token_losses.f32", dtype=np.float32)
+    np.testing.assert_array_equal(per_token, np.asarray(ref["per_token_losses"]))
+    assert np.array_equal(np.load(out / "document_tokens.npy"), np.asarray(ref["per_document"]["tokens"]))
