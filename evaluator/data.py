@@ -169,7 +169,8 @@ class EvalData:
         return WindowLoader(
             self.store, chunk_size=spec.chunk_size, overlap=spec.overlap, mode=spec.doc_mode,
             batch_windows=spec.batch_windows, device=device, prepend_bos_id=spec.bos_id,
-            max_tokens=spec.max_tokens, vocab_size=vocab_size, start_at=start_at, stop_at=stop_at, tail=spec.tail,
+            max_tokens=spec.max_tokens, vocab_size=_tighter(vocab_size, self.vocab_size), start_at=start_at,
+            stop_at=stop_at, tail=spec.tail,
         )
 
     def close(self) -> None:
@@ -222,3 +223,12 @@ def open_data(data: Any) -> EvalData:
     if isinstance(data, (torch.Tensor, np.ndarray, list, tuple)):
         return EvalData.from_tokens(data)
     raise DataError(f"cannot evaluate data of type {type(data).__name__}: pass a 1-D token tensor, a TokenStore or a store path")
+
+
+def _tighter(model_vocab: int | None, store_vocab: int | None) -> int | None:
+    """The bound the loader checks every id against: the model's vocabulary, or the store's if
+    smaller (an id the store's own tokenizer cannot produce is damage, even where the model has a
+    row for it; stores opened without an up-front scan, such as a raw .bin with checksum=False,
+    rely on this check)."""
+    bounds = [v for v in (model_vocab, store_vocab) if v is not None]
+    return min(bounds) if bounds else None

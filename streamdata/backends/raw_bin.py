@@ -102,7 +102,10 @@ class RawBinTokenStore(ImportedStore):
         found: list[np.ndarray] = []
         sha = ""
         try:
-            if checksum or eos_id is not None or vocab_size is not None:
+            # checksum=False without eos_id: nothing to compute from the ids, so nothing is read at
+            # open, whatever the file's size (a 2 TB file opens at once); a declared vocab_size is
+            # then enforced as ids are read (the evaluator's loader checks every span against it).
+            if checksum or eos_id is not None:
                 each = None if eos_id is None else (lambda block, lo: found.append(np.flatnonzero(block == eos_id) + lo))
                 sha, bad = scan_tokens(self, 0, n_tok, vocab_size=vocab_size, each=each)
                 if bad is not None:
@@ -157,6 +160,9 @@ def open_raw_bin(path: str | os.PathLike, dtype: str = "uint16", eos_id: int | N
     ``dtype``: "uint16" (nanoGPT) or "uint32". ``eos_id``: split documents after each EOS (else one
     document). ``vocab_size``: recorded, and every id is checked against it. ``checksum=False``
     skips hashing the file at open (one full read, ~1-2 GB/s); the manifest then records an empty
-    sha256 and ``streamdata verify`` reports it as a mismatch.
+    sha256 and ``streamdata verify`` reports it as a mismatch. With ``checksum=False`` and no
+    ``eos_id`` nothing is read at open (O(1) for any size): ids are then checked against
+    ``vocab_size`` as they are read (``WindowLoader(vocab_size=...)``, which the evaluator passes),
+    not up front, and ``streamdata verify`` reads them all.
     """
     return RawBinTokenStore(path, dtype, eos_id, vocab_size, checksum=checksum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,17 @@ def test_a_damaged_store_with_an_id_beyond_the_vocabulary_is_one_line(make_store
         ev.evaluate_streaming(path)
     msg = _one_line(e)
     assert f"token id {V + 5} at position 70 of store" in msg and f"[0, {V})" in msg and "streamdata verify" in msg
+
+
+def test_the_loader_enforces_the_store_vocabulary_when_the_model_has_more_rows(tmp_path):
+    """A raw .bin opened with checksum=False is not scanned at open; an id beyond the store's declared
+    vocabulary (but inside the model's) still stops the run with one line naming it."""
+    import streamdata
+
+    p = tmp_path / "t.bin"
+    np.array([1, 2, 3, 60, 90, 4, 5, 6, 7, 8, 9], dtype="<u2").tofile(p)  # 90 >= the declared 64
+    store = streamdata.open_raw_bin(p, vocab_size=64, checksum=False)
+    ev = StreamingEvaluator(Bigram(), chunk_size=4, device="cpu", verbose=False)  # vocab V = 97 > 90
+    with pytest.raises(streamdata.StoreError, match=r"token id 90 at position 4 .* \[0, 64\)") as e:
+        ev.evaluate_streaming(store)
+    assert "\n" not in str(e.value)

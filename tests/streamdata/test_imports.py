@@ -4,6 +4,7 @@ published layouts (not from our reader), read back through every TokenStore oper
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -260,3 +261,29 @@ def test_open_token_files_options(tmp_path):
         assert s.num_documents == 2 and s.vocab_size == 10
     with pytest.raises(ConfigError, match="records its dtype: drop the dtype option"):
         open_token_files(str(m) + ".idx", dtype="uint32")
+
+
+def test_raw_bin_without_checksum_reads_nothing_at_open_and_readers_enforce_its_vocab(tmp_path, monkeypatch):
+    import streamdata.backends.raw_bin as raw_bin
+    from streamdata.loader import WindowLoader
+
+    huge = tmp_path / "huge.bin"  # 10^11 tokens (200 GB apparent, no disk used): opens at once
+    with open(huge, "wb"):
+        pass
+    os.truncate(huge, 2 * 10**11)
+    good = write_nanogpt_bin(tmp_path / "g.bin", [1, 2, 3, 999, 4, 5, 6, 7, 8])
+
+    def no_scan(*a, **k):
+        raise AssertionError("the ids were read at open")
+
+    monkeypatch.setattr(raw_bin, "scan_tokens", no_scan)
+    with open_raw_bin(huge, vocab_size=66, checksum=False) as s:
+        assert len(s) == 10**11 and s.vocab_size == 66
+    with open_raw_bin(good, vocab_size=500, checksum=False) as s:  # id 999 is not seen at open ...
+        assert s.vocab_size == 500
+        with pytest.raises(StoreError, match=r"token id 999 at position 3 of store .* outside the vocabulary \[0, 500\)") as e:
+            for _ in WindowLoader(s, chunk_size=4, batch_windows=1, device="cpu", vocab_size=500):
+                pass  # ... but as soon as a reader reads it
+        assert "\n" not in str(e.value)
+    with pytest.raises(AssertionError, match="read at open"):  # with an eos_id the ids must be read
+        open_raw_bin(good, eos_id=7, vocab_size=500, checksum=False)
