@@ -32,6 +32,8 @@ SKIPPED = {
     "python -m benchmarks                    # the suite: stages, verdict, sweeps, baselines, memory scaling":
         "minutes of measurement; tests/benchmarks runs every benchmark at toy sizes",
     "#!/bin/bash": "needs a SLURM cluster (the one-machine loop above runs the same commands)",
+    "# one machine, 8 GPUs: one process per GPU (NCCL), each on cuda:LOCAL_RANK":
+        "launches several processes (tests/evaluator/test_distributed.py runs 2 and 3 gloo processes)",
     "# needs accelerate (in the hf extra): layers spread over every visible GPU, then CPU RAM, then disk":
         "needs several GPUs (tests/evaluator/test_device_map.py runs a CPU + disk map)",
     "streamdata tokenize docs.jsonl --tokenizer ./my-model --eos none --out stores/docs   # the text only, no EOS/BOS added":
