@@ -316,8 +316,13 @@ def shared_per_token_file(path: str | None, total: int, info: DistInfo, device: 
             os.close(fd)
     else:
         file = None
-    file = broadcast_object(file, info)
-    return file, path
+    try:
+        shared = broadcast_object(file, info)
+    except BaseException:
+        if info.is_main and path is None:  # our temporary file: nobody will write it now
+            os.unlink(file)
+        raise
+    return shared, path
 
 
 class RankTokenWriter(PerTokenWriter):
@@ -325,8 +330,10 @@ class RankTokenWriter(PerTokenWriter):
     per-token file (created by :func:`shared_per_token_file`): ``filled``/``total`` count this
     rank's values; publishing the file is rank 0's job once every rank has flushed."""
 
-    def __init__(self, file: str, base: int, count: int, filled: int = 0, block: int = 1 << 20):
+    def __init__(self, file: str, base: int, count: int, filled: int = 0, block: int = 1 << 20,
+                 anonymous: bool = False):
         self.total, self.base = count, base
+        self.anonymous = anonymous  # rank 0's temporary file (no final name): removed by discard
         self.filled = self._written = filled
         self._block, self._buf, self._k = block, None, 0
         self.path, self._file = file, file
@@ -346,6 +353,8 @@ class RankTokenWriter(PerTokenWriter):
 
     def discard(self) -> None:
         self._close()
+        if self.anonymous and os.path.exists(self._file):
+            os.unlink(self._file)
 
 
 def publish_per_token(file: str, path: str | None, total: int) -> np.memmap:

@@ -176,7 +176,8 @@ class StreamingEvaluator:
                 writer = PerTokenWriter(path, expected, filled=filled)
             else:  # one file, this rank's slice at its own offset
                 shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
-                writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled)
+                writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled,
+                                            anonymous=path is None and info.is_main)
             timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
             if detailed:
                 # Per-window and per-document sums leave the device in blocks into files: beside the
