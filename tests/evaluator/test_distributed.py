@@ -38,11 +38,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300, tmp: Path | None = None) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    if tmp is not None:  # the workers' temporary files (per-token losses, spilled detail) go there
+        tmp.mkdir()
+        env["TMPDIR"] = str(tmp)
     cmd = [sys.executable, WORKER, str(out), *cases] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER, str(out), *cases]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _load(out: Path, case: str) -> dict:
@@ -102,9 +106,10 @@ def test_n_processes_equal_one(single, tmp_path, nproc):
 
 def test_a_failing_rank_stops_every_rank(tmp_path):
     t0 = time.monotonic()
-    p = _launch(tmp_path, 2, ["fail"], timeout=TIMEOUT_S * 4)
+    p = _launch(tmp_path / "out", 2, ["fail"], timeout=TIMEOUT_S * 4, tmp=tmp_path / "tmp")
     assert p.returncode != 0
     assert "boom: rank 1 failed on purpose" in p.stderr
+    assert not [f for f in (tmp_path / "tmp").iterdir() if f.name.startswith("streameval-")]  # nothing of ours left
     assert time.monotonic() - t0 < TIMEOUT_S * 3  # no hang: a bound, not a speed goal
 
 
