@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=256, help="model width (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu: gloo; cuda: NCCL, one GPU per process")
     p.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best run counts (default: %(default)s)")
-    p.add_argument("--out", help="folder for bench_distributed.json")
+    p.add_argument("--out", help="folder for bench_distributed.json (default: none written)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sliding, L={a.chunk_size}, B={a.batch_size}, {a.tokens:,} tokens, GPT-2-shaped {a.layers}x{a.hidden}, "
           f"{a.device}, {os.cpu_count()} CPUs, best of {a.repeat}:")
     print(table(rows, ["variant", "scored tok/s", "vs 1 process", "loop s", "launch wall s", "nll rel diff"]))
-    write_json(a.out, "bench_distributed", {"machine": machine(), "settings": vars(a), "rows": best})
+    write_json(a.out, "bench_distributed.json", {"machine": machine(), "settings": vars(a), "rows": best})
     return 0
 
 
