@@ -36,6 +36,9 @@ CASES = {
     "stateful_doc": ("rnn", dict(chunk_size=8, mode="stateful", doc_mode="document", bos=0)),
     "kv_stream": ("gpt2", dict(chunk_size=16, mode="kv-cache", doc_mode="stream", max_tokens=200)),
     "ckpt": ("gpt2", dict(chunk_size=16, overlap=8, mode="sliding", doc_mode="document", checkpoint_interval=0)),
+    # kv_doc's settings with a checkpoint after every batch; DIST_WORKER_CRASH_AFTER=N kills rank 1
+    # (os._exit, no cleanup: as a killed process) at its N-th forward
+    "resume": ("gpt2", dict(chunk_size=16, mode="kv-cache", doc_mode="document", checkpoint_interval=1e-9)),
 }
 
 
@@ -55,9 +58,22 @@ def model(kind: str):
 def run_case(out: Path, case: str, info) -> dict | None:
     kind, settings = CASES[case]
     settings = dict(settings)
-    if case == "ckpt":
-        settings["checkpoint_dir"] = str(out / "ckpt-run")
-    ev = StreamingEvaluator(model(kind), device="cpu", verbose=False, **settings)
+    if case in ("ckpt", "resume"):
+        settings["checkpoint_dir"] = str(out / f"{case}-run")
+    m = model(kind)
+    crash_after = int(os.environ.get("DIST_WORKER_CRASH_AFTER", "0"))
+    if crash_after and info is not None and info.rank == 1:
+        body = getattr(m, "transformer", m)  # the adapter runs GPT-2's body, then the head per loss slice
+        calls, forward = [0], body.forward
+
+        def dying_forward(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] >= crash_after:
+                os._exit(3)
+            return forward(*args, **kwargs)
+
+        body.forward = dying_forward
+    ev = StreamingEvaluator(m, device="cpu", verbose=False, **settings)
     try:
         r = ev.evaluate_streaming_with_metrics(data(), compute_per_token_metrics=True)
     except ConfigError as e:

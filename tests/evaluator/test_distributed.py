@@ -38,9 +38,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300, tmp: Path | None = None) -> subprocess.CompletedProcess:
+def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300, tmp: Path | None = None,
+            **extra_env: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = _env()
+    env = {**_env(), **extra_env}
     if tmp is not None:  # the workers' temporary files (per-token losses, spilled detail) go there
         tmp.mkdir()
         env["TMPDIR"] = str(tmp)
@@ -102,6 +103,22 @@ def test_n_processes_equal_one(single, tmp_path, nproc):
     p = _launch(rerun, 1, ["ckpt"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"run with {nproc} process(es), this run has 1: rerun with {nproc}" in _load(rerun, "ckpt")["error"]
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint(single, tmp_path):
+    """kv-cache document mode, a checkpoint per batch; rank 1 dies at its 15th forward (of ~30). The same
+    command then resumes every rank from its own checkpoint (carried cache, spilled sums, its
+    slice of the per-token file) and equals the uninterrupted one-process run."""
+    p = _launch(tmp_path, 2, ["resume"], DIST_WORKER_CRASH_AFTER="15")
+    assert p.returncode != 0 and not (tmp_path / "resume.json").exists()
+    progress = json.loads((tmp_path / "resume-run" / "rank-1-of-2" / "progress.json").read_text())
+    assert progress["status"].startswith("unfinished") and progress["windows_done"] > 0
+    p = _launch(tmp_path, 2, ["resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, res = _load(single, "kv_doc"), _load(tmp_path, "resume")
+    assert res["total_tokens"] == one["total_tokens"] and res["doc_tokens"] == one["doc_tokens"]
+    assert abs(res["nll_sum"] - one["nll_sum"]) <= 1e-9 * abs(one["nll_sum"])
+    assert res["per_token"] == one["per_token"] and res["chunk_losses"] == one["chunk_losses"]
 
 
 def test_a_failing_rank_stops_every_rank(tmp_path):
