@@ -181,6 +181,13 @@ class TokenStore(ABC):
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Copy tokens ``[start, stop)`` into ``out[: stop - start]`` (same dtype as the store)."""
 
+    def view(self, start: int, stop: int) -> np.ndarray | None:
+        """Tokens ``[start, stop)`` as a read-only zero-copy array (store dtype) when they lie in one
+        mapped piece (a shard's memmap, an in-memory array), else None (then use :meth:`read_into`).
+        The loader gathers overlapping windows from it in one strided copy: one pass over the bytes
+        and one release of the GIL per batch, where a copy per window released it per window."""
+        return None
+
     # Backends set these in __init__: the document index as int64 arrays (memory-mapped or small).
     _offsets: np.ndarray
     _bytes: np.ndarray | None = None

@@ -93,6 +93,10 @@ class MemoryTokenStore(TokenStore):
         )
         check_document_index(name, self.manifest, self._offsets, self._bytes, self._words)
 
+    def view(self, start: int, stop: int) -> np.ndarray:
+        start, stop = self._check_range(start, stop)
+        return self._ids[start:stop]
+
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         start, stop = self._check_range(start, stop)
         out[: stop - start] = self._ids[start:stop]

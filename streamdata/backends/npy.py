@@ -129,6 +129,14 @@ class NpyTokenStore(TokenStore):
         for sh, lo, hi, o in self._spans(start, stop):
             out[o : o + hi - lo] = sh.arr[lo:hi]
 
+    def view(self, start: int, stop: int) -> np.ndarray | None:
+        start, stop = int(start), int(stop)
+        k = bisect.bisect_right(self._start_list, start) - 1
+        if 0 <= start <= stop and k < len(self._shards) and stop <= self._shards[k].stop:
+            sh = self._shards[k]
+            return sh.arr[start - sh.start : stop - sh.start]
+        return None
+
     def shard_views(self) -> list[tuple[int, np.ndarray]]:
         """(global start, read-only zero-copy array) per shard, for readers that slice memmaps directly."""
         return [(sh.start, sh.arr) for sh in self._shards]

@@ -138,6 +138,10 @@ class RawBinTokenStore(ImportedStore):
         )
         check_document_index(self.path, self.manifest, self._offsets, None, None)
 
+    def view(self, start: int, stop: int) -> np.ndarray:
+        start, stop = self._check_range(start, stop)
+        return self._arr[start:stop]
+
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         start, stop = self._check_range(start, stop)
         out[: stop - start] = self._arr[start:stop]

@@ -379,3 +379,27 @@ def test_slots_grow_for_batches_spanning_many_short_documents(make_store):
             assert got == expected_tuples(s, 4, 1, "document", None, brute_windows(off, 4, 1, "document", False, tail))
             assert max(bt.max_span for bt in ld._tables()) > ld._span_cap  # the growth was needed
             assert ld._ring.host_tok[0].numel() >= max(bt.max_span for bt in ld._tables())
+
+
+def test_store_view_is_zero_copy_inside_one_piece_and_none_across_shards(make_store, tmp_path):
+    import streamdata
+    from streamdata.backends.memory import MemoryTokenStore
+
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(0, 1000, size=int(n)).tolist() for n in rng.integers(1, 40, size=20)]
+    path = make_store(docs, vocab_size=1000, shard_tokens=37)
+    flat = np.concatenate([np.asarray(d) for d in docs])
+    raw = tmp_path / "t.bin"
+    flat.astype("<u2").tofile(raw)
+    with open_store(path) as npy, streamdata.open_raw_bin(raw, checksum=False) as rb, \
+            MemoryTokenStore(flat.astype(np.int64)) as mem:
+        starts = [s.start for s in npy.manifest.shards] + [len(npy)]
+        for _ in range(300):
+            a = int(rng.integers(0, len(flat)))
+            b = int(rng.integers(a, len(flat) + 1))
+            one_shard = any(lo <= a and b <= hi for lo, hi in zip(starts[:-1], starts[1:]))
+            v = npy.view(a, b)
+            assert (v is not None) == one_shard
+            for got in ([v] if v is not None else []) + [rb.view(a, b), mem.view(a, b)]:
+                np.testing.assert_array_equal(got, flat[a:b])
+                assert not got.flags.writeable  # a view of the store, never a way to change it
