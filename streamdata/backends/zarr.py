@@ -89,6 +89,10 @@ from ..format import (
 from ..output import Output, json_normalised as _norm, prepare_output
 from .base import MappedFile, TokenStore, check_document_index
 
+#: Index arrays up to this many entries (8 MiB each) are read into RAM; longer ones are memory-mapped
+#: (see ZarrTokenStore._load_index); also the block size of that copy.
+INDEX_IN_RAM = 1 << 20
+
 __all__ = [
     "COMPRESSIONS",
     "DEFAULT_BLOCK_TOKENS",
@@ -485,6 +489,30 @@ class ZarrTokenStore(TokenStore):
         except Exception as e:  # zarr/numcodecs raise many types for damaged objects
             raise StoreError(f"zarr store {self.path!r}: cannot read {what} ({_one_line(e)}): {_DAMAGED}") from None
 
+    def _load_index(self, a, name: str, length: int) -> np.ndarray:
+        """The int64 index array ``name``: in RAM up to INDEX_IN_RAM entries; longer ones (24 bytes
+        per document for the three arrays: 2.4 GB at 10^8 documents) are copied in blocks into a
+        temporary .npy file of ours, memory-mapped, and unlinked at once: the mapping keeps the pages
+        (the kernel pages them in and out as a file's), nothing is left on disk after close or a
+        crash, and memory stays O(block) whatever the number of documents."""
+        what = f"the {name} array"
+        if length <= INDEX_IN_RAM:
+            return self._zarr(lambda: np.ascontiguousarray(a[:], dtype=np.int64), what) if length else np.zeros(0, np.int64)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=f"streamdata-{name}-", suffix=".npy")
+        os.close(fd)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(length,))
+            for lo in range(0, length, INDEX_IN_RAM):
+                hi = min(length, lo + INDEX_IN_RAM)
+                out[lo:hi] = self._zarr(lambda: np.asarray(a[lo:hi], dtype=np.int64), what)
+            out.flush()
+            del out
+            return np.load(tmp, mmap_mode="r")
+        finally:
+            os.unlink(tmp)
+
     def _open(self, block_tokens: int | None, direct: bool | None) -> None:
         import zarr
 
@@ -501,10 +529,9 @@ class ZarrTokenStore(TokenStore):
         for name, length in (("doc_offsets", n + 1), ("doc_bytes", n), ("doc_words", n)):
             a = _open_array(group, name, self.path)
             _check_array(a, name, self.path, np.dtype(np.int64), length)
-            # The index is small next to the tokens (8 bytes per document): load it once, so
-            # document lookups never go back to the (possibly remote) store.
-            idx[name] = (self._zarr(lambda a=a: np.ascontiguousarray(a[:], dtype=np.int64), f"the {name} array")
-                         if length else np.zeros(0, np.int64))
+            # Read the index once, so document lookups never go back to the (possibly remote,
+            # compressed) store: into RAM when small, else block by block into a memory map.
+            idx[name] = self._load_index(a, name, length)
         self._offsets, self._bytes, self._words = idx["doc_offsets"], idx["doc_bytes"], idx["doc_words"]
         for a in (self._offsets, self._bytes, self._words):
             a.flags.writeable = False
