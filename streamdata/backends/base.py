@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import ConfigError, StoreError
 from ..format import Manifest
 
-__all__ = ["MappedFile", "TokenStore", "check_document_index", "find_id_over", "imported_identity", "scan_tokens"]
+__all__ = ["INDEX_IN_RAM", "MappedFile", "TokenStore", "check_document_index", "find_id_over", "imported_identity",
+           "int64_index", "scan_tokens"]
 
 _PAGE = mmap.PAGESIZE
 # Entries per step of the index checks: bounds the temporaries (a bool mask and a diff of 4Mi
@@ -116,6 +117,42 @@ class MappedFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+#: Index arrays of up to this many int64 entries (8 MiB) are built in RAM; longer ones in a temporary
+#: memory map (:func:`int64_index`), whose blocks are also this long.
+INDEX_IN_RAM = 1 << 20
+
+
+def int64_index(length: int, fill: Callable[[np.ndarray, int, int], None]) -> np.ndarray:
+    """A read-only int64 array of ``length`` entries that ``fill(out, lo, hi)`` writes block by block,
+    in order (``out`` is entries ``[lo, hi)``, at most INDEX_IN_RAM long).
+
+    Up to INDEX_IN_RAM entries: an array in RAM. Longer (a document index of 10^8 entries is 800 MB):
+    a temporary .npy file of ours, filled through a memory map, mapped read-only and unlinked at
+    once, so the kernel pages it in and out as a file's, nothing stays on disk after close or a
+    crash, and the process holds O(block) memory whatever the length.
+    """
+    if length <= INDEX_IN_RAM:
+        out = np.empty(length, np.int64)
+        if length:
+            fill(out, 0, length)
+        out.flags.writeable = False
+        return out
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="streamdata-index-", suffix=".npy")
+    os.close(fd)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(length,))
+        for lo in range(0, length, INDEX_IN_RAM):
+            hi = min(length, lo + INDEX_IN_RAM)
+            fill(mm[lo:hi], lo, hi)
+        mm.flush()
+        del mm
+        return np.load(tmp, mmap_mode="r")
+    finally:
+        os.unlink(tmp)
 
 
 def check_document_index(where: str, manifest: Manifest, offsets: np.ndarray, doc_bytes: np.ndarray | None,

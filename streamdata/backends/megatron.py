@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..format import Manifest, ShardInfo, choose_dtype, numpy_dtype, sha256_file
-from .base import MappedFile, check_document_index, imported_identity, scan_tokens
+from .base import INDEX_IN_RAM, MappedFile, check_document_index, imported_identity, int64_index, scan_tokens
 from .raw_bin import ImportedStore, check_import_ids, file_entry
 
 __all__ = ["MEGATRON_DTYPES", "MegatronIndex", "MegatronTokenStore", "open_megatron", "read_megatron_index"]
@@ -60,7 +60,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes
 
 @dataclass
 class MegatronIndex:
-    """The parsed ``.idx`` file (arrays are read-only views of a copy of the file)."""
+    """The parsed ``.idx`` file (arrays are read-only views of its memory map ``file``)."""
 
     path: Path
     dtype_code: int
@@ -68,19 +68,27 @@ class MegatronIndex:
     sequence_lengths: np.ndarray  # int32 [S]
     sequence_pointers: np.ndarray  # int64 [S], byte offsets in .bin
     document_indices: np.ndarray  # int64 [D]
+    file: MappedFile | None = None  # the mapping the arrays view (closed with the store)
 
 
 def read_megatron_index(idx_path: str | os.PathLike) -> MegatronIndex:
     """Parse and validate a Megatron ``.idx`` (layout: module docstring)."""
     p = Path(idx_path)
+    # Mapped, not read: an index of 10^9 sequences is 12 GB; the arrays below are views of the map.
+    f = MappedFile(p, "Megatron index")
     try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise StoreError(f"cannot read Megatron index {str(p)!r} ({e.strerror}): check the path") from None
-    if len(raw) < _HEADER.size:
-        raise StoreError(f"Megatron index {str(p)!r} has {len(raw)} bytes, fewer than its {_HEADER.size}-byte header: "
+        return _parse_megatron_index(p, f)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _parse_megatron_index(p: Path, f: MappedFile) -> MegatronIndex:
+    size = f.size
+    if size < _HEADER.size:
+        raise StoreError(f"Megatron index {str(p)!r} has {size} bytes, fewer than its {_HEADER.size}-byte header: "
                          "the file is truncated or not a Megatron index")
-    magic, version, code, S, D = _HEADER.unpack_from(raw, 0)
+    magic, version, code, S, D = _HEADER.unpack(f.read(0, _HEADER.size))
     if magic != MEGATRON_MAGIC:
         raise StoreError(f"{str(p)!r} does not start with the Megatron magic {MEGATRON_MAGIC!r} (found {magic!r}): "
                          "it is not a Megatron MMIDIDX index (older 'cached'/'lazy' indexes are not supported)")
@@ -91,14 +99,14 @@ def read_megatron_index(idx_path: str | os.PathLike) -> MegatronIndex:
         raise StoreError(f"Megatron index {str(p)!r} has unknown dtype code {code} (known: {sorted(MEGATRON_DTYPES)}): "
                          "the file is damaged or from an unsupported Megatron version")
     need = _HEADER.size + 12 * S + 8 * D
-    if len(raw) < need:
-        raise StoreError(f"Megatron index {str(p)!r} has {len(raw)} bytes but its counts (S={S}, D={D}) need {need}: "
+    if size < need:
+        raise StoreError(f"Megatron index {str(p)!r} has {size} bytes but its counts (S={S}, D={D}) need {need}: "
                          "the file is truncated")
     o = _HEADER.size
-    lengths = np.frombuffer(raw, "<i4", S, o)
-    pointers = np.frombuffer(raw, "<i8", S, o + 4 * S)
-    docs = np.frombuffer(raw, "<i8", D, o + 12 * S)
-    return MegatronIndex(p, int(code), np.dtype(MEGATRON_DTYPES[code]), lengths, pointers, docs)
+    lengths = f.array("<i4", S, o)
+    pointers = f.array("<i8", S, o + 4 * S)
+    docs = f.array("<i8", D, o + 12 * S)
+    return MegatronIndex(p, int(code), np.dtype(MEGATRON_DTYPES[code]), lengths, pointers, docs, f)
 
 
 class MegatronTokenStore(ImportedStore):
@@ -115,78 +123,110 @@ class MegatronTokenStore(ImportedStore):
         if not bin_path.is_file():
             raise StoreError(f"Megatron index {str(idx_path)!r} has no data file {str(bin_path)!r}: copy the .bin beside it")
         ix = read_megatron_index(idx_path)
-        fdt = ix.dtype
-        if fdt.kind == "f":
-            raise StoreError(f"Megatron dataset {prefix!r} holds {fdt.name} values, not token ids: import a token dataset")
-        if vocab_size is not None:
-            dtype = choose_dtype(int(vocab_size))
-        else:
-            dtype = "uint16" if fdt.itemsize <= 2 else "uint32"
-        check_import_ids(eos_id, vocab_size, dtype, "Megatron")
-        self.path = prefix
-        self._fdt = fdt
-        self._sdt = numpy_dtype(dtype)
-        lengths = ix.sequence_lengths.astype(np.int64)
-        ptrs = ix.sequence_pointers
-        S = len(lengths)
-        if (lengths < 0).any():
-            raise StoreError(f"Megatron index {str(idx_path)!r} has a negative sequence length: the file is damaged")
-        seq_off = np.zeros(S + 1, dtype=np.int64)
-        np.cumsum(lengths, out=seq_off[1:])
-        bin_size = bin_path.stat().st_size
-        if S and ((ptrs < 0).any() or int((ptrs + lengths * fdt.itemsize).max()) > bin_size):
-            raise StoreError(f"Megatron index {str(idx_path)!r} points past the end of {str(bin_path)!r} ({bin_size} bytes): "
-                             "the .bin is truncated or belongs to another index")
-        d = ix.document_indices
-        if d.size and (d[0] != 0 or (np.diff(d) < 0).any() or d[-1] > S):
-            raise StoreError(f"Megatron index {str(idx_path)!r} has a document index that does not start at 0, "
-                             f"decrease, and stay within the {S} sequences: the file is damaged")
-        if documents == "sequence":
-            offsets = seq_off
-        else:
-            bounds = d if d.size else np.zeros(1, np.int64)
-            if bounds[-1] != S:  # trailing sequences outside any document: one last document
-                bounds = np.append(bounds, S)
-            offsets = seq_off[bounds]
-        self._offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        self._offsets.flags.writeable = False
-        self._seq_off, self._ptrs = seq_off, ptrs
-        n_tok = int(seq_off[-1])
-        # Contiguous sequences (the builder's output): token i is element i of the file.
-        self._contiguous = bool(S == 0 or np.array_equal(ptrs, seq_off[:-1] * fdt.itemsize))
-        # Same bytes as the store dtype (uint16 -> uint16, int32 -> uint32): read without converting.
-        # (int16 is converted with a check instead: a negative id must not wrap silently.)
-        self._same_bytes = fdt == self._sdt or (fdt == np.dtype("<i4") and self._sdt == np.dtype("<u4"))
-        self._file = MappedFile(bin_path, "Megatron data file")
-        self._flat = self._file.array(fdt, n_tok) if self._contiguous else None
-        self.manifest = Manifest(  # provisional (checksums below read through read_into)
-            dtype=dtype, tokenizer={}, special_tokens={}, source={}, shards=[ShardInfo(bin_path.name, n_tok, len(self._offsets) - 1, "")],
-            totals={"tokens": n_tok, "documents": len(self._offsets) - 1}, format="megatron",
-        )
+        self._idx_file: MappedFile | None = ix.file  # the index arrays are views of it
         try:
-            tok_sha = self._token_sha(vocab_size) if checksum or vocab_size is not None else ""
-            if not checksum:
-                tok_sha = bin_sha = idx_sha = ""
+            fdt = ix.dtype
+            if fdt.kind == "f":
+                raise StoreError(f"Megatron dataset {prefix!r} holds {fdt.name} values, not token ids: import a token dataset")
+            if vocab_size is not None:
+                dtype = choose_dtype(int(vocab_size))
             else:
-                same_file = self._contiguous and self._same_bytes and bin_size == n_tok * fdt.itemsize
-                bin_sha = tok_sha if same_file else sha256_file(bin_path)
-                idx_sha = sha256_file(idx_path)
+                dtype = "uint16" if fdt.itemsize <= 2 else "uint32"
+            check_import_ids(eos_id, vocab_size, dtype, "Megatron")
+            self.path = prefix
+            self._fdt = fdt
+            self._sdt = numpy_dtype(dtype)
+            lengths, ptrs, d = ix.sequence_lengths, ix.sequence_pointers, ix.document_indices  # views of the map
+            S, D, isz = len(lengths), len(d), fdt.itemsize
+            bin_size = bin_path.stat().st_size
+            # One pass in blocks (memory O(block) for any number of sequences): sequence offsets (the
+            # running sum of lengths), the checks of lengths and pointers, and whether the sequences lie
+            # back to back in the .bin (the builder's output: token i is element i of the file).
+            state = {"total": 0, "contiguous": True}
+
+            def fill_seq_off(out: np.ndarray, lo: int, hi: int) -> None:
+                ex = lengths[lo:hi].astype(np.int64)  # the last block (hi = S + 1) stops at S
+                if (ex < 0).any():
+                    raise StoreError(f"Megatron index {str(idx_path)!r} has a negative sequence length: the file is damaged")
+                pt = ptrs[lo:hi]
+                if ex.size and (int(pt.min()) < 0 or int((pt + ex * isz).max()) > bin_size):
+                    raise StoreError(f"Megatron index {str(idx_path)!r} points past the end of {str(bin_path)!r} ({bin_size} bytes): "
+                                     "the .bin is truncated or belongs to another index")
+                run = np.cumsum(ex)
+                out[0] = state["total"]
+                out[1:] = state["total"] + run[: len(out) - 1]
+                if state["contiguous"] and ex.size:
+                    state["contiguous"] = bool(np.array_equal(pt, out[: ex.size] * isz))
+                state["total"] += int(run[-1]) if ex.size else 0
+
+            seq_off = int64_index(S + 1, fill_seq_off)
+            if D and (int(d[0]) != 0 or int(d[-1]) > S or any(
+                    (np.diff(d[lo : lo + INDEX_IN_RAM + 1]) < 0).any() for lo in range(0, D, INDEX_IN_RAM))):
+                raise StoreError(f"Megatron index {str(idx_path)!r} has a document index that does not start at 0, "
+                                 f"decrease, and stay within the {S} sequences: the file is damaged")
+            if documents == "sequence":
+                offsets = seq_off
+            else:
+                # document bounds (sequence numbers): d, or [0] without one; S appended when trailing
+                # sequences lie outside any document (they make one last document)
+                base = D if D else 1
+                last = int(d[-1]) if D else 0
+                count = base + (last != S)
+
+                def fill_offsets(out: np.ndarray, lo: int, hi: int) -> None:
+                    take = np.full(hi - lo, S, np.int64)
+                    m = max(0, min(hi, base) - lo)
+                    take[:m] = d[lo : lo + m] if D else 0
+                    out[:] = seq_off[take]
+
+                offsets = int64_index(count, fill_offsets)
+            self._offsets = offsets
+            self._seq_off, self._ptrs = seq_off, ptrs
+            n_tok = int(seq_off[-1])
+            self._contiguous = state["contiguous"]
+            # Same bytes as the store dtype (uint16 -> uint16, int32 -> uint32): read without converting.
+            # (int16 is converted with a check instead: a negative id must not wrap silently.)
+            self._same_bytes = fdt == self._sdt or (fdt == np.dtype("<i4") and self._sdt == np.dtype("<u4"))
+            self._file = MappedFile(bin_path, "Megatron data file")
+            self._flat = self._file.array(fdt, n_tok) if self._contiguous else None
+            self.manifest = Manifest(  # provisional (checksums below read through read_into)
+                dtype=dtype, tokenizer={}, special_tokens={}, source={}, shards=[ShardInfo(bin_path.name, n_tok, len(self._offsets) - 1, "")],
+                totals={"tokens": n_tok, "documents": len(self._offsets) - 1}, format="megatron",
+            )
+            try:
+                tok_sha = self._token_sha(vocab_size) if checksum or vocab_size is not None else ""
+                if not checksum:
+                    tok_sha = bin_sha = idx_sha = ""
+                else:
+                    same_file = self._contiguous and self._same_bytes and bin_size == n_tok * fdt.itemsize
+                    bin_sha = tok_sha if same_file else sha256_file(bin_path)
+                    idx_sha = sha256_file(idx_path)
+            except BaseException:
+                self.close()
+                raise
+            tokenizer, special = imported_identity(vocab_size, eos_id, "unknown (imported token file)")
+            self.manifest = Manifest(
+                dtype=dtype, tokenizer=tokenizer, special_tokens=special,
+                source={"kind": "megatron", "prefix": str(Path(prefix).resolve()),
+                        "files": [file_entry(bin_path, bin_sha), file_entry(idx_path, idx_sha)],
+                        "file_dtype": fdt.name, "dtype_code": ix.dtype_code, "sequences": S,
+                        "index_documents": max(0, len(d) - 1), "documents": documents},
+                shards=[ShardInfo(bin_path.name, n_tok, len(self._offsets) - 1, tok_sha)],
+                totals={"tokens": n_tok, "documents": len(self._offsets) - 1},
+                format="megatron", created_by={"tool": "streamdata.backends.megatron"},
+                extra={"read_only_import": True, "doc_counts": "unknown", "checksum": "sha256" if checksum else "skipped"},
+            )
+            check_document_index(self.path, self.manifest, self._offsets, None, None)
         except BaseException:
             self.close()
             raise
-        tokenizer, special = imported_identity(vocab_size, eos_id, "unknown (imported token file)")
-        self.manifest = Manifest(
-            dtype=dtype, tokenizer=tokenizer, special_tokens=special,
-            source={"kind": "megatron", "prefix": str(Path(prefix).resolve()),
-                    "files": [file_entry(bin_path, bin_sha), file_entry(idx_path, idx_sha)],
-                    "file_dtype": fdt.name, "dtype_code": ix.dtype_code, "sequences": S,
-                    "index_documents": max(0, len(d) - 1), "documents": documents},
-            shards=[ShardInfo(bin_path.name, n_tok, len(self._offsets) - 1, tok_sha)],
-            totals={"tokens": n_tok, "documents": len(self._offsets) - 1},
-            format="megatron", created_by={"tool": "streamdata.backends.megatron"},
-            extra={"read_only_import": True, "doc_counts": "unknown", "checksum": "sha256" if checksum else "skipped"},
-        )
-        check_document_index(self.path, self.manifest, self._offsets, None, None)
+
+    def close(self) -> None:
+        self._seq_off = self._ptrs = None  # views of the index map go before it closes
+        super().close()
+        if getattr(self, "_idx_file", None) is not None:
+            self._idx_file.close()
+            self._idx_file = None
 
     def _token_sha(self, vocab_size: int | None) -> str:
         sha, bad = scan_tokens(self, 0, len(self), vocab_size=vocab_size)

@@ -87,11 +87,7 @@ from ..format import (
     word_rule_of,
 )
 from ..output import Output, json_normalised as _norm, prepare_output
-from .base import MappedFile, TokenStore, check_document_index
-
-#: Index arrays up to this many entries (8 MiB each) are read into RAM; longer ones are memory-mapped
-#: (see ZarrTokenStore._load_index); also the block size of that copy.
-INDEX_IN_RAM = 1 << 20
+from .base import MappedFile, TokenStore, check_document_index, int64_index
 
 __all__ = [
     "COMPRESSIONS",
@@ -490,28 +486,12 @@ class ZarrTokenStore(TokenStore):
             raise StoreError(f"zarr store {self.path!r}: cannot read {what} ({_one_line(e)}): {_DAMAGED}") from None
 
     def _load_index(self, a, name: str, length: int) -> np.ndarray:
-        """The int64 index array ``name``: in RAM up to INDEX_IN_RAM entries; longer ones (24 bytes
-        per document for the three arrays: 2.4 GB at 10^8 documents) are copied in blocks into a
-        temporary .npy file of ours, memory-mapped, and unlinked at once: the mapping keeps the pages
-        (the kernel pages them in and out as a file's), nothing is left on disk after close or a
-        crash, and memory stays O(block) whatever the number of documents."""
-        what = f"the {name} array"
-        if length <= INDEX_IN_RAM:
-            return self._zarr(lambda: np.ascontiguousarray(a[:], dtype=np.int64), what) if length else np.zeros(0, np.int64)
-        import tempfile
+        """The int64 index array ``name``, read once so document lookups never go back to the
+        (possibly remote, compressed) store: in RAM when small, else a memory map (int64_index)."""
+        def fill(out: np.ndarray, lo: int, hi: int) -> None:
+            out[:] = self._zarr(lambda: np.asarray(a[lo:hi], dtype=np.int64), f"the {name} array")
 
-        fd, tmp = tempfile.mkstemp(prefix=f"streamdata-{name}-", suffix=".npy")
-        os.close(fd)
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(length,))
-            for lo in range(0, length, INDEX_IN_RAM):
-                hi = min(length, lo + INDEX_IN_RAM)
-                out[lo:hi] = self._zarr(lambda: np.asarray(a[lo:hi], dtype=np.int64), what)
-            out.flush()
-            del out
-            return np.load(tmp, mmap_mode="r")
-        finally:
-            os.unlink(tmp)
+        return int64_index(length, fill)
 
     def _open(self, block_tokens: int | None, direct: bool | None) -> None:
         import zarr

@@ -287,3 +287,40 @@ def test_raw_bin_without_checksum_reads_nothing_at_open_and_readers_enforce_its_
         assert "\n" not in str(e.value)
     with pytest.raises(AssertionError, match="read at open"):  # with an eos_id the ids must be read
         open_raw_bin(good, eos_id=7, vocab_size=500, checksum=False)
+
+
+@pytest.mark.parametrize("in_ram", [3, 1 << 20], ids=["memmapped-index", "index-in-ram"])
+def test_megatron_index_in_blocks_equals_the_whole_index(tmp_path, monkeypatch, in_ram):
+    """Sequence and document offsets are built block by block (into a temporary memmap, unlinked at
+    once, beyond INDEX_IN_RAM entries): the same store as built in one piece, contiguous or not, with
+    trailing sequences or none, by document or by sequence; nothing left in the temp folder."""
+    import tempfile
+
+    import streamdata.backends.base as base
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(base, "INDEX_IN_RAM", in_ram)
+    docs = _docs(9, n=11)
+    flat = np.array([t for d in docs for s in d for t in s], dtype=np.int64)
+    seqs = [len(x) for d in docs for x in d]
+    seq_off = np.concatenate([[0], np.cumsum(seqs)])
+    doc_off = np.concatenate([[0], np.cumsum([sum(len(s) for s in d) for d in docs])])
+    n_seq = len(seqs)
+    cases = [(write_megatron(tmp_path / "plain", docs, "uint16"), "document", doc_off, True),
+             (write_megatron(tmp_path / "plain2", docs, "uint16"), "sequence", seq_off, True),
+             (write_megatron(tmp_path / "gappy", docs, "uint16", gap=4), "document", doc_off, False),
+             (write_megatron(tmp_path / "trail", docs, "uint16", doc_index=[0, 2, n_seq - 2]), "document",
+              seq_off[[0, 2, n_seq - 2, n_seq]], True)]
+    for prefix, documents, offsets, contiguous in cases:
+        with open_megatron(prefix, documents=documents) as s:
+            assert s._contiguous == contiguous
+            assert isinstance(s.doc_offsets, np.memmap) == (len(offsets) > in_ram)
+            _check_store(s, flat.astype(np.uint16), offsets)
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(StoreError, match="points past the end"):  # checked in every block, not only the first
+        bad = write_megatron(tmp_path / "bad", docs, "uint16")
+        with open(str(bad) + ".bin", "r+b") as f:
+            f.truncate(2 * (len(flat) - 1))
+        open_megatron(bad)

@@ -371,7 +371,9 @@ def test_a_long_index_is_memory_mapped_and_leaves_no_file(stores, comp, tmp_path
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setattr(zb, "INDEX_IN_RAM", 7)  # 60 documents: 9 blocks, the last one partial
+    import streamdata.backends.base as base
+
+    monkeypatch.setattr(base, "INDEX_IN_RAM", 7)  # 60 documents: 9 blocks, the last one partial
     with open_store(root / "npy") as npy, ZarrTokenStore(root / f"zarr-{comp}") as z:
         for got, want in ((z.doc_offsets, npy.doc_offsets), (z.doc_bytes, npy.doc_bytes), (z.doc_words, npy.doc_words)):
             assert isinstance(got, np.memmap) and not got.flags.writeable
@@ -379,6 +381,6 @@ def test_a_long_index_is_memory_mapped_and_leaves_no_file(stores, comp, tmp_path
         assert list(scratch.iterdir()) == []  # unlinked as soon as mapped
         for d in (0, 3, 7, 59):
             np.testing.assert_array_equal(z.document(d), npy.document(d))
-    monkeypatch.setattr(zb, "INDEX_IN_RAM", 1 << 20)
+    monkeypatch.setattr(base, "INDEX_IN_RAM", 1 << 20)
     with ZarrTokenStore(root / f"zarr-{comp}") as z:  # small: in RAM, as before
         assert not isinstance(z.doc_offsets, np.memmap)
