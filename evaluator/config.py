@@ -134,31 +134,9 @@ class StreamingEvalConfig:
 
 
 def resolve_device(spec: str | None):
-    """``None`` -> cuda when available, else cpu. A device that is not there is a ConfigError."""
-    import torch
+    """``None`` -> cuda when available, else cpu. A device that is not there is a ConfigError.
+    The one resolver is :func:`streamdata.loader.resolve_device`; imported here on call, so that
+    importing this config module does not import torch."""
+    from streamdata.loader import resolve_device as resolve
 
-    if spec is None:
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device={spec!r} is not a device name ({str(e).splitlines()[0]}): pass 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={spec!r} is not available (no CUDA device or no CUDA build of torch): pass device='cpu' or leave device unset")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise ConfigError(f"device={spec!r} is not available (this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1})")
-        if dev.index is None:
-            # Always an explicit index: streams, events and memory queries then name one device
-            # instead of whichever is current in the calling thread.
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"device={spec!r} is not available (no Apple MPS backend here): pass device='cpu' or leave device unset")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(1, device=dev)
-        except Exception as e:  # noqa: BLE001 - any backend failure means "not usable here"
-            raise ConfigError(f"device={spec!r} is not available ({str(e).splitlines()[0][:120]}): pass device='cpu' or leave device unset") from None
-    return dev
+    return resolve(spec)

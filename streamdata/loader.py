@@ -50,7 +50,7 @@ from .backends import TokenStore, open_store
 from .backends.base import find_id_over
 from .windows import WindowBlock, WindowPlan, plan_windows
 
-__all__ = ["WindowBatch", "WindowLoader"]
+__all__ = ["WindowBatch", "WindowLoader", "resolve_device"]
 
 _THREAD_NAME = "streamdata-loader"
 # Windows per host-side batch table (a whole number of batches): the reader plans and tabulates this
@@ -201,20 +201,37 @@ class _Batches:
         return len(self.w0)
 
 
-def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def resolve_device(spec: Any, kinds: tuple[str, ...] | None = None) -> torch.device:
+    """``None`` -> ``cuda:N`` (the current device) when CUDA is available, else cpu. A device that is
+    not there, or (with ``kinds``) of another type, is a ConfigError naming it. The one resolver of
+    the project: the loader takes cpu/cuda, the evaluator any device torch can use."""
+    if spec is None:
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device={device!r} is not a torch device: pass 'cpu', 'cuda' or 'cuda:N'") from None
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={spec!r} is not a device name ({str(e).splitlines()[0]}): pass 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r} but CUDA is not available here: pass device='cpu' (or None to choose)")
+            raise ConfigError(f"device={spec!r} is not available (no CUDA device or no CUDA build of torch): pass device='cpu' or leave device unset")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device={spec!r} is not available (this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1})")
         if dev.index is None:
+            # Always an explicit index: streams, events and memory queries then name one device
+            # instead of whichever is current in the calling thread.
             dev = torch.device("cuda", torch.cuda.current_device())
+    elif kinds is not None and dev.type not in kinds:
+        raise ConfigError(f"device={spec!r} is not supported here: pass one of {', '.join(repr(k) for k in kinds)} "
+                          "(cuda as 'cuda' or 'cuda:N')")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={spec!r} is not available (no Apple MPS backend here): pass device='cpu' or leave device unset")
     elif dev.type != "cpu":
-        raise ConfigError(f"device={device!r} is not supported by the window loader: pass 'cpu' or 'cuda[:N]'")
+        try:
+            torch.empty(1, device=dev)
+        except Exception as e:  # noqa: BLE001 - any backend failure means "not usable here"
+            raise ConfigError(f"device={spec!r} is not available ({str(e).splitlines()[0][:120]}): pass device='cpu' or leave device unset") from None
     return dev
 
 
@@ -302,7 +319,7 @@ class WindowLoader(_ClosesOnExit):
 
     def _setup(self, chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
                prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail) -> None:
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device, kinds=("cpu", "cuda"))
         if vocab_size is not None:
             vocab_size = _check_int("vocab_size", vocab_size, 1, "pass the model's vocabulary size, or None")
         #: ids >= this are refused by the reader (None: not checked)

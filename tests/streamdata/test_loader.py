@@ -403,3 +403,14 @@ def test_store_view_is_zero_copy_inside_one_piece_and_none_across_shards(make_st
             for got in ([v] if v is not None else []) + [rb.view(a, b), mem.view(a, b)]:
                 np.testing.assert_array_equal(got, flat[a:b])
                 assert not got.flags.writeable  # a view of the store, never a way to change it
+
+
+@pytest.mark.parametrize("bad,says", [("meta", "is not supported here: pass one of 'cpu', 'cuda'"),
+                                      ("nonsense", "is not a device name")])
+def test_a_device_the_loader_cannot_use_is_one_line(make_store, bad, says):
+    from streamdata.errors import ConfigError
+
+    with open_store(make_store([[1, 2, 3, 4, 5]])) as s:
+        with pytest.raises(ConfigError, match=f"device='{bad}' {says}") as e:
+            WindowLoader(s, chunk_size=2, device=bad)
+    assert "\n" not in str(e.value)
