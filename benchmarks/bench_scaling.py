@@ -61,15 +61,27 @@ from ._util import fmt_bytes, one_line_errors, table, write_json
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
-# One row in a fresh process. Prints one JSON line. argv: kind, path, N or D, chunk, batch, batches.
-_CHILD = r"""
-import json, sys, time
-import numpy as np
-
+# Shared by both child scripts: memory readings of the child itself (kB, from /proc/self/status),
+# and reset_peak(), which restarts VmHWM at the current resident set and returns that baseline.
+_MEMORY = r"""
 def kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except OSError:
+        pass
+    return kb("VmRSS")
+"""
+
+# One row in a fresh process. Prints one JSON line. argv: kind, path, N or D, chunk, batch, batches.
+_CHILD = r"""
+import json, sys, time
+import numpy as np
 
 kind, path, n, L, B, more = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 import torch  # noqa: F401  (imported before the baseline: its ~200 MB are not the loader's)
@@ -86,12 +98,7 @@ else:
     store = MemoryTokenStore(tokens, doc_offsets=np.load(path + ".off.npy", mmap_mode="r"), checksum=False)
     kw = dict(mode="document", prepend_bos_id=1)
 open_s = time.perf_counter() - t_open
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-except OSError:
-    pass
-base = kb("VmRSS")
+base = reset_peak()
 t0 = time.perf_counter()
 ld = WindowLoader(store, chunk_size=L, batch_windows=B, device="cpu", vocab_size=66, **kw)
 it = iter(ld)
@@ -117,7 +124,7 @@ print(json.dumps(out))
 
 def _child(args: list[str]) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", _CHILD, *map(str, args)], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-c", _MEMORY + _CHILD, *map(str, args)], capture_output=True, text=True, env=env,
                        timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"benchmark child {args[:3]} failed:\n{p.stderr[-3000:]}")
@@ -187,11 +194,6 @@ def document_row(documents: int, L: int, B: int, batches: int, tmp: Path, log=pr
 _EVAL_CHILD = r"""
 import contextlib, io, json, sys, time
 
-def kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-
 path, n, L, B, lines, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 import torch
 from torch import nn
@@ -246,16 +248,11 @@ class ProgressLines(io.TextIOBase):  # stderr stand-in: times the progress lines
                     raise Stop
         return len(text)
 
-store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)  # no vocab_size: no whole-file id scan
+store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)  # nothing read at open
 ev = StreamingEvaluator(NoVocabBigram(), chunk_size=L, batch_size=B, mode="sliding", device=device, verbose=True,
                         log_interval=B, check_tokenizer=False)
 sink = ProgressLines()
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-except OSError:
-    pass
-base = kb("VmRSS")
+base = reset_peak()
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats(dev)
 t0 = time.perf_counter()
@@ -281,7 +278,7 @@ def eval_rows(lengths: list[int], L: int, B: int, lines: int, device: str, tmp: 
             env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             # in the system temporary folder of the child: --tmp, so its spill files land there too
             env["TMPDIR"] = str(tmp)
-            p = subprocess.run([sys.executable, "-c", _EVAL_CHILD, str(path), str(n), str(L), str(B), str(lines), device],
+            p = subprocess.run([sys.executable, "-c", _MEMORY + _EVAL_CHILD, str(path), str(n), str(L), str(B), str(lines), device],
                                capture_output=True, text=True, env=env, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(f"evaluator child for {n:,} tokens failed:\n{p.stderr[-3000:]}")
