@@ -179,7 +179,7 @@ class ModelAdapter:
         dev = getattr(hook, "execution_device", None)
         if dev is None:  # no top-level hook (every layer on one device): where the weights are
             dev = next((q.device for q in self.module.parameters() if q.device.type != "meta"), "cpu")
-        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        return _as_device(dev)
 
     def parameter_values(self):
         """(name, tensor) of every parameter with its values: a layer a device map offloaded to disk
@@ -446,8 +446,7 @@ class HFAttentionAdapter(HFAdapter):
                 continue
             owners = [h for h in hooked if h == "" or name == h or name.startswith(h + ".")]
             if owners:
-                dev = hooked[max(owners, key=len)]
-                out[idx] = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+                out[idx] = _as_device(hooked[max(owners, key=len)])
         return out
 
     def kv_cache_check(self) -> tuple[bool, str]:
@@ -510,6 +509,11 @@ class HFRecurrentAdapter(HFAdapter):
 
     def load_state(self, state: Any) -> None:
         self.state = _tree_to(state, self.device)
+
+
+def _as_device(dev: Any) -> torch.device:
+    """accelerate's execution device (a GPU index, or a name/torch.device) as a torch.device."""
+    return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
