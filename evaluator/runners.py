@@ -47,6 +47,12 @@ class Runner(ABC):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
 
+    def _score(self, out: Any, targets: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
+        computed in loss slices: the fp32 NLL here. The one place a runner turns a forward's output
+        into numbers, so another kind of run (model comparison) overrides only this and the sums."""
+        return token_nll(out, targets, flat, self.loss_slice)
+
     @abstractmethod
     def step(self, batch: WindowBatch) -> None:
         """Score one batch of windows into the sums (and the per-token file)."""
@@ -121,7 +127,7 @@ class SlidingRunner(Runner):
         # Trim the batch to its longest window: short windows (document ends) cost no padding beyond it.
         out = self.adapter.forward_windows(batch.inputs[r0:r1, :T])
         flat = _scored_index(batch.score_mask[r0:r1, :T].reshape(-1), count)
-        return token_nll(out, batch.targets[r0:r1, :T], flat, self.loss_slice), flat
+        return self._score(out, batch.targets[r0:r1, :T], flat), flat
 
 
 class CarriedRunner(Runner):
@@ -156,7 +162,7 @@ class CarriedRunner(Runner):
                 flat = torch.arange(p1 - p0, device=self.device)
                 try:
                     out = a.forward_stream(batch.inputs[r : r + 1, p0:p1])
-                    nll = token_nll(out, batch.targets[r : r + 1, p0:p1], flat, self.loss_slice)
+                    nll = self._score(out, batch.targets[r : r + 1, p0:p1], flat)
                     del out
                     oom = False
                 except _OOM:
