@@ -98,6 +98,10 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
     p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
                    help="with --out: seconds between checkpoints, at batch boundaries (default: %(default)g); "
                         "0: only the final one. Rerunning the same command resumes an interrupted run")
+    p.add_argument("--split-warmup", type=_int, metavar="K",
+                   help="under torchrun with --doc-mode stream in stateful/kv-cache mode: approximate by restarting the "
+                        "state at each process's block after K unscored tokens of warm-up (recorded in the results; "
+                        "otherwise refused: use --doc-mode document for exact splits)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out: remove this tool's checkpoint and report files there (no others)")
 
@@ -138,7 +142,7 @@ def _config(a: argparse.Namespace):
         device_map=a.device_map, verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
-        checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval,
+        checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=a.split_warmup,
         check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)
     )
 

@@ -81,6 +81,14 @@ class StreamingEvalConfig:
     checkpoint_dir: str | None = None
     # Seconds between checkpoints (written at batch boundaries, and once at the end); 0: only at the end.
     checkpoint_interval: float = 60.0
+    # Several processes (torchrun), doc_mode "stream", mode stateful or kv-cache: one state carried
+    # through the whole stream cannot be split exactly, so such a run is refused unless this is set.
+    # K >= 0: an approximation, each rank after the first restarts the state at its block and first
+    # feeds the K tokens before the block, unscored (preceded by the BOS id when the warm-up reaches the
+    # stream's start and the run prepends one: then, K >= the block's start, the result is exact). Every
+    # target is still scored once; the first targets of each later block see at most K tokens of
+    # context (kv-cache: at positions counted from the warm-up). Results record it. One process: unused.
+    split_warmup: int | None = None
 
     def __post_init__(self):
         if self.chunk_size is not None:
@@ -131,6 +139,9 @@ class StreamingEvalConfig:
             raise ConfigError(f"checkpoint_interval={ci!r} must be a number of seconds >= 0 (0: only at the end)")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
+        sw = self.split_warmup
+        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw < 0):
+            raise ConfigError(f"split_warmup={sw!r} must be an int >= 0 (tokens of warm-up context) or None")
 
 
 def resolve_device(spec: str | None):

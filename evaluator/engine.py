@@ -133,7 +133,7 @@ class StreamingEvaluator:
             if cfg.verbose and cfg.mode == "auto":
                 print(f"[streameval] mode {run.mode} ({run.mode_reason})", file=sys.stderr, flush=True)
             ed.check_ids(self.adapter.vocab_size, max_tokens)
-            part = _Part.of(dd.current(), run, ed, checkpoint_dir)
+            part = _Part.of(dd.current(), run, ed, checkpoint_dir, cfg.split_warmup)
             ckpt = None
             if checkpoint_dir is not None:
                 dd.check_rank_folders(checkpoint_dir, part.info)
@@ -141,6 +141,8 @@ class StreamingEvaluator:
                 folder: Any = checkpoint_dir
                 if part.info is not None:  # one checkpoint per rank, of its own block
                     ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
+                    if part.warmup is not None:  # the approximation changes the numbers
+                        ident.settings.update(split_warmup=part.warmup)
                     folder = dd.rank_folder(checkpoint_dir, part.info)
                 ckpt = Checkpointer(folder, ident, cfg.checkpoint_interval)
             state = ckpt.load() if ckpt is not None else None
@@ -190,10 +192,13 @@ class StreamingEvaluator:
             runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
                 else CarriedRunner(*args, document_mode=spec.doc_mode == "document")
             elapsed0, resumed_from = 0.0, None
+            warm = None
             if state is not None:
                 sums.load_state_dict(state["sums"])
-                runner.load(state["runner"])
+                runner.load(state["runner"])  # (a warm-up already in the carried state)
                 elapsed0, resumed_from = float(state["elapsed"]), int(state["next_window"])
+            else:
+                warm = part.warmup_ids(ed, run, self.adapter.vocab_size, dev)
             progress = Progress(total_windows=num_windows if info is None else part.hi, total_tokens=expected,
                                 done_windows=windows.plan.first, done_tokens=sums.tokens, log_interval=log_interval,
                                 verbose=cfg.verbose and (info is None or info.is_main),
@@ -218,6 +223,8 @@ class StreamingEvaluator:
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
             try:
                 with on_device, torch.inference_mode(), self._autocast():
+                    if warm is not None:
+                        runner.warm_up(warm)
                     for batch in windows:
                         if detailed:  # may flush the previous block first (a sync every few thousand windows)
                             sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
@@ -246,6 +253,11 @@ class StreamingEvaluator:
             res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time)
             res["world_size"] = 1 if info is None else info.world_size
             res["backend"] = None if info is None else info.backend
+            if part.warmup is not None:  # say that these numbers are an approximation, and of what
+                res["split_warmup"] = {
+                    "tokens": part.warmup, "restarts": info.world_size - 1,
+                    "note": f"approximation: each of the {info.world_size - 1} later processes restarted the carried "
+                            f"state at its block after {part.warmup} unscored tokens of warm-up context"}
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
             if spec.batch_windows > getattr(runner, "micro", spec.batch_windows):
@@ -298,7 +310,8 @@ class StreamingEvaluator:
 class _Part:
     """This process's share of a run: windows ``[lo, hi)`` of the full plan (``hi`` None: to the end),
     the targets scored before ``lo`` and in the whole plan (per-token file offsets), the run's
-    folder. ``info`` None: a single process, the whole plan."""
+    folder, and with ``split_warmup`` the tokens that warm up a carried state restarted at ``lo``.
+    ``info`` None: a single process, the whole plan."""
 
     info: dd.DistInfo | None
     lo: int = 0
@@ -307,24 +320,49 @@ class _Part:
     total_scored: int = 0
     root: Any = None
     checkpointed: bool = False
+    warmup: int | None = None  # split_warmup in effect (carried state in stream mode, several processes)
+    warmup_span: tuple[int, int] | None = None  # global tokens [a, b) fed unscored before this rank's block
 
     @staticmethod
-    def of(info: dd.DistInfo | None, run: ResolvedRun, ed: EvalData, checkpoint_dir: str | None) -> "_Part":
+    def of(info: dd.DistInfo | None, run: ResolvedRun, ed: EvalData, checkpoint_dir: str | None,
+           warmup: int | None = None) -> "_Part":
         from pathlib import Path
 
         root = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if info is None:
             return _Part(None, root=root, checkpointed=root is not None)
         spec = run.spec
-        if run.mode != "sliding" and spec.doc_mode == "stream":
+        carried_stream = run.mode != "sliding" and spec.doc_mode == "stream"
+        if carried_stream and warmup is None:
             raise ConfigError(
                 f"mode {run.mode!r} with doc_mode 'stream' carries one state through the whole stream and cannot be "
-                f"split over {info.world_size} processes: pass --doc-mode document (doc_mode='document'), or run one process"
+                f"split over {info.world_size} processes: pass --doc-mode document (doc_mode='document'), run one "
+                "process, or accept an approximation with --split-warmup K (split_warmup=K)"
             )
         full = plan_windows(ed.doc_offsets, spec.chunk_size, spec.overlap, spec.doc_mode, spec.bos_id is not None,
                             max_tokens=spec.max_tokens, tail=spec.tail, check=False)
         lo, hi = dd.rank_range(full, ed.doc_offsets, info.rank, info.world_size)
-        return _Part(info, lo, hi, full[:lo].num_scored, full.num_scored, root, root is not None)
+        span = None
+        if carried_stream and lo < hi and lo > 0:  # rank 0 starts at the stream's start: exact
+            s = int(full.block(lo, lo + 1).start[0])  # the block's first input token (never a virtual BOS here)
+            span = (max(0, s - warmup), s)
+        return _Part(info, lo, hi, full[:lo].num_scored, full.num_scored, root, root is not None,
+                     warmup if carried_stream else None, span)
+
+    def warmup_ids(self, ed: EvalData, run: ResolvedRun, vocab: int | None, device: torch.device) -> torch.Tensor | None:
+        """The split-warm-up context of this rank's block as int64 ids [K'] on ``device`` (the BOS id
+        first when the warm-up reaches the stream's start and the run prepends one); None: no warm-up."""
+        if self.warmup_span is None:
+            return None
+        a, b = self.warmup_span
+        ids = ed.store.read(a, b).astype(np.int64)
+        if vocab is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise DataError(f"{ed.name} holds token id {bad} in [{a}, {b}), outside the model's vocabulary [0, {vocab}): "
+                            "re-tokenize with the model's tokenizer")
+        if a == 0 and run.spec.bos_id is not None:
+            ids = np.concatenate([[run.spec.bos_id], ids])
+        return torch.from_numpy(ids).to(device) if ids.size else None
 
 
 class _Timer:

@@ -64,6 +64,10 @@ class Runner(ABC):
     def load(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state` of an earlier process."""
 
+    def warm_up(self, ids: torch.Tensor) -> None:
+        """Start the carried state from ``ids`` [K] fed unscored (``split_warmup``); carried modes only."""
+        raise RuntimeError(f"internal error: {type(self).__name__} carries no state to warm up")
+
     def _record(self, nll: torch.Tensor, count: int, windows: torch.Tensor | None = None,
                 docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
         if self.detailed:
@@ -144,6 +148,15 @@ class CarriedRunner(Runner):
         self.prev_doc, self.started = state["prev_doc"], bool(state["started"])
         if self.started:
             self.adapter.load_state(state["model_state"])
+
+    def warm_up(self, ids: torch.Tensor) -> None:
+        # A fresh state fed the warm-up context in chunk-size pieces (as windows would feed it),
+        # nothing scored; the first window of the block then continues this state (stream mode).
+        self.adapter.begin_stream()
+        L = self.plan.chunk_size
+        for i in range(0, ids.numel(), L):
+            self.adapter.forward_stream(ids[None, i : i + L])
+        self.started = True
 
     def step(self, batch: WindowBatch) -> None:
         a = self.adapter

@@ -35,6 +35,12 @@ CASES = {
     "kv_doc": ("gpt2", dict(chunk_size=16, mode="kv-cache", doc_mode="document")),
     "stateful_doc": ("rnn", dict(chunk_size=8, mode="stateful", doc_mode="document", bos=0)),
     "kv_stream": ("gpt2", dict(chunk_size=16, mode="kv-cache", doc_mode="stream", max_tokens=200)),
+    # carried state through one stream, split with --split-warmup: a warm-up reaching the stream's
+    # start (K >= any block start) replays the exact prefix in the same pieces, so it equals one
+    # process; K = 3 restarts each later block after 3 tokens (an approximation)
+    "stateful_stream_warm": ("rnn", dict(chunk_size=8, mode="stateful", bos=0, split_warmup=10**9)),
+    "kv_stream_warm": ("gpt2", dict(chunk_size=16, mode="kv-cache", max_tokens=200, split_warmup=10**9)),
+    "stateful_stream_k3": ("rnn", dict(chunk_size=8, mode="stateful", bos=0, split_warmup=3)),
     "ckpt": ("gpt2", dict(chunk_size=16, overlap=8, mode="sliding", doc_mode="document", checkpoint_interval=0)),
     # kv_doc's settings with a checkpoint after every batch; DIST_WORKER_CRASH_AFTER=N kills rank 1
     # (os._exit, no cleanup: as a killed process) at its N-th forward
@@ -90,6 +96,7 @@ def run_case(out: Path, case: str, info) -> dict | None:
         "bucket_nll": np.asarray(r["position_buckets"]["nll"]).tolist(),
         "per_token": np.asarray(r["per_token_losses"]).tolist(),
         "per_token_path": r["per_token_path"],
+        "split_warmup": r.get("split_warmup"),
     }
 
 

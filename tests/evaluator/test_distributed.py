@@ -26,7 +26,8 @@ from streamdata.windows import plan_windows
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-CASES = ["sliding", "sliding_doc", "kv_doc", "stateful_doc", "kv_stream", "ckpt"]
+CASES = ["sliding", "sliding_doc", "kv_doc", "stateful_doc", "kv_stream", "stateful_stream_warm", "kv_stream_warm",
+         "stateful_stream_k3", "ckpt"]
 TIMEOUT_S = 40  # the process group's timeout in these runs (STREAMEVAL_DIST_TIMEOUT)
 
 
@@ -71,7 +72,18 @@ def test_n_processes_equal_one(single, tmp_path, nproc):
         if case == "kv_stream":  # one state through the whole stream: refused, naming document mode
             assert "error" not in one
             assert "--doc-mode document" in many["error"] and f"split over {nproc} processes" in many["error"]
+            assert "--split-warmup K" in many["error"]
             continue
+        assert one["split_warmup"] is None, case  # one process: nothing to split, nothing approximated
+        if case == "stateful_stream_k3":  # an approximation: every target once, other numbers, and said so
+            assert many["split_warmup"]["tokens"] == 3 and many["split_warmup"]["restarts"] == nproc - 1
+            assert "approximation" in many["split_warmup"]["note"]
+            assert many["total_tokens"] == one["total_tokens"] and many["doc_tokens"] == one["doc_tokens"]
+            assert many["chunk_losses"][0] == one["chunk_losses"][0]  # rank 0's block starts the stream: exact
+            assert many["nll_sum"] != one["nll_sum"]
+            continue
+        if case.endswith("_warm"):
+            assert many["split_warmup"]["tokens"] == 10**9, case
         assert many["world_size"] == nproc and many["backend"] == "gloo", case
         assert one["world_size"] == 1 and one["backend"] is None
         assert many["total_tokens"] == one["total_tokens"], case

@@ -72,6 +72,8 @@ def test_token_id_outside_vocab_in_store(make_store):
     ({"max_tokens": 1}, "max_tokens=1"),
     ({"log_interval": 0}, "log_interval=0"),
     ({"mode": "stateful", "overlap": 4}, "overlap=4 does not apply to mode='stateful'"),
+    ({"split_warmup": -1}, "split_warmup=-1 must be an int >= 0"),
+    ({"split_warmup": 1.5}, "split_warmup=1.5"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
