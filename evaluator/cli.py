@@ -90,6 +90,10 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="spread a model loaded by name over devices (needs accelerate): auto, balanced, "
                         "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
+                   help="sliding mode: torch.compile the model body with static shapes (every batch padded to "
+                        "[batch size, chunk size], the padding unscored); reduce-overhead adds CUDA graphs. "
+                        "Equal to eager within the dtype's rounding (default: eager)")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
     p.add_argument("--per-token", action="store_true", help="write per-token losses (float32) to OUT/per_token_losses.f32")
@@ -140,7 +144,7 @@ def _config(a: argparse.Namespace):
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
         device_map=a.device_map, verbose=not a.quiet,
-        mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
+        mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos, compile=a.compile,
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=a.split_warmup,
         check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)

@@ -10,12 +10,15 @@ from typing import Union
 
 from .errors import ConfigError
 
-__all__ = ["StreamingEvalConfig", "MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
+__all__ = ["StreamingEvalConfig", "MODES", "COMPILE_MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
 
 MODES = ("auto", "sliding", "stateful", "kv-cache")
 TAILS = ("full", "short")
 DOC_MODES = ("stream", "document")
 DTYPES = ("float32", "bfloat16", "float16")
+# torch.compile modes offered for the model body (sliding mode): "default" (inductor kernels) and
+# "reduce-overhead" (the same plus CUDA graphs: a fixed-shape batch replays one recorded graph).
+COMPILE_MODES = ("default", "reduce-overhead")
 _BOS_WORDS = ("none", "model", "eos")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named strategies
 
@@ -65,6 +68,13 @@ class StreamingEvalConfig:
     # Scored tokens whose logits are materialised at once (rows of the [tokens, vocab] fp32 matrix).
     # 4096 x a 50k vocabulary = 0.8 GB of fp32 logits plus as much for log-softmax.
     loss_slice: int = 4096
+    # Sliding mode: torch.compile the model body (the transformer body when the head is applied per
+    # loss slice, else the whole module) with static shapes: every forward is [batch_size, chunk_size]
+    # (short windows and the last batch are padded, the padding unscored), so one graph is compiled
+    # (one more per halving after an out-of-memory error). None/False: eager; True or "default";
+    # "reduce-overhead" adds CUDA graphs. Compiled kernels round differently: results equal the
+    # eager run to the dtype's tolerance, and a checkpoint records the choice.
+    compile: Union[str, bool, None] = None
     # BOS prefix: None/"none" (the first token of each stream/document is context only), an int id,
     # "model" (the model config's bos_token_id) or "eos" (the store's EOS id, GPT-2's convention).
     # Stream mode prefixes the whole stream once; document mode prefixes every document, so its
@@ -123,6 +133,15 @@ class StreamingEvalConfig:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if isinstance(self.loss_slice, bool) or not isinstance(self.loss_slice, int) or self.loss_slice < 1:
             raise ConfigError(f"loss_slice={self.loss_slice!r} must be an int >= 1 (scored tokens per loss slice), e.g. 4096")
+        if self.compile is True:
+            self.compile = "default"
+        elif self.compile is False or self.compile == "none":
+            self.compile = None
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile={self.compile!r} is not one of {', '.join(COMPILE_MODES)} (or None/False: eager)")
+        if self.compile is not None and self.mode in ("stateful", "kv-cache"):
+            raise ConfigError(f"compile={self.compile!r} applies to mode 'sliding' (fixed-shape batches), not "
+                              f"mode={self.mode!r}: pass mode='sliding', or leave compile unset")
         b = self.bos
         if b is None:
             self.bos = "none"

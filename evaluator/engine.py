@@ -10,10 +10,11 @@ assembles the results. :class:`StreamingEvaluator` is the short loop between the
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
-from contextlib import nullcontext
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -133,11 +134,16 @@ class StreamingEvaluator:
             if cfg.verbose and cfg.mode == "auto":
                 print(f"[streameval] mode {run.mode} ({run.mode_reason})", file=sys.stderr, flush=True)
             ed.check_ids(self.adapter.vocab_size, max_tokens)
+            if cfg.compile is not None and run.mode != "sliding":
+                raise ConfigError(f"compile={cfg.compile!r} applies to mode 'sliding' (fixed-shape batches), but this run "
+                                  f"resolved mode {run.mode!r} ({run.mode_reason}): pass mode='sliding', or leave compile unset")
             part = _Part.of(dd.current(), run, ed, checkpoint_dir, cfg.split_warmup)
             ckpt = None
             if checkpoint_dir is not None:
                 dd.check_rank_folders(checkpoint_dir, part.info)
                 ident = run_identity(ed, self.adapter, run, detailed, per_token)
+                if cfg.compile is not None:  # compiled kernels round differently: never mixed with eager sums
+                    ident.settings.update(compile=cfg.compile)
                 folder: Any = checkpoint_dir
                 if part.info is not None:  # one checkpoint per rank, of its own block
                     ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
@@ -149,7 +155,10 @@ class StreamingEvaluator:
             windows = ed.windows(run.spec, self.device, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
             try:
-                return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part)
+                # compile None: a no-op. STREAMEVAL_COMPILE_BACKEND: a test's "eager"/"aot_eager"
+                # (the same graph capture without code generation); default inductor.
+                with self.adapter.compiled(cfg.compile, os.environ.get("STREAMEVAL_COMPILE_BACKEND") or "inductor"):
+                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part)
             finally:
                 windows.close()
 
@@ -221,20 +230,29 @@ class StreamingEvaluator:
             # On cuda:N everything (kernels, events, the allocator) must use device N, not the
             # thread's current device (0 by default: a stray context there, and wrong timings).
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
+            # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
+            # (debug.allowed()) only where the loop syncs by design; a no-op by default.
+            debug = _SyncDebug.from_env(dev)
+            if debug.active and callable(getattr(writer, "_drain", None)):  # one sync per block, by design
+                writer._drain = debug.allowing(writer._drain)
             try:
                 with on_device, torch.inference_mode(), self._autocast():
                     if warm is not None:
                         runner.warm_up(warm)
-                    for batch in windows:
-                        if detailed:  # may flush the previous block first (a sync every few thousand windows)
-                            sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
-                        timer.start()
-                        runner.step(batch)
-                        timer.stop(batch.num_windows)
-                        next_window = batch.first_window + batch.num_windows
-                        progress.update(batch.num_windows, batch.num_scored, sums.total)
-                        if ckpt is not None and ckpt.due():
-                            checkpoint(complete=False)
+                    with debug:
+                        for batch in windows:
+                            if detailed:  # may flush the previous block first (a sync every few thousand windows)
+                                with debug.allowed():
+                                    sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
+                            timer.start()
+                            runner.step(batch)
+                            timer.stop(batch.num_windows)
+                            next_window = batch.first_window + batch.num_windows
+                            with debug.allowed():  # a progress line reads the running sum (every log_interval)
+                                progress.update(batch.num_windows, batch.num_scored, sums.total)
+                            if ckpt is not None and ckpt.due():
+                                with debug.allowed():
+                                    checkpoint(complete=False)
                     nll_sum, tokens = sums.total()  # syncs: total_time includes all queued work
                     sums.flush()
             finally:
@@ -250,7 +268,7 @@ class StreamingEvaluator:
                 (total_time,) = dd.all_reduce_scalars([total_time], torch.float64, info, dev, op="max")
                 if tokens != part.total_scored:
                     raise RuntimeError(f"internal error: the ranks scored {tokens} targets, the plan gives {part.total_scored}")
-            res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time)
+            res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time, compile=cfg.compile)
             res["world_size"] = 1 if info is None else info.world_size
             res["backend"] = None if info is None else info.backend
             if part.warmup is not None:  # say that these numbers are an approximation, and of what
@@ -363,6 +381,67 @@ class _Part:
         if a == 0 and run.spec.bos_id is not None:
             ids = np.concatenate([[run.spec.bos_id], ids])
         return torch.from_numpy(ids).to(device) if ids.size else None
+
+
+SYNC_DEBUG_ENV = "STREAMEVAL_SYNC_DEBUG"
+_SYNC_DEBUG_MODES = {"": 0, "0": 0, "off": 0, "warn": 1, "1": 2, "error": 2}
+
+
+class _SyncDebug:
+    """``torch.cuda.set_sync_debug_mode`` over the batch loop (opt-in: ``STREAMEVAL_SYNC_DEBUG``
+    = ``warn`` or ``error``/``1``; CUDA only), so a test or a user can prove the loop queues work
+    without waiting for the device. :meth:`allowed` lifts it where the loop syncs by design: the
+    progress line (every ``log_interval`` windows), the detail block flush (every few thousand
+    windows), the per-token block drain, a checkpoint. The previous mode comes back on exit, also
+    on errors. The mode is process-wide: the loader's reader thread runs under it too."""
+
+    def __init__(self, mode: int):
+        self.mode = mode
+        self.active = mode != 0
+        self._saved: list[int] = []
+
+    @staticmethod
+    def from_env(device: torch.device) -> "_SyncDebug":
+        text = os.environ.get(SYNC_DEBUG_ENV, "").strip().lower()
+        if text not in _SYNC_DEBUG_MODES:
+            raise ConfigError(f"{SYNC_DEBUG_ENV}={text!r} is not one of warn, error, 1, 0: "
+                              "set it to warn or error, or unset it")
+        # Syncs exist only on CUDA: elsewhere the setting has nothing to check.
+        return _SyncDebug(_SYNC_DEBUG_MODES[text] if device.type == "cuda" else 0)
+
+    def _set(self, mode: int) -> None:
+        self._saved.append(torch.cuda.get_sync_debug_mode())
+        torch.cuda.set_sync_debug_mode(mode)
+
+    def _restore(self) -> None:
+        torch.cuda.set_sync_debug_mode(self._saved.pop())
+
+    def __enter__(self) -> "_SyncDebug":
+        if self.active:
+            self._set(self.mode)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self._restore()
+
+    @contextmanager
+    def allowed(self):
+        if not self.active:
+            yield
+            return
+        self._set(0)
+        try:
+            yield
+        finally:
+            self._restore()
+
+    def allowing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run with the debug mode lifted (a sync by design inside a callee)."""
+        def run(*a: Any, **k: Any) -> Any:
+            with self.allowed():
+                return fn(*a, **k)
+        return run
 
 
 class _Timer:

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -223,7 +224,63 @@ class ModelAdapter:
 
     # ---- sliding: rows are independent sequences starting from an empty context ----------
     def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
-        return ForwardOutput(logits=_extract_logits(self.module(inputs)))
+        return ForwardOutput(logits=_extract_logits(self._windows_call(self.module, inputs)))
+
+    # ---- torch.compile of what sliding windows call ------------------------------------------
+    compile_mode: str | None = None  # set only inside compiled(): the torch.compile mode in use
+    _compiled: Any = None  # the compiled module of compile_mode (None: eager)
+    _compile_cache: dict | None = None  # (mode, backend) -> compiled module, reused by later runs
+
+    def _compile_target(self) -> nn.Module:
+        """The module sliding windows call: the whole module here (HFAdapter: the body when split)."""
+        return self.module
+
+    @contextmanager
+    def compiled(self, mode: str | None, backend: str = "inductor"):
+        """Within the block, :meth:`forward_windows` calls ``torch.compile`` of the model body
+        (``mode``: "default" or "reduce-overhead"; None: eager, a no-op). ``dynamic=False``: one
+        graph per input shape, and the sliding runner feeds one shape (it pads every batch to
+        [batch_size, chunk_size]). Compiling is lazy (the first forward); the compiled module is
+        kept for later runs. The adapter is eager again after the block (a benchmark's compute-only
+        loop or another evaluator sharing it stays eager). ``backend``: "inductor" (the kernels);
+        "eager"/"aot_eager" trace the same graph without code generation (tests of the plumbing)."""
+        if mode is None:
+            yield
+            return
+        if self._compile_cache is None:
+            self._compile_cache = {}
+        key = (mode, backend)
+        if key not in self._compile_cache:
+            # mode is an inductor setting ("default" is its default); other backends take none
+            kw = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+            self._compile_cache[key] = torch.compile(self._compile_target(), dynamic=False, backend=backend, **kw)
+        self._compiled, self.compile_mode = self._compile_cache[key], mode
+        try:
+            yield
+        finally:
+            self._compiled, self.compile_mode = None, None
+
+    def _windows_call(self, module: nn.Module, *args: Any, **kw: Any) -> Any:
+        """``module(*args, **kw)``, through its compiled version inside :meth:`compiled`. Any
+        failure there but running out of memory (which the runner retries in halves) becomes one
+        line: which model, what failed, how to run eager."""
+        if self._compiled is None or module is not self._compile_target():
+            return module(*args, **kw)
+        if self.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output buffers: a new step means the previous forward's
+            # outputs (already consumed by the loss) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return self._compiled(*args, **kw)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - dynamo/inductor raise many types; all one user-facing error
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            shape = "x".join(str(d) for d in (args[0] if args else kw.get("input_ids")).shape)
+            raise ModelError(
+                f"model {self.name}: torch.compile (mode {self.compile_mode!r}) of {type(module).__name__} failed on a "
+                f"[{shape}] batch ({type(e).__name__}: {first}): leave compile unset to run eager"
+            ) from None
 
     # ---- stateful / kv-cache: one sequence fed chunk by chunk ---------------------------
     def begin_stream(self) -> None:
@@ -267,7 +324,7 @@ class StatefulModuleAdapter(ModelAdapter):
     def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
         self.module.reset_state()  # each batch of windows is a fresh set of sequences
         try:
-            return ForwardOutput(logits=_extract_logits(self.module(inputs)))
+            return ForwardOutput(logits=_extract_logits(self._windows_call(self.module, inputs)))
         finally:
             self.module.reset_state()
 
@@ -355,7 +412,17 @@ class HFAdapter(ModelAdapter):
     def forward_windows(self, inputs: torch.Tensor) -> ForwardOutput:
         # Right padding needs no attention mask: causal attention never lets a position see later
         # (padded) ones, and padded targets are not scored.
-        return self._out(inputs, use_cache=False)[0]
+        if self._compiled is None:
+            return self._out(inputs, use_cache=False)[0]
+        out = self._windows_call(self._compile_target(), input_ids=inputs, use_cache=False)
+        if self.split:
+            return ForwardOutput(hidden=out.last_hidden_state, head=self.head)
+        return ForwardOutput(logits=_extract_logits(out))
+
+    def _compile_target(self) -> nn.Module:
+        # The transformer body when the head runs per loss slice (the head is a matmul applied to
+        # a few thousand rows at a time, outside the graph), else the whole model.
+        return self.body if self.split else self.module
 
     @staticmethod
     def _logits(o: ForwardOutput) -> torch.Tensor:

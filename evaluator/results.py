@@ -31,7 +31,7 @@ __all__ = ["summary", "detail"]
 
 
 def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tokens: int, num_windows: int,
-            total_time: float) -> dict[str, Any]:
+            total_time: float, compile: str | None = None) -> dict[str, Any]:
     spec = run.spec
     return {
         "loss": nll_sum / tokens,
@@ -48,12 +48,13 @@ def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tok
         "chunk_size": spec.chunk_size,
         "overlap": spec.overlap,
         "tail": spec.tail,
-        "batch_size": spec.batch_windows if run.mode == "sliding" else 1,
+        "batch_size": spec.batch_windows,  # windows per forward (sliding); documents in parallel (carried, document mode)
         "bos_id": spec.bos_id,
         "bos_policy": run.bos_policy,
         "max_tokens": spec.max_tokens,
         "device": str(run.device),
         "dtype": run.dtype,
+        "compile": compile,  # the torch.compile mode of the model body (None: eager)
         "model": model_name,
         "data": ed.name,
     }

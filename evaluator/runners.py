@@ -30,7 +30,7 @@ from streamdata.windows import WindowPlan
 
 from .errors import ModelError
 from .metrics import MetricSums, PerTokenWriter, token_nll
-from .models import ModelAdapter
+from .models import ForwardOutput, ModelAdapter
 
 __all__ = ["CarriedRunner", "Runner", "SlidingRunner"]
 
@@ -84,6 +84,13 @@ class SlidingRunner(Runner):
         self.batch_windows = batch_windows
         self.micro = batch_windows  # windows per forward; halved after an out-of-memory error
 
+        # A compiled model (inside adapter.compiled()) gets one static shape, [micro, chunk_size]:
+        # no trimming to the longest window, short batches padded with rows of id 0, every input
+        # contiguous (dynamo guards on strides too). The padding is never scored: the scored
+        # indices come from the score mask of the real rows only. One graph, plus one per halving
+        # after an out-of-memory error.
+        self.static = self.adapter.compile_mode is not None
+
     def state(self) -> dict[str, Any]:
         # The micro-batch size decides how windows are grouped per forward (float results may
         # depend on it): a resumed run keeps the size the crashed one had reached.
@@ -103,7 +110,8 @@ class SlidingRunner(Runner):
         i = 0
         while i < rows:
             m = min(self.micro, rows - i)
-            T, count = int(lens[i : i + m].max()), int(scored[i : i + m].sum())
+            T = batch.inputs.shape[1] if self.static else int(lens[i : i + m].max())
+            count = int(scored[i : i + m].sum())
             try:
                 nll, flat = self._nll(batch, i, i + m, T, count)
                 oom = False
@@ -128,8 +136,16 @@ class SlidingRunner(Runner):
 
     def _nll(self, batch: WindowBatch, r0: int, r1: int, T: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 NLL of the scored targets of rows [r0, r1), their flat indices into [r1 - r0, T])."""
-        # Trim the batch to its longest window: short windows (document ends) cost no padding beyond it.
-        out = self.adapter.forward_windows(batch.inputs[r0:r1, :T])
+        # Eager: trim the batch to its longest window: short windows (document ends) cost no padding
+        # beyond it. Compiled: T is the full width, and missing rows are padded (see __init__).
+        x, m = batch.inputs[r0:r1, :T], r1 - r0
+        if self.static:
+            R = min(self.micro, len(self.plan))  # a plan shorter than one batch is not padded beyond itself
+            x = torch.cat([x, x.new_zeros(R - m, T)]) if m < R else x.contiguous()
+        out = self.adapter.forward_windows(x)
+        if x.shape[0] != m:  # drop the padded rows' outputs (views): flat indexes the real rows only
+            out = ForwardOutput(hidden=None if out.hidden is None else out.hidden[:m], head=out.head,
+                                logits=None if out.logits is None else out.logits[:m])
         flat = _scored_index(batch.score_mask[r0:r1, :T].reshape(-1), count)
         return self._score(out, batch.targets[r0:r1, :T], flat), flat
 
