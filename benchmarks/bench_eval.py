@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_eval [--store S] [--model M] [--device D] [--tokens N] [--chunk-size L]
                                     [--overlap O] [--batch-size B] [--dtype T] [--repeat R] [--threads K]
-                                    [--out DIR]
+                                    [--compile [MODE]] [--out DIR]
 
 On the same model and the first ``N`` tokens of the same store, in one run:
 - ours + checkpoints: ours with a checkpoint folder (``--checkpoint-interval``, default 60 s as the
@@ -20,6 +20,8 @@ On the same model and the first ``N`` tokens of the same store, in one run:
          ``loss.item()`` sync per chunk: the same windows and the same ``N - 1`` scored targets as ours;
 - ours, overlap ``O`` (default ``L // 2``): the same as ours with ``overlap=O`` (every target after the
          first window gets at least ``O`` tokens of context): same positions computed as (c);
+- ours, compiled (``--compile [MODE]``): ours and ours-overlap again with ``compile=MODE`` (torch.compile
+         of the model body, static [B, L] batches); its warm-up compiles the graph (not timed);
 - (c) the transformers perplexity guide (huggingface.co/docs/transformers/perplexity): ``max_length=L``,
          ``stride=L - O``, batch 1, labels -100 on the context part, ``model(input_ids, labels=...)``,
          ``outputs.loss * trg_len`` accumulated. It scores every label that is not -100 after the
@@ -160,12 +162,12 @@ class Run:
         return self.scored / self.seconds if self.seconds > 0 else math.inf
 
 
-def make_evaluator(adapter, L: int, O: int, batch: int | str, device: torch.device):
+def make_evaluator(adapter, L: int, O: int, batch: int | str, device: torch.device, compile: str | None = None):
     from evaluator import StreamingEvaluator
 
     # dtype="float32": no autocast; the model runs in its own parameter dtype, like (b) and (c).
     return StreamingEvaluator(adapter, chunk_size=L, overlap=O, device=str(device), verbose=False, mode="sliding",
-                              batch_size=batch, dtype="float32")
+                              batch_size=batch, dtype="float32", compile=compile)
 
 
 def run_ours(ev, store, max_tokens: int, checkpoint_interval: float | None = None) -> Run:
@@ -290,11 +292,13 @@ def hf_guide_loop(model, encodings: torch.Tensor, max_length: int, stride: int, 
 def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch: int | str = "auto",
             repeat: int = 3, device: torch.device, log: Callable[[str], None] = print,
             variants: tuple[str, ...] = ("ours", "compute", "quickref", "ours_overlap", "guide"),
-            checkpoint_interval: float = 60.0) -> dict[str, Any]:
+            checkpoint_interval: float = 60.0, compile: str = "default") -> dict[str, Any]:
     """Run the variants on the first ``tokens`` tokens of ``store`` and return a JSON-able dict.
 
     ``variants``: any of ours, ours_ckpt (ours with a checkpoint folder, a checkpoint every
-    ``checkpoint_interval`` seconds and at the end), compute, quickref, ours_overlap, guide. Each result holds tok/s
+    ``checkpoint_interval`` seconds and at the end), compute, quickref, ours_overlap, guide,
+    ours_compiled, ours_overlap_compiled (ours with ``compile``: the adapter is shared, and each
+    evaluator compiles only inside its own runs, so the other rows stay eager). Each result holds tok/s
     (scored targets per second, best of ``repeat``), the scored count, positions fed, loss and
     peak memory (device bytes on CUDA, resident-set bytes on CPU, above the run's start)."""
     from streamdata.windows import plan_windows
@@ -311,6 +315,10 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
     evO = make_evaluator(adapter, L, O, batch, device) if "ours_overlap" in wanted and O > 0 else None
     if evO is None:
         wanted = [v for v in wanted if v != "ours_overlap"]
+    evC = make_evaluator(adapter, L, 0, batch, device, compile) if "ours_compiled" in wanted else None
+    evOC = make_evaluator(adapter, L, O, batch, device, compile) if "ours_overlap_compiled" in wanted and O > 0 else None
+    if evOC is None:
+        wanted = [v for v in wanted if v != "ours_overlap_compiled"]
 
     data = encodings = None
     if {"quickref", "guide"} & set(wanted):
@@ -342,6 +350,12 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
         run_ours(evO, store, min(N, (resolved_B or 1) * L + 1) if cuda else min(N, 2 * L + 1))
     if "guide" in wanted:
         hf_guide_loop(module, encodings[:, : min(N, 2 * L)], L, L - O, device)
+    # Compiled rows: the warm-up compiles the one static shape [B, L] (B windows at least, so it is
+    # the shape of the timed runs too); compiling takes seconds to minutes and is never timed.
+    for e in (evC, evOC):
+        if e is not None:
+            B = resolved_B or 1
+            run_ours(e, store, min(N, B * (L - e.overlap) + e.overlap + 1))
 
     fns: dict[str, Callable[[], Run]] = {
         "ours": lambda: run_ours(ev0, store, N),
@@ -350,6 +364,8 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
         "quickref": lambda: quickref_loop(module, data, L, device),
         "ours_overlap": lambda: run_ours(evO, store, N),
         "guide": lambda: hf_guide_loop(module, encodings, L, L - O, device),
+        "ours_compiled": lambda: run_ours(evC, store, N),
+        "ours_overlap_compiled": lambda: run_ours(evOC, store, N),
     }
     runs: dict[str, list[Run]] = {v: [] for v in wanted}
     peaks: dict[str, int | None] = {v: None for v in wanted}
@@ -374,6 +390,8 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
         "quickref": ("(b) quick-ref loop (batch 1, RAM, .item()/chunk)", 0),
         "ours_overlap": (f"ours, overlap {O}", O),
         "guide": (f"(c) HF perplexity guide (stride {L - O})", O),
+        "ours_compiled": (f"ours, compiled ({compile})", 0),
+        "ours_overlap_compiled": (f"ours, overlap {O}, compiled ({compile})", O),
     }
     results: dict[str, Any] = {}
     for v in wanted:
@@ -391,12 +409,14 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
     # to back, so a paired ratio cancels load that drifts between rounds (a shared machine).
     ratios, paired = {}, {}
     for mine, other in (("ours", "compute"), ("ours_ckpt", "compute"), ("ours_ckpt", "ours"), ("ours", "quickref"),
-                        ("ours_overlap", "guide")):
+                        ("ours_overlap", "guide"), ("ours_compiled", "ours"), ("ours_compiled", "quickref"),
+                        ("ours_overlap_compiled", "ours_overlap"), ("ours_overlap_compiled", "guide")):
         if mine in results and other in results:
             ratios[f"{mine}/{other}"] = results[mine]["tok_per_s"] / results[other]["tok_per_s"]
             rr = sorted((b.seconds / b.scored) / (a.seconds / a.scored) for a, b in zip(runs[mine], runs[other]))
             paired[f"{mine}/{other}"] = float(np.median(rr))
     return {"tokens": N, "chunk_size": L, "overlap": O, "batch": resolved_B, "repeat": repeat,
+            "compile": compile if {"ours_compiled", "ours_overlap_compiled"} & set(wanted) else None,
             "device": str(device), "load_into_ram_s": load_s, "results": results, "ratios": ratios,
             "paired_ratios": paired,
             "peak_memory_kind": "device (max_memory_allocated)" if device.type == "cuda" else "host RSS (VmHWM delta)"}
@@ -404,7 +424,7 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
 
 def print_results(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> None:
     rows = []
-    order = ["ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide"]
+    order = ["ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide", "ours_compiled", "ours_overlap_compiled"]
     res = m["results"]
     ref = {0: res.get("ours"), m["overlap"]: res.get("ours_overlap")}
     for v in order:
@@ -442,6 +462,12 @@ def print_ratios(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> 
         print_fn(f"ours / (b) quick-ref loop = {both('ours/quickref', '.2f')}  (goal on a GPU: several times)")
     if "ours_overlap/guide" in rt:
         print_fn(f"ours(overlap {m['overlap']}) / (c) HF guide = {both('ours_overlap/guide', '.2f')}  (goal on a GPU: several times)")
+    if "ours_compiled/ours" in rt:
+        print_fn(f"ours compiled / ours eager = {both('ours_compiled/ours', '.2f')}  (overlap 0)")
+    if "ours_overlap_compiled/ours_overlap" in rt:
+        print_fn(f"ours compiled / ours eager = {both('ours_overlap_compiled/ours_overlap', '.2f')}  (overlap {m['overlap']})")
+    if "ours_overlap_compiled/guide" in rt:
+        print_fn(f"ours(overlap {m['overlap']}) compiled / (c) HF guide = {both('ours_overlap_compiled/guide', '.2f')}")
 
 
 @one_line_errors("python -m benchmarks.bench_eval")
@@ -463,6 +489,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(CACHE), help="folder for the default store (default bench-out/stores)")
     ap.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
                     help="the 'ours + checkpoints' row: seconds between checkpoints (default %(default)g, the CLI's)")
+    ap.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead"),
+                    help="add the rows 'ours, compiled' (overlap 0 and --overlap) with torch.compile of the model body "
+                         "in this mode (default: default); compiling is part of the untimed warm-up")
     ap.add_argument("--out", help="folder for bench_eval.json")
     a = ap.parse_args(argv)
 
@@ -488,8 +517,9 @@ def main(argv=None) -> int:
         print(f"chunk {L}, overlap rows {O}; warm-up, then {repeat} interleaved repeats (best counts); "
               f"load average {os.getloadavg()[0]:.2f}")
         m = measure(adapter, store, chunk_size=L, overlap=O, tokens=N, batch=batch, repeat=repeat, device=device,
-                    variants=("ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide"),
-                    checkpoint_interval=a.checkpoint_interval)
+                    variants=("ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide")
+                    + (("ours_compiled", "ours_overlap_compiled") if a.compile else ()),
+                    checkpoint_interval=a.checkpoint_interval, compile=a.compile or "default")
     print()
     print_results(m)
     print()
