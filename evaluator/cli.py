@@ -3,6 +3,7 @@
     streameval run STORE --model M [--chunk-size N] [--overlap N] [--mode M] [--batch-size N|auto]
                    [--device D] [--dtype T] [--max-tokens N] [--out DIR [--checkpoint-interval S] [--overwrite]]
     streameval demo [--out DIR] [--max-tokens N]
+    streameval compare STORE --model CANDIDATE --reference REFERENCE [--reference-device D] [run's options]
 
 With ``--out DIR`` a run is crash-safe: DIR keeps a checkpoint (evaluator/checkpoint.py) and the
 same command resumes after a crash; the report files appear only when the run is complete.
@@ -72,7 +73,8 @@ def _bos(text: str) -> int | str:
     return text if text in ("none", "model", "eos") else _int(text)
 
 
-def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int, overlap_why: str) -> None:
+def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap_default: int, overlap_why: str,
+                      compare: bool = False) -> None:
     p.add_argument("--chunk-size", type=_int_or_none, default=chunk_default,
                    help="window length L in tokens, or 'model': the model's context length (default: model)")
     p.add_argument("--overlap", type=_int, default=overlap_default,
@@ -86,7 +88,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="stream: one concatenated stream; document: each document on its own (default: stream)")
     p.add_argument("--batch-size", type=_batch, default="auto", help="windows per forward in sliding mode, or auto (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--device-map", type=_device_map, metavar="MAP",
+    if not compare:  # (compare: each model whole on one device)
+        p.add_argument("--device-map", type=_device_map, metavar="MAP",
                    help="spread a model loaded by name over devices (needs accelerate): auto, balanced, "
                         "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
@@ -96,7 +99,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                         "Equal to eager within the dtype's rounding (default: eager)")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
-    p.add_argument("--per-token", action="store_true", help="write per-token losses (float32) to OUT/per_token_losses.f32")
+    if not compare:  # (compare: --per-token-kl)
+        p.add_argument("--per-token", action="store_true", help="write per-token losses (float32) to OUT/per_token_losses.f32")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
@@ -132,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(d, chunk_default=None, overlap_default=256, overlap_why="run's is 0")
     # 1,000,001 tokens of the stream give exactly 1,000,000 scored targets (target 0 has no context)
     d.set_defaults(max_tokens=1_000_001)
+    c = sub.add_parser("compare", help="compare a model with a reference on a store: KL divergence, top-1 agreement, "
+                       "both perplexities", description="Run CANDIDATE (--model) and REFERENCE on the same windows of "
+                       "STORE; per scored token compute KL(reference || candidate), both NLLs and whether the top-1 "
+                       "predictions agree, on the device (no logits written); print a table and write results.json, "
+                       "CSV tables and plots (KL by position, KL histogram) to --out.")
+    c.add_argument("store", help="store folder or URL (or raw .bin / Megatron files)")
+    c.add_argument("--model", required=True, help="the candidate (e.g. a quantized model): as run's --model")
+    c.add_argument("--reference", required=True, help="the reference (e.g. the original model): as --model")
+    c.add_argument("--reference-device", help="device of the reference (default: --device); its log-probabilities "
+                                              "are copied to --device one loss slice at a time")
+    c.add_argument("--allow-vocab-prefix", action="store_true",
+                   help="models whose vocabulary sizes differ: compare KL and top-1 over the shared first ids (the "
+                        "smaller vocabulary must be a prefix of the larger; refused otherwise)")
+    c.add_argument("--per-token-kl", metavar="PATH",
+                   help="write the per-token KL (float32, raw) to PATH (default: OUT/per_token_kl.f32 with --out, "
+                        "else a temporary file, removed)")
+    c.add_argument("--out", default=None, help="report folder (default: none written)")
+    c.add_argument("--no-check-tokenizer", dest="check_tokenizer", action="store_false",
+                   help="compare even when the models' or the store's tokenizers differ (by default refused when known)")
+    _add_eval_options(c, chunk_default=None, overlap_default=0, overlap_why="as run's", compare=True)
     return p
 
 
@@ -143,9 +167,9 @@ def _config(a: argparse.Namespace):
 
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
-        device_map=a.device_map, verbose=not a.quiet,
+        device_map=getattr(a, "device_map", None), verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos, compile=a.compile,
-        per_token_path=str(Path(a.out) / _PER_TOKEN) if (a.per_token and a.out) else None,
+        per_token_path=str(Path(a.out) / _PER_TOKEN) if (getattr(a, "per_token", False) and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=a.split_warmup,
         check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)
     )
@@ -246,6 +270,28 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return _evaluate(str(store), "default", a)
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from streamdata import open_store
+
+    from .compare import compare_streaming
+    from .report import format_table, write_report
+
+    cfg = _config(a)  # settings are checked before the folder and the models are touched
+    _prepare_out(a.out, a.overwrite)
+    with open_store(a.store) as store:
+        res = compare_streaming(a.model, a.reference, store, config=cfg, reference_device=a.reference_device,
+                                allow_vocab_prefix=a.allow_vocab_prefix, per_token_kl=a.per_token_kl)
+        print(format_table(res))
+        if a.out:
+            if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
+                print(f"report: already complete in {a.out} (nothing was recomputed)")
+                return 0
+            files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store, model=res["models"],
+                                 plots=not a.no_plots)
+            print(f"report: {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """--quiet: no progress bars from transformers/datasets either (our own lines are off already)."""
     try:
@@ -267,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quiet:
         _quiet_libraries()
-    cmd = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
+    cmd = {"run": _cmd_run, "demo": _cmd_demo, "compare": _cmd_compare}[args.command]
     try:
         rc = cmd(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
 from .data import EvalData, open_data
 from .errors import ConfigError, DataError
-from .metrics import MetricSums, PerTokenWriter
+from .metrics import MetricSums, PerTokenWriter, token_nll
 from .models import ModelAdapter, load_model
 from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
@@ -118,8 +118,11 @@ class StreamingEvaluator:
         return torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.config.dtype))
 
     def _run(self, data: Any, max_tokens: int | None, log_interval: int | None, detailed: bool, per_token: bool,
-             checkpoint_dir: str | None) -> dict[str, Any]:
+             checkpoint_dir: str | None, scoring: "Scoring | None" = None) -> dict[str, Any]:
         cfg = self.config
+        scoring = NLL if scoring is None else scoring
+        if scoring is not NLL and dd.current() is not None:
+            raise ConfigError(f"a {scoring.name} run under torchrun is not supported: run it as one process")
         max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
             raise ConfigError(f"max_tokens={max_tokens!r} must be an int >= 2 or None")
@@ -144,6 +147,8 @@ class StreamingEvaluator:
                 ident = run_identity(ed, self.adapter, run, detailed, per_token)
                 if cfg.compile is not None:  # compiled kernels round differently: never mixed with eager sums
                     ident.settings.update(compile=cfg.compile)
+                if scoring is not NLL:  # another kind of numbers: never resumed as a run (or vice versa)
+                    ident.settings.update(scoring=scoring.name)
                 folder: Any = checkpoint_dir
                 if part.info is not None:  # one checkpoint per rank, of its own block
                     ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
@@ -158,13 +163,13 @@ class StreamingEvaluator:
                 # compile None: a no-op. STREAMEVAL_COMPILE_BACKEND: a test's "eager"/"aot_eager"
                 # (the same graph capture without code generation); default inductor.
                 with self.adapter.compiled(cfg.compile, os.environ.get("STREAMEVAL_COMPILE_BACKEND") or "inductor"):
-                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part)
+                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part, scoring)
             finally:
                 windows.close()
 
     def _loop(self, ed: EvalData, run: ResolvedRun, windows: WindowLoader, log_interval: int, detailed: bool,
               per_token: bool, ckpt: Checkpointer | None, state: dict[str, Any] | None,
-              part: "_Part") -> dict[str, Any]:
+              part: "_Part", scoring: "Scoring") -> dict[str, Any]:
         cfg, dev, spec = self.config, self.device, run.spec
         info = part.info
         num_windows = windows.full_plan_windows
@@ -184,7 +189,7 @@ class StreamingEvaluator:
             if not per_token:
                 writer = None
             elif info is None:
-                writer = PerTokenWriter(path, expected, filled=filled)
+                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled))
             else:  # one file, this rank's slice at its own offset
                 shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
                 writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled,
@@ -195,9 +200,9 @@ class StreamingEvaluator:
                 # checkpoint (the CLI's --out) so a resumed run continues them, else in a temporary
                 # folder removed at the end (and on errors).
                 spill = SpillFiles(None if ckpt is None else ckpt.folder, num_windows, ed.num_documents,
-                                   resume=state is not None)
-            sums = MetricSums(dev, detailed, spill, seconds=timer.drain)
-            args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev)
+                                   resume=state is not None, columns=scoring.spill)
+            sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
+            args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
             runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
                 else CarriedRunner(*args, document_mode=spec.doc_mode == "document")
             elapsed0, resumed_from = 0.0, None
@@ -269,6 +274,7 @@ class StreamingEvaluator:
                 if tokens != part.total_scored:
                     raise RuntimeError(f"internal error: the ranks scored {tokens} targets, the plan gives {part.total_scored}")
             res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time, compile=cfg.compile)
+            res.update(scoring.summary(sums))
             res["world_size"] = 1 if info is None else info.world_size
             res["backend"] = None if info is None else info.backend
             if part.warmup is not None:  # say that these numbers are an approximation, and of what
@@ -286,7 +292,7 @@ class StreamingEvaluator:
                 if info is not None:
                     files = self._reduce_detail(part, sums, files, num_windows, ed.num_documents)
                 if files is not None:  # (other ranks than 0 return the totals only)
-                    res.update(detail(run, ed, sums, files))
+                    res.update(scoring.detail(run, ed, sums, files))
                 res["per_token_losses"], res["per_token_path"] = None, None
                 if writer is not None:
                     if writer.filled != expected:
@@ -322,6 +328,27 @@ class StreamingEvaluator:
                 final.discard()
             raise
         return final.finish() if final is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What a run scores per target and how the sums become results. The loop, the runners, the
+    sums, checkpoints and spilling are the same for every kind; a run scores the NLL (:data:`NLL`),
+    a model comparison its per-target statistics (:mod:`evaluator.compare`)."""
+
+    name: str
+    # (out, targets, flat, loss_slice) -> [m] or [m, C] fp32 values of the m scored targets
+    score: Callable[..., torch.Tensor] = token_nll
+    columns: tuple[str, ...] = ("nll",)  # MetricSums value columns (the first one is what progress shows)
+    spill: dict[str, tuple[str, str]] | None = None  # SpillFiles columns (None: a run's)
+    # wraps the PerTokenWriter (e.g. to write one column of [m, C] values); identity for a run
+    per_token: Callable[[Any], Any] = lambda writer: writer
+    summary: Callable[[MetricSums], dict[str, Any]] = lambda sums: {}  # keys added to results.summary's
+    detail: Callable[..., dict[str, Any]] = detail  # (run, ed, sums, files) -> the detail keys
+
+
+#: A run: the fp32 NLL per target, summed.
+NLL = Scoring("nll")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,10 +139,17 @@ class MetricSums:
 
     def __init__(self, device: torch.device, detailed: bool, spill: Any = None,
                  seconds: Callable[[int], np.ndarray] | None = None, block_windows: int = 4096,
-                 block_documents: int = 4096):
+                 block_documents: int = 4096, columns: tuple[str, ...] = ("nll",)):
         self.device = device
         self.detailed = detailed
-        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        # Value columns summed per target: ("nll",) for a run (every sum a scalar per cell, as
+        # always); more for a model comparison (evaluator/compare.py), whose values arrive as
+        # [count, C] and whose sums carry a trailing axis of C. Column j spills as window_<name>
+        # and document_<name>.
+        self.columns = tuple(columns)
+        c = () if len(self.columns) == 1 else (len(self.columns),)
+        self._c = c
+        self.nll = torch.zeros(c, dtype=torch.float64, device=device)
         self.tokens = 0  # host int: every batch says how many targets it scores
         if detailed:
             if spill is None:
@@ -151,12 +158,12 @@ class MetricSums:
             self._seconds = seconds  # n -> seconds of the next n windows (the engine's timer), or None
             self.edges_np = BUCKET_EDGES
             self.edges = torch.as_tensor(BUCKET_EDGES, device=device)
-            self.bucket_nll = torch.zeros(len(BUCKET_EDGES), dtype=torch.float64, device=device)
+            self.bucket_nll = torch.zeros((len(BUCKET_EDGES), *c), dtype=torch.float64, device=device)
             self.bucket_tokens = torch.zeros(len(BUCKET_EDGES), dtype=torch.int64, device=device)
             # Blocks: window ids [w_base, w_end) and documents [d_base, d_last] live on the device.
-            self.window_nll = torch.zeros(block_windows, dtype=torch.float64, device=device)
+            self.window_nll = torch.zeros((block_windows, *c), dtype=torch.float64, device=device)
             self.window_tokens = torch.zeros(block_windows, dtype=torch.int64, device=device)
-            self.doc_nll = torch.zeros(block_documents, dtype=torch.float64, device=device)
+            self.doc_nll = torch.zeros((block_documents, *c), dtype=torch.float64, device=device)
             self.doc_tokens = torch.zeros(block_documents, dtype=torch.int64, device=device)
             self.w_base = self.w_end = 0
             self.d_base: int | None = None
@@ -176,7 +183,7 @@ class MetricSums:
         if full_w or full_d:
             self.flush()
         if num_windows > len(self.window_nll):  # a batch larger than the block (the block is empty now)
-            self.window_nll = torch.zeros(num_windows, dtype=torch.float64, device=self.device)
+            self.window_nll = torch.zeros((num_windows, *self._c), dtype=torch.float64, device=self.device)
             self.window_tokens = torch.zeros(num_windows, dtype=torch.int64, device=self.device)
         if self.w_end == self.w_base:  # empty block: it starts wherever the batches do (resume, rank block)
             self.w_base = self.w_end = first_window
@@ -194,7 +201,7 @@ class MetricSums:
             # Grow in place of flushing: the carried cell and the block's cells are copied exactly.
             cap = 1 << (need - 1).bit_length()
             kept = self.d_last - self.d_base + 1
-            nll = torch.zeros(cap, dtype=torch.float64, device=self.device)
+            nll = torch.zeros((cap, *self._c), dtype=torch.float64, device=self.device)
             tok = torch.zeros(cap, dtype=torch.int64, device=self.device)
             nll[:kept].copy_(self.doc_nll[:kept])
             tok[:kept].copy_(self.doc_tokens[:kept])
@@ -212,19 +219,24 @@ class MetricSums:
         if nw == 0 and nd == 0:
             return
         # One transfer: the int64 counts travel bit for bit as float64-typed views.
-        host = torch.cat([self.window_nll[:nw], self.window_tokens[:nw].view(torch.float64),
-                          self.doc_nll[:nd], self.doc_tokens[:nd].view(torch.float64)]).cpu().numpy()
+        k = len(self.columns)  # values per cell (row-major [n, k] blocks, flattened)
+        host = torch.cat([self.window_nll[:nw].reshape(-1), self.window_tokens[:nw].view(torch.float64),
+                          self.doc_nll[:nd].reshape(-1), self.doc_tokens[:nd].view(torch.float64)]).cpu().numpy()
+        wv, wt = host[: nw * k].reshape(nw, k), host[nw * k : nw * k + nw]
+        dv, dt = host[nw * k + nw : nw * k + nw + nd * k].reshape(nd, k), host[nw * k + nw + nd * k :]
         if nw:
-            self.spill.write("window_nll", self.w_base, host[:nw])
-            self.spill.write("window_tokens", self.w_base, host[nw : 2 * nw].view(np.int64))
+            for j, name in enumerate(self.columns):
+                self.spill.write(f"window_{name}", self.w_base, wv[:, j])
+            self.spill.write("window_tokens", self.w_base, wt.view(np.int64))
             if self._seconds is not None:  # after the sync above: timing events have completed
                 self.spill.write("window_seconds", self.w_base, self._seconds(nw))
             self.window_nll[:nw].zero_()
             self.window_tokens[:nw].zero_()
             self.w_base = self.w_end
         if nd:
-            self.spill.write("document_nll", self.d_base, host[2 * nw : 2 * nw + nd])
-            self.spill.write("document_tokens", self.d_base, host[2 * nw + nd :].view(np.int64))
+            for j, name in enumerate(self.columns):
+                self.spill.write(f"document_{name}", self.d_base, dv[:, j])
+            self.spill.write("document_tokens", self.d_base, dt.view(np.int64))
             self.doc_nll[:1].copy_(self.doc_nll[nd - 1 : nd])
             self.doc_tokens[:1].copy_(self.doc_tokens[nd - 1 : nd])
             self.doc_nll[1:nd].zero_()
@@ -234,12 +246,13 @@ class MetricSums:
     # ---- sums ------------------------------------------------------------------------------
     def add(self, nll: torch.Tensor, count: int, windows: torch.Tensor | None = None,
             docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
-        """Add ``count`` scored targets (``nll`` fp32 [count]) with their global window and
-        document ids and positions (within the batch announced by :meth:`begin_batch`)."""
+        """Add ``count`` scored targets (``nll`` fp32 [count], or [count, C] with C columns) with
+        their global window and document ids and positions (within the batch announced by
+        :meth:`begin_batch`)."""
         # Every allocation first, then the in-place updates: an out-of-memory error raised here
         # leaves the sums as they were, never half-updated.
         n64 = nll.double()
-        total = n64.sum()
+        total = n64.sum() if n64.dim() == 1 else n64.sum(0)  # (a run's reduction exactly as before)
         if self.detailed:
             ones = torch.ones_like(windows)
             b = torch.bucketize(positions, self.edges, right=True)  # pos p -> i with edges[i-1] <= p < edges[i]
@@ -256,8 +269,12 @@ class MetricSums:
             self.bucket_tokens.index_add_(0, b, ones)
 
     def total(self) -> tuple[float, int]:
-        """(sum NLL, tokens): one device sync."""
-        return float(self.nll.item()), self.tokens
+        """(sum NLL, tokens): one device sync (the first column's sum when there are several)."""
+        return float(self.nll.reshape(-1)[0].item()), self.tokens
+
+    def totals(self) -> np.ndarray:
+        """float64 sums of every column [C] (one device sync)."""
+        return self.nll.reshape(-1).cpu().numpy()
 
     def buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(upper edges, NLL sums, token counts) of the position buckets (one sync; the end only)."""

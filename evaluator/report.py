@@ -38,7 +38,12 @@ __all__ = ["REPORT_FILES", "format_table", "write_report", "versions"]
 
 #: Every file name the report stage writes (``--overwrite`` removes these and no others).
 REPORT_FILES = ("results.json", "chunks.csv", "documents.csv", "positions.csv", "perplexity_per_chunk.png",
-                "loss_by_position.png", *SPILL_FILES, *(f"{f}.partial" for f in SPILL_FILES))
+                "loss_by_position.png", *SPILL_FILES, *(f"{f}.partial" for f in SPILL_FILES),
+                # a model comparison's (evaluator/compare.py): its plots and its further spilled columns
+                "kl_by_position.png", "kl_histogram.png", "per_token_kl.f32", "per_token_kl.f32.partial",
+                *(f"{k}.npy{p}" for k in ("window_nll_ref", "window_kl", "window_kl_sq", "window_agree",
+                                          "window_correct", "document_nll_ref", "document_kl", "document_kl_sq",
+                                          "document_agree", "document_correct") for p in ("", ".partial")))
 
 _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
@@ -46,6 +51,22 @@ _SCALARS = (
     "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
     "tail", "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
     "per_token_path", "mode_reason", "resumed_from_window", "word_rule", "world_size", "backend",
+    # a model comparison (evaluator/compare.py); loss/perplexity above are then the candidate's
+    "candidate", "reference", "reference_device", "compared_vocab", "vocab_candidate", "vocab_reference",
+    "kl_mean", "kl_stderr", "kl_min", "kl_median", "kl_p90", "kl_p95", "kl_p99", "kl_p999", "kl_max", "kl_sum",
+    "top1_agreement", "top1_agreement_stderr", "candidate_top1_accuracy", "loss_candidate", "loss_reference",
+    "perplexity_candidate", "perplexity_reference", "perplexity_ratio", "delta_nll_mean", "nll_sum_reference",
+    "per_token_kl_path",
+)
+
+#: The comparison's summary rows: (label, key).
+_COMPARE_ROWS = (
+    ("KL(reference || candidate) mean", "kl_mean"), ("  standard error", "kl_stderr"), ("  median", "kl_median"),
+    ("  90th percentile", "kl_p90"), ("  95th percentile", "kl_p95"), ("  99th percentile", "kl_p99"),
+    ("  maximum", "kl_max"), ("top-1 agreement (%)", "top1_agreement"),
+    ("perplexity candidate", "perplexity_candidate"), ("perplexity reference", "perplexity_reference"),
+    ("perplexity ratio (cand/ref)", "perplexity_ratio"), ("mean delta NLL (cand - ref)", "delta_nll_mean"),
+    ("candidate top-1 accuracy (%)", "candidate_top1_accuracy"),
 )
 
 
@@ -94,6 +115,10 @@ def format_table(res: dict[str, Any]) -> str:
     ]
     if res.get("byte_metric_documents") is not None and res.get("num_documents"):
         rows.insert(8, ("byte/word metrics over", f"{res['byte_metric_documents']:,} of {res['num_documents']:,} documents (complete ones)"))
+    if "kl_mean" in res:  # a comparison: its figures replace the single model's
+        rows = rows[:5] + [(k, res.get(v)) for k, v in _COMPARE_ROWS] + rows[-2:]
+        rows[1] = ("models", f"candidate {res.get('candidate')}  reference {res.get('reference')} "
+                             f"({res.get('reference_device')})")
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {_fmt(v)}" for k, v in rows)
 
@@ -168,14 +193,18 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
     if docs is not None:
         nd = len(docs["tokens"])
         files["documents"] = out / "documents.csv"
-        _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words", "complete"],
+        extra = [k for k in ("nll_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in docs]
+        _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words",
+                                        "complete", *extra],
                    [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"], docs.get("bytes"),
-                    docs.get("words"), docs["complete"]], nd)
+                    docs.get("words"), docs["complete"], *(docs[k] for k in extra)], nd)
     pos = res.get("position_buckets")
     if pos is not None:
         files["positions"] = out / "positions.csv"
-        _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity"],
-                   [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"]], len(pos["hi"]))
+        extra = [k for k in ("loss_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in pos]
+        _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity", *extra],
+                   [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"], *(pos[k] for k in extra)],
+                   len(pos["hi"]))
     if plots:
         files.update(_plots(res, out))
     # results.json last: its presence means the report is complete
@@ -227,6 +256,38 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         files["plot_positions"] = out / "loss_by_position.png"
         fig.savefig(_tmp(files["plot_positions"]), dpi=120, format="png")
         os.replace(_tmp(files["plot_positions"]), files["plot_positions"])
+        plt.close(fig)
+    if pos is not None and len(pos["hi"]) and "kl_mean" in pos:  # a comparison
+        mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(mid, pos["kl_mean"], marker="o", ms=3)
+        ax.axhline(res["kl_mean"], color="k", ls="--", lw=0.8, label=f"overall {res['kl_mean']:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("position of the target token in its document (log-spaced buckets)")
+        ax.set_ylabel("mean KL(reference || candidate) (nats)")
+        ax.set_title(f"KL by position: {res.get('candidate')} vs {res.get('reference')}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        files["plot_kl_positions"] = out / "kl_by_position.png"
+        fig.savefig(_tmp(files["plot_kl_positions"]), dpi=120, format="png")
+        os.replace(_tmp(files["plot_kl_positions"]), files["plot_kl_positions"])
+        plt.close(fig)
+    if res.get("per_token_kl") is not None and len(res["per_token_kl"]):
+        from .compare import kl_histogram
+
+        counts, edges = kl_histogram(res["per_token_kl"])  # block by block over the memmap
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.stairs(counts, edges, fill=True)
+        ax.set_yscale("log")
+        ax.set_xlabel("KL(reference || candidate) of one scored token (nats)")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"Per-token KL: mean {res['kl_mean']:.3g}, median {res['kl_median']:.3g}, "
+                     f"99th percentile {res['kl_p99']:.3g}, max {res['kl_max']:.3g}", fontsize=9)
+        fig.tight_layout()
+        files["plot_kl_histogram"] = out / "kl_histogram.png"
+        fig.savefig(_tmp(files["plot_kl_histogram"]), dpi=120, format="png")
+        os.replace(_tmp(files["plot_kl_histogram"]), files["plot_kl_histogram"])
         plt.close(fig)
     return files
 

@@ -21,7 +21,7 @@ see metrics.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -43,15 +43,18 @@ class Runner(ABC):
     carries its own windows (``batch.windows``), so a runner never indexes whole-plan arrays."""
 
     def __init__(self, adapter: ModelAdapter, plan: WindowPlan, sums: MetricSums, writer: PerTokenWriter | None,
-                 loss_slice: int, device: torch.device):
+                 loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] = token_nll):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
+        self.scorer = scorer
 
     def _score(self, out: Any, targets: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
-        computed in loss slices: the fp32 NLL here. The one place a runner turns a forward's output
-        into numbers, so another kind of run (model comparison) overrides only this and the sums."""
-        return token_nll(out, targets, flat, self.loss_slice)
+        computed in loss slices by ``scorer(out, targets, flat, loss_slice)``: the fp32 NLL
+        (:func:`~evaluator.metrics.token_nll`) for a run, [count, C] statistics for a model
+        comparison (:func:`evaluator.compare.pair_stats`). The one place a runner turns a forward's
+        output into numbers, so a comparison swaps only this and the sums' columns."""
+        return self.scorer(out, targets, flat, self.loss_slice)
 
     @abstractmethod
     def step(self, batch: WindowBatch) -> None:

@@ -54,8 +54,7 @@ FILE_NAMES = tuple(f"{name}.npy" for name in COLUMNS)
 class _Column:
     """One ``.npy`` file written at element offsets with ``pwrite``."""
 
-    def __init__(self, folder: Path, name: str, length: int, resume: bool):
-        dtype, _ = COLUMNS[name]
+    def __init__(self, folder: Path, name: str, length: int, resume: bool, dtype: str):
         self.name, self.dtype, self.length = name, np.dtype(dtype), length
         self.final = folder / f"{name}.npy"
         self.partial = folder / f"{name}.npy.partial"
@@ -103,15 +102,18 @@ class SpillFiles:
     ``resume``: continue the files of a checkpointed run (they must exist with the same shapes).
     """
 
-    def __init__(self, folder: str | os.PathLike | None, num_windows: int, num_documents: int, resume: bool = False):
+    def __init__(self, folder: str | os.PathLike | None, num_windows: int, num_documents: int, resume: bool = False,
+                 columns: dict[str, tuple[str, str]] | None = None):
+        # columns: name -> (dtype, axis), default :data:`COLUMNS` (a model comparison spills more)
+        self.spec = COLUMNS if columns is None else columns
         self.temporary = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="streameval-detail-")) if folder is None else Path(folder)
         self.num_windows, self.num_documents = num_windows, num_documents
         self.columns: dict[str, _Column] = {}
         try:
-            for name, (_, axis) in COLUMNS.items():
+            for name, (dtype, axis) in self.spec.items():
                 n = num_windows if axis == "windows" else num_documents
-                self.columns[name] = _Column(self.folder, name, n, resume and not self.temporary)
+                self.columns[name] = _Column(self.folder, name, n, resume and not self.temporary, dtype)
         except BaseException:
             self.discard()
             raise
@@ -149,7 +151,7 @@ class SpillFiles:
     def _remove_folder(self) -> None:
         # Only our own files, then the (then empty) folder we created: never a recursive delete of
         # anything else that might have appeared there.
-        for name in COLUMNS:
+        for name in self.spec:
             for p in (self.folder / f"{name}.npy", self.folder / f"{name}.npy.partial"):
                 p.unlink(missing_ok=True)
         try:

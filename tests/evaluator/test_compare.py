@@ -1,0 +1,240 @@
+"""Model comparison (evaluator/compare.py): KL(reference || candidate), top-1 agreement and both NLLs
+equal a brute-force full-logits reference (float64, every target from exactly the context the
+window semantics give it); a model against itself gives KL 0 and 100% agreement; quantiles are
+numpy's; bad inputs are refused in one line; the CLI writes the report; an interrupted comparison
+resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluator.runners as runners_mod
+from evaluator import ConfigError, DataError, ModelError
+from evaluator.cli import main
+from evaluator.compare import compare_streaming, order_statistics, quantiles
+
+from .helpers import V, TinyRNN, tiny_gpt2
+from .test_resume import Interrupt, _interrupt_after
+
+
+SHARP = 3.0
+
+
+def sharp_gpt2(seed: int, vocab: int = V, n_positions: int = 256):
+    """A tiny GPT-2 with larger (tied) embeddings: peaked distributions, so KL and top-1 differ
+    clearly between seeds (random init gives near-uniform ones)."""
+    m = tiny_gpt2(n_positions=n_positions, vocab=vocab, seed=seed)
+    with torch.no_grad():
+        m.transformer.ln_f.weight.mul_(SHARP)
+    return m
+
+
+def _logits(model, ctx: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        o = model(ctx[None])
+    return (o if isinstance(o, torch.Tensor) else o.logits)[0].double()
+
+
+def _context_starts(n: int, L: int, overlap: int, tail: str = "full") -> list[int]:
+    """Start of the window that scores target t (t = 1..n-1), from the window semantics."""
+    stride = L - overlap
+    nw = 1 + -(-max(0, n - 1 - L) // stride)
+    out = []
+    for t in range(1, n):
+        k = 0
+        while not (k * stride + 1 + (overlap if k else 0) <= t <= k * stride + L):
+            k += 1
+        out.append(n - 1 - L if tail == "full" and k == nw - 1 and k > 0 else k * stride)
+    return out
+
+
+def brute(cand, ref, v: torch.Tensor, L: int | None = None, overlap: int = 0, vocab: int | None = None) -> dict:
+    """Per-target float64 statistics. L None: one full forward (kv-cache / a document that fits).
+    With L, target t is predicted from x[s:t], s the start of the window that scores it: one
+    forward per distinct s (a causal model's logits at t-1 see x[s:t] only)."""
+    n = len(v)
+    starts = [0] * (n - 1) if L is None else _context_starts(n, L, overlap)
+    cache: dict = {}
+    rows = []
+    for t, s in zip(range(1, n), starts):
+        if s not in cache:
+            end = max(t2 for t2, s2 in zip(range(1, n), starts) if s2 == s)
+            cache[s] = (_logits(cand, v[s:end]), _logits(ref, v[s:end]))
+        zc_all, zr_all = cache[s]
+        rows.append((zc_all[t - 1 - s], zr_all[t - 1 - s]))
+    zc, zr = torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
+    tg = v[1:]
+    nll_c = F.cross_entropy(zc, tg, reduction="none")
+    nll_r = F.cross_entropy(zr, tg, reduction="none")
+    correct = zc.argmax(1) == tg
+    if vocab is not None:
+        zc, zr = zc[:, :vocab], zr[:, :vocab]
+    lpc, lpr = F.log_softmax(zc, 1), F.log_softmax(zr, 1)
+    kl = (lpr.exp() * (lpr - lpc)).sum(1)
+    agree = zc.argmax(1) == zr.argmax(1)
+    return {k: x.numpy().astype(np.float64) for k, x in
+            dict(kl=kl, nll_c=nll_c, nll_r=nll_r, agree=agree, correct=correct).items()}
+
+
+def _check(res: dict, b: dict) -> None:
+    n = len(b["kl"])
+    assert res["total_tokens"] == n
+    np.testing.assert_allclose(np.asarray(res["per_token_kl"]), b["kl"], rtol=0, atol=1e-6)
+    assert res["kl_mean"] == pytest.approx(b["kl"].mean(), abs=1e-6)
+    assert res["kl_stderr"] == pytest.approx(b["kl"].std(ddof=1) / np.sqrt(n), rel=1e-4)
+    assert res["top1_agreement"] == pytest.approx(100 * b["agree"].mean(), abs=1e-9)
+    assert res["candidate_top1_accuracy"] == pytest.approx(100 * b["correct"].mean(), abs=1e-9)
+    assert res["loss_candidate"] == pytest.approx(b["nll_c"].mean(), abs=1e-6)
+    assert res["loss_reference"] == pytest.approx(b["nll_r"].mean(), abs=1e-6)
+    assert res["delta_nll_mean"] == pytest.approx((b["nll_c"] - b["nll_r"]).mean(), abs=1e-6)
+    assert res["perplexity_ratio"] == pytest.approx(np.exp((b["nll_c"] - b["nll_r"]).mean()), rel=1e-6)
+    assert res["loss"] == res["loss_candidate"]
+    # the percentiles are numpy's (method "linear") over the float32 per-token KL the run wrote
+    kl32 = np.asarray(res["per_token_kl"], np.float64)
+    for key, q in (("kl_median", 0.5), ("kl_p90", 0.9), ("kl_p95", 0.95), ("kl_p99", 0.99), ("kl_p999", 0.999),
+                   ("kl_min", 0.0), ("kl_max", 1.0)):
+        assert res[key] == pytest.approx(float(np.quantile(kl32, q)), rel=1e-12, abs=0), key
+    assert 0.05 < res["kl_mean"] and 0 < res["top1_agreement"] < 100  # the models really differ
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return sharp_gpt2(0), sharp_gpt2(1)
+
+
+def test_sliding_with_overlap_equals_the_brute_force_reference(pair):
+    cand, ref = pair
+    v = torch.from_numpy(np.random.default_rng(0).integers(0, V, 75))
+    res = compare_streaming(cand, ref, v, device="cpu", verbose=False, mode="sliding", chunk_size=16, overlap=5,
+                            batch_size=3, loss_slice=7)  # several loss slices per forward
+    _check(res, brute(cand, ref, v, 16, 5))
+
+
+def test_kv_cache_equals_the_brute_force_reference_per_document(pair, make_store):
+    cand, ref = pair
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(1, V, size=int(n)).tolist() for n in (30, 2, 45, 17)]
+    store = make_store(docs, vocab_size=V)
+    res = compare_streaming(cand, ref, store, device="cpu", verbose=False, mode="kv-cache", chunk_size=8,
+                            doc_mode="document")
+    per = [brute(cand, ref, torch.tensor(d)) for d in docs]
+    _check(res, {k: np.concatenate([p[k] for p in per]) for k in per[0]})
+    pd = res["per_document"]
+    np.testing.assert_array_equal(pd["tokens"], [len(d) - 1 for d in docs])
+    np.testing.assert_allclose(pd["kl_mean"][:], [p["kl"].mean() for p in per], atol=1e-6)
+    np.testing.assert_allclose(pd["top1_agreement"][:], [100 * p["agree"].mean() for p in per], atol=1e-9)
+    np.testing.assert_allclose(pd["delta_nll_mean"][:], [(p["nll_c"] - p["nll_r"]).mean() for p in per], atol=1e-6)
+    pos = res["position_buckets"]  # by position in the document: [1,2), [2,4), ...
+    kl_by_pos = np.concatenate([p["kl"] for p in per])
+    where = np.concatenate([np.arange(1, len(d)) for d in docs])
+    for lo, hi, k in zip(pos["lo"], pos["hi"], pos["kl_mean"]):
+        sel = (where >= lo) & (where < hi)
+        if sel.any():
+            assert k == pytest.approx(kl_by_pos[sel].mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "kv-cache", "stateful"])
+def test_a_model_against_itself_gives_kl_zero_and_full_agreement(mode):
+    m = TinyRNN("gru") if mode == "stateful" else sharp_gpt2(3)
+    v = torch.from_numpy(np.random.default_rng(2).integers(0, V, 60))
+    res = compare_streaming(m, copy.deepcopy(m), v, device="cpu", verbose=False, mode=mode, chunk_size=16,
+                            overlap=4 if mode == "sliding" else 0)
+    assert res["kl_max"] == 0.0 and res["kl_mean"] == 0.0 and res["top1_agreement"] == 100.0
+    assert res["perplexity_ratio"] == 1.0 and res["delta_nll_mean"] == 0.0
+
+
+def test_vocabulary_prefix_is_refused_unless_allowed_and_then_compared_over_the_shared_ids():
+    cand, ref = sharp_gpt2(0, vocab=V + 7), sharp_gpt2(1)
+    v = torch.from_numpy(np.random.default_rng(3).integers(0, V, 40))
+    with pytest.raises(ModelError, match=r"104 vocabulary ids .* 97: .*allow_vocab_prefix=True") as e:
+        compare_streaming(cand, ref, v, device="cpu", verbose=False, chunk_size=16)
+    assert "\n" not in str(e.value)
+    res = compare_streaming(cand, ref, v, device="cpu", verbose=False, chunk_size=16, mode="kv-cache",
+                            allow_vocab_prefix=True)
+    assert res["compared_vocab"] == V
+    _check(res, brute(cand, ref, v, vocab=V))
+
+
+def test_different_tokenizers_and_a_missing_reference_device_give_one_line(pair):
+    cand, ref = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    cand.config.tokenizer_sha256, ref.config.tokenizer_sha256 = "a" * 64, "b" * 64
+    v = torch.from_numpy(np.random.default_rng(4).integers(0, V, 40))
+    with pytest.raises(DataError, match="use different tokenizers") as e:
+        compare_streaming(cand, ref, v, device="cpu", verbose=False, chunk_size=16)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        compare_streaming(pair[0], pair[1], v, device="cpu", reference_device="cuda:99", verbose=False, chunk_size=16)
+    assert "cuda:99" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="same model object"):
+        m = TinyRNN("gru")
+        compare_streaming(m, m, v, device="cpu", verbose=False, chunk_size=16, mode="stateful")
+
+
+def test_an_interrupted_comparison_resumes_to_the_uninterrupted_result(pair, tmp_path, monkeypatch):
+    cand, ref = pair
+    v = torch.from_numpy(np.random.default_rng(5).integers(0, V, 90))
+    kw = dict(device="cpu", verbose=False, mode="kv-cache", chunk_size=8, checkpoint_interval=1e-9)
+    whole = compare_streaming(cand, ref, v, **kw)
+    ck = tmp_path / "ck"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, runners_mod.CarriedRunner, 4)
+        with pytest.raises(Interrupt):
+            compare_streaming(cand, ref, v, checkpoint_dir=str(ck), **kw)
+    assert (ck / "per_token_kl.f32.partial").exists()
+    res = compare_streaming(cand, ref, v, checkpoint_dir=str(ck), **kw)
+    assert res["resumed_from_window"] == 4
+    for k in ("kl_sum", "nll_sum", "nll_sum_reference", "top1_agreement", "kl_p99", "kl_max"):
+        assert res[k] == whole[k], k
+    np.testing.assert_array_equal(np.asarray(res["per_token_kl"]), np.asarray(whole["per_token_kl"]))
+    assert res["per_token_kl_path"] == str(ck / "per_token_kl.f32")
+    # a run's checkpoint is not a comparison's: the identity says which
+    from evaluator import StreamingEvaluator
+
+    with pytest.raises(Exception, match="checkpoint"):
+        StreamingEvaluator(cand, chunk_size=8, mode="kv-cache", device="cpu", verbose=False).evaluate_streaming(
+            v, checkpoint_dir=str(ck))
+
+
+def test_quantiles_are_numpys_in_bounded_blocks():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.exponential(0.1, 5000), -rng.exponential(1e-7, 50), np.zeros(30), [np.inf]])
+    x = rng.permutation(x).astype(np.float32)
+    qs = [0.0, 0.01, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
+    got = quantiles(x, qs, block=777)  # many blocks
+    np.testing.assert_allclose(got[:-1], np.quantile(x.astype(np.float64), qs[:-1]), rtol=1e-12, atol=0)
+    assert got[-1] == np.inf
+    s = np.sort(x)
+    ranks = [0, 1, 17, 2500, 5079, 5080]
+    assert order_statistics(x, ranks, block=1000) == [float(s[r]) for r in ranks]
+
+
+def test_cli_compare_writes_the_report(tmp_path, make_store, capsys):
+    rng = np.random.default_rng(7)
+    store = make_store([rng.integers(1, V, size=40).tolist() for _ in range(3)], vocab_size=V)
+    a, b = tmp_path / "cand", tmp_path / "ref"
+    sharp_gpt2(0).save_pretrained(a)
+    sharp_gpt2(1).save_pretrained(b)
+    out = tmp_path / "out"
+    rc = main(["compare", str(store), "--model", str(a), "--reference", str(b), "--chunk-size", "16", "--overlap", "4",
+               "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "KL(reference || candidate) mean" in text and "top-1 agreement (%)" in text
+    r = json.loads((out / "results.json").read_text())
+    assert r["total_tokens"] == 3 * 40 - 1 and r["candidate"] == str(a) and r["reference"] == str(b)
+    assert 0 < r["kl_mean"] and r["kl_median"] <= r["kl_p90"] <= r["kl_p99"] <= r["kl_max"]
+    assert r["model_identity"]["kind"] == "pair"
+    assert np.fromfile(out / "per_token_kl.f32", np.float32).mean() == pytest.approx(r["kl_mean"], rel=1e-5)
+    header = (out / "documents.csv").read_text().splitlines()[0]
+    assert header.endswith("nll_reference,kl_mean,top1_agreement,delta_nll_mean")
+    # bad input: one line, exit 2
+    rc = main(["compare", str(store), "--model", str(a), "--reference", str(b), "--reference-device", "cuda:99",
+               "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cuda:99" in err
