@@ -245,7 +245,7 @@ class StreamingEvaluator:
                     if warm is not None:
                         runner.warm_up(warm)
                     with debug:
-                        for batch in windows:
+                        for batch in runner.units(windows):  # (carried document mode: regrouped, plan order)
                             if detailed:  # may flush the previous block first (a sync every few thousand windows)
                                 with debug.allowed():
                                     sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)

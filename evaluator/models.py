@@ -296,6 +296,13 @@ class ModelAdapter:
     def restore(self, snap: Any) -> None:
         pass
 
+    def keep_rows(self, m: int) -> bool:
+        """Parallel documents (rows of one carried batch, longest first): keep only the state of
+        rows ``[0, m)`` once the later rows' documents have ended. False: this adapter cannot cut
+        its state's batch dimension (a protocol module's layout is its own), so the caller keeps
+        feeding every row (ended rows get padding, never scored)."""
+        return False
+
     # ---- checkpoints: the carried state as plain tensors on the host -----------------------
     def save_state(self) -> Any:
         """The carried state (after the last chunk) as a tree of CPU tensors (tuple/list/dict),
@@ -473,6 +480,12 @@ class HFAttentionAdapter(HFAdapter):
             # (5.x refuses the positive "new length" form).
             self.cache.crop(-extra)
 
+    def keep_rows(self, m: int) -> bool:
+        if self.cache is None or not hasattr(self.cache, "batch_select_indices"):
+            return False
+        self.cache.batch_select_indices(slice(0, m))  # per layer keys[:m], values[:m]: views, no copy
+        return True
+
     def save_state(self) -> Any:
         if self.cache is None:
             return None
@@ -561,15 +574,40 @@ class HFRecurrentAdapter(HFAdapter):
         self.state = None
 
     def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        if inputs.shape[0] > 1 and inputs.shape[1] == 1:
+            return self._one_token_rows(inputs)
         res, out = self._out(inputs, state=self.state, use_cache=True)
         self.state = out.state  # RWKV updates the state tensors in place and returns them
         return res
+
+    def _one_token_rows(self, inputs: torch.Tensor) -> ForwardOutput:
+        """A one-token step of several rows (parallel documents), fed row by row: transformers'
+        RWKV (5.x) mixes a one-token step with its [B, H] state by broadcasting against [B, 1, H]
+        hidden states, which is right only for B = 1 (B > 1 gives [B, B, H] and wrong logits)."""
+        outs, states = [], []
+        for i in range(inputs.shape[0]):
+            row = None if self.state is None else [t[i : i + 1] for t in self.state]
+            res, out = self._out(inputs[i : i + 1], state=row, use_cache=True)
+            outs.append(res)
+            states.append(out.state)
+        self.state = [torch.cat(parts) for parts in zip(*states)]
+        if outs[0].logits is None:
+            return ForwardOutput(hidden=torch.cat([o.hidden for o in outs]), head=outs[0].head)
+        return ForwardOutput(logits=torch.cat([o.logits for o in outs]))
 
     def snapshot(self) -> Any:
         return _clone_tree(self.state)
 
     def restore(self, snap: Any) -> None:
         self.state = _clone_tree(snap)
+
+    def keep_rows(self, m: int) -> bool:
+        # RWKV's state: a list of [batch, hidden, layers] tensors (updated in place: views stay valid).
+        if self.state is not None:
+            if not all(isinstance(t, torch.Tensor) for t in self.state):
+                return False
+            self.state = [t[:m] for t in self.state]
+        return True
 
     def save_state(self) -> Any:
         return _tree_to(self.state, torch.device("cpu"))

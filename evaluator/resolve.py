@@ -164,12 +164,19 @@ def _resolve_mode(config: StreamingEvalConfig, a: ModelAdapter, ed: EvalData, bo
 
 
 def _batch_windows(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:
-    if mode != "sliding":
+    """Windows per batch in sliding mode; in stateful/kv-cache mode the documents run side by side
+    (document mode: one carried state or cache per document, evaluator.runners.CarriedRunner.units),
+    and 1 in stream mode (one stream, one state)."""
+    if mode != "sliding" and config.doc_mode != "document":
         return 1
     bs = config.batch_size
     if bs != "auto":
         return int(bs)
     if device.type != "cuda":
+        if mode != "sliding":
+            # One document at a time: a checkpoint (and a crash) lands after any window, not after a
+            # segment of up to 8 B documents. Pass batch_size=B to run documents side by side on a CPU too.
+            return 1
         return max(1, min(_AUTO_MAX_WINDOWS, _CPU_AUTO_TOKENS // L))
     # Free memory / a per-window estimate: activations of one layer at a time (~32 values per
     # hidden unit per token, in the autocast/param dtype) plus the fp32 head slice. An overshoot
@@ -180,6 +187,11 @@ def _batch_windows(config: StreamingEvalConfig, adapter: ModelAdapter, device: t
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32
     elt = 4 if config.dtype == "float32" else 2
     per_window = L * (32 * hidden * elt + heads * L * elt // 4)
+    if mode == "kv-cache":
+        # Each document's cache: keys and values of every layer, up to the model's positions.
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 32
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        per_window += 2 * layers * (hidden * kv_heads // heads) * elt * (adapter.max_positions or L)
     if adapter.full_logits:
         # The model builds [B, L, vocab] logits itself (no body/head split to slice the head):
         # counted at 4 bytes, since many models upcast their logits to fp32.

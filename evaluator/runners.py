@@ -4,14 +4,40 @@
   targets at its start are context only. Many windows run per forward; a micro-batch that runs out
   of device memory is re-run in halves (identical results: windows are independent), and later
   batches keep the smaller size.
-- :class:`CarriedRunner` (``stateful``, ``kv-cache``): one window at a time, the model's state or
-  KV cache carried from window to window (reset at the start of the stream, and of every document
-  in document mode). A window that runs out of memory rolls the state back and is fed in halves
-  (same result: the model sees the same tokens in the same order).
+- :class:`CarriedRunner` (``stateful``, ``kv-cache``): the model's state or KV cache carried from
+  window to window (reset at the start of the stream, and of every document in document mode). A
+  stream (and a document too long to buffer) runs one window at a time; a window that runs out of
+  memory rolls the state back and is fed in halves (same result: the model sees the same tokens in
+  the same order). In document mode with a batch size ``B > 1`` it runs up to ``B`` documents side
+  by side (:meth:`CarriedRunner.units`, see "Parallel documents" below).
 
 OOM rule shared by both: only the forward and the loss are retried; nothing is added to the sums
 until both succeeded, so a retry never counts a target twice. The cache is emptied after leaving
 the ``except`` block (inside it the traceback still references the failed forward's tensors).
+
+Parallel documents (carried modes, document mode, ``B > 1``). The loader yields windows in plan
+order; :meth:`CarriedRunner.units` regroups them into *units* that the engine treats as batches
+(sums, per-token file, timer, progress and checkpoints all work per unit, in plan order):
+
+- a *segment*: consecutive whole documents of the plan (at most ``_LOOKAHEAD * B`` of them, in
+  at most ``max(_LOOKAHEAD * B * chunk_size, _SEGMENT_SLOTS)`` slot tokens: a window takes a
+  ``chunk_size`` row), whose windows are copied into a device buffer as they arrive. Its documents are sorted by length (longest first,
+  stable) and cut into groups of ``B``; a group starts from a fresh state with batch dimension ``B``
+  and feeds, at step ``k``, chunk ``k`` of every document that has one as one ``[B', T]`` forward
+  (``T`` = the step's longest chunk). Every chunk but a document's last is a full ``chunk_size``, so
+  right padding only ever follows a document's last token: causal attention never lets a real
+  position see a later one, the padded targets are not scored, and the padded row drops out after
+  that step (its state/cache rows are cut off, :meth:`ModelAdapter.keep_rows`, or, for a module
+  whose state layout we do not know, kept and fed padding). So each document's NLL is its own full
+  forward's. The values are recorded in plan order once the whole segment is done.
+- a *run* of windows of one document longer than a segment's share (slot tokens ``// B``): it is
+  streamed one window at a time as with ``B = 1`` (its state may then be checkpointed mid-document).
+
+A checkpoint lands between units, where no segment is half done (its state is empty), so a resumed
+run starts at a segment boundary and regroups exactly the same documents. Out of memory inside a
+group: the group is restarted from a fresh state in two halves (and later groups use the smaller
+size); a single document falls back to the window-halving rule. Nothing is recorded until the
+whole segment succeeded, so no target is counted twice.
 
 Hot loop rules: no device sync per batch (sums stay on the device, counts come from the plan);
 per-window/per-document sums and per-token losses leave the device in blocks (one sync per block,
@@ -23,10 +49,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from streamdata.loader import WindowBatch
-from streamdata.windows import WindowPlan
+from streamdata.windows import WindowBlock, WindowPlan
 
 from .errors import ModelError
 from .metrics import MetricSums, PerTokenWriter, token_nll
@@ -35,6 +62,13 @@ from .models import ForwardOutput, ModelAdapter
 __all__ = ["CarriedRunner", "Runner", "SlidingRunner"]
 
 _OOM = torch.OutOfMemoryError  # torch >= 2.5, every device type; a RuntimeError too
+# Parallel documents: a segment holds at most _LOOKAHEAD * B documents (the look-ahead the length
+# sort sees: more means less padding, and more buffered windows) and max(_LOOKAHEAD * B * L,
+# _SEGMENT_SLOTS) window slots of L tokens (int64 inputs and targets: 16 bytes a slot token, 32 with
+# detailed metrics; 2^20 slot tokens = 16-32 MiB of device memory).
+_LOOKAHEAD = 8
+_SEGMENT_SLOTS = 1 << 20
+_SCAN = 4096  # windows of the plan read per step while planning a segment
 
 
 class Runner(ABC):
@@ -55,6 +89,11 @@ class Runner(ABC):
         comparison (:func:`evaluator.compare.pair_stats`). The one place a runner turns a forward's
         output into numbers, so a comparison swaps only this and the sums' columns."""
         return self.scorer(out, targets, flat, self.loss_slice)
+
+    def units(self, loader: Any) -> Any:
+        """What the engine iterates and feeds to :meth:`step`: the loader's batches themselves here
+        (a subclass may regroup them, keeping plan order: see :meth:`CarriedRunner.units`)."""
+        return loader
 
     @abstractmethod
     def step(self, batch: WindowBatch) -> None:
@@ -86,7 +125,6 @@ class SlidingRunner(Runner):
         super().__init__(*args)
         self.batch_windows = batch_windows
         self.micro = batch_windows  # windows per forward; halved after an out-of-memory error
-
         # A compiled model (inside adapter.compiled()) gets one static shape, [micro, chunk_size]:
         # no trimming to the longest window, short batches padded with rows of id 0, every input
         # contiguous (dynamo guards on strides too). The padding is never scored: the scored
@@ -159,14 +197,37 @@ class CarriedRunner(Runner):
         self.document_mode = document_mode
         self.prev_doc: int | None = None  # document of the last window fed (document mode)
         self.started = False
+        self._micro: int | None = None  # documents per group (parallel documents only; halved after OOM)
+
+    @property
+    def micro(self) -> int:
+        if self._micro is None:  # one stream at a time: no batch that could have shrunk
+            raise AttributeError("micro")
+        return self._micro
 
     def state(self) -> dict[str, Any]:
-        return {"model_state": self.adapter.save_state(), "prev_doc": self.prev_doc, "started": self.started}
+        # The group size decides which documents share a forward (float results may depend on it):
+        # a resumed run keeps the size the crashed one had reached.
+        return {"model_state": self.adapter.save_state() if self.started else None, "prev_doc": self.prev_doc,
+                "started": self.started, "micro": self._micro}
 
     def load(self, state: dict[str, Any]) -> None:
         self.prev_doc, self.started = state["prev_doc"], bool(state["started"])
+        if state.get("micro") is not None:
+            self._micro = int(state["micro"])
         if self.started:
             self.adapter.load_state(state["model_state"])
+
+    def units(self, loader: Any) -> Any:
+        """Document mode with ``loader.batch_windows`` = B > 1: the loader's batches regrouped into
+        segments of whole documents run B side by side, and runs of one long document streamed (see
+        the module docstring). Otherwise (stream mode, B = 1) the batches themselves."""
+        B = int(getattr(loader, "batch_windows", 1))
+        if not self.document_mode or B < 2:
+            return loader
+        if self._micro is None:
+            self._micro = B
+        return self._regroup(loader, B)
 
     def warm_up(self, ids: torch.Tensor) -> None:
         # A fresh state fed the warm-up context in chunk-size pieces (as windows would feed it),
@@ -178,6 +239,9 @@ class CarriedRunner(Runner):
         self.started = True
 
     def step(self, batch: WindowBatch) -> None:
+        if isinstance(batch, _Segment):
+            self._step_segment(batch)
+            return
         a = self.adapter
         win = batch.windows  # this batch's windows of the plan (host numpy)
         for r in range(batch.num_windows):
@@ -187,31 +251,275 @@ class CarriedRunner(Runner):
                 a.begin_stream()
                 self.started = True
             self.prev_doc = doc
-            pieces = [(0, n)]  # halves of the window after an out-of-memory error
-            while pieces:
-                p0, p1 = pieces.pop(0)
-                snap = a.snapshot()
-                flat = torch.arange(p1 - p0, device=self.device)
-                try:
-                    out = a.forward_stream(batch.inputs[r : r + 1, p0:p1])
-                    nll = self._score(out, batch.targets[r : r + 1, p0:p1], flat)
-                    del out
-                    oom = False
-                except _OOM:
-                    if p1 - p0 == 1:
-                        raise ModelError("out of device memory on a single token: the model does not fit this device") from None
-                    oom = True
-                if oom:
-                    a.restore(snap)
-                    _empty_cache(self.device)
-                    mid = (p0 + p1) // 2
-                    pieces[:0] = [(p0, mid), (mid, p1)]
-                    continue
-                if self.detailed:
-                    self._record(nll, p1 - p0, torch.full_like(flat, batch.first_window + r),
-                                 batch.doc_ids[r, p0:p1], batch.positions[r, p0:p1])
+            nll = self._feed_window(batch.inputs[r : r + 1, :n], batch.targets[r : r + 1, :n])
+            if self.detailed:
+                self._record(nll, n, torch.full((n,), batch.first_window + r, dtype=torch.int64, device=self.device),
+                             batch.doc_ids[r, :n], batch.positions[r, :n])
+            else:
+                self._record(nll, n)
+
+    def _feed_window(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """fp32 NLL of every target of one window ``[1, n]`` fed to the carried state; after an
+        out-of-memory error the state is rolled back and the window fed in halves."""
+        a, n = self.adapter, inputs.shape[1]
+        pieces, done = [(0, n)], []  # halves of the window after an out-of-memory error
+        while pieces:
+            p0, p1 = pieces.pop(0)
+            snap = a.snapshot()
+            flat = torch.arange(p1 - p0, device=self.device)
+            try:
+                out = a.forward_stream(inputs[:, p0:p1])
+                nll = self._score(out, targets[:, p0:p1], flat)
+                del out
+                oom = False
+            except _OOM:
+                if p1 - p0 == 1:
+                    raise ModelError("out of device memory on a single token: the model does not fit this device") from None
+                oom = True
+            if oom:
+                a.restore(snap)
+                _empty_cache(self.device)
+                mid = (p0 + p1) // 2
+                pieces[:0] = [(p0, mid), (mid, p1)]
+                continue
+            done.append(nll)
+        return done[0] if len(done) == 1 else torch.cat(done)
+
+    # ---- parallel documents ------------------------------------------------------------------
+    def _regroup(self, loader: Any, B: int) -> Any:
+        seg: _Segment | None = None
+        for batch in loader:
+            win, n, r = batch.windows, batch.num_windows, 0
+            while r < n:
+                w = batch.first_window + r
+                if seg is None:
+                    doc = int(win.doc[r])
+                    if not (self.started and doc == self.prev_doc):  # (else: a streamed document continues)
+                        seg = self._plan_segment(w, B)
+                    if seg is None:  # stream this document's windows of the batch, one window at a time
+                        r1 = r + int(np.argmax(np.append(win.doc[r:] != doc, True)))
+                        yield _Run(batch, r, r1)
+                        r = r1
+                        continue
+                k = min(n - r, seg.end - w)
+                seg.take(batch, r, r + k)
+                r += k
+                if seg.end == w + k:
+                    yield seg
+                    seg = None
+        if seg is not None:
+            raise RuntimeError(f"internal error: the loader ended inside a segment of windows {seg.first_window}..{seg.end}")
+
+    def _plan_segment(self, w: int, B: int) -> "_Segment | None":
+        """The segment that starts at global window ``w`` (a document's first window), or None when
+        that document is too long to buffer (it is then streamed)."""
+        plan, L = self.plan, self.plan.chunk_size
+        cap_docs, cap_slots = _LOOKAHEAD * B, max(_LOOKAHEAD * B * L, _SEGMENT_SLOTS)
+        per_doc = cap_slots // B  # a document longer than this (in slot tokens) is streamed
+        i0 = w - plan.first
+        docs: list[tuple[int, int, np.ndarray]] = []  # (plan index of its first window, doc id, window lengths)
+        slots = 0
+        cur: list[np.ndarray] = []  # window lengths of the document being scanned, its first window, its id
+        cur_first, cur_doc = i0, None
+        j = i0
+        while True:
+            blk = plan.block(j, j + _SCAN) if j < len(plan) else None
+            if blk is not None and int((blk.score_from != 0).sum()):  # carried modes: overlap 0
+                raise RuntimeError("internal error: a carried-mode window scores from past its first target")
+            doc = blk.doc if blk is not None else np.empty(0, np.int64)
+            cuts = np.flatnonzero(doc[1:] != doc[:-1]) + 1  # where a new document starts in the block
+            bounds = [0, *cuts.tolist(), len(doc)]
+            runs = [(bounds[q], bounds[q + 1]) for q in range(len(bounds) - 1) if bounds[q + 1] > bounds[q]]
+            if blk is None:
+                runs = [(0, 0)]  # the plan ended: the scanned document is complete
+            for a, b in runs:
+                d = int(doc[a]) if blk is not None else None
+                if cur and d != cur_doc:  # the scanned document is complete: take it if it fits
+                    lens = np.concatenate(cur)
+                    if slots + len(lens) * L > cap_slots:
+                        return self._segment(i0, cur_first, docs, L)
+                    docs.append((cur_first, cur_doc, lens))
+                    slots += len(lens) * L
+                    cur, cur_first = [], j + a
+                    if len(docs) == cap_docs or blk is None:
+                        return self._segment(i0, cur_first, docs, L)
+                cur_doc = d
+                cur.append(blk.length[a:b])
+                if sum(len(c) for c in cur) * L > per_doc:  # too long to buffer
+                    return self._segment(i0, cur_first, docs, L) if docs else None
+            j += len(doc)
+
+    def _segment(self, i0: int, i1: int, docs: list[tuple[int, int, np.ndarray]], L: int) -> "_Segment":
+        return _Segment(self, i0, i1, docs, self._micro, L)
+
+    def _step_segment(self, seg: "_Segment") -> None:
+        a = self.adapter
+        todo = [(g, 0, len(grp.docs)) for g, grp in enumerate(seg.groups)]
+        out: dict[int, torch.Tensor] = {}  # slot -> fp32 NLL of that window's targets
+        while todo:
+            g, lo, hi = todo.pop(0)
+            try:
+                got = self._run_group(seg, seg.groups[g], lo, hi)
+                oom = False
+            except _OOM:
+                oom = True
+            if oom:  # restart the group from a fresh state, in halves; nothing was recorded
+                got = None
+                a.begin_stream()
+                _empty_cache(self.device)
+                if hi - lo == 1:
+                    got = self._run_one_doc(seg, seg.groups[g], lo)
                 else:
-                    self._record(nll, p1 - p0)
+                    h = (hi - lo) // 2
+                    self._micro = min(self._micro, h)
+                    todo[:0] = [(g, lo, lo + h), (g, lo + h, hi)]
+                    continue
+            out.update(got)
+        a.begin_stream()  # drop the last group's state/cache (nothing is carried past a segment)
+        self.started, self.prev_doc = False, None
+        # Record in plan order: the sums, spill blocks and the per-token file expect it.
+        order = seg.slot.tolist()
+        lens = seg.lengths.tolist()
+        nll = torch.cat([out[s] for s in order])
+        count = int(seg.lengths.sum())
+        if self.detailed:
+            wid = torch.cat([torch.full((n,), seg.first_window + i, dtype=torch.int64, device=self.device)
+                             for i, n in enumerate(lens)])
+            self._record(nll, count, wid, torch.cat([seg.doc_ids[s, :n] for s, n in zip(order, lens)]),
+                         torch.cat([seg.positions[s, :n] for s, n in zip(order, lens)]))
+        else:
+            self._record(nll, count)
+
+    def _run_group(self, seg: "_Segment", grp: "_Group", lo: int, hi: int) -> dict[int, torch.Tensor]:
+        """Documents ``[lo, hi)`` of a group (sorted longest first) side by side from a fresh state:
+        step k feeds chunk k of each document that has one. Returns slot -> NLL."""
+        a = self.adapter
+        a.begin_stream()
+        rows = hi - lo  # rows the state holds (shrinks when the adapter can cut it)
+        out: dict[int, torch.Tensor] = {}
+        for k in range(grp.steps):
+            act = min(hi, int(grp.active[k])) - lo  # documents [lo, lo + act) have a chunk k
+            if act <= 0:
+                break
+            if act < rows and a.keep_rows(act):
+                rows = act
+            s0 = int(grp.offset[k]) + lo  # their chunks' slots: contiguous
+            n = grp.lens[k][lo : lo + act]
+            T, count = int(n.max()), int(n.sum())
+            x, y, msk = seg.inputs[s0 : s0 + act, :T], seg.targets[s0 : s0 + act, :T], seg.mask[s0 : s0 + act, :T]
+            if rows > act:  # ended documents' rows stay in the state: feed them padding, unscored
+                pad = (0, 0, 0, rows - act)
+                x, y, msk = (torch.nn.functional.pad(t, pad) for t in (x, y, msk))
+            flat = _scored_index(msk.reshape(-1), count)
+            res = a.forward_stream(x)
+            nll = self._score(res, y, flat)
+            del res
+            for i, piece in enumerate(torch.split(nll, n.tolist())):
+                out[s0 + i] = piece
+        return out
+
+    def _run_one_doc(self, seg: "_Segment", grp: "_Group", j: int) -> dict[int, torch.Tensor]:
+        """Document ``j`` of a group alone, window by window (halving windows after an OOM)."""
+        self.adapter.begin_stream()
+        out: dict[int, torch.Tensor] = {}
+        for k in range(grp.steps):
+            if j >= int(grp.active[k]):
+                break
+            s = int(grp.offset[k]) + j
+            n = int(grp.lens[k][j])
+            out[s] = self._feed_window(seg.inputs[s : s + 1, :n], seg.targets[s : s + 1, :n])
+        return out
+
+
+class _Run:
+    """Consecutive windows ``[r0, r1)`` of one loader batch, all of one streamed document: fed like
+    a batch (views of the batch's tensors, used before the loader moves on)."""
+
+    def __init__(self, batch: WindowBatch, r0: int, r1: int):
+        self._b, self._r0, self._r1 = batch, r0, r1
+        self.windows: WindowBlock = batch.windows[r0:r1]
+        self.first_window, self.num_windows = batch.first_window + r0, r1 - r0
+        self.num_scored = int(self.windows.scored_per_window.sum())
+        d = int(self.windows.doc[0])
+        self.doc_range = (d, d)
+        self.inputs, self.targets = batch.inputs[r0:r1], batch.targets[r0:r1]
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        return self._b.doc_ids[self._r0 : self._r1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._b.positions[self._r0 : self._r1]
+
+
+class _Group:
+    """Up to B documents of a segment, sorted longest first, laid out step-major in the segment's
+    buffer: the chunks k of documents 0..active[k]-1 occupy slots offset[k] .. offset[k]+active[k]-1,
+    so any contiguous range of the group's documents is a contiguous slice at every step."""
+
+    def __init__(self, docs: list[np.ndarray], base: int):
+        self.docs = docs  # window lengths of each document, longest first
+        self.steps = len(docs[0])
+        nwin = np.array([len(d) for d in docs])
+        self.active = np.array([(nwin > k).sum() for k in range(self.steps)], np.int64)
+        if any((nwin[: self.active[k]] <= k).any() for k in range(self.steps)):  # longest first: a prefix is active
+            raise RuntimeError(f"internal error: documents not sorted by window count: {nwin.tolist()}")
+        self.offset = base + np.concatenate([[0], np.cumsum(self.active)[:-1]]).astype(np.int64)
+        self.lens = [np.array([d[k] for d in docs[: self.active[k]]], np.int64) for k in range(self.steps)]
+        self.size = int(self.active.sum())
+
+
+class _Segment:
+    """Consecutive whole documents of the plan (windows ``[first_window, end)``), buffered on the
+    device as they arrive and run in groups (see the module docstring). Quacks like a batch for the
+    engine: ``first_window``, ``num_windows``, ``num_scored``, ``doc_range``."""
+
+    def __init__(self, runner: CarriedRunner, i0: int, i1: int, docs: list[tuple[int, int, np.ndarray]], B: int,
+                 L: int):
+        plan = runner.plan
+        self.first_window, self.end = plan.first + i0, plan.first + i1
+        self.num_windows = i1 - i0
+        self.lengths = np.concatenate([lens for _, _, lens in docs])  # plan order
+        self.num_scored = int(self.lengths.sum())
+        self.doc_range = (docs[0][1], docs[-1][1])
+        # Longest first (stable: equal lengths keep plan order); groups of B in that order.
+        order = sorted(range(len(docs)), key=lambda d: -int(docs[d][2].sum()))
+        self.groups: list[_Group] = []
+        self.slot = np.empty(self.num_windows, np.int64)  # plan-order window -> buffer slot
+        base = 0
+        for g0 in range(0, len(order), B):
+            members = order[g0 : g0 + B]
+            grp = _Group([docs[d][2] for d in members], base)
+            for j, d in enumerate(members):
+                first = docs[d][0] - i0
+                for k in range(len(docs[d][2])):
+                    self.slot[first + k] = grp.offset[k] + j
+            self.groups.append(grp)
+            base += grp.size
+        dev, n = runner.device, self.num_windows
+        # Zeros: a row's columns past its window are right padding (valid ids, never scored).
+        self.inputs = torch.zeros(n, L, dtype=torch.int64, device=dev)
+        self.targets = torch.zeros(n, L, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(n, L, dtype=torch.bool, device=dev)
+        self.detailed = runner.detailed
+        if self.detailed:
+            self.doc_ids = torch.empty(n, L, dtype=torch.int64, device=dev)
+            self.positions = torch.empty(n, L, dtype=torch.int64, device=dev)
+
+    def take(self, batch: WindowBatch, r0: int, r1: int) -> None:
+        """Copy windows ``[r0, r1)`` of a loader batch into their slots (the batch's buffers are
+        reused once the loader moves on)."""
+        i = batch.first_window + r0 - self.first_window
+        L = batch.inputs.shape[1]
+        for r in range(r0, r1):
+            s = int(self.slot[i + r - r0])
+            self.inputs[s, :L].copy_(batch.inputs[r])
+            self.targets[s, :L].copy_(batch.targets[r])
+            self.mask[s, :L].copy_(batch.score_mask[r])
+            if self.detailed:
+                self.doc_ids[s, :L].copy_(batch.doc_ids[r])
+                self.positions[s, :L].copy_(batch.positions[r])
 
 
 def _scored_index(mask_flat: torch.Tensor, count: int) -> torch.Tensor:
