@@ -94,9 +94,9 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                         "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
-                   help="sliding mode: torch.compile the model body with static shapes (every batch padded to "
+                   metavar="MODE", help="sliding mode: torch.compile the model body with static shapes (every batch padded to "
                         "[batch size, chunk size], the padding unscored); reduce-overhead adds CUDA graphs. "
-                        "Equal to eager within the dtype's rounding (default: eager)")
+                        "Equal to eager within the dtype's rounding. MODE: default (when omitted) or reduce-overhead (default: eager)")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
     if not compare:  # (compare: --per-token-kl)

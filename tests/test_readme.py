@@ -38,6 +38,8 @@ SKIPPED = {
         "needs several GPUs (tests/evaluator/test_device_map.py runs a CPU + disk map)",
     "streamdata tokenize docs.jsonl --tokenizer ./my-model --eos none --out stores/docs   # the text only, no EOS/BOS added":
         "needs a model folder with its tokenizer (tests/evaluator/test_lmeval_parity.py runs this recipe)",
+    "# here (network): wheels for the GPU machine's Python (3.12 here) and x86-64 Linux, no dependencies;":
+        "downloads wheels and installs them on another machine",
 }
 
 #: hub ids and sizes in the README -> local stand-ins (the same words everywhere they appear)
