@@ -3,9 +3,11 @@ tokenizer-independent metrics (bits per byte, byte and word perplexity) for sequ
 
 Pipeline (one module per stage, one direction): data (tensor | store -> windows on the device)
 -> models (adapters: sliding | stateful | kv-cache) -> metrics (sliced loss, float64 device sums)
--> engine (the loop, out-of-memory retries, results).
+-> engine (the loop, out-of-memory retries, results); compare (a candidate model against a reference on
+the same windows: KL divergence, top-1 agreement, both perplexities).
 """
 
+from .compare import compare_streaming
 from .config import StreamingEvalConfig
 from .data import EvalData, WindowBatch, WindowSpec, open_data
 from .engine import StreamingEvaluator, create_streaming_evaluator
@@ -28,6 +30,7 @@ __all__ = [
     "WindowSpec",
     "bits_per_byte",
     "byte_perplexity",
+    "compare_streaming",
     "create_streaming_evaluator",
     "load_model",
     "open_data",

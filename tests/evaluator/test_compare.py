@@ -238,3 +238,18 @@ def test_cli_compare_writes_the_report(tmp_path, make_store, capsys):
                "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "cuda:99" in err
+
+
+def test_bench_compare_runs_at_toy_size(tmp_path, make_store, capsys):
+    from benchmarks import bench_compare
+
+    rng = np.random.default_rng(8)
+    store = make_store([rng.integers(1, V, size=150).tolist() for _ in range(2)], vocab_size=V)
+    assert bench_compare.main(["--store", str(store), "--device", "cpu", "--tokens", "200", "--chunk-size", "32",
+                               "--batch-size", "4", "--layers", "1", "--hidden", "32", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "bench_compare.json").read_text())
+    assert m["scored"] == 199 and m["logits_file_bytes"] == V * 199 * 4
+    assert m["perplexity_candidate"] == pytest.approx(m["perplexity_candidate_two_runs"], rel=1e-9)
+    assert m["perplexity_reference"] == pytest.approx(m["perplexity_reference_two_runs"], rel=1e-9)
+    assert m["ratio_compare_vs_two_runs"] > 0 and 0 < m["top1_agreement"] <= 100
+    assert "ratio compare / two runs" in capsys.readouterr().out
