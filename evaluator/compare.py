@@ -196,9 +196,14 @@ def pair_stats(out: PairOutput, targets: torch.Tensor, flat: torch.Tensor, loss_
     """[m, 6] fp32 statistics (:data:`COLUMNS`) of the m scored targets at ``flat`` (ascending
     indices into ``targets.reshape(-1)``): the runners' scoring hook for a comparison.
 
-    Memory: per slice of ``loss_slice`` rows, the candidate's fp32 logits, the reference's
-    log-probabilities (computed on the reference's device, then copied over) and one more
-    [rows, vocab] fp32 buffer; never a whole batch's logits in fp32.
+    Per slice of ``loss_slice`` rows, with ``z'`` = logits minus their row maximum and
+    ``s = sum exp(z')``: ``KL = sum_v p_ref(v) (z'_ref - z'_cand)(v) - log(s_ref / s_cand)``. That is
+    the definition rearranged so that models that are close (a quantized copy) lose no digits to
+    cancellation: the elementwise differences are small, and ``log`` is of a ratio near 1; a model
+    against itself gives exactly 0. Memory: the two fp32 logit slices (our own copies, overwritten
+    in place) and one more fp32 buffer, ``exp(z'_ref)``; never a whole batch's logits in fp32.
+    The reference's part runs on its own device; what crosses to the candidate's is its shifted
+    logits (its log-probabilities up to the per-row ``log s_ref``) and a few scalars per row.
     """
     dev = targets.device
     m = flat.numel()
@@ -209,38 +214,45 @@ def pair_stats(out: PairOutput, targets: torch.Tensor, flat: torch.Tensor, loss_
     flat_r, tg_r = (flat, tg) if rdev == dev else (flat.to(rdev), tg.to(rdev))
     V = out.vocab
     for i in range(0, m, loss_slice):
-        t, t_r = tg[i : i + loss_slice], tg_r[i : i + loss_slice]
-        # reference, on its own device: NLL over its vocabulary, log-probabilities over the compared ids
+        t, t_r = tg[i : i + loss_slice, None], tg_r[i : i + loss_slice, None]
+        r = res[i : i + loss_slice]
+        # reference, on its own device
         zr = _slice(out.reference, rrow, flat_r[i : i + loss_slice])
-        lse_r = torch.logsumexp(zr, dim=1)
-        nll_r = lse_r - zr.gather(1, t_r[:, None]).squeeze(1)
-        if V is not None and V < zr.shape[1]:
+        full_r = None
+        if V is not None and V < zr.shape[1]:  # its NLL over its whole vocabulary, the rest over [0, V)
+            full_r = torch.logsumexp(zr, dim=1) - zr.gather(1, t_r).squeeze(1)
             zr = zr[:, :V]
-            lse_r = torch.logsumexp(zr, dim=1)
-        lpr = zr.sub_(lse_r[:, None])  # in place: zr is our own fp32 copy
-        top_r = lpr.argmax(dim=1)
-        if rdev != dev:  # the handover: one slice of log-probabilities and a few scalars per target
-            lpr, nll_r, top_r = lpr.to(dev), nll_r.to(dev), top_r.to(dev)
-        del zr
+        mr, top_r = zr.max(dim=1)
+        g_r = zr.gather(1, t_r).squeeze(1)
+        zr.sub_(mr[:, None])  # z'_ref
+        if rdev != dev:  # the handover: one slice of shifted logits and a few scalars per row
+            zr, mr, top_r, g_r = zr.to(dev), mr.to(dev), top_r.to(dev), g_r.to(dev)
+            full_r = None if full_r is None else full_r.to(dev)
+        p = zr.exp()  # unnormalised p_ref (the one extra buffer)
+        s_r = p.sum(dim=1)
+        r[:, _NLL_REF] = full_r if full_r is not None else mr + s_r.log() - g_r
         # candidate
         zc = _slice(out.candidate, crow, flat[i : i + loss_slice])
-        lse_c = torch.logsumexp(zc, dim=1)
-        r = res[i : i + loss_slice]
-        r[:, _NLL] = lse_c - zc.gather(1, t[:, None]).squeeze(1)
-        r[:, _CORRECT] = (zc.argmax(dim=1) == t).float()
+        full_c = top_full = None
         if V is not None and V < zc.shape[1]:
+            full_c = torch.logsumexp(zc, dim=1) - zc.gather(1, t).squeeze(1)
+            top_full = zc.argmax(dim=1)
             zc = zc[:, :V]
-            lse_c = torch.logsumexp(zc, dim=1)
-        lpc = zc.sub_(lse_c[:, None])
-        r[:, _NLL_REF] = nll_r
-        r[:, _AGREE] = (lpc.argmax(dim=1) == top_r).float()
-        # KL(ref || cand) = sum p_ref (log p_ref - log p_cand); 0 * (-inf) (an id the reference
-        # rules out) is 0, not NaN
-        p = lpr.exp()
-        kl = p.mul_(lpr.sub_(lpc)).nan_to_num_(nan=0.0).sum(dim=1)
+        mc, top_c = zc.max(dim=1)
+        g_c = zc.gather(1, t).squeeze(1)
+        r[:, _CORRECT] = ((top_c if top_full is None else top_full) == t.squeeze(1)).float()
+        r[:, _AGREE] = (top_c == top_r).float()
+        zc.sub_(mc[:, None])  # z'_cand
+        d = zr.sub_(zc)  # z'_ref - z'_cand, in place of z'_ref
+        s_c = zc.exp_().sum(dim=1)
+        r[:, _NLL] = full_c if full_c is not None else mc + s_c.log() - g_c
+        # an id the reference rules out (-inf) adds 0 (not NaN); one only the candidate rules out, +inf
+        d.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf)
+        dot = torch.bmm(p[:, None, :], d[:, :, None]).reshape(-1)
+        kl = dot / s_r - torch.log(s_r / s_c)
         r[:, _KL] = kl
         r[:, _KL_SQ] = kl * kl
-        del zc, lpc, lpr, p
+        del zr, zc, p, d
     return res
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -253,3 +254,26 @@ def test_bench_compare_runs_at_toy_size(tmp_path, make_store, capsys):
     assert m["perplexity_reference"] == pytest.approx(m["perplexity_reference_two_runs"], rel=1e-9)
     assert m["ratio_compare_vs_two_runs"] > 0 and 0 < m["top1_agreement"] <= 100
     assert "ratio compare / two runs" in capsys.readouterr().out
+
+
+def test_ids_a_model_rules_out_with_minus_inf_logits():
+    """An id the reference gives -inf adds 0 to KL (also when the candidate does too); one only the
+    candidate rules out makes KL infinite. Checked on pair_stats itself against float64 sums."""
+    from evaluator.compare import PairOutput, pair_stats
+    from evaluator.models import ForwardOutput
+
+    g = torch.Generator().manual_seed(9)
+    zr, zc = torch.randn(1, 6, 11, generator=g) * 3, torch.randn(1, 6, 11, generator=g) * 3
+    zr[0, :, 0] = -math.inf  # the reference rules id 0 out everywhere
+    zc[0, 1, 0] = -math.inf  # ... and the candidate too, on row 1
+    zc[0, 4, 5] = -math.inf  # only the candidate rules id 5 out on row 4
+    tg = torch.randint(1, 11, (1, 6), generator=g)
+    got = pair_stats(PairOutput(ForwardOutput(logits=zc), ForwardOutput(logits=zr), None), tg, torch.arange(6), 4)
+    lpr, lpc = F.log_softmax(zr[0].double(), 1), F.log_softmax(zc[0].double(), 1)
+    pr = lpr.exp()
+    want = torch.where(pr > 0, pr * (lpr - lpc), torch.zeros_like(pr)).sum(1)
+    assert math.isinf(want[4]) and math.isinf(got[4, 2])
+    keep = [0, 1, 2, 3, 5]
+    np.testing.assert_allclose(got[keep, 2].numpy(), want[keep].numpy(), atol=1e-6)
+    np.testing.assert_allclose(got[:, 0].numpy(), -lpc.gather(1, tg[0, :, None]).squeeze(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[:, 1].numpy(), -lpr.gather(1, tg[0, :, None]).squeeze(1).numpy(), atol=1e-5)
