@@ -253,7 +253,12 @@ class ModelAdapter:
         if key not in self._compile_cache:
             # mode is an inductor setting ("default" is its default); other backends take none
             kw = {"mode": mode} if backend == "inductor" and mode != "default" else {}
-            self._compile_cache[key] = torch.compile(self._compile_target(), dynamic=False, backend=backend, **kw)
+            try:
+                self._compile_cache[key] = torch.compile(self._compile_target(), dynamic=False, backend=backend, **kw)
+            except Exception as e:  # noqa: BLE001 - e.g. an unknown backend, a Python torch.compile does not support
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise ModelError(f"model {self.name}: torch.compile (mode {mode!r}, backend {backend!r}) failed "
+                                 f"({type(e).__name__}: {first}): leave compile unset to run eager") from None
         self._compiled, self.compile_mode = self._compile_cache[key], mode
         try:
             yield

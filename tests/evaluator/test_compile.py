@@ -124,6 +124,15 @@ def test_compile_failure_is_one_line(make_store, docs, monkeypatch, capsys):
     assert "torch.compile" in err and "omit --compile" in err
 
 
+def test_an_unusable_backend_is_one_line(make_store, docs, monkeypatch):
+    monkeypatch.setenv("STREAMEVAL_COMPILE_BACKEND", "no-such-backend")
+    ev = StreamingEvaluator(Bigram(), device="cpu", verbose=False, mode="sliding", chunk_size=32, compile=True)
+    with pytest.raises(ModelError, match=r"torch.compile \(mode 'default', backend 'no-such-backend'\) failed .*"
+                                         r"leave compile unset"):
+        ev.evaluate_streaming(make_store(docs, vocab_size=V))
+    assert ev.adapter.compile_mode is None
+
+
 def test_out_of_memory_in_a_compiled_forward_is_retried(aot_eager, make_store, docs, monkeypatch):
     """OOM stays an OOM (the runner halves the batch), not a compile failure; halves are padded too."""
     store = make_store(docs, vocab_size=V)
