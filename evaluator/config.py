@@ -60,7 +60,9 @@ class StreamingEvalConfig:
     # documents. document: every document is evaluated on its own (state/cache reset at its start).
     doc_mode: str = "stream"
     # Windows per forward in sliding mode (an int, or "auto": from free device memory; a fixed
-    # default on CPU). A batch that runs out of device memory is retried in halves.
+    # default on CPU). A batch that runs out of device memory is retried in halves. In stateful and
+    # kv-cache mode with doc_mode "document": documents run side by side, each with its own carried
+    # state or cache ("auto": from free GPU memory; 1 on a CPU); doc_mode "stream" is one stream: 1.
     batch_size: Union[int, str] = "auto"
     # "bfloat16"/"float16": autocast for the model (a model given by name is also loaded in this
     # dtype); the loss is always computed in fp32 and summed in fp64.
