@@ -75,7 +75,9 @@ def test_summary_judges_each_goal():
     tests = {"cuda": {"passed": 40, "failed": 0, "errors": 0, "skipped": 1},
              "inductor": {"passed": 1, "failed": 1, "errors": 0, "skipped": 0}}
     rows = {r["measure"]: r for r in gc.summarize(_steps(tests=tests, eval=ev, loader=loader, memory=memory,
-                                                          docs={"ratio": 6.2, "rows": {}}))}
+                                                          docs={"ratio": 6.2, "rows": {}},
+                                                          distributed={"rows": {"1 process, all threads": {"vs_1_process": 1.0},
+                                                                                "2 processes (torchrun), 1 thread each": {"vs_1_process": 1.9}}}))}
     assert rows["CUDA tests"]["pass"] is False  # one inductor failure fails the row
     assert rows["end to end vs compute only"]["pass"] is True
     assert rows["overlap 0, chunk 1024 vs the seed's batch-1 loop"]["pass"] is False
@@ -87,6 +89,7 @@ def test_summary_judges_each_goal():
     assert mem["value"] == pytest.approx(0.04) and mem["pass"] is True
     assert rows["document mode kv-cache, parallel vs batch 1"]["value"] == 6.2
     assert rows["compiled vs eager, overlap 0"]["pass"] is None  # reported, no goal
+    assert rows["distributed over every GPU vs 1"]["value"] == 1.9
     # a step that produced nothing: n/a with its status, never a number
     missing = {r["measure"]: r for r in gc.summarize(_steps(eval=None, docs="not available"))}
     assert missing["end to end vs compute only"]["value"] is None and missing["end to end vs compute only"]["pass"] is None
