@@ -158,7 +158,7 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
                 f"--junitxml={d['tests'] / 'inductor.xml'}"]
     # one step, two pytest runs: the second runs even when the first has failures
     steps.append(Step("tests", ["bash", "-c", " ; ".join(_q(c) for c in (tests, inductor)) + " ; exit 0"],
-                      140, {"STREAMEVAL_TEST_INDUCTOR": "0" if dry else "1"}))
+                      170, {"STREAMEVAL_TEST_INDUCTOR": "0" if dry else "1"}))
     if dry:
         ev = ["--device", "cpu", "--tokens", "400", "--chunk-size", "32", "--overlap", "16", "--batch-size", "4",
               "--repeat", "1", "--model", "benchmarks.gpu_check:tiny_model", "--threads", "1"]
@@ -186,7 +186,7 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
                                "--out", str(d["eval"])], 160, env))
     steps.append(Step("loader", [py, "-m", "benchmarks.bench_loader", *ld, "--workers", "0", "--out", str(d["loader"])], 45))
     steps.append(Step("memory", [py, "-m", "benchmarks.bench_scaling", "--part", "eval", *mem, "--out", str(d["memory"])], 45))
-    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--out", str(d["docs"])], 100))
+    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--out", str(d["docs"])], 90))
     if dry or gpus > 1:
         steps.append(Step("distributed", [py, "-m", "benchmarks.bench_distributed", *dist, "--out", str(d["distributed"])], 90))
     return steps
