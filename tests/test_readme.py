@@ -47,6 +47,7 @@ STAND_INS = [
     ("wikitext --config wikitext-103-raw-v1 --split test", "wiki.jsonl"),
     ("--tokenizer gpt2", "--tokenizer ./tokenizer.json"),
     ("--model gpt2", "--model ./gpt2"),
+    ("--reference gpt2", "--reference ./gpt2"),
     ('from_pretrained("gpt2")', 'from_pretrained("./gpt2")'),
     ('StreamingEvaluator("gpt2"', 'StreamingEvaluator("./gpt2"'),
     ("stdlib:eval --tokenizer default --out stores/stdlib", "stdlib:eval --tokenizer default --out stores/stdlib --max-docs 20"),
