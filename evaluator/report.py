@@ -11,6 +11,12 @@ Files written to ``out``:
                        when matplotlib is missing; over 20,000 chunks, each point is the mean
                        loss of an equal group of consecutive chunks)
 
+A model comparison (``streameval compare``, evaluator/compare.py) writes the same files (its
+per-chunk and byte/word figures are the candidate's), with the comparison's scalars in
+results.json and the table, more columns in documents.csv and positions.csv (reference NLL, mean
+KL, top-1 agreement, mean delta NLL), and two more plots: kl_by_position.png (mean KL per position
+bucket) and kl_histogram.png (the per-token KL, read block by block from its memory-mapped file).
+
 Arrays stay out of results.json so it stays small for 1B-token runs; the CSVs hold them. The CSVs
 are written block by block from the spilled arrays (:mod:`evaluator.spill`: window_*.npy and
 document_*.npy, which the engine leaves in the same folder), never built as whole tables, so

@@ -117,13 +117,14 @@ def test_sliding_with_overlap_equals_the_brute_force_reference(pair):
     _check(res, brute(cand, ref, v, 16, 5))
 
 
-def test_kv_cache_equals_the_brute_force_reference_per_document(pair, make_store):
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-document", "parallel-documents"])
+def test_kv_cache_equals_the_brute_force_reference_per_document(pair, make_store, batch):
     cand, ref = pair
     rng = np.random.default_rng(1)
     docs = [rng.integers(1, V, size=int(n)).tolist() for n in (30, 2, 45, 17)]
     store = make_store(docs, vocab_size=V)
     res = compare_streaming(cand, ref, store, device="cpu", verbose=False, mode="kv-cache", chunk_size=8,
-                            doc_mode="document")
+                            doc_mode="document", batch_size=batch)  # 3: documents side by side, each pair of caches
     per = [brute(cand, ref, torch.tensor(d)) for d in docs]
     _check(res, {k: np.concatenate([p[k] for p in per]) for k in per[0]})
     pd = res["per_document"]
