@@ -112,8 +112,8 @@ class PairAdapter(ModelAdapter):
         pos = [p for p in (candidate.max_positions, reference.max_positions) if p is not None]
         self.max_positions = min(pos) if pos else None
         self.bos_token_id = candidate.bos_token_id if candidate.bos_token_id is not None else reference.bos_token_id
-        # the store is checked against the candidate's tokenizer by the engine, and against the
-        # reference's by compare_streaming (_check_tokenizers)
+        # what the engine checks the store against: the candidate's tokenizer, else the reference's
+        # (compare_streaming first refuses two known tokenizers that differ)
         known = candidate if candidate.tokenizer_identity else reference
         self.tokenizer_identity = known.tokenizer_identity
         self.tokenizer_sha256 = known.tokenizer_sha256
@@ -421,9 +421,10 @@ def kl_histogram(values: Any, bins: int = 100, top: float | None = None, block: 
 
 
 # ---- the API -----------------------------------------------------------------------------------
-def _check_tokenizers(cfg: StreamingEvalConfig, pair: PairAdapter, data: Any) -> None:
-    """Both models must share a tokenizer (when both are known), and the store must be the
-    reference's too (the engine checks it against the candidate's, as a run does)."""
+def _check_tokenizers(cfg: StreamingEvalConfig, pair: PairAdapter) -> None:
+    """Both models must share a tokenizer (when both are known). The store is then checked by the
+    engine, as for a run, against the pair's identity: the candidate's, else the reference's (when
+    both are known they are equal by now), so it matches both."""
     if not cfg.check_tokenizer:
         return
     from streamdata.tokenize import tokenizer_mismatch
@@ -435,12 +436,6 @@ def _check_tokenizers(cfg: StreamingEvalConfig, pair: PairAdapter, data: Any) ->
             raise DataError(f"candidate {pair.candidate.name} and reference {pair.reference.name} use different "
                             f"tokenizers ({what}): the same ids would mean other tokens; compare models of one "
                             "tokenizer (or, if you know better, pass check_tokenizer=False)")
-    if r and c != r:  # the store against the reference's tokenizer too
-        from .data import open_data
-        from .resolve import _check_tokenizer
-
-        with open_data(data) as ed:
-            _check_tokenizer(cfg, pair.reference, ed)
 
 
 def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: StreamingEvalConfig | None = None,
@@ -484,8 +479,8 @@ def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: Stre
         # one object carries one state (and one adapter one cache): a pair needs two
         raise ConfigError("candidate and reference are the same model object: pass two (e.g. a copy.deepcopy)")
     pair = PairAdapter(cand, ref, reference_device, allow_vocab_prefix)
+    _check_tokenizers(config, pair)  # before the models are moved and checked on the device
     ev = StreamingEvaluator(pair, config=dataclasses.replace(config, device=None if device is None else str(device)))
-    _check_tokenizers(config, pair, data)
     res = ev._run(data, max_tokens, None, detailed=True, per_token=True, checkpoint_dir=ckdir, scoring=COMPARE)
     kl = res.pop("per_token_losses")
     res["per_token_kl"], res["per_token_kl_path"] = kl, res.pop("per_token_path")

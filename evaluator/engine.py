@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
 from .data import EvalData, open_data
 from .errors import ConfigError, DataError
-from .metrics import MetricSums, PerTokenWriter, token_nll
+from .metrics import MetricSums, PerTokenWriter
 from .models import ModelAdapter, load_model
 from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
@@ -337,8 +337,9 @@ class Scoring:
     a model comparison its per-target statistics (:mod:`evaluator.compare`)."""
 
     name: str
-    # (out, targets, flat, loss_slice) -> [m] or [m, C] fp32 values of the m scored targets
-    score: Callable[..., torch.Tensor] = token_nll
+    # (out, targets, flat, loss_slice) -> [m] or [m, C] fp32 values of the m scored targets;
+    # None: the runners' own, metrics.token_nll
+    score: Callable[..., torch.Tensor] | None = None
     columns: tuple[str, ...] = ("nll",)  # MetricSums value columns (the first one is what progress shows)
     spill: dict[str, tuple[str, str]] | None = None  # SpillFiles columns (None: a run's)
     # wraps the PerTokenWriter (e.g. to write one column of [m, C] values); identity for a run

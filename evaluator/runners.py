@@ -77,10 +77,10 @@ class Runner(ABC):
     carries its own windows (``batch.windows``), so a runner never indexes whole-plan arrays."""
 
     def __init__(self, adapter: ModelAdapter, plan: WindowPlan, sums: MetricSums, writer: PerTokenWriter | None,
-                 loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] = token_nll):
+                 loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] | None = None):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
-        self.scorer = scorer
+        self.scorer = scorer  # None: metrics.token_nll (looked up per call)
 
     def _score(self, out: Any, targets: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
@@ -88,6 +88,8 @@ class Runner(ABC):
         (:func:`~evaluator.metrics.token_nll`) for a run, [count, C] statistics for a model
         comparison (:func:`evaluator.compare.pair_stats`). The one place a runner turns a forward's
         output into numbers, so a comparison swaps only this and the sums' columns."""
+        if self.scorer is None:
+            return token_nll(out, targets, flat, self.loss_slice)
         return self.scorer(out, targets, flat, self.loss_slice)
 
     def units(self, loader: Any) -> Any:
