@@ -246,7 +246,10 @@ def summarize(steps: dict[str, Step]) -> list[dict[str, Any]]:
             if c is not None:
                 parts.append(f"{k}: {c['passed']} passed, {c['failed'] + c['errors']} failed, {c['skipped']} skipped")
                 ok = (ok is not False) and c["failed"] + c["errors"] == 0
-        row("CUDA tests", "; ".join(parts) or t.status, "0 failed", ok, "" if parts else t.status)
+        if not parts and not t.status.startswith("skipped"):  # pytest ran but wrote no results: a failure
+            ok = False
+        row("CUDA tests", "; ".join(parts) or "no results", "0 failed", ok,
+            "" if parts else f"{t.status}; see tests/tests.log" if t.status == "ok" else t.status)
 
     e = steps.get("eval")
     ev = e.data if e is not None else None
