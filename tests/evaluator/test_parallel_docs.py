@@ -186,3 +186,20 @@ def test_kv_cache_still_refuses_a_document_beyond_the_positions(make_store):
 
     with pytest.raises(ConfigError, match="130 positions"):
         _run(tiny_gpt2(n_positions=128), "kv-cache", make_store(_docs([5, 131, 3]), vocab_size=V), 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gpt2-kv", "gru", "rwkv"])
+def test_on_cuda_each_document_equals_its_full_forward(models, make_store, name):
+    """The same on a GPU (device buffers, cache slicing there); brute force on the CPU copy."""
+    import copy
+
+    model, mode = models[name], MODELS[name][1]
+    docs = _docs()
+    ref = _brute(model, docs)
+    ev = StreamingEvaluator(copy.deepcopy(model).cuda(), chunk_size=CHUNK, device="cuda", verbose=False, mode=mode,
+                            doc_mode="document", batch_size=4)
+    res = ev.evaluate_streaming_with_metrics(make_store(docs, vocab_size=V), compute_per_token_metrics=True)
+    assert res["batch_size"] == 4 and res["total_tokens"] == sum(len(r) for r in ref)
+    np.testing.assert_allclose(np.asarray(res["per_document"]["nll"]), [r.sum() for r in ref], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(res["per_token_losses"]), np.concatenate(ref), rtol=1e-4, atol=1e-4)
