@@ -93,13 +93,14 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     if not compare:  # (compare: each model whole on one device)
         p.add_argument("--device-map", type=_device_map, metavar="MAP",
-                   help="spread a model loaded by name over devices (needs accelerate): auto, balanced, "
-                        "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
+                       help="spread a model loaded by name over devices (needs accelerate): auto, balanced, "
+                            "balanced_low_0, sequential, or a JSON object {module: device}; windows go to its first device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
-                   metavar="MODE", help="sliding mode: torch.compile the model body with static shapes (every batch padded to "
-                        "[batch size, chunk size], the padding unscored); reduce-overhead adds CUDA graphs. "
-                        "Equal to eager within the dtype's rounding. MODE: default (when omitted) or reduce-overhead (default: eager)")
+    if not compare:  # (compare runs both models eager)
+        p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
+                       metavar="MODE", help="sliding mode: torch.compile the model body with static shapes (every batch padded "
+                            "to [batch size, chunk size], the padding unscored); reduce-overhead adds CUDA graphs. Equal to "
+                            "eager within the dtype's rounding. MODE: default (when omitted) or reduce-overhead (default: eager)")
     p.add_argument("--max-tokens", type=_int, help="evaluate only the stream's first N tokens")
     p.add_argument("--bos", type=_bos, default="none", help="BOS prefix: none, model, eos, or a token id")
     if not compare:  # (compare: --per-token-kl)
@@ -109,10 +110,11 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
     p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
                    help="with --out: seconds between checkpoints, at batch boundaries (default: %(default)g); "
                         "0: only the final one. Rerunning the same command resumes an interrupted run")
-    p.add_argument("--split-warmup", type=_int, metavar="K",
-                   help="under torchrun with --doc-mode stream in stateful/kv-cache mode: approximate by restarting the "
-                        "state at each process's block after K unscored tokens of warm-up (recorded in the results; "
-                        "otherwise refused: use --doc-mode document for exact splits)")
+    if not compare:  # (compare runs in one process)
+        p.add_argument("--split-warmup", type=_int, metavar="K",
+                       help="under torchrun with --doc-mode stream in stateful/kv-cache mode: approximate by restarting "
+                            "the state at each process's block after K unscored tokens of warm-up (recorded in the "
+                            "results; otherwise refused: use --doc-mode document for exact splits)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out: remove this tool's checkpoint and report files there (no others)")
 
@@ -171,9 +173,10 @@ def _config(a: argparse.Namespace):
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
         device_map=getattr(a, "device_map", None), verbose=not a.quiet,
-        mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos, compile=a.compile,
+        mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
+        compile=getattr(a, "compile", None),  # (not a compare option)
         per_token_path=str(Path(a.out) / _PER_TOKEN) if (getattr(a, "per_token", False) and a.out) else None,
-        checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=a.split_warmup,
+        checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=getattr(a, "split_warmup", None),
         check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)
     )
 
