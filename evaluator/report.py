@@ -143,6 +143,18 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def _save_png(fig: Any, path: Path) -> Path:
+    """Lay out, write atomically (a temporary name, then a rename: never a half-written plot) and
+    close ``fig``; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(_tmp(path), dpi=120, format="png")
+    os.replace(_tmp(path), path)
+    plt.close(fig)
+    return path
+
+
 def _blocks(col: Any, n: int, size: int) -> Any:
     """Consecutive blocks of ``col[:n]`` as Python lists (None: a column of None)."""
     for lo in range(0, n, size):
@@ -243,11 +255,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_yscale("log")
         ax.set_title(f"Perplexity per chunk: {res.get('model')} on {res.get('data')}", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        files["plot_chunks"] = out / "perplexity_per_chunk.png"
-        fig.savefig(_tmp(files["plot_chunks"]), dpi=120, format="png")
-        os.replace(_tmp(files["plot_chunks"]), files["plot_chunks"])
-        plt.close(fig)
+        files["plot_chunks"] = _save_png(fig, out / "perplexity_per_chunk.png")
     pos = res.get("position_buckets")
     if pos is not None and len(pos["hi"]):
         mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])  # geometric bucket centre
@@ -258,11 +266,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_ylabel("loss (nats/token)")
         ax.set_title("Loss by position in the document (the long-context curve)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        files["plot_positions"] = out / "loss_by_position.png"
-        fig.savefig(_tmp(files["plot_positions"]), dpi=120, format="png")
-        os.replace(_tmp(files["plot_positions"]), files["plot_positions"])
-        plt.close(fig)
+        files["plot_positions"] = _save_png(fig, out / "loss_by_position.png")
     if pos is not None and len(pos["hi"]) and "kl_mean" in pos:  # a comparison
         mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -274,11 +278,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_title(f"KL by position: {res.get('candidate')} vs {res.get('reference')}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        files["plot_kl_positions"] = out / "kl_by_position.png"
-        fig.savefig(_tmp(files["plot_kl_positions"]), dpi=120, format="png")
-        os.replace(_tmp(files["plot_kl_positions"]), files["plot_kl_positions"])
-        plt.close(fig)
+        files["plot_kl_positions"] = _save_png(fig, out / "kl_by_position.png")
     if res.get("per_token_kl") is not None and len(res["per_token_kl"]):
         from .compare import kl_histogram
 
@@ -290,11 +290,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_ylabel("tokens")
         ax.set_title(f"Per-token KL: mean {res['kl_mean']:.3g}, median {res['kl_median']:.3g}, "
                      f"99th percentile {res['kl_p99']:.3g}, max {res['kl_max']:.3g}", fontsize=9)
-        fig.tight_layout()
-        files["plot_kl_histogram"] = out / "kl_histogram.png"
-        fig.savefig(_tmp(files["plot_kl_histogram"]), dpi=120, format="png")
-        os.replace(_tmp(files["plot_kl_histogram"]), files["plot_kl_histogram"])
-        plt.close(fig)
+        files["plot_kl_histogram"] = _save_png(fig, out / "kl_histogram.png")
     return files
 
 
