@@ -278,3 +278,27 @@ def test_ids_a_model_rules_out_with_minus_inf_logits():
     np.testing.assert_allclose(got[keep, 2].numpy(), want[keep].numpy(), atol=1e-6)
     np.testing.assert_allclose(got[:, 0].numpy(), -lpc.gather(1, tg[0, :, None]).squeeze(1).numpy(), atol=1e-5)
     np.testing.assert_allclose(got[:, 1].numpy(), -lpr.gather(1, tg[0, :, None]).squeeze(1).numpy(), atol=1e-5)
+
+
+def test_a_reference_that_does_not_fit_the_device_is_one_line(pair):
+    """A model too large for the device: every forward runs out of memory, so after halving the
+    batch down to one window the comparison stops with the run's one-line advice."""
+
+    class Logits(torch.nn.Module):  # the model's logits, or out of memory on every forward
+        def __init__(self, inner, fits: bool):
+            super().__init__()
+            self.inner, self.fits, self.vocab_size, self.calls = inner, fits, V, 0
+
+        def forward(self, ids):
+            self.calls += 1
+            if not self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(ids).logits
+
+    v = torch.from_numpy(np.random.default_rng(6).integers(0, V, 100))
+    huge = Logits(pair[1], fits=False)
+    with pytest.raises(ModelError, match="out of device memory on a single window of chunk_size=16") as e:
+        compare_streaming(Logits(pair[0], fits=True), huge, v, device="cpu", verbose=False, chunk_size=16,
+                          batch_size=4, mode="sliding")
+    assert "\n" not in str(e.value) and "chunk_size=8" in str(e.value)
+    assert huge.calls == 3  # batches of 4, 2, 1 windows tried: halving, then the clear error
