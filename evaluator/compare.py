@@ -167,6 +167,15 @@ class PairAdapter(ModelAdapter):
         self.candidate.restore(snap[0])
         self.reference.restore(snap[1])
 
+    def can_keep_rows(self) -> bool:
+        return self.candidate.can_keep_rows() and self.reference.can_keep_rows()
+
+    def keep_rows(self, m: int) -> bool:
+        # Both models' states are cut, or neither: the runner then feeds every row to both.
+        if not self.can_keep_rows():
+            return False
+        return self.candidate.keep_rows(m) and self.reference.keep_rows(m)
+
     def save_state(self) -> Any:
         return [self.candidate.save_state(), self.reference.save_state()]
 

@@ -301,6 +301,10 @@ class ModelAdapter:
     def restore(self, snap: Any) -> None:
         pass
 
+    def can_keep_rows(self) -> bool:
+        """Whether :meth:`keep_rows` would cut the carried state now (asked without changing it)."""
+        return False
+
     def keep_rows(self, m: int) -> bool:
         """Parallel documents (rows of one carried batch, longest first): keep only the state of
         rows ``[0, m)`` once the later rows' documents have ended. False: this adapter cannot cut
@@ -485,8 +489,11 @@ class HFAttentionAdapter(HFAdapter):
             # (5.x refuses the positive "new length" form).
             self.cache.crop(-extra)
 
+    def can_keep_rows(self) -> bool:
+        return self.cache is not None and hasattr(self.cache, "batch_select_indices")
+
     def keep_rows(self, m: int) -> bool:
-        if self.cache is None or not hasattr(self.cache, "batch_select_indices"):
+        if not self.can_keep_rows():
             return False
         self.cache.batch_select_indices(slice(0, m))  # per layer keys[:m], values[:m]: views, no copy
         return True
@@ -606,11 +613,14 @@ class HFRecurrentAdapter(HFAdapter):
     def restore(self, snap: Any) -> None:
         self.state = _clone_tree(snap)
 
+    def can_keep_rows(self) -> bool:
+        return self.state is None or all(isinstance(t, torch.Tensor) for t in self.state)
+
     def keep_rows(self, m: int) -> bool:
         # RWKV's state: a list of [batch, hidden, layers] tensors (updated in place: views stay valid).
+        if not self.can_keep_rows():
+            return False
         if self.state is not None:
-            if not all(isinstance(t, torch.Tensor) for t in self.state):
-                return False
             self.state = [t[:m] for t in self.state]
         return True
 

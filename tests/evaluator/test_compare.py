@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import evaluator.runners as runners_mod
 from evaluator import ConfigError, DataError, ModelError
 from evaluator.cli import main
-from evaluator.compare import compare_streaming, order_statistics, quantiles
+from evaluator.compare import PairAdapter, compare_streaming, order_statistics, quantiles
 
 from .helpers import V, TinyRNN, tiny_gpt2
 from .test_resume import Interrupt, _interrupt_after
@@ -118,13 +118,22 @@ def test_sliding_with_overlap_equals_the_brute_force_reference(pair):
 
 
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-document", "parallel-documents"])
-def test_kv_cache_equals_the_brute_force_reference_per_document(pair, make_store, batch):
+def test_kv_cache_equals_the_brute_force_reference_per_document(pair, make_store, batch, monkeypatch):
     cand, ref = pair
     rng = np.random.default_rng(1)
     docs = [rng.integers(1, V, size=int(n)).tolist() for n in (30, 2, 45, 17)]
     store = make_store(docs, vocab_size=V)
+    cut, keep_rows = [], PairAdapter.keep_rows
+
+    def spy(self, m):
+        cut.append((m, keep_rows(self, m)))
+        return cut[-1][1]
+
+    monkeypatch.setattr(PairAdapter, "keep_rows", spy)
     res = compare_streaming(cand, ref, store, device="cpu", verbose=False, mode="kv-cache", chunk_size=8,
                             doc_mode="document", batch_size=batch)  # 3: documents side by side, each pair of caches
+    # side by side, ended documents leave both models' caches (3 rows -> 2 -> 1 as the shorter ones end)
+    assert cut == ([] if batch == 1 else [(2, True), (1, True)])
     per = [brute(cand, ref, torch.tensor(d)) for d in docs]
     _check(res, {k: np.concatenate([p[k] for p in per]) for k in per[0]})
     pd = res["per_document"]
