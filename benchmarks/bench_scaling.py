@@ -1,7 +1,7 @@
 """Memory scaling (issue 18): start-up time and peak memory must not grow with the stream's length.
 
     python -m benchmarks.bench_scaling [--lengths 1e8 1e10 1e11] [--chunk-size 1024] [--batch-windows 64]
-                                       [--batches 20] [--documents 1e8] [--part all|loader|eval]
+                                       [--batches 20] [--documents 1e8] [--part all|loader|eval] [--compare]
                                        [--device D] [--lines 3] [--tmp DIR] [--out DIR]
 
 Loader rows, one per length N: a sparse raw uint16 ``.bin`` of N tokens (2N bytes apparent, no
@@ -36,7 +36,9 @@ any error) and reports:
 - metric state: the bytes of every tensor the metric sums hold (the device-side state of issue 18:
   before it, 16 bytes per window, ~1.5 GB at 10^11 tokens and chunk 1024, plus per document).
 Goals: every first progress line within 5 s; peak RSS growth, CUDA peak and metric state equal
-across lengths (RSS within 64 MiB).
+across lengths (RSS within 64 MiB). ``--compare``: the evaluator rows run ``compare_streaming`` of
+two such models (seeds 0 and 1) instead, the same way: KL statistics per token, six metric columns,
+the per-token KL file (sparse, unlinked) that the quantiles read; the same goals.
 
 Files go to ``--tmp`` (default: the system temporary folder) and are removed afterwards; they
 need no disk blocks, except the document index (8 bytes per document: 0.8 GB for 10^8).
@@ -194,7 +196,8 @@ def document_row(documents: int, L: int, B: int, batches: int, tmp: Path, log=pr
 _EVAL_CHILD = r"""
 import contextlib, io, json, sys, time
 
-path, n, L, B, lines, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+path, n, L, B, lines, device, kind = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                                      sys.argv[6], sys.argv[7])
 import torch
 from torch import nn
 import streamdata
@@ -205,9 +208,9 @@ from evaluator.metrics import MetricSums
 class NoVocabBigram(nn.Module):
     # logits from the current token via a plain parameter table: no vocab_size, no nn.Embedding,
     # so nothing scans the store's ids up front (a sparse store is all zeros)
-    def __init__(self, vocab=66):
+    def __init__(self, vocab=66, seed=0):
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.table = nn.Parameter(torch.randn(vocab, vocab))
     def forward(self, x):
         return self.table[x]
@@ -249,8 +252,15 @@ class ProgressLines(io.TextIOBase):  # stderr stand-in: times the progress lines
         return len(text)
 
 store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)  # nothing read at open
-ev = StreamingEvaluator(NoVocabBigram(), chunk_size=L, batch_size=B, mode="sliding", device=device, verbose=True,
-                        log_interval=B, check_tokenizer=False)
+settings = dict(chunk_size=L, batch_size=B, mode="sliding", device=device, verbose=True, log_interval=B,
+                check_tokenizer=False)
+if kind == "compare":  # two models on the same windows: KL statistics per token, the per-token KL file
+    from evaluator.compare import compare_streaming
+
+    def evaluate(store):
+        return compare_streaming(NoVocabBigram(seed=0), NoVocabBigram(seed=1), store, **settings)
+else:
+    evaluate = StreamingEvaluator(NoVocabBigram(), **settings).evaluate_streaming_with_metrics
 sink = ProgressLines()
 base = reset_peak()
 if dev.type == "cuda":
@@ -258,7 +268,7 @@ if dev.type == "cuda":
 t0 = time.perf_counter()
 try:
     with contextlib.redirect_stderr(sink):
-        ev.evaluate_streaming_with_metrics(store)
+        evaluate(store)
     raise SystemExit(f"the evaluation ended before {lines} progress lines: pass a longer --lengths or fewer --lines")
 except Stop:
     pass
@@ -269,7 +279,8 @@ print(json.dumps(out))
 """
 
 
-def eval_rows(lengths: list[int], L: int, B: int, lines: int, device: str, tmp: Path, log=print) -> list[dict[str, Any]]:
+def eval_rows(lengths: list[int], L: int, B: int, lines: int, device: str, tmp: Path, log=print,
+              kind: str = "run") -> list[dict[str, Any]]:
     rows = []
     for n in lengths:
         path = tmp / f"sparse-{n}.bin"
@@ -278,7 +289,7 @@ def eval_rows(lengths: list[int], L: int, B: int, lines: int, device: str, tmp: 
             env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             # in the system temporary folder of the child: --tmp, so its spill files land there too
             env["TMPDIR"] = str(tmp)
-            p = subprocess.run([sys.executable, "-c", _MEMORY + _EVAL_CHILD, str(path), str(n), str(L), str(B), str(lines), device],
+            p = subprocess.run([sys.executable, "-c", _MEMORY + _EVAL_CHILD, str(path), str(n), str(L), str(B), str(lines), device, kind],
                                capture_output=True, text=True, env=env, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(f"evaluator child for {n:,} tokens failed:\n{p.stderr[-3000:]}")
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluator rows: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     ap.add_argument("--lines", type=int, default=3,
                     help="evaluator rows: progress lines (one per batch) before the run is stopped (default: 3)")
+    ap.add_argument("--compare", action="store_true",
+                    help="evaluator rows: compare_streaming of two such models (KL statistics, per-token KL file) "
+                         "instead of one model's run")
     ap.add_argument("--tmp", help="folder for the sparse files (default: the system temporary folder)")
     ap.add_argument("--out", help="folder for a JSON result")
     a = ap.parse_args(argv)
@@ -337,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loader, document mode with BOS, synthetic index:")
             doc = document_row(a.documents, a.chunk_size, a.batch_windows, a.batches, tmp)
         if a.part != "loader":
-            print(f"evaluator with metrics, whole store, sliding, chunk {a.chunk_size}, {a.batch_windows} windows/batch, "
+            what = "compare (two models)" if a.compare else "evaluator with metrics"
+            print(f"{what}, whole store, sliding, chunk {a.chunk_size}, {a.batch_windows} windows/batch, "
                   f"{device}, stopped at progress line {a.lines}:")
-            ev = eval_rows(lengths, a.chunk_size, a.batch_windows, a.lines, device, tmp)
+            ev = eval_rows(lengths, a.chunk_size, a.batch_windows, a.lines, device, tmp,
+                           kind="compare" if a.compare else "run")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     goals = []
@@ -365,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([[f"{r['n']:.0e} tokens", r["windows"], r["first_line_s"], fmt_bytes(r["rss_growth"]),
                       fmt_bytes(r["rss_growth_vs_base"]), fmt_bytes(r["cuda_peak"]), fmt_bytes(r["metric_state_bytes"])]
                      for r in ev],
-                    ["evaluator", "windows", "first line s", "peak RSS growth", "vs shortest", "CUDA peak", "metric state"]))
+                    ["compare" if a.compare else "evaluator", "windows", "first line s", "peak RSS growth", "vs shortest", "CUDA peak", "metric state"]))
         slowest = max(r["first_line_s"] for r in ev)
         spread = max(r["rss_growth"] for r in ev) - min(r["rss_growth"] for r in ev)
         states = {r["metric_state_bytes"] for r in ev}

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
-def test_bench_scaling_evaluator_rows(tmp_path, capsys):
+
+@pytest.mark.parametrize("compare", [False, True], ids=["run", "compare"])
+def test_bench_scaling_evaluator_rows(tmp_path, capsys, compare):
     from benchmarks import bench_scaling
 
     assert bench_scaling.main(["--part", "eval", "--device", "cpu", "--lengths", "1e5", "3e6", "--chunk-size", "64",
                                "--batch-windows", "4", "--lines", "2", "--tmp", str(tmp_path), "--out",
-                               str(tmp_path / "out")]) == 0
+                               str(tmp_path / "out")] + ["--compare"] * compare) == 0
     text = capsys.readouterr().out
     assert "evaluator: first progress line within 5 s" in text and "loader, stream mode" not in text
+    assert ("compare (two models), whole store" in text) == compare
     data = json.loads((tmp_path / "out" / "bench_scaling.json").read_text())
     assert data["loader"] == [] and data["evaluator_device"] == "cpu"
     rows = data["evaluator"]
