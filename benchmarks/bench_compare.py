@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ._util import fmt_bytes, fmt_rate, machine, one_line_errors, table, write_json
-from .bench_eval import CACHE, default_store, describe_model, random_gpt2, resolve_dtype
+from .bench_eval import CACHE, describe_model, random_gpt2, run_settings
 
 
 def fake_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,18 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for bench_compare.json")
     a = ap.parse_args(argv)
 
-    from evaluator.config import resolve_device
     from streamdata import open_store
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device, L, N, batch, dtype, store_path = run_settings(a, cpu_tokens=16384)
     cuda = device.type == "cuda"
-    L = a.chunk_size or (1024 if cuda else 512)
-    N = a.tokens or ((1 << 20) if cuda else 16384)
-    batch = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
-    dtype = resolve_dtype(a.dtype, device)
-    store_path = Path(a.store) if a.store else default_store(Path(a.cache))
     with open_store(store_path) as store:
         n_pos = max(1024, L, N if a.mode == "kv-cache" else 0)
         ref = random_gpt2(device, int(store.vocab_size or 50257), n_pos, dtype, n_layer=a.layers, n_embd=a.hidden)

@@ -470,6 +470,23 @@ def print_ratios(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> 
         print_fn(f"ours(overlap {m['overlap']}) compiled / (c) HF guide = {both('ours_overlap_compiled/guide', '.2f')}")
 
 
+def run_settings(a: argparse.Namespace, cpu_tokens: int) -> tuple[torch.device, int, int, int | str, torch.dtype, Path]:
+    """The settings this benchmark and bench_compare derive alike from their flags: device (and
+    ``--threads``), chunk L (1024 on CUDA, 512 on CPU), tokens N (1Mi on CUDA, ``cpu_tokens`` on
+    CPU), windows per forward, model dtype and the store's path (the embedded corpus by default)."""
+    from evaluator.config import resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    cuda = device.type == "cuda"
+    L = a.chunk_size or (1024 if cuda else 512)
+    N = a.tokens or ((1 << 20) if cuda else cpu_tokens)
+    batch = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
+    store_path = Path(a.store) if a.store else default_store(Path(a.cache))
+    return device, L, N, batch, resolve_dtype(a.dtype, device), store_path
+
+
 @one_line_errors("python -m benchmarks.bench_eval")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -495,20 +512,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for bench_eval.json")
     a = ap.parse_args(argv)
 
-    from evaluator.config import resolve_device
     from streamdata import open_store
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device, L, N, batch, dtype, store_path = run_settings(a, cpu_tokens=24576)
     cuda = device.type == "cuda"
-    L = a.chunk_size or (1024 if cuda else 512)
     O = L // 2 if a.overlap is None else a.overlap
-    N = a.tokens or ((1 << 20) if cuda else 24576)
-    batch = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
     repeat = a.repeat or 3
-    dtype = resolve_dtype(a.dtype, device)
-    store_path = Path(a.store) if a.store else default_store(Path(a.cache))
     with open_store(store_path) as store:
         adapter = load_adapter(a.model, device, int(store.vocab_size or 50257), dtype, n_positions=max(1024, L))
         print(f"store {store_path}: {len(store):,} tokens ({store.dtype}); evaluating the first {min(N, len(store)):,}")
