@@ -331,7 +331,9 @@ class RankTokenWriter(PerTokenWriter):
     rank's values; publishing the file is rank 0's job once every rank has flushed."""
 
     def __init__(self, file: str, base: int, count: int, filled: int = 0, block: int = 1 << 20,
-                 anonymous: bool = False):
+                 anonymous: bool = False, allow_sync: Any = None):
+        if allow_sync is not None:  # (see PerTokenWriter)
+            self._allow_sync = allow_sync
         self.total, self.base = count, base
         self.anonymous = anonymous  # rank 0's temporary file (no final name): removed by discard
         self.filled = self._written = filled

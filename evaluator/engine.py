@@ -185,15 +185,18 @@ class StreamingEvaluator:
             path = str(part.root / "per_token_losses.f32")  # resumable: beside the checkpoint
         writer, spill = None, None
         filled = 0 if state is None else int(state["per_token_filled"])
+        # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
+        # (debug.allowed()) only where the loop syncs by design; a no-op by default.
+        debug = _SyncDebug.from_env(dev)
         try:
             if not per_token:
                 writer = None
-            elif info is None:
-                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled))
+            elif info is None:  # (its block drains are syncs by design)
+                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled, allow_sync=debug.allowed))
             else:  # one file, this rank's slice at its own offset
                 shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
                 writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled,
-                                            anonymous=path is None and info.is_main)
+                                            anonymous=path is None and info.is_main, allow_sync=debug.allowed)
             timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
             if detailed:
                 # Per-window and per-document sums leave the device in blocks into files: beside the
@@ -235,11 +238,6 @@ class StreamingEvaluator:
             # On cuda:N everything (kernels, events, the allocator) must use device N, not the
             # thread's current device (0 by default: a stray context there, and wrong timings).
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
-            # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
-            # (debug.allowed()) only where the loop syncs by design; a no-op by default.
-            debug = _SyncDebug.from_env(dev)
-            if debug.active and callable(getattr(writer, "_drain", None)):  # one sync per block, by design
-                writer._drain = debug.allowing(writer._drain)
             try:
                 with on_device, torch.inference_mode(), self._autocast():
                     if warm is not None:
@@ -463,13 +461,6 @@ class _SyncDebug:
             yield
         finally:
             self._restore()
-
-    def allowing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` run with the debug mode lifted (a sync by design inside a callee)."""
-        def run(*a: Any, **k: Any) -> Any:
-            with self.allowed():
-                return fn(*a, **k)
-        return run
 
 
 class _Timer:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -328,7 +329,14 @@ class PerTokenWriter:
     so nothing is left on disk either way.
     """
 
-    def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20):
+    # A context manager around each of the writer's syncs (a block drained to the host): the
+    # engine's sync debug mode lifts itself there (evaluator/engine.py); nothing by default.
+    _allow_sync: Callable[[], ContextManager[Any]] = staticmethod(nullcontext)
+
+    def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20,
+                 allow_sync: Callable[[], ContextManager[Any]] | None = None):
+        if allow_sync is not None:
+            self._allow_sync = allow_sync
         self.total = total
         self.filled = filled  # values accepted (on disk or in the device block)
         self._written = filled  # values on disk
@@ -356,7 +364,8 @@ class PerTokenWriter:
         if self._k + n > self._block:
             self._drain()
         if n > self._block:  # larger than the block: straight to the file (a sync)
-            self._pwrite(nll.detach().cpu().numpy())
+            with self._allow_sync():
+                self._pwrite(nll.detach().cpu().numpy())
         else:
             if self._buf is None or self._buf.device != nll.device:
                 self._drain()
@@ -374,7 +383,8 @@ class PerTokenWriter:
 
     def _drain(self) -> None:
         if self._k:
-            self._pwrite(self._buf[: self._k].cpu().numpy())  # the one sync per block
+            with self._allow_sync():
+                self._pwrite(self._buf[: self._k].cpu().numpy())  # the one sync per block
             self._k = 0
 
     def flush(self) -> None:
