@@ -322,7 +322,7 @@ class CarriedRunner(Runner):
         docs: list[tuple[int, int, np.ndarray]] = []  # (plan index of its first window, doc id, window lengths)
         slots = 0
         cur: list[np.ndarray] = []  # window lengths of the document being scanned, its first window, its id
-        cur_first, cur_doc = i0, None
+        cur_first, cur_doc, cur_windows = i0, None, 0
         j = i0
         while True:
             blk = plan.block(j, j + _SCAN) if j < len(plan) else None
@@ -342,12 +342,13 @@ class CarriedRunner(Runner):
                         return self._segment(i0, cur_first, docs, L)
                     docs.append((cur_first, cur_doc, lens))
                     slots += len(lens) * L
-                    cur, cur_first = [], j + a
+                    cur, cur_first, cur_windows = [], j + a, 0
                     if len(docs) == cap_docs or blk is None:
                         return self._segment(i0, cur_first, docs, L)
                 cur_doc = d
                 cur.append(blk.length[a:b])
-                if sum(len(c) for c in cur) * L > per_doc:  # too long to buffer
+                cur_windows += b - a
+                if cur_windows * L > per_doc:  # too long to buffer
                     return self._segment(i0, cur_first, docs, L) if docs else None
             j += len(doc)
 
