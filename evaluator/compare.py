@@ -47,6 +47,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .carry_check import CarryCheck
 from .config import StreamingEvalConfig, resolve_device
 from .engine import Scoring, StreamingEvaluator
 from .errors import ConfigError, DataError, ModelError
@@ -183,12 +184,24 @@ class PairAdapter(ModelAdapter):
         self.candidate.load_state(state[0])
         self.reference.load_state(state[1])
 
-    def kv_cache_check(self) -> tuple[bool, str]:
+    @property
+    def checks_carry(self) -> bool:
+        return self.candidate.checks_carry or self.reference.checks_carry
+
+    def carry_check(self, dtype: str = "float32") -> CarryCheck:
+        """Both models' carry checks (each on its own device); the candidate's measurement is the
+        one recorded, the first failure the one reported, checkpoints only where both restore."""
+        checks = {}
         for who, a in (("candidate", self.candidate), ("reference", self.reference)):
-            ok, why = a.kv_cache_check()
-            if not ok:
-                return False, f"{who}: {why}"
-        return True, "a carried DynamicCache reproduces the full forward for both models"
+            chk = a.carry_check(dtype) if a.checks_carry else CarryCheck(True, f"{a.kind} model carries its state", dtype,
+                                                                          checkpoint=True)
+            if not chk.ok:
+                return dataclasses.replace(chk, reason=f"{who}: {chk.reason}")
+            checks[who] = chk
+        cand, ref = checks["candidate"], checks["reference"]
+        ckpt_why = next((f"{w}: {c.checkpoint_reason}" for w, c in checks.items() if not c.checkpoint), cand.checkpoint_reason)
+        return dataclasses.replace(cand, reason=f"for both models, {cand.reason}", checkpoint=cand.checkpoint and ref.checkpoint,
+                                   checkpoint_reason=ckpt_why)
 
 
 # ---- the per-target statistics -------------------------------------------------------------------

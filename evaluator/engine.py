@@ -23,6 +23,7 @@ from streamdata.loader import WindowLoader
 from streamdata.windows import plan_windows
 
 from . import distributed as dd
+from .carry_check import autocast_for
 from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, resolve_device
 from .data import EvalData, open_data
@@ -113,9 +114,7 @@ class StreamingEvaluator:
 
     # ---- the run ---------------------------------------------------------------------------
     def _autocast(self):
-        if self.config.dtype == "float32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.config.dtype))
+        return autocast_for(self.device, self.config.dtype)
 
     def _run(self, data: Any, max_tokens: int | None, log_interval: int | None, detailed: bool, per_token: bool,
              checkpoint_dir: str | None, scoring: "Scoring | None" = None) -> dict[str, Any]:
@@ -156,6 +155,14 @@ class StreamingEvaluator:
                         ident.settings.update(split_warmup=part.warmup)
                     folder = dd.rank_folder(checkpoint_dir, part.info)
                 ckpt = Checkpointer(folder, ident, cfg.checkpoint_interval)
+                carry = run.carry_check
+                if carry is not None and not carry.checkpoint:
+                    # Said now, not found at the end: the run finishes and reports, only its
+                    # progress cannot be resumed (the final checkpoint records it complete).
+                    ckpt.interval_s = 0.0
+                    if cfg.verbose:
+                        print(f"[streameval] no checkpoints before the end of this run: {carry.checkpoint_reason} "
+                              "(an interrupted run starts over)", file=sys.stderr, flush=True)
             state = ckpt.load() if ckpt is not None else None
             windows = ed.windows(run.spec, self.device, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
@@ -207,7 +214,8 @@ class StreamingEvaluator:
             sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
             args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
             runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
-                else CarriedRunner(*args, document_mode=spec.doc_mode == "document")
+                else CarriedRunner(*args, document_mode=spec.doc_mode == "document",
+                                   save_model_state=run.carry_check is None or run.carry_check.checkpoint)
             elapsed0, resumed_from = 0.0, None
             warm = None
             if state is not None:

@@ -10,9 +10,12 @@ Kinds, and the context modes each supports:
   that ``set_state`` accepts (the engine clones its tensors before a chunk so it can roll back
   after an out-of-memory error);
 - a transformers causal LM (by object, hub id or local folder): attention models support
-  ``sliding`` and ``kv-cache`` (a DynamicCache carried across chunks: exact full-context evaluation
-  while the stream fits the model's positions); recurrent models (RWKV, whose ``state`` is passed
-  back in) support ``sliding`` and ``stateful``;
+  ``sliding`` and ``kv-cache`` (a DynamicCache carried across chunks, full or sliding-window
+  attention layers alike: exact full-context evaluation while the stream fits the model's
+  positions); state-space models (Mamba, Mamba2, FalconMamba: their cache holds convolution and
+  SSM states) and recurrent models (RWKV, whose ``state`` is passed back in) support ``sliding``
+  and ``stateful``. Carried caches are checked against one full forward in the run's dtype before
+  the run (:mod:`evaluator.carry_check`) and checkpointed exactly (:mod:`evaluator.hf_cache`);
 - ``package.module:factory``: a user's callable returning any of the above.
 
 Loss memory: when a transformers model's output embedding (lm head) is reachable and applying it
@@ -34,13 +37,15 @@ import sys
 import tempfile
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import hf_cache
+from .carry_check import CarryCheck, measure_carry
 from .errors import ModelError
 
 __all__ = [
@@ -51,7 +56,9 @@ __all__ = [
     "StatefulModuleAdapter",
     "HFAdapter",
     "HFAttentionAdapter",
+    "HFCacheAdapter",
     "HFRecurrentAdapter",
+    "HFStateSpaceAdapter",
     "load_model",
     "wrap_model",
 ]
@@ -322,9 +329,22 @@ class ModelAdapter:
         if state is not None:
             raise ModelError(f"model {self.name} carries no state, but the checkpoint holds one: start over with --overwrite")
 
-    def kv_cache_check(self) -> tuple[bool, str]:
-        """(usable, why): whether a carried cache reproduces the full forward on this device."""
-        return False, f"{self.kind} models carry no KV cache"
+    # ---- the carry check (kv-cache; a state-space model's stateful mode) -------------------
+    checks_carry = False  # True: a carried run starts with carry_check (evaluator.carry_check)
+
+    def carry_check(self, dtype: str = "float32") -> CarryCheck:
+        """Whether feeding chunks with the carried cache reproduces one full forward in ``dtype``
+        on this device, and whether a checkpoint of the cache continues exactly (measured once per
+        device and dtype; see :mod:`evaluator.carry_check`)."""
+        return CarryCheck(False, f"{self.kind} models carry no KV cache", dtype)
+
+    def end_stream(self) -> None:
+        """Drop the carried state (the carry check's probe leaves none behind)."""
+
+    def stream_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of :meth:`forward_stream` (the carry check's probe; never in the hot loop)."""
+        o = self.forward_stream(inputs)
+        return (o.head(o.hidden) if o.logits is None else o.logits).float()
 
 
 class ModuleAdapter(ModelAdapter):
@@ -440,83 +460,66 @@ class HFAdapter(ModelAdapter):
         # a few thousand rows at a time, outside the graph), else the whole model.
         return self.body if self.split else self.module
 
-    @staticmethod
-    def _logits(o: ForwardOutput) -> torch.Tensor:
-        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+    def _full_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one forward of ``module`` (this model, or the carry check's fp32 copy), no cache."""
+        return _extract_logits(module(input_ids=x, use_cache=False))
 
 
-class HFAttentionAdapter(HFAdapter):
-    """A transformers attention model: sliding windows, or a DynamicCache carried across chunks
-    (``kv-cache``: exact full-context evaluation while a stream fits the model's positions)."""
+class HFCacheAdapter(HFAdapter):
+    """What the transformers models that carry a ``Cache`` share (attention and state-space): feeding
+    a chunk into the cache, saving and restoring it exactly, cutting its rows, the carry check."""
 
-    kind = "transformers-attention"
-    modes = ("sliding", "kv-cache")
+    cache: Any = None
 
-    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
-        super().__init__(model, name, tokenizer_sha256)
-        self.cache = None
-        self._kv_ok: dict[str, tuple[bool, str]] = {}
-
-    def begin_stream(self) -> None:
-        self.cache = _new_dynamic_cache(self.module.config)
-
-    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
-        if self.max_positions is not None:
-            used = self.cache.get_seq_length()
-            if used + inputs.shape[1] > self.max_positions:
-                raise ModelError(
-                    f"kv-cache stream reached {used + inputs.shape[1]} positions, beyond the model's "
-                    f"{self.max_positions}: use mode='sliding' (with overlap) for streams longer than the context"
-                )
+    def _feed(self, inputs: torch.Tensor) -> ForwardOutput:
+        """One forward of ``inputs`` continuing ``self.cache`` (which the model updates in place or
+        returns anew)."""
         res, out = self._out(inputs, **{self._cache_arg: self.cache}, use_cache=True)
         new = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if new is not None:
             self.cache = new
         return res
 
-    def snapshot(self) -> int:
-        return self.cache.get_seq_length() if self.cache is not None else 0
+    def end_stream(self) -> None:
+        self.cache = None
 
-    def restore(self, snap: int) -> None:
-        extra = self.cache.get_seq_length() - snap
-        if extra > 0:
-            if snap == 0:
-                self.cache = _new_dynamic_cache(self.module.config)
-                return
-            if hasattr(self.cache, "is_croppable") and not self.cache.is_croppable:
-                raise ModelError("the model's cache cannot be rolled back after running out of memory: lower chunk_size")
-            # A negative argument removes that many tokens in transformers 4.x and 5.x alike
-            # (5.x refuses the positive "new length" form).
-            self.cache.crop(-extra)
-
+    # ---- checkpoints and parallel documents: any DynamicCache, layer kind by layer kind ----------
     def can_keep_rows(self) -> bool:
-        return self.cache is not None and hasattr(self.cache, "batch_select_indices")
+        return self.cache is not None and hf_cache.can_select_rows(self.cache)
 
     def keep_rows(self, m: int) -> bool:
         if not self.can_keep_rows():
             return False
-        self.cache.batch_select_indices(slice(0, m))  # per layer keys[:m], values[:m]: views, no copy
+        hf_cache.select_rows(self.cache, m)  # views of the first rows: no copy
         return True
 
     def save_state(self) -> Any:
         if self.cache is None:
             return None
-        layers = getattr(self.cache, "layers", None)
-        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-            raise ModelError(
-                f"model {self.name}'s cache ({type(self.cache).__name__}) has layers other than full-attention "
-                "DynamicLayer, which a checkpoint cannot restore exactly: pass --checkpoint-interval 0"
-            )
-        return [(layer.keys.cpu(), layer.values.cpu()) if getattr(layer, "keys", None) is not None else None
-                for layer in layers]
+        try:
+            return {"cache": hf_cache.cache_state(self.cache), **self._extra_state()}
+        except hf_cache.CacheStateError as e:  # the carry check found this before the run: a bug if here
+            raise ModelError(f"model {self.name}'s cache cannot be checkpointed ({e}): pass --checkpoint-interval 0") from None
 
     def load_state(self, state: Any) -> None:
         self.begin_stream()
-        devices = self._layer_devices()
-        for i, kv in enumerate(state or []):
-            if kv is not None:
-                dev = devices.get(i, self.device)
-                self.cache.update(kv[0].to(dev), kv[1].to(dev), i)
+        if state is None:
+            return
+        if isinstance(state, list):  # checkpoint format of 2026-11: [(keys, values) | None] per full-attention layer
+            state = {"cache": [{"type": "DynamicLayer", "attrs": {"keys": kv[0], "values": kv[1], "is_initialized": True,
+                                                                  "device": {"__device__": "cpu"}}}
+                               for kv in state if kv is not None]}
+        try:
+            self.cache = hf_cache.restore_cache(self.module.config, state["cache"], self.device, self._layer_devices())
+        except hf_cache.CacheStateError as e:
+            raise ModelError(f"the checkpoint's cache does not fit model {self.name} ({e}): pass --overwrite to start over") from None
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def _layer_devices(self) -> dict[int, torch.device]:
         """Cache layer index -> the device its attention runs on. A dispatched model's layer i
@@ -541,33 +544,147 @@ class HFAttentionAdapter(HFAdapter):
                 out[idx] = _as_device(hooked[max(owners, key=len)])
         return out
 
-    def kv_cache_check(self) -> tuple[bool, str]:
-        """Feeding 8 tokens as 4 + 4 with a carried cache must reproduce one forward of 8 (checked
-        once per device). The reason says why not, e.g. the exception a model raised."""
-        key = str(self.device)
-        if key not in self._kv_ok:
-            self._kv_ok[key] = self._check_kv_cache()
-        return self._kv_ok[key]
+    # ---- the carry check -----------------------------------------------------------------------
+    checks_carry = True
 
-    def _check_kv_cache(self) -> tuple[bool, str]:
-        n = 8 if self.max_positions is None else min(8, self.max_positions)
-        if n < 2:
-            return False, f"the model has only {self.max_positions} positions"
-        x = torch.arange(n, device=self.device).remainder(self.vocab_size or n)[None]
+    def carry_check(self, dtype: str = "float32") -> CarryCheck:
+        key = (str(self.device), dtype)
+        if key not in self._carry_checks:
+            self._carry_checks[key] = self._measure_carry(dtype)
+        return self._carry_checks[key]
+
+    def _measure_carry(self, dtype: str) -> CarryCheck:
+        return measure_carry(self, dtype, self._full_forward)
+
+
+class HFAttentionAdapter(HFCacheAdapter):
+    """A transformers attention model: sliding windows, or a DynamicCache carried across chunks
+    (``kv-cache``: exact full-context evaluation while a stream fits the model's positions). The
+    cache holds whatever layer kinds the config declares: full attention, sliding-window attention
+    (Mistral, Gemma2: only the last window of keys/values is kept), and is checkpointed exactly
+    (:mod:`evaluator.hf_cache`)."""
+
+    kind = "transformers-attention"
+    modes = ("sliding", "kv-cache")
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.cache = None
+        self._carry_checks: dict[tuple[str, str], CarryCheck] = {}
+
+    def begin_stream(self) -> None:
+        self.cache = hf_cache.new_cache(self.module.config)
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        if self.max_positions is not None:
+            used = self.cache.get_seq_length()
+            if used + inputs.shape[1] > self.max_positions:
+                raise ModelError(
+                    f"kv-cache stream reached {used + inputs.shape[1]} positions, beyond the model's "
+                    f"{self.max_positions}: use mode='sliding' (with overlap) for streams longer than the context"
+                )
+        return self._feed(inputs)
+
+    def snapshot(self) -> Any:
+        return hf_cache.snapshot(self.cache) if self.cache is not None else None
+
+    def restore(self, snap: Any) -> None:
+        if snap is None:
+            self.begin_stream()
+        else:
+            hf_cache.rollback(self.cache, snap)
+
+
+class HFStateSpaceAdapter(HFCacheAdapter):
+    """A transformers state-space model (Mamba, Mamba2, FalconMamba): its cache (per layer a
+    convolution state and an SSM state, transformers' linear-attention layers) carried across
+    chunks: ``stateful``, exact at any stream length (no position table), or sliding windows.
+
+    Feeding: a chunk from a fresh state is one forward. A chunk that continues a state is one
+    forward where the model's multi-token path starts from the carried state (Mamba2); where it
+    does not (transformers' Mamba and FalconMamba scan a multi-token chunk from a zero SSM state and
+    use the carried one only in one-token steps), the carry check finds it and such chunks are fed
+    one token at a time: exact, at the price of one forward per token after each document's first
+    chunk (a larger chunk size keeps more of the work in the fast first forward)."""
+
+    kind = "transformers-state-space"
+    modes = ("sliding", "stateful")
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.max_positions = None  # context_length is only the default chunk
+        self.cache = None
+        self.fed = 0  # tokens fed since begin_stream (0: the next chunk starts from a zero state)
+        self.stepwise = False  # set by the carry check
+        self._carry_checks: dict[tuple[str, str], CarryCheck] = {}
+
+    def begin_stream(self) -> None:
+        self.cache = hf_cache.new_cache(self.module.config)
+        self.fed = 0
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        T = inputs.shape[1]
+        if not self.stepwise or self.fed == 0 or T == 1:
+            res = self._feed(inputs)
+        else:
+            outs = [self._feed(inputs[:, t : t + 1]) for t in range(T)]
+            res = (ForwardOutput(hidden=torch.cat([o.hidden for o in outs], dim=1), head=outs[0].head)
+                   if outs[0].logits is None else ForwardOutput(logits=torch.cat([o.logits for o in outs], dim=1)))
+        self.fed += T
+        return res
+
+    def snapshot(self) -> Any:
+        # The layers update their states in place: a rollback needs copies, not lengths.
+        return None if self.cache is None else (hf_cache.cache_state(self.cache, device=None), self.fed)
+
+    def restore(self, snap: Any) -> None:
+        if snap is None:
+            self.begin_stream()
+            return
+        self.cache = hf_cache.restore_cache(self.module.config, snap[0], self.device, self._layer_devices())
+        self.fed = snap[1]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"fed": self.fed}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.fed = int(state.get("fed", 0))
+
+    def _measure_carry(self, dtype: str) -> CarryCheck:
+        self.stepwise = not self._multi_token_uses_state()
+        chk = measure_carry(self, dtype, self._full_forward, stepwise=self.stepwise)
+        if chk.ok and self.stepwise:
+            chk = replace(chk, reason=chk.reason + "; chunks after a document's first are fed one token at a time "
+                                                   "(the model's multi-token forward starts from a zero state)")
+        return chk
+
+    def _multi_token_uses_state(self) -> bool:
+        """Whether a multi-token forward continues the carried SSM state: the same chunk fed after
+        the same context, once with the state as it is and once with it doubled, must differ. Exact
+        in any dtype (a path that ignores the state gives equal tensors), unlike a tolerance."""
+        dev = self.device
+        x = (torch.arange(12, device=dev) * 5 + 1).remainder(self.vocab_size or 12)[None]
         with torch.inference_mode():
             try:
-                full = self._logits(self._out(x, use_cache=False)[0])
                 self.begin_stream()
-                a = self._logits(self.forward_stream(x[:, : n // 2]))
-                b = self._logits(self.forward_stream(x[:, n // 2 :]))
-            except Exception as e:  # noqa: BLE001 - any failure means: this model cannot carry a DynamicCache
-                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                return False, f"a forward with a carried DynamicCache raised {type(e).__name__}: {first}"
+                self._feed(x[:, :6])
+                snap = hf_cache.cache_state(self.cache, device=None)
+                one = self._feed_logits(x[:, 6:])
+                self.cache = hf_cache.restore_cache(self.module.config, snap, dev, self._layer_devices())
+                for layer in self.cache.layers:
+                    for t in layer.recurrent_states.values():
+                        if t is not None:
+                            t.mul_(2)
+                two = self._feed_logits(x[:, 6:])
+            except Exception:  # noqa: BLE001 - the carry check then reports the failure itself
+                return True
             finally:
-                self.cache = None
-        if not _close(torch.cat([a, b], dim=1), full):
-            return False, "logits with a carried DynamicCache differ from one full forward"
-        return True, "a carried DynamicCache reproduces the full forward"
+                self.end_stream()
+        return not torch.equal(one, two)
+
+    def _feed_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        o = self._feed(inputs)
+        return (o.head(o.hidden) if o.logits is None else o.logits).float()
 
 
 class HFRecurrentAdapter(HFAdapter):
@@ -642,15 +759,6 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).abs().max() <= tol * (1 + b.abs().max())).item())
 
 
-def _new_dynamic_cache(config: Any) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)  # transformers >= 4.56: per-layer types (sliding, full)
-    except TypeError:
-        return DynamicCache()
-
-
 def _is_hf_model(m: Any) -> bool:
     tf = sys.modules.get("transformers")
     if tf is None:
@@ -662,8 +770,13 @@ def _is_hf_model(m: Any) -> bool:
 
 
 def _hf_adapter(model: nn.Module, name: str | None, tokenizer_sha256: str | None) -> HFAdapter:
-    recurrent = str(getattr(model.config, "model_type", "")) in _RECURRENT_HF
-    return (HFRecurrentAdapter if recurrent else HFAttentionAdapter)(model, name, tokenizer_sha256)
+    if str(getattr(model.config, "model_type", "")) in _RECURRENT_HF:
+        return HFRecurrentAdapter(model, name, tokenizer_sha256)
+    try:  # the layer kinds the config declares: all linear-attention (SSM) layers make a state-space model
+        state_space = hf_cache.is_linear_only(hf_cache.new_cache(model.config))
+    except Exception:  # noqa: BLE001 - a config transformers cannot build a cache for: an attention model
+        state_space = False
+    return (HFStateSpaceAdapter if state_space else HFAttentionAdapter)(model, name, tokenizer_sha256)
 
 
 def wrap_model(model: Any, name: str | None = None, tokenizer_sha256: str | None = None) -> ModelAdapter:

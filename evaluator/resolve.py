@@ -1,7 +1,8 @@
 """Resolve a run before any compute: config + model + data -> the mode, windows and batch size.
 
-Everything here only reads settings and metadata (and, for ``kv-cache``, runs the model once on
-8 tokens to check that a carried cache reproduces the full forward). Every refusal is a one-line
+Everything here only reads settings and metadata (and, for a carried cache: ``kv-cache``, or a
+state-space model's ``stateful``, runs the model on a 16-token probe to check that the carried cache
+reproduces the full forward in the run's dtype: :mod:`evaluator.carry_check`). Every refusal is a one-line
 error naming the value and the fix, raised before the first window is read.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .carry_check import CarryCheck
 from .config import StreamingEvalConfig
 from .data import EvalData, WindowSpec
 from .errors import ConfigError, DataError, ModelError
@@ -36,6 +38,7 @@ class ResolvedRun:
     dtype: str
     loss_slice: int
     bos_policy: str
+    carry_check: CarryCheck | None = None  # what the carry check measured (carried caches only)
 
 
 def resolve_chunk_size(config: StreamingEvalConfig, adapter: ModelAdapter) -> int:
@@ -54,7 +57,7 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
                 chunk_size: int, max_tokens: int | None) -> ResolvedRun:
     _check_tokenizer(config, adapter, ed)
     bos_id = _resolve_bos(config, adapter, ed)
-    mode, why = _resolve_mode(config, adapter, ed, bos_id is not None, max_tokens)
+    mode, why, check = _resolve_mode(config, adapter, ed, bos_id is not None, max_tokens)
     p = adapter.max_positions
     if mode == "sliding" and p is not None and chunk_size > p:
         raise ConfigError(
@@ -64,7 +67,7 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
                       batch_windows=_batch_windows(config, adapter, device, mode, chunk_size), bos_id=bos_id,
                       max_tokens=max_tokens, tail=config.tail if mode == "sliding" else "short")
-    return ResolvedRun(mode, why, spec, device, config.dtype, config.loss_slice, config.bos)
+    return ResolvedRun(mode, why, spec, device, config.dtype, config.loss_slice, config.bos, check)
 
 
 def _check_tokenizer(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> None:
@@ -130,37 +133,44 @@ def _longest_stream(config: StreamingEvalConfig, ed: EvalData, bos: bool, max_to
 
 
 def _resolve_mode(config: StreamingEvalConfig, a: ModelAdapter, ed: EvalData, bos: bool,
-                  max_tokens: int | None) -> tuple[str, str]:
+                  max_tokens: int | None) -> tuple[str, str, CarryCheck | None]:
     mode = config.mode
     longest = _longest_stream(config, ed, bos, max_tokens)
     fits = a.max_positions is None or longest <= a.max_positions
     unit = "document" if config.doc_mode == "document" else "stream"
     if mode == "auto":
         if config.overlap > 0:
-            return "sliding", "auto: overlap > 0 is a sliding-window setting"
+            return "sliding", "auto: overlap > 0 is a sliding-window setting", None
         if "stateful" in a.modes:
-            return "stateful", f"auto: {a.kind} model carries its state"
+            if not a.checks_carry:
+                return "stateful", f"auto: {a.kind} model carries its state", None
+            chk = a.carry_check(config.dtype)
+            if not chk.ok:
+                return "sliding", f"auto: stateful unusable ({chk.reason})", chk
+            return "stateful", f"auto: {a.kind} model carries its state and {chk.reason}", chk
         if not a.supports_kv_cache():
-            return "sliding", f"auto: {a.kind} models carry no state or cache"
+            return "sliding", f"auto: {a.kind} models carry no state or cache", None
         if not fits:
             return "sliding", (f"auto: the longest {unit} needs {longest} positions, more than the model's "
-                               f"{a.max_positions}, so no single cache can hold it")
-        ok, why = a.kv_cache_check()
-        if not ok:
-            return "sliding", f"auto: kv-cache unusable ({why})"
-        return "kv-cache", f"auto: every {unit} fits the model's {a.max_positions} positions and {why}"
+                               f"{a.max_positions}, so no single cache can hold it"), None
+        chk = a.carry_check(config.dtype)
+        if not chk.ok:
+            return "sliding", f"auto: kv-cache unusable ({chk.reason})", chk
+        return "kv-cache", f"auto: every {unit} fits the model's {a.max_positions} positions and {chk.reason}", chk
     if mode not in a.modes:
         raise ConfigError(f"mode={mode!r} is not available for model {a.name} ({a.kind}; it supports {', '.join(a.modes)})")
-    if mode == "kv-cache":
-        if not fits:
-            raise ConfigError(
-                f"mode='kv-cache' keeps one context per {unit}: {ed.name} needs {longest} positions but model "
-                f"{a.name} has {a.max_positions}: use mode='sliding' with an overlap, or limit max_tokens"
-            )
-        ok, why = a.kv_cache_check()
-        if not ok:
-            raise ModelError(f"model {a.name} cannot be evaluated with a carried cache ({why}): use mode='sliding'")
-    return mode, "requested"
+    if mode == "kv-cache" and not fits:
+        raise ConfigError(
+            f"mode='kv-cache' keeps one context per {unit}: {ed.name} needs {longest} positions but model "
+            f"{a.name} has {a.max_positions}: use mode='sliding' with an overlap, or limit max_tokens"
+        )
+    if mode == "sliding" or not a.checks_carry:
+        return mode, "requested", None
+    chk = a.carry_check(config.dtype)
+    if not chk.ok:
+        raise ModelError(f"model {a.name} cannot be evaluated with a carried cache in {config.dtype} ({chk.reason}): "
+                         "use mode='sliding'")
+    return mode, f"requested; {chk.reason}", chk
 
 
 def _batch_windows(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:

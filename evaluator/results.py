@@ -57,6 +57,9 @@ def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tok
         "compile": compile,  # the torch.compile mode of the model body (None: eager)
         "model": model_name,
         "data": ed.name,
+        # carried caches: the carry check's measurement (max difference from one full forward, the
+        # dtype's own rounding, the tolerance; evaluator.carry_check), else None
+        "carry_check": None if run.carry_check is None else run.carry_check.to_dict(),
     }
 
 

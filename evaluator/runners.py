@@ -194,9 +194,12 @@ class SlidingRunner(Runner):
 
 
 class CarriedRunner(Runner):
-    def __init__(self, *args: Any, document_mode: bool):
+    def __init__(self, *args: Any, document_mode: bool, save_model_state: bool = True):
         super().__init__(*args)
         self.document_mode = document_mode
+        # False: the carry check found the model's cache cannot be restored exactly, so checkpoints
+        # (only the final one: the engine turns the periodic ones off) record no model state.
+        self.save_model_state = save_model_state
         self.prev_doc: int | None = None  # document of the last window fed (document mode)
         self.started = False
         self._micro: int | None = None  # documents per group (parallel documents only; halved after OOM)
@@ -210,7 +213,8 @@ class CarriedRunner(Runner):
     def state(self) -> dict[str, Any]:
         # The group size decides which documents share a forward (float results may depend on it):
         # a resumed run keeps the size the crashed one had reached.
-        return {"model_state": self.adapter.save_state() if self.started else None, "prev_doc": self.prev_doc,
+        saved = self.started and self.save_model_state
+        return {"model_state": self.adapter.save_state() if saved else None, "prev_doc": self.prev_doc,
                 "started": self.started, "micro": self._micro}
 
     def load(self, state: dict[str, Any]) -> None:

@@ -171,7 +171,7 @@ def test_auto_says_why_a_failed_cache_check_means_sliding(capsys):
     assert "kv-cache unusable" in res["mode_reason"] and "TypeError" in res["mode_reason"]
     assert "simulated" in capsys.readouterr().err  # printed when verbose
     ev.adapter.forward_stream = real
-    ev.adapter._kv_ok.clear()
+    ev.adapter._carry_checks.clear()
     ok = ev.evaluate_streaming(x)
     assert ok["mode"] == "kv-cache" and "reproduces the full forward" in ok["mode_reason"]
 
