@@ -9,6 +9,7 @@ README "Models verified" lists these; this file is the command that verifies the
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -222,3 +223,47 @@ def test_half_precision_rounding_is_told_from_a_wrong_cache(make_store, docs):
     assert res["mode"] == "kv-cache" and chk["ok"] and chk["dtype"] == "bfloat16"
     assert 1e-4 < chk["max_diff"] <= chk["tolerance"] and chk["rounding"] > 0
     assert res["total_tokens"] == sum(len(d) - 1 for d in docs if len(d) >= 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, batch", [("mistral-sliding", "1"), ("mamba", "1"), ("gemma2-sliding", "4")])
+def test_a_killed_cli_run_of_a_saved_model_resumes_to_the_uninterrupted_report(name, batch, tmp_path, make_store,
+                                                                                many_docs, models):
+    """As a user meets it: a saved model folder, `streameval run --out`, SIGKILL mid-run, the same
+    command again. A sliding-window model used to fail here at the final checkpoint, exit 2."""
+    from evaluator.cli import main
+
+    from .test_resume import _csv, _killed_run
+
+    folder = tmp_path / name
+    _model(models, name).save_pretrained(folder)
+    store = make_store(many_docs, vocab_size=V)
+    common = ["run", str(store), "--model", str(folder), "--device", "cpu", "--quiet", "--per-token", "--no-plots",
+              "--doc-mode", "document", "--chunk-size", str(CHUNK), "--batch-size", batch]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*common, "--out", str(ref)]) == 0
+    assert _killed_run("mid-batch", 2, [*common, "--out", str(out), "--checkpoint-interval", "0.000001"]) == -9
+    assert not (out / "results.json").exists()
+    assert main([*common, "--out", str(out), "--checkpoint-interval", "0.000001"]) == 0
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, ref))
+    assert got["nll_sum"] == want["nll_sum"] and got["mode"] == want["mode"] in ("kv-cache", "stateful")
+    assert _csv(out / "documents.csv") == _csv(ref / "documents.csv")
+
+
+def test_a_cache_that_cannot_be_saved_is_said_at_the_start_and_the_run_finishes(tmp_path, make_store, docs, models,
+                                                                                 monkeypatch, capsys):
+    from evaluator import hf_cache
+
+    def unsaveable(cache, device=None):
+        raise hf_cache.CacheStateError("cache layer 0 (ExoticLayer).codebook is a Quantizer, which a checkpoint cannot hold")
+
+    model = _model(models, "gpt2")
+    store = make_store(docs, vocab_size=V)
+    want = _evaluate(model, store, mode="kv-cache")
+    monkeypatch.setattr(hf_cache, "cache_state", unsaveable)
+    ev = StreamingEvaluator(model, chunk_size=CHUNK, device="cpu", verbose=True, doc_mode="document", mode="kv-cache",
+                            checkpoint_interval=1e-9)
+    got = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=tmp_path / "ck")
+    err = capsys.readouterr().err
+    assert "no checkpoints before the end of this run" in err and "Quantizer" in err
+    assert not got["carry_check"]["checkpoint"] and got["nll_sum"] == want["nll_sum"]
