@@ -15,6 +15,9 @@ of the budget; a step that fails or times out is recorded and the rest still run
 - ``memory``: ``benchmarks.bench_scaling --part eval`` at 1M and 100M tokens: device peak while streaming;
 - ``docs``: ``benchmarks.bench_docs`` (parallel documents in kv-cache mode vs batch 1; the issue's
   Llama shape, 600 documents of 100-4,000 tokens), when the module exists (else "not available");
+- ``precision``: ``benchmarks.bench_precision --device cuda`` (the embedded model, document mode,
+  chunked kv-cache and the full forward in fp32/bf16/fp16, each against the fp32 full forward): the
+  bf16 chunked distance over the bf16 full forward's own (goal <= 2x);
 - ``distributed``: ``benchmarks.bench_distributed --device cuda`` over every visible GPU, when there
   are two or more.
 
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "eval", "loader", "memory", "docs", "distributed")
+STEPS = ("tests", "eval", "loader", "memory", "docs", "precision", "distributed")
 # The issue's goals (ratios measured in one run, same model and tokens).
 GOALS = {
     "end_to_end_vs_compute": 0.97,
@@ -55,6 +58,7 @@ GOALS = {
     "overlap512_compiled_vs_guide": 4.5,  # the moonshot with --compile
     "docs_parallel_vs_batch1": 5.0,
     "memory_1M_vs_100M": 0.05,  # relative difference of the device peaks, at most
+    "bf16_chunked_vs_full": 2.0,  # chunked kv-cache's distance from fp32 over the bf16 full forward's, at most
 }
 
 
@@ -169,6 +173,7 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
         docs = ["--device", "cpu", "--docs", "12", "--min-len", "8", "--max-len", "60", "--positions", "64",
                 "--batch-size", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
                 "--intermediate", "64", "--vocab", "512", "--repeat", "1"]
+        prec = ["--device", "cpu", "--docs", "3", "--max-len", "48", "--chunk-size", "16", "--dtypes", "float32,bfloat16"]
         env = {"STREAMEVAL_COMPILE_BACKEND": "aot_eager"}  # graph capture without code generation: seconds
     else:
         # 512Ki tokens: the batch-1 loops (~70k tok/s) take ~8 s a run; ours ~1 s
@@ -181,12 +186,14 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
         # the issue's shape (bench_docs' CUDA defaults) but 600 of its 2,000 documents and one round,
         # so that batch 1 (the slow side) fits the budget
         docs = ["--device", "cuda", "--docs", "600", "--repeat", "1"]
+        prec = ["--device", "cuda"]
         env = {}
     steps.append(Step("eval", [py, "-m", "benchmarks.bench_eval", "--store", str(store), *ev, "--compile",
                                "--out", str(d["eval"])], 160, env))
     steps.append(Step("loader", [py, "-m", "benchmarks.bench_loader", *ld, "--workers", "0", "--out", str(d["loader"])], 45))
     steps.append(Step("memory", [py, "-m", "benchmarks.bench_scaling", "--part", "eval", *mem, "--out", str(d["memory"])], 45))
     steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--out", str(d["docs"])], 90))
+    steps.append(Step("precision", [py, "-m", "benchmarks.bench_precision", *prec, "--out", str(d["precision"])], 45))
     if dry or gpus > 1:
         steps.append(Step("distributed", [py, "-m", "benchmarks.bench_distributed", *dist, "--out", str(d["distributed"])], 90))
     return steps
@@ -307,6 +314,13 @@ def summarize(steps: dict[str, Step]) -> list[dict[str, Any]]:
             g = GOALS["docs_parallel_vs_batch1"]
             row("document mode kv-cache, parallel vs batch 1", found[1] if found else None, f">= {g:g}x",
                 None if found is None else found[1] >= g, f"bench_docs '{found[0]}'" if found else dcs.status)
+
+    pc = steps.get("precision")
+    if pc is not None:
+        v = _get(pc.data, "dtypes", "bfloat16", "ratio_mean_abs")
+        g = GOALS["bf16_chunked_vs_full"]
+        row("kv-cache bf16: distance from fp32, chunked / full forward", v, f"<= {g:g}x", None if v is None else v <= g,
+            "bench_precision, mean |diff| per target" if v is not None else pc.status)
 
     ds = steps.get("distributed")
     if ds is not None:  # bench_distributed's rows: {variant: {..., vs_1_process}}; the torchrun row

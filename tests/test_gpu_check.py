@@ -76,6 +76,7 @@ def test_summary_judges_each_goal():
              "inductor": {"passed": 1, "failed": 1, "errors": 0, "skipped": 0}}
     rows = {r["measure"]: r for r in gc.summarize(_steps(tests=tests, eval=ev, loader=loader, memory=memory,
                                                           docs={"ratio": 6.2, "rows": {}},
+                                                          precision={"dtypes": {"bfloat16": {"ratio_mean_abs": 1.3}}},
                                                           distributed={"rows": {"1 process, all threads": {"vs_1_process": 1.0},
                                                                                 "2 processes (torchrun), 1 thread each": {"vs_1_process": 1.9}}}))}
     assert rows["CUDA tests"]["pass"] is False  # one inductor failure fails the row
@@ -89,6 +90,8 @@ def test_summary_judges_each_goal():
     assert mem["value"] == pytest.approx(0.04) and mem["pass"] is True
     assert rows["document mode kv-cache, parallel vs batch 1"]["value"] == 6.2
     assert rows["compiled vs eager, overlap 0"]["pass"] is None  # reported, no goal
+    prec = rows["kv-cache bf16: distance from fp32, chunked / full forward"]
+    assert prec["value"] == 1.3 and prec["pass"] is True
     assert rows["distributed over every GPU vs 1"]["value"] == 1.9
     # a step that produced nothing: n/a with its status, never a number
     missing = {r["measure"]: r for r in gc.summarize(_steps(eval=None, docs="not available"))}
@@ -102,7 +105,8 @@ def test_summary_judges_each_goal():
 def test_dry_run_of_one_step_writes_json_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "gc"
-    rc = gc.main(["--dry-run", "--out", str(out), "--skip", "tests", "eval", "memory", "docs", "distributed"])
+    rc = gc.main(["--dry-run", "--out", str(out), "--skip", "tests", "eval", "memory", "docs", "precision",
+                                                 "distributed"])
     text = capsys.readouterr().out
     assert rc == 0
     data = json.loads((out / "gpu_check.json").read_text())
