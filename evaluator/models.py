@@ -466,10 +466,42 @@ class HFAdapter(ModelAdapter):
 
 
 class HFCacheAdapter(HFAdapter):
-    """What the transformers models that carry a ``Cache`` share (attention and state-space): feeding
-    a chunk into the cache, saving and restoring it exactly, cutting its rows, the carry check."""
+    """What the transformers models that carry a ``Cache`` share (attention, state-space, hybrids):
+    feeding chunks into the cache, saving and restoring it exactly, cutting its rows, rolling it
+    back after running out of memory, the carry check.
 
-    cache: Any = None
+    Feeding: a chunk from an empty cache is one forward. A chunk that continues the cache is one
+    forward too, unless the cache has SSM (linear-attention) layers whose multi-token forward starts
+    from a zero state instead of the carried one (transformers' Mamba, FalconMamba and the hybrids
+    built on their mixer use the carried state only in one-token steps): the carry check finds that
+    exactly (:meth:`_multi_token_uses_state`) and such chunks are then fed one token at a time,
+    exact at the price of one forward per token after a document's first chunk (a larger chunk
+    size keeps more of the work in the fast first forward)."""
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.cache: Any = None
+        self.fed = 0  # tokens fed since begin_stream (0: the next chunk starts from an empty cache)
+        self.stepwise = False  # continuation chunks one token at a time (set by the carry check)
+        self._carry_checks: dict[tuple[str, str], CarryCheck] = {}
+
+    def begin_stream(self) -> None:
+        self.cache = hf_cache.new_cache(self.module.config)
+        self.fed = 0
+
+    def end_stream(self) -> None:
+        self.cache = None
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        T = inputs.shape[1]
+        if not self.stepwise or self.fed == 0 or T == 1:
+            res = self._feed(inputs)
+        else:
+            outs = [self._feed(inputs[:, t : t + 1]) for t in range(T)]
+            res = (ForwardOutput(hidden=torch.cat([o.hidden for o in outs], dim=1), head=outs[0].head)
+                   if outs[0].logits is None else ForwardOutput(logits=torch.cat([o.logits for o in outs], dim=1)))
+        self.fed += T
+        return res
 
     def _feed(self, inputs: torch.Tensor) -> ForwardOutput:
         """One forward of ``inputs`` continuing ``self.cache`` (which the model updates in place or
@@ -480,8 +512,20 @@ class HFCacheAdapter(HFAdapter):
             self.cache = new
         return res
 
-    def end_stream(self) -> None:
-        self.cache = None
+    def _feed_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        o = self._feed(inputs)
+        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+
+    # ---- out-of-memory rollback ----------------------------------------------------------------
+    def snapshot(self) -> Any:
+        return None if self.cache is None else (hf_cache.snapshot(self.cache), self.fed)
+
+    def restore(self, snap: Any) -> None:
+        if snap is None:
+            self.begin_stream()
+        else:
+            hf_cache.rollback(self.cache, snap[0])
+            self.fed = snap[1]
 
     # ---- checkpoints and parallel documents: any DynamicCache, layer kind by layer kind ----------
     def can_keep_rows(self) -> bool:
@@ -497,7 +541,7 @@ class HFCacheAdapter(HFAdapter):
         if self.cache is None:
             return None
         try:
-            return {"cache": hf_cache.cache_state(self.cache), **self._extra_state()}
+            return {"cache": hf_cache.cache_state(self.cache), "fed": self.fed}
         except hf_cache.CacheStateError as e:  # the carry check found this before the run: a bug if here
             raise ModelError(f"model {self.name}'s cache cannot be checkpointed ({e}): pass --checkpoint-interval 0") from None
 
@@ -508,18 +552,12 @@ class HFCacheAdapter(HFAdapter):
         if isinstance(state, list):  # checkpoint format of 2026-11: [(keys, values) | None] per full-attention layer
             state = {"cache": [{"type": "DynamicLayer", "attrs": {"keys": kv[0], "values": kv[1], "is_initialized": True,
                                                                   "device": {"__device__": "cpu"}}}
-                               for kv in state if kv is not None]}
+                               for kv in state if kv is not None], "fed": 1}
         try:
             self.cache = hf_cache.restore_cache(self.module.config, state["cache"], self.device, self._layer_devices())
         except hf_cache.CacheStateError as e:
             raise ModelError(f"the checkpoint's cache does not fit model {self.name} ({e}): pass --overwrite to start over") from None
-        self._load_extra_state(state)
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        self.fed = int(state.get("fed", 0))
 
     def _layer_devices(self) -> dict[int, torch.device]:
         """Cache layer index -> the device its attention runs on. A dispatched model's layer i
@@ -550,129 +588,36 @@ class HFCacheAdapter(HFAdapter):
     def carry_check(self, dtype: str = "float32") -> CarryCheck:
         key = (str(self.device), dtype)
         if key not in self._carry_checks:
-            self._carry_checks[key] = self._measure_carry(dtype)
-        return self._carry_checks[key]
-
-    def _measure_carry(self, dtype: str) -> CarryCheck:
-        return measure_carry(self, dtype, self._full_forward)
-
-
-class HFAttentionAdapter(HFCacheAdapter):
-    """A transformers attention model: sliding windows, or a DynamicCache carried across chunks
-    (``kv-cache``: exact full-context evaluation while a stream fits the model's positions). The
-    cache holds whatever layer kinds the config declares: full attention, sliding-window attention
-    (Mistral, Gemma2: only the last window of keys/values is kept), and is checkpointed exactly
-    (:mod:`evaluator.hf_cache`)."""
-
-    kind = "transformers-attention"
-    modes = ("sliding", "kv-cache")
-
-    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
-        super().__init__(model, name, tokenizer_sha256)
-        self.cache = None
-        self._carry_checks: dict[tuple[str, str], CarryCheck] = {}
-
-    def begin_stream(self) -> None:
-        self.cache = hf_cache.new_cache(self.module.config)
-
-    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
-        if self.max_positions is not None:
-            used = self.cache.get_seq_length()
-            if used + inputs.shape[1] > self.max_positions:
-                raise ModelError(
-                    f"kv-cache stream reached {used + inputs.shape[1]} positions, beyond the model's "
-                    f"{self.max_positions}: use mode='sliding' (with overlap) for streams longer than the context"
-                )
-        return self._feed(inputs)
-
-    def snapshot(self) -> Any:
-        return hf_cache.snapshot(self.cache) if self.cache is not None else None
-
-    def restore(self, snap: Any) -> None:
-        if snap is None:
-            self.begin_stream()
-        else:
-            hf_cache.rollback(self.cache, snap)
-
-
-class HFStateSpaceAdapter(HFCacheAdapter):
-    """A transformers state-space model (Mamba, Mamba2, FalconMamba): its cache (per layer a
-    convolution state and an SSM state, transformers' linear-attention layers) carried across
-    chunks: ``stateful``, exact at any stream length (no position table), or sliding windows.
-
-    Feeding: a chunk from a fresh state is one forward. A chunk that continues a state is one
-    forward where the model's multi-token path starts from the carried state (Mamba2); where it
-    does not (transformers' Mamba and FalconMamba scan a multi-token chunk from a zero SSM state and
-    use the carried one only in one-token steps), the carry check finds it and such chunks are fed
-    one token at a time: exact, at the price of one forward per token after each document's first
-    chunk (a larger chunk size keeps more of the work in the fast first forward)."""
-
-    kind = "transformers-state-space"
-    modes = ("sliding", "stateful")
-
-    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
-        super().__init__(model, name, tokenizer_sha256)
-        self.max_positions = None  # context_length is only the default chunk
-        self.cache = None
-        self.fed = 0  # tokens fed since begin_stream (0: the next chunk starts from a zero state)
-        self.stepwise = False  # set by the carry check
-        self._carry_checks: dict[tuple[str, str], CarryCheck] = {}
-
-    def begin_stream(self) -> None:
-        self.cache = hf_cache.new_cache(self.module.config)
-        self.fed = 0
-
-    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
-        T = inputs.shape[1]
-        if not self.stepwise or self.fed == 0 or T == 1:
-            res = self._feed(inputs)
-        else:
-            outs = [self._feed(inputs[:, t : t + 1]) for t in range(T)]
-            res = (ForwardOutput(hidden=torch.cat([o.hidden for o in outs], dim=1), head=outs[0].head)
-                   if outs[0].logits is None else ForwardOutput(logits=torch.cat([o.logits for o in outs], dim=1)))
-        self.fed += T
-        return res
-
-    def snapshot(self) -> Any:
-        # The layers update their states in place: a rollback needs copies, not lengths.
-        return None if self.cache is None else (hf_cache.cache_state(self.cache, device=None), self.fed)
-
-    def restore(self, snap: Any) -> None:
-        if snap is None:
-            self.begin_stream()
-            return
-        self.cache = hf_cache.restore_cache(self.module.config, snap[0], self.device, self._layer_devices())
-        self.fed = snap[1]
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"fed": self.fed}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.fed = int(state.get("fed", 0))
-
-    def _measure_carry(self, dtype: str) -> CarryCheck:
-        self.stepwise = not self._multi_token_uses_state()
-        chk = measure_carry(self, dtype, self._full_forward, stepwise=self.stepwise)
-        if chk.ok and self.stepwise:
-            chk = replace(chk, reason=chk.reason + "; chunks after a document's first are fed one token at a time "
-                                                   "(the model's multi-token forward starts from a zero state)")
+            self.stepwise = not self._multi_token_uses_state()
+            chk = measure_carry(self, dtype, self._full_forward, stepwise=self.stepwise)
+            if chk.ok and self.stepwise:
+                chk = replace(chk, reason=chk.reason + "; chunks after a document's first are fed one token at a time "
+                                                       "(the model's multi-token forward starts from a zero SSM state)")
+            self._carry_checks[key] = chk
+        chk = self._carry_checks[key]
+        self.stepwise = chk.stepwise
         return chk
 
     def _multi_token_uses_state(self) -> bool:
-        """Whether a multi-token forward continues the carried SSM state: the same chunk fed after
-        the same context, once with the state as it is and once with it doubled, must differ. Exact
-        in any dtype (a path that ignores the state gives equal tensors), unlike a tolerance."""
+        """Whether a multi-token forward continues the carried SSM states: the same chunk fed after
+        the same context, once with the states as they are and once doubled, must differ. Exact in
+        any dtype (a path that ignores the state gives equal tensors), unlike a tolerance. True
+        when the cache has no SSM state (attention only)."""
         dev = self.device
         x = (torch.arange(12, device=dev) * 5 + 1).remainder(self.vocab_size or 12)[None]
         with torch.inference_mode():
             try:
                 self.begin_stream()
                 self._feed(x[:, :6])
-                snap = hf_cache.cache_state(self.cache, device=None)
+                states = [t for layer in self.cache.layers for t in getattr(layer, "recurrent_states", {}).values()
+                          if t is not None]
+                if not states:
+                    return True
+                snap = hf_cache.snapshot(self.cache)
                 one = self._feed_logits(x[:, 6:])
-                self.cache = hf_cache.restore_cache(self.module.config, snap, dev, self._layer_devices())
+                hf_cache.rollback(self.cache, snap)
                 for layer in self.cache.layers:
-                    for t in layer.recurrent_states.values():
+                    for t in getattr(layer, "recurrent_states", {}).values():
                         if t is not None:
                             t.mul_(2)
                 two = self._feed_logits(x[:, 6:])
@@ -682,9 +627,39 @@ class HFStateSpaceAdapter(HFCacheAdapter):
                 self.end_stream()
         return not torch.equal(one, two)
 
-    def _feed_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        o = self._feed(inputs)
-        return (o.head(o.hidden) if o.logits is None else o.logits).float()
+
+class HFAttentionAdapter(HFCacheAdapter):
+    """A transformers attention model: sliding windows, or a DynamicCache carried across chunks
+    (``kv-cache``: exact full-context evaluation while a stream fits the model's positions). The
+    cache holds whatever layer kinds the config declares: full attention, sliding-window attention
+    (Mistral, Gemma2: only the last window of keys/values is kept), the SSM layers of a hybrid, and
+    is checkpointed exactly (:mod:`evaluator.hf_cache`)."""
+
+    kind = "transformers-attention"
+    modes = ("sliding", "kv-cache")
+
+    def forward_stream(self, inputs: torch.Tensor) -> ForwardOutput:
+        if self.max_positions is not None:
+            used = self.cache.get_seq_length()
+            if used + inputs.shape[1] > self.max_positions:
+                raise ModelError(
+                    f"kv-cache stream reached {used + inputs.shape[1]} positions, beyond the model's "
+                    f"{self.max_positions}: use mode='sliding' (with overlap) for streams longer than the context"
+                )
+        return super().forward_stream(inputs)
+
+
+class HFStateSpaceAdapter(HFCacheAdapter):
+    """A transformers state-space model (Mamba, Mamba2, FalconMamba): its cache (per layer a
+    convolution state and an SSM state, transformers' linear-attention layers) carried across
+    chunks: ``stateful``, exact at any stream length (no position table), or sliding windows."""
+
+    kind = "transformers-state-space"
+    modes = ("sliding", "stateful")
+
+    def __init__(self, model: nn.Module, name: str | None = None, tokenizer_sha256: str | None = None):
+        super().__init__(model, name, tokenizer_sha256)
+        self.max_positions = None  # context_length is only the default chunk
 
 
 class HFRecurrentAdapter(HFAdapter):

@@ -53,6 +53,10 @@ def _build(name: str):
                                                                                   sliding_window=WINDOW))),
         "gemma2-sliding": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_attn(num_key_value_heads=2, head_dim=8,
                                                                                 sliding_window=WINDOW))),
+        "jamba-hybrid": lambda: tf.JambaForCausalLM(tf.JambaConfig(
+            **_attn(num_key_value_heads=2), attn_layer_period=2, attn_layer_offset=1,
+            expert_layer_period=2, expert_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_d_conv=4,
+            mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)),
         "rwkv": lambda: tiny_rwkv(),
         "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(
             vocab_size=V, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=4, expand=2,
@@ -67,7 +71,7 @@ def _build(name: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = makers[name]().eval()
-    if name.startswith(("mamba", "falcon-mamba")):
+    if name.startswith(("mamba", "falcon-mamba", "jamba")):
         # Random init leaves the SSM close to memoryless; a larger decay range makes the carried
         # state matter to the next chunk (a dropped state then shows in every comparison).
         with torch.no_grad():
@@ -78,7 +82,7 @@ def _build(name: str):
 
 
 ATTENTION = ["gpt2", "llama-gqa", "qwen2", "gemma", "phi3", "gpt-neox", "falcon-rotary", "falcon-alibi",
-             "mistral-sliding", "gemma2-sliding"]
+             "mistral-sliding", "gemma2-sliding", "jamba-hybrid"]  # (Jamba: attention and Mamba layers)
 CARRIED_STATE = ["rwkv", "mamba", "mamba2", "falcon-mamba"]
 ALL = ATTENTION + CARRIED_STATE
 
@@ -135,18 +139,16 @@ def test_carried_mode_equals_full_forward_and_resumes_exactly(name, make_store, 
     for batch, dd in ((1, docs), (4, many_docs)):
         store = make_store(dd, vocab_size=V)
         ref = _full_nll(model, dd)
-        if batch == 1:
-            auto = _evaluate(model, store, batch_size=1)  # auto picks the exact mode for every architecture
-            assert auto["mode"] == mode, auto["mode_reason"]
-            np.testing.assert_allclose(np.asarray(auto["per_token_losses"]), ref, rtol=1e-5, atol=1e-5)
-        whole = _evaluate(model, store, mode=mode, batch_size=batch)
+        # batch 1 leaves the mode to auto, which must pick the exact one for every architecture
+        whole = _evaluate(model, store, batch_size=1) if batch == 1 else _evaluate(model, store, mode=mode, batch_size=batch)
+        assert whole["mode"] == mode, whole["mode_reason"]
         np.testing.assert_allclose(np.asarray(whole["per_token_losses"]), ref, rtol=1e-5, atol=1e-5)
         ck = tmp_path / f"ck{batch}"
         with monkeypatch.context() as m:
             _interrupt_after(m, runners_mod.CarriedRunner, 3 if batch == 1 else 1)  # (B > 1: a step is a segment)
             with pytest.raises(Interrupt):
-                _evaluate(model, store, ck, mode=mode, batch_size=batch)
-        resumed = _evaluate(model, store, ck, mode=mode, batch_size=batch)
+                _evaluate(model, store, ck, batch_size=batch)
+        resumed = _evaluate(model, store, ck, batch_size=batch)
         assert resumed["resumed_from_window"] > 0
         _same(resumed, whole)  # bit for bit: the restored cache continues exactly
 
