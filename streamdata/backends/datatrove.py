@@ -54,6 +54,18 @@ _TOKEN_SIZES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _UNKNOWN = "Unknown Tokenizer"  # what datatrove writes when it was given no tokenizer name
 
 
+@dataclass
+class _DsFile:
+    """One opened ``NAME.ds`` with what its side files said."""
+
+    piece: Piece
+    index: Path
+    metadata: Path | None  # None: no .ds.metadata beside it
+    token_size: int
+    size_from: str  # where the token size came from
+    tokenizer: str | None
+
+
 @dataclass(frozen=True)
 class DatatroveMetadata:
     """A parsed ``NAME.ds.metadata``: ``token_size`` None when this datatrove version did not record it."""
@@ -119,13 +131,9 @@ class DatatroveTokenStore(PiecedStore):
             raise
 
     def _open(self, root: Path, names: list[str], vocab_size: int | None, eos_id: int | None, checksum: bool) -> None:
-        sizes, tokenizers, parts = set(), set(), []
-        for name in names:
-            part = self._open_file(root, name)
-            parts.append(part)
-            sizes.add(part[2])
-            if part[3].tokenizer is not None:
-                tokenizers.add(part[3].tokenizer)
+        parts = [self._open_file(root, name) for name in names]
+        sizes = {f.token_size for f in parts}
+        tokenizers = {f.tokenizer for f in parts if f.tokenizer is not None}
         if len(sizes) > 1:
             raise StoreError(f"the .ds files in {str(root)!r} mix token sizes {sorted(sizes)}: they were written by "
                              "different tokenizers; open the files one by one")
@@ -136,24 +144,24 @@ class DatatroveTokenStore(PiecedStore):
         fdt = _TOKEN_SIZES[token_size]
         dtype = import_dtype(fdt, vocab_size, f"datatrove dataset {self.path!r}")
         check_import_ids(eos_id, vocab_size, dtype, "datatrove")
-        self._set_pieces([piece for piece, *_ in parts], fdt, dtype, "datatrove")
+        self._set_pieces([f.piece for f in parts], fdt, dtype, "datatrove")
         what = f"datatrove dataset {self.path!r}"
         shas = self._seal(what, vocab_size=vocab_size, eos_id=eos_id, checksum=checksum,
                           tokenizer_name=tokenizers.pop() if tokenizers else None, fmt="datatrove",
                           tool="streamdata.backends.datatrove", source={})
         files = []
-        for (piece, ix_path, _, _, md_path, size_from), sha in zip(parts, shas):
-            same = checksum and self.piece_is_file_bytes(piece)
-            files.append(file_entry(piece.file.path, sha if same else (sha256_file(piece.file.path) if checksum else "")))
-            files += [file_entry(f, sha256_file(f) if checksum else "") for f in (ix_path, md_path) if f is not None]
+        for f, sha in zip(parts, shas):
+            same = checksum and self.piece_is_file_bytes(f.piece)
+            files.append(file_entry(f.piece.file.path, sha if same else (sha256_file(f.piece.file.path) if checksum else "")))
+            files += [file_entry(x, sha256_file(x) if checksum else "") for x in (f.index, f.metadata) if x is not None]
         self.manifest.source.update({
             "kind": "datatrove", "path": str(Path(self.path).resolve()), "files": files, "token_size": token_size,
-            "file_dtype": fdt.name, "token_size_from": sorted({p[5] for p in parts}),
+            "file_dtype": fdt.name, "token_size_from": sorted({f.size_from for f in parts}),
             "documents": "one per .ds.index entry",
         })
 
-    def _open_file(self, root: Path, name: str):
-        """(piece, index path, token size, metadata, metadata path or None, where the size came from) of ``root/name``."""
+    def _open_file(self, root: Path, name: str) -> _DsFile:
+        """Open ``root/name`` and its side files and check them against each other."""
         path = resolve_inside(root, name, "datatrove file")
         ix_path = resolve_inside(root, name + ".index", "datatrove index")
         md_path = resolve_inside(root, name + ".metadata", "datatrove metadata")
@@ -168,39 +176,36 @@ class DatatroveTokenStore(PiecedStore):
                              "the file is truncated or damaged")
         ends = ix.array("<u8", ix.size // 8)
         data = MappedFile(path, "datatrove file")
-        try:
-            n_tok = int(ends[-1]) if len(ends) else 0
-            size_from = ".ds.metadata"
-            token_size = meta.token_size
-            if token_size is None:  # older datatrove: the name only; the index and the file size decide
-                size_from = ".ds.index and the file size"
-                token_size = data.size // n_tok if n_tok and data.size % n_tok == 0 else 2
-                if token_size not in _TOKEN_SIZES:
-                    raise StoreError(f"datatrove file {str(path)!r} has {data.size} bytes for the {n_tok} tokens its "
-                                     f"index counts ({token_size} bytes each), but datatrove writes 2 or 4: the files "
-                                     "belong to different runs; copy them again")
-            if data.size != n_tok * token_size:
-                raise StoreError(f"datatrove file {str(path)!r} has {data.size} bytes, but its index ends at token {n_tok} "
-                                 f"of {token_size} bytes ({size_from}): the .ds, its .index or its .metadata is "
-                                 "truncated or belongs to another file")
-            if meta.token_count is not None and meta.token_count != n_tok:
-                raise StoreError(f"datatrove metadata {str(md_path)!r} counts {meta.token_count} tokens, but the index "
-                                 f"ends at {n_tok}: the files belong to different runs; copy them again")
-            for lo in range(0, len(ends), INDEX_IN_RAM):  # uint64: compared unsigned, no wrap
-                block = ends[lo : lo + INDEX_IN_RAM + 1]
-                down = np.flatnonzero(block[1:] < block[:-1])
-                if down.size:
-                    raise StoreError(f"datatrove index {str(ix_path)!r} decreases at document {lo + int(down[0]) + 1}: "
-                                     "the file is damaged")
-        except BaseException:
-            data.close()
-            raise
+        self._other_files.append(data)  # closed with the store, also when a later file is refused
+        n_tok = int(ends[-1]) if len(ends) else 0
+        size_from = ".ds.metadata"
+        token_size = meta.token_size
+        if token_size is None:  # older datatrove: the name only; the index and the file size decide
+            size_from = ".ds.index and the file size"
+            token_size = data.size // n_tok if n_tok and data.size % n_tok == 0 else 2
+            if token_size not in _TOKEN_SIZES:
+                raise StoreError(f"datatrove file {str(path)!r} has {data.size} bytes for the {n_tok} tokens its "
+                                 f"index counts ({token_size} bytes each), but datatrove writes 2 or 4: the files "
+                                 "belong to different runs; copy them again")
+        if data.size != n_tok * token_size:
+            raise StoreError(f"datatrove file {str(path)!r} has {data.size} bytes, but its index ends at token {n_tok} "
+                             f"of {token_size} bytes ({size_from}): the .ds, its .index or its .metadata is "
+                             "truncated or belongs to another file")
+        if meta.token_count is not None and meta.token_count != n_tok:
+            raise StoreError(f"datatrove metadata {str(md_path)!r} counts {meta.token_count} tokens, but the index "
+                             f"ends at {n_tok}: the files belong to different runs; copy them again")
+        for lo in range(0, len(ends), INDEX_IN_RAM):  # uint64: compared unsigned, no wrap
+            block = ends[lo : lo + INDEX_IN_RAM + 1]
+            down = np.flatnonzero(block[1:] < block[:-1])
+            if down.size:
+                raise StoreError(f"datatrove index {str(ix_path)!r} decreases at document {lo + int(down[0]) + 1}: "
+                                 "the file is damaged")
 
         def local_ends(j0: int, j1: int, ends=ends) -> np.ndarray:
             return ends[j0:j1].astype(np.int64)  # <= n_tok (checked above), so no wrap
 
-        piece = Piece(name, data, 0, n_tok, len(ends), local_ends)
-        return piece, ix_path, token_size, meta, md_path if md_path.is_file() else None, size_from
+        return _DsFile(Piece(name, data, 0, n_tok, len(ends), local_ends), ix_path, md_path if md_path.is_file() else None,
+                       token_size, size_from, meta.tokenizer)
 
 
 def open_datatrove(path: str | os.PathLike, *, vocab_size: int | None = None, eos_id: int | None = None,

@@ -181,35 +181,32 @@ class LitdataTokenStore(PiecedStore):
         dim = c.get("dim")
         path = resolve_inside(root, name, "LitData chunk")
         f = MappedFile(path, "LitData chunk")
-        try:
-            header = 4 * (items + 2)
-            bad = f"LitData chunk {str(path)!r}"
-            if f.size < header:
-                raise StoreError(f"{bad} has {f.size} bytes, fewer than the header of its {items} items ({header}): "
-                                 "the file is truncated")
-            n = int(f.array("<u4", 1)[0])
-            if n != items:
-                raise StoreError(f"{bad} holds {n} items but {INDEX_NAME} says {items}: the chunk belongs to another "
-                                 "index; copy the folder again")
-            offsets = f.array("<u4", items + 1, 4)
-            if int(offsets[0]) != header or int(offsets[-1]) != f.size or bool((np.diff(offsets.astype(np.int64)) < 0).any()):
-                raise StoreError(f"{bad} has item offsets that do not run from its {header}-byte header to its size "
-                                 f"({f.size} bytes) without decreasing: the file is damaged")
-            rel = offsets.astype(np.int64) - header  # bytes of the items region before each item
-            if bool((rel % fdt.itemsize).any()):
-                raise StoreError(f"{bad} has an item whose size is not a whole number of {fdt.name} ids: its dtype is "
-                                 "not the data_format's, or the file is damaged")
-            tokens = int(rel[-1]) // fdt.itemsize
-            if dim is not None and dim != tokens:
-                raise StoreError(f"{bad} holds {tokens} ids but {INDEX_NAME} says dim={dim!r}: the chunk belongs to "
-                                 "another index; copy the folder again")
-            cb = c.get("chunk_bytes")
-            if cb is not None and cb not in (f.size, f.size - header):
-                raise StoreError(f"{bad} has {f.size} bytes but {INDEX_NAME} says chunk_bytes={cb!r}: the file is "
-                                 "truncated or belongs to another index")
-        except BaseException:
-            f.close()
-            raise
+        self._other_files.append(f)  # closed with the store, also when a later chunk is refused
+        header = 4 * (items + 2)
+        bad = f"LitData chunk {str(path)!r}"
+        if f.size < header:
+            raise StoreError(f"{bad} has {f.size} bytes, fewer than the header of its {items} items ({header}): "
+                             "the file is truncated")
+        n = int(f.array("<u4", 1)[0])
+        if n != items:
+            raise StoreError(f"{bad} holds {n} items but {INDEX_NAME} says {items}: the chunk belongs to another "
+                             "index; copy the folder again")
+        offsets = f.array("<u4", items + 1, 4)
+        if int(offsets[0]) != header or int(offsets[-1]) != f.size or bool((np.diff(offsets.astype(np.int64)) < 0).any()):
+            raise StoreError(f"{bad} has item offsets that do not run from its {header}-byte header to its size "
+                             f"({f.size} bytes) without decreasing: the file is damaged")
+        rel = offsets.astype(np.int64) - header  # bytes of the items region before each item
+        if bool((rel % fdt.itemsize).any()):
+            raise StoreError(f"{bad} has an item whose size is not a whole number of {fdt.name} ids: its dtype is "
+                             "not the data_format's, or the file is damaged")
+        tokens = int(rel[-1]) // fdt.itemsize
+        if dim is not None and dim != tokens:
+            raise StoreError(f"{bad} holds {tokens} ids but {INDEX_NAME} says dim={dim!r}: the chunk belongs to "
+                             "another index; copy the folder again")
+        cb = c.get("chunk_bytes")
+        if cb is not None and cb not in (f.size, f.size - header):
+            raise StoreError(f"{bad} has {f.size} bytes but {INDEX_NAME} says chunk_bytes={cb!r}: the file is "
+                             "truncated or belongs to another index")
 
         def local_ends(j0: int, j1: int, offsets=offsets, header=header) -> np.ndarray:
             return (offsets[j0 + 1 : j1 + 1].astype(np.int64) - header) // fdt.itemsize

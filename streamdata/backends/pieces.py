@@ -56,7 +56,7 @@ class PiecedStore(ImportedStore):
 
     widening_reads = True  # read_into is a numpy slice assignment: an int64 ``out`` is filled exactly
     _pieces: list[Piece]
-    _other_files: list[MappedFile]  # index files the pieces' ``ends`` read (closed with the store)
+    _other_files: list[MappedFile]  # every file opened, pieces' too (closed with the store; closing twice is harmless)
 
     def _set_pieces(self, pieces: list[Piece], file_dtype: np.dtype, dtype: str, fmt: str) -> None:
         """Lay the pieces out one after the other, build the document index and a provisional
