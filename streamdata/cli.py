@@ -1,6 +1,7 @@
 """``streamdata`` command line: a thin layer over the Python API.
 
     streamdata tokenize SOURCE... --tokenizer T --out DIR [options]
+    streamdata tokenize SOURCE... --ids-column COL --vocab-size V --out DIR [options]
     streamdata info STORE [--json]
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
@@ -60,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize a Hugging Face dataset (hub id, local files/globs, or a save_to_disk folder) "
                                    "into a token store. Interrupted runs resume when the same command is run again.")
     t.add_argument("source", nargs="+", metavar="SOURCE", help="hub dataset id, data files/globs (json, jsonl, parquet, csv, tsv, txt), or a save_to_disk folder")
-    t.add_argument("--tokenizer", required=True, help="tokenizer.json path, a folder holding one, a hub id, or 'default' (the bundled 4096-entry BPE)")
+    t.add_argument("--tokenizer", help="tokenizer.json path, a folder holding one, a hub id, or 'default' (the bundled 4096-entry BPE); "
+                                       "required unless --ids-column")
     t.add_argument("--out", required=True, help="output store folder")
     t.add_argument("--config", dest="config_name", help="dataset configuration name (hub datasets)")
     t.add_argument("--split", help="split to tokenize (default: the only split, or 'train' for data files)")
     t.add_argument("--revision", help="dataset revision (hub datasets)")
     t.add_argument("--text-column", default=T.text_column, help=f"column holding the document text (default: {T.text_column})")
+    t.add_argument("--ids-column", metavar="COL",
+                   help="column already holding token ids (lists of integers, e.g. input_ids): stored as they are, one "
+                        "document per row, without a tokenizer (no EOS/BOS added; needs --vocab-size). The store has no "
+                        "byte or word counts: bits per byte and word perplexity are reported as unavailable")
+    t.add_argument("--vocab-size", type=_positive, help="with --ids-column: the vocabulary the ids come from (picks uint16/uint32; "
+                                                       "every id is checked against it)")
     t.add_argument("--sample-by", default=T.sample_by, choices=SAMPLE_BY,
                    help=f"plain-text files: one document per file, paragraph or line; blank (empty or whitespace-only) "
                         f"lines and paragraphs are skipped (default: {T.sample_by})")
@@ -143,6 +151,7 @@ def _cmd_tokenize(a: argparse.Namespace) -> int:
         max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
         batch_bytes=a.batch_bytes, batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
         format=a.format, compression=a.compression, num_parts=a.num_parts, part=a.part,
+        ids_column=a.ids_column, vocab_size=a.vocab_size,
     )
     t0 = time.perf_counter()
     r = run_tokenize(cfg)
