@@ -6,6 +6,8 @@ merge joins the stores of a partitioned tokenize (``--num-parts``).
 """
 
 from .backends import TokenStore, open_store
+from .backends.datatrove import open_datatrove
+from .backends.litdata import open_litdata
 from .backends.megatron import open_megatron
 from .backends.raw_bin import open_raw_bin
 from .convert import convert_store
@@ -32,6 +34,8 @@ __all__ = [
     "convert_store",
     "load_tokenizer",
     "merge_parts",
+    "open_datatrove",
+    "open_litdata",
     "open_megatron",
     "open_raw_bin",
     "open_store",

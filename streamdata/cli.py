@@ -1,6 +1,7 @@
 """``streamdata`` command line: a thin layer over the Python API.
 
     streamdata tokenize SOURCE... --tokenizer T --out DIR [options]
+    streamdata tokenize SOURCE... --ids-column COL --vocab-size V --out DIR [options]
     streamdata info STORE [--json]
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
@@ -60,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize a Hugging Face dataset (hub id, local files/globs, or a save_to_disk folder) "
                                    "into a token store. Interrupted runs resume when the same command is run again.")
     t.add_argument("source", nargs="+", metavar="SOURCE", help="hub dataset id, data files/globs (json, jsonl, parquet, csv, tsv, txt), or a save_to_disk folder")
-    t.add_argument("--tokenizer", required=True, help="tokenizer.json path, a folder holding one, a hub id, or 'default' (the bundled 4096-entry BPE)")
+    t.add_argument("--tokenizer", help="tokenizer.json path, a folder holding one, a hub id, or 'default' (the bundled 4096-entry BPE); "
+                                       "required unless --ids-column")
     t.add_argument("--out", required=True, help="output store folder")
     t.add_argument("--config", dest="config_name", help="dataset configuration name (hub datasets)")
     t.add_argument("--split", help="split to tokenize (default: the only split, or 'train' for data files)")
     t.add_argument("--revision", help="dataset revision (hub datasets)")
     t.add_argument("--text-column", default=T.text_column, help=f"column holding the document text (default: {T.text_column})")
+    t.add_argument("--ids-column", metavar="COL",
+                   help="column already holding token ids (lists of integers, e.g. input_ids): stored as they are, one "
+                        "document per row, without a tokenizer (no EOS/BOS added; needs --vocab-size). The store has no "
+                        "byte or word counts: bits per byte and word perplexity are reported as unavailable")
+    t.add_argument("--vocab-size", type=_positive, help="with --ids-column: the vocabulary the ids come from (picks uint16/uint32; "
+                                                       "every id is checked against it)")
     t.add_argument("--sample-by", default=T.sample_by, choices=SAMPLE_BY,
                    help=f"plain-text files: one document per file, paragraph or line; blank (empty or whitespace-only) "
                         f"lines and paragraphs are skipped (default: {T.sample_by})")
@@ -93,26 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="summarise a store", description="Print a human summary of a store (or JSON with --json).")
-    i.add_argument("store", help="store folder or URL (or raw .bin / Megatron files)")
+    i.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
     i.add_argument("--json", action="store_true", help="print the manifest and derived figures as JSON")
 
     v = sub.add_parser("verify", help="check checksums, token ids and the document index",
                        description="Verify a store: shard checksums, ids < vocab size, document index consistency. "
                                    "Exit 1 and list every defect if any is found.")
-    v.add_argument("store", help="store folder or URL")
+    v.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
 
     c = sub.add_parser("convert", help="convert a store or existing token files into npy or zarr",
                        description="Copy any store (npy, zarr, a URL) or existing token files (nanoGPT raw .bin, "
-                                   "Megatron-LM .bin/.idx) into our npy or zarr format, with identical tokens and "
-                                   "documents. Reruns resume.")
-    c.add_argument("src", help="store folder or URL, raw .bin file, or Megatron prefix/.idx/.bin")
+                                   "Megatron-LM .bin/.idx, datatrove .ds, a LitData TokensLoader folder) into our npy "
+                                   "or zarr format, with identical tokens and documents. Reruns resume.")
+    c.add_argument("src", help="store folder or URL, raw .bin file, Megatron prefix/.idx/.bin, datatrove .ds file or "
+                               "folder, or LitData folder")
     c.add_argument("dst", help="output folder (zarr: also an fsspec URL)")
     c.add_argument("--format", default=C.format, choices=STORE_FORMATS, help=f"output format (default: {C.format})")
     c.add_argument("--compression", default=C.compression, choices=COMPRESSIONS, help="zarr only")
     c.add_argument("--overwrite", action="store_true", help="replace a finished store of ours (swapped in only when complete)")
     c.add_argument("--shard-tokens", type=_positive, default=C.shard_tokens, help=f"npy output: tokens per shard file (default: {C.shard_tokens})")
     c.add_argument("--chunk-tokens", type=_positive, default=C.chunk_tokens, help=f"zarr output: ids per inner chunk (default: {C.chunk_tokens})")
-    g = c.add_argument_group("imports (raw .bin / Megatron source)")
+    g = c.add_argument_group("imports (raw .bin / Megatron / datatrove / LitData source)")
     g.add_argument("--dtype", choices=RAW_DTYPES, help=f"raw .bin element type (default {RAW_DTYPES[0]})")
     g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
     g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
@@ -142,6 +151,7 @@ def _cmd_tokenize(a: argparse.Namespace) -> int:
         max_docs=a.max_docs, max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, eos=a.eos, bos=a.bos,
         batch_bytes=a.batch_bytes, batch_size=a.batch_size, overwrite=a.overwrite, cache_dir=a.cache_dir, progress=not a.quiet,
         format=a.format, compression=a.compression, num_parts=a.num_parts, part=a.part,
+        ids_column=a.ids_column, vocab_size=a.vocab_size,
     )
     t0 = time.perf_counter()
     r = run_tokenize(cfg)
@@ -229,7 +239,33 @@ def _describe_source(src: dict) -> str:
         return f"{len(files)} {src.get('builder')} file(s) ({first}{', ...' if len(files) > 1 else ''}), column {src.get('text_column')!r}"
     if kind == "saved":
         return f"saved dataset {src.get('path')} split={src.get('split')}"
-    return json.dumps(src)[:120]
+    imported = _describe_import(src)
+    return imported if imported is not None else json.dumps(src)[:120]
+
+
+def _describe_import(src: dict) -> str | None:
+    """The source row of a store read in place from another tool's files: what they are, the dtype
+    the ids were read as and where it came from (given, recorded, or assumed), and what a document is."""
+    kind, files = src.get("kind"), src.get("files") or []
+    first = Path(files[0]["path"]).name if files else "?"
+    if kind == "raw-bin":
+        how = src.get("dtype_from", "given by the caller")
+        head = f"raw .bin {first}: {src.get('dtype')} ids, dtype {how}"
+        if how != "given by the caller":
+            head += "; 32-bit ids: open_raw_bin(path, dtype='uint32') or convert --dtype uint32"
+        return f"{head}; documents: {src.get('documents')}"
+    if kind == "megatron":
+        return (f"Megatron-LM {Path(src.get('prefix', '?')).name}.bin/.idx: {src.get('file_dtype')} ids (recorded in the .idx); "
+                f"documents: {src.get('documents')} ({src.get('sequences')} sequences)")
+    if kind == "datatrove":
+        ds = [f for f in files if f["path"].endswith(".ds")]
+        where = ds[0]["path"] if len(ds) == 1 else f"{src.get('path')} ({len(ds)} .ds files)"
+        return (f"datatrove {Path(where).name if len(ds) == 1 else where}: {src.get('file_dtype')} ids (token size "
+                f"{src.get('token_size')} from {' / '.join(src.get('token_size_from', []))}); documents: {src.get('documents')}")
+    if kind == "litdata":
+        return (f"LitData {src.get('path')} ({len(files) - 1} chunk(s), {src.get('data_format')}): {src.get('file_dtype')} "
+                f"ids (recorded in index.json); documents: {src.get('documents')} ({src.get('items')} items)")
+    return None
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ local files and saved datasets behave alike, and ``streaming=True`` yields an ``
 that is never materialised. Documents come out in a deterministic order in batches of Python
 strings bounded by their UTF-8 size; ``skip`` lets a resumed build continue after the documents it
 already wrote. With ``sample_by`` line or paragraph, blank units are not documents (filtered out).
+With ``ids_column`` the column holds token ids already (lists of integers, e.g. a pre-tokenized
+``input_ids``): batches are then :class:`IdsBatch` (flat int64 ids and each row's length, straight
+from Arrow, no Python lists), bounded by 8 bytes an id.
 
 The embedded default corpus (no network, no download) is the running Python's own
 standard-library source, one document per ``.py`` file, split deterministically into a ``train``
@@ -40,8 +43,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "SourceSpec", "Source", "load_source", "default_corpus_files",
-           "part_bounds", "utf8_len"]
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "IdsBatch", "SourceSpec", "Source", "load_source",
+           "default_corpus_files", "part_bounds", "utf8_len"]
 
 # file extension -> datasets packaged builder
 _BUILDERS = {
@@ -84,6 +87,12 @@ class SourceSpec:
     data_files_builder: str | None = None  # force a builder for local files (e.g. "text")
     num_parts: int | None = None  # a partitioned read: the source is cut into this many contiguous parts ...
     part: int | None = None  # ... and this one (0-based) is read (module docstring); both or neither
+    ids_column: str | None = None  # read this column of token ids (lists of integers) instead of a text column
+
+    @property
+    def column(self) -> str:
+        """The column read: ``ids_column`` when set, else ``text_column``."""
+        return self.ids_column if self.ids_column is not None else self.text_column
 
     def __post_init__(self):
         if isinstance(self.paths, str):
@@ -95,6 +104,55 @@ class SourceSpec:
             raise ConfigError(f"sample_by={self.sample_by!r} must be one of {', '.join(SAMPLE_BY)}")
         if not self.text_column:
             raise ConfigError("text_column is empty: pass --text-column NAME")
+        if self.ids_column is not None and not self.ids_column:
+            raise ConfigError("ids_column is empty: pass --ids-column NAME")
+
+
+@dataclass
+class IdsBatch:
+    """Rows of a token-id column: ``flat`` int64 ids back to back, ``lens[i]`` ids in row
+    ``first_row + i``. Sliced like the list of texts it stands for (``batch[:k]``: the first k rows)."""
+
+    flat: Any  # np.ndarray int64
+    lens: Any  # np.ndarray int64
+    first_row: int
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, rows: slice) -> "IdsBatch":
+        if not isinstance(rows, slice) or rows.start not in (None, 0) or rows.step not in (None, 1):
+            raise TypeError("an IdsBatch is cut only as a prefix: batch[:k]")
+        lens = self.lens[rows]
+        return IdsBatch(self.flat[: int(lens.sum())], lens, self.first_row)
+
+
+def _ids_of(column: Any, col: str, first_row: int) -> IdsBatch:
+    """An Arrow list-of-integers column -> IdsBatch (no Python lists); anything else is one SourceError
+    line naming the first bad row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    t = column.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+            or not pa.types.is_integer(t.value_type):
+        raise SourceError(f"column {col!r} holds {t}, not lists of token ids (integers): pass the column of ids "
+                          "(e.g. --ids-column input_ids), or --text-column for text (nothing was committed)")
+    if column.null_count:
+        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SourceError(f"row {row}: column {col!r} is null, not a list of ids: clean the dataset (nothing was committed)")
+    values = pc.list_flatten(column)
+    if values.null_count:
+        lens = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        row = first_row + int(np.searchsorted(np.cumsum(lens), at, side="right"))
+        raise SourceError(f"row {row}: column {col!r} holds a null id: clean the dataset (nothing was committed)")
+    lens = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = values.to_numpy(zero_copy_only=False).astype(np.int64)  # uint64 beyond int64 wraps: checked by the caller
+    return IdsBatch(flat, lens, first_row)
 
 
 @dataclass
@@ -128,12 +186,13 @@ class Source:
         """Number of documents, or None for a streaming dataset (unknown until the end)."""
         return None if self.spec.streaming else len(self.dataset)
 
-    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None) -> Iterator[list[str]]:
+    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None) -> Iterator[list[str] | IdsBatch]:
         """Yield lists of document texts in order, starting after the first ``skip`` documents.
 
         A batch holds whole documents of at most ``max_bytes`` UTF-8 bytes of text together (and at
         most ``max_docs`` documents): the tokenizer's memory follows a batch's text, not its document
         count. Documents are never split; one larger than ``max_bytes`` is a batch of its own.
+        With ``spec.ids_column`` the batches are :class:`IdsBatch`, sized at 8 bytes an id.
         """
         if max_bytes < 1 or (max_docs is not None and max_docs < 1):
             raise ConfigError(f"batches: max_bytes={max_bytes} and max_docs={max_docs} must be >= 1")
@@ -149,7 +208,7 @@ class Source:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        col, ds = self.spec.text_column, self.dataset
+        col, ds = self.spec.column, self.dataset
         n = len(ds)
         arrow = ds.with_format("arrow")  # honours an indices mapping (e.g. the blank-unit filter)
         mapped = [c["filename"] for c in (getattr(ds, "cache_files", None) or []) if c.get("filename")]
@@ -158,6 +217,9 @@ class Source:
             column = arrow[c0 : min(n, c0 + _PLAN_ROWS)][col]
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            elif self.spec.ids_column is not None and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                                                      or pa.types.is_fixed_size_list(column.type)):
+                sizes = 8 * pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
             else:  # not text: the first batch reaches _check_texts, which names the row and the type
                 sizes = np.zeros(len(column), np.int64)
             cum = np.cumsum(sizes)  # cum[k]: bytes of this window's rows 0..k
@@ -183,13 +245,18 @@ class Source:
             yield self._rows(start, n)
             drop_mapped_pages(mapped)
 
-    def _rows(self, lo: int, hi: int) -> list[str]:
+    def _rows(self, lo: int, hi: int) -> list[str] | IdsBatch:
+        if self.spec.ids_column is not None:
+            return _ids_of(self.dataset.with_format("arrow")[lo:hi][self.spec.ids_column], self.spec.ids_column, lo)
         texts = self.dataset[lo:hi][self.spec.text_column]
         _check_texts(texts, self.spec.text_column, lo)
         return texts
 
     def _stream_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
         """IterableDataset: read _STREAM_READ_ROWS documents at a time and regroup them by bytes."""
+        if self.spec.ids_column is not None:
+            yield from self._stream_ids(max_bytes, skip, max_docs)
+            return
         col, ds = self.spec.text_column, self.dataset
         if skip:
             ds = ds.skip(skip)
@@ -217,6 +284,51 @@ class Source:
                 size += b
         if batch:
             yield batch
+
+    def _stream_ids(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[IdsBatch]:
+        """IterableDataset of an ids column: Arrow batches of _STREAM_READ_ROWS rows regrouped by ids."""
+        col, ds = self.spec.column, self.dataset
+        if skip:
+            ds = ds.skip(skip)
+        it = ds.with_format("arrow").iter(batch_size=_STREAM_READ_ROWS)
+        row, parts, size, count = skip, [], 0, 0  # the batch being built: ``parts``, ``count`` rows, ``size`` bytes
+        while True:
+            try:
+                got = _ids_of(next(it)[col], col, row)
+            except StopIteration:
+                break
+            except SourceError:
+                raise
+            except Exception as e:  # pyarrow/datasets errors of several types
+                raise SourceError(f"cannot read the source after document {row} ({_first_line(e)}): "
+                                  "fix or remove the bad rows (nothing was committed)") from None
+            row += len(got)
+            lo = 0
+            for k, n in enumerate(got.lens.tolist()):
+                if count and (size + 8 * n > max_bytes or count == max_docs):
+                    parts.append(_cut(got, lo, k))
+                    yield _join(parts)
+                    parts, size, count, lo = [], 0, 0, k
+                size += 8 * n
+                count += 1
+            parts.append(_cut(got, lo, len(got)))
+        if count:
+            yield _join(parts)
+
+
+def _cut(b: IdsBatch, lo: int, hi: int) -> IdsBatch:
+    """Rows ``[lo, hi)`` of ``b``."""
+    import numpy as np
+
+    off = np.concatenate([[0], np.cumsum(b.lens)])
+    return IdsBatch(b.flat[int(off[lo]) : int(off[hi])], b.lens[lo:hi], b.first_row + lo)
+
+
+def _join(parts: list[IdsBatch]) -> IdsBatch:
+    import numpy as np
+
+    parts = [p for p in parts if len(p)]
+    return IdsBatch(np.concatenate([p.flat for p in parts]), np.concatenate([p.lens for p in parts]), parts[0].first_row)
 
 
 def drop_mapped_pages(paths: Sequence[str]) -> int:
@@ -430,7 +542,7 @@ def load_source(spec: SourceSpec) -> Source:
     import datasets
 
     paths = list(spec.paths)
-    identity: dict[str, Any] = {"text_column": spec.text_column}
+    identity: dict[str, Any] = {"text_column": spec.text_column} if spec.ids_column is None else {"ids_column": spec.ids_column}
     kwargs: dict[str, Any] = {}
     if spec.cache_dir:
         kwargs["cache_dir"] = spec.cache_dir
@@ -537,12 +649,18 @@ def _check_columns(source: Source) -> None:
     if not spec.streaming and len(ds) == 0:
         raise SourceError(f"the dataset {paths[0]!r} (split {spec.split!r}) holds no documents (empty dataset): check the source and split")
     columns = _columns(ds)
-    if columns is not None and spec.text_column not in columns:
-        raise SourceError(f"text column {spec.text_column!r} not found (columns: {columns}): pass --text-column NAME")
+    col = spec.column
+    if spec.ids_column is not None and source.identity.get("builder") == "text":
+        raise SourceError(f"--ids-column {col!r} reads a column of token ids, but plain-text files hold only text: "
+                          "pass json/jsonl/parquet/csv files, a saved or a hub dataset, or --text-column")
+    if columns is not None and col not in columns:
+        flag = "--ids-column" if spec.ids_column is not None else "--text-column"
+        raise SourceError(f"{'ids' if spec.ids_column is not None else 'text'} column {col!r} not found "
+                          f"(columns: {columns}): pass {flag} NAME")
     if spec.streaming:
-        source.dataset = ds.select_columns([spec.text_column]) if columns is not None else ds
+        source.dataset = ds.select_columns([col]) if columns is not None else ds
     else:
-        source.dataset = ds.select_columns([spec.text_column])
+        source.dataset = ds.select_columns([col])
     if source.identity.get("builder") == "text" and spec.sample_by != "document":
         # Lines/paragraphs cut out of a file: a blank one is a separator, not a document (it would
         # become a document holding only EOS). Filtering the dataset itself keeps resume exact: the

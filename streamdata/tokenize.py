@@ -33,17 +33,17 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, TokenizerError
+from .errors import ConfigError, SourceError, TokenizerError
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, WORD_RULE, Manifest, choose_dtype
 from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
-from .source import Source, SourceSpec, check_part, load_source, utf8_len
+from .source import IdsBatch, Source, SourceSpec, check_part, load_source, utf8_len
 from .writer import StoreWriter
 
-__all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TOKENIZER_ID_PARTS", "TokenizeConfig", "TokenizeResult",
+__all__ = ["DEFAULT_TOKENIZER", "DEFAULT_BATCH_BYTES", "TOKENIZER_ID_PARTS", "IdsColumn", "TokenizeConfig", "TokenizeResult",
            "LoadedTokenizer", "count_words", "load_tokenizer", "run_tokenize", "tokenize_dataset", "tokenizer_digests",
            "tokenizer_mismatch", "tokenizer_sha256"]
 
@@ -125,6 +125,9 @@ class LoadedTokenizer:
     ids_sha256: str | None = None  # of the parts that decide the ids (tokenizer_digests)
     ids_parts: dict[str, str] = field(default_factory=dict)
 
+    #: how documents' words are counted in stores it builds (the evaluator's word perplexity)
+    word_rule: ClassVar[str | None] = WORD_RULE
+
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
@@ -201,6 +204,34 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
     return LoadedTokenizer(tok, name, dig["sha256"], int(vocab), cfg, dig["ids_sha256"], dig["ids_parts"])
 
 
+@dataclass
+class IdsColumn:
+    """What stands for the tokenizer when the source column already holds token ids
+    (``TokenizeConfig.ids_column``): the ids are checked against ``vocab_size`` and stored as they are."""
+
+    column: str
+    vocab_size: int
+    sha256: ClassVar[None] = None  # no tokenizer file: the build settings record None
+    word_rule: ClassVar[None] = None  # no text, so no words counted
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": None, "sha256": None, "vocab_size": self.vocab_size, "special_ids": {},
+                "ids_column": self.column}
+
+    def check(self, batch: IdsBatch) -> None:
+        """Refuse (one line naming the row) an id outside ``[0, vocab_size)``, before anything is written."""
+        flat = batch.flat
+        if not flat.size:
+            return
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo >= 0 and hi < self.vocab_size:
+            return
+        at = int(np.argmax((flat < 0) | (flat >= self.vocab_size)))
+        row = batch.first_row + int(np.searchsorted(np.cumsum(batch.lens), at, side="right"))
+        raise SourceError(f"row {row}: column {self.column!r} holds id {int(flat[at])}, outside the vocabulary "
+                          f"[0, {self.vocab_size}): pass the --vocab-size of the tokenizer that made the ids")
+
+
 def _resolve_special(tok: LoadedTokenizer, choice: str, which: str) -> tuple[int | None, str | None]:
     """``choice``: 'auto' (the tokenizer's own, if any), 'none', or a token string such as '</s>'."""
     if choice == "none":
@@ -222,10 +253,16 @@ def _resolve_special(tok: LoadedTokenizer, choice: str, which: str) -> tuple[int
 
 @dataclass
 class TokenizeConfig:
-    """Settings of one ``streamdata tokenize`` run (validated on construction)."""
+    """Settings of one ``streamdata tokenize`` run (validated on construction).
+
+    ``ids_column``: the source's column already holds token ids (lists of integers, e.g. a
+    pre-tokenized ``input_ids``): they are stored as they are, one document per row, with no
+    tokenizer (``tokenizer`` None), no EOS/BOS added and ``vocab_size`` given (it picks the dtype and
+    every id is checked against it). Such a store knows no byte or word counts (totals 0), so bits
+    per byte and word perplexity are reported as unavailable."""
 
     source: Sequence[str] | str
-    tokenizer: str
+    tokenizer: str | None
     out: str
     config_name: str | None = None
     split: str | None = None
@@ -250,10 +287,13 @@ class TokenizeConfig:
     #: contiguous slices of the source (cut as streamdata.source says); ``streamdata merge`` joins them
     num_parts: int | None = None
     part: int | None = None
+    ids_column: str | None = None  # store this column's token ids as they are (no tokenizer)
+    vocab_size: int | None = None  # with ids_column: the ids' vocabulary size (required)
 
     def __post_init__(self):
         if isinstance(self.source, str):
             self.source = (self.source,)
+        self._check_ids_mode()
         self.source = tuple(str(s) for s in self.source)
         check_part(self.num_parts, self.part)
         if self.num_parts is not None:
@@ -285,12 +325,33 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize writes to a local folder, not {self.out!r}: tokenize locally, then "
                               "'streamdata convert' the store to the URL")
 
+    def _check_ids_mode(self) -> None:
+        """A tokenizer, or an ids column with its vocabulary size: never both, never neither."""
+        if self.ids_column is None:
+            if not self.tokenizer:
+                raise ConfigError("no tokenizer: pass --tokenizer (a tokenizer.json, a folder, a hub id or 'default'), "
+                                  "or --ids-column NAME for a column that already holds token ids")
+            if self.vocab_size is not None:
+                raise ConfigError(f"vocab_size={self.vocab_size} applies only with --ids-column (a tokenizer gives its "
+                                  "own): drop --vocab-size")
+            return
+        if self.tokenizer:
+            raise ConfigError(f"--ids-column {self.ids_column!r} stores ids as they are, without a tokenizer, but "
+                              f"--tokenizer {self.tokenizer!r} was given too: drop one of them")
+        if self.vocab_size is None or self.vocab_size < 1:
+            raise ConfigError(f"--ids-column {self.ids_column!r} needs --vocab-size N, the vocabulary the ids come "
+                              "from (it picks uint16/uint32, and every id is checked against it)")
+        for name, default in (("eos", "auto"), ("bos", "none")):
+            if getattr(self, name) not in (default, "none"):
+                raise ConfigError(f"--{name} {getattr(self, name)!r} needs a tokenizer; with --ids-column the ids are "
+                                  f"stored as they are: put the {name.upper()} ids in the column, or drop --{name}")
+
     def source_spec(self) -> SourceSpec:
         return SourceSpec(
             paths=tuple(self.source), config=self.config_name, split=self.split, revision=self.revision,
             text_column=self.text_column, streaming=self.streaming, sample_by=self.sample_by,
             cache_dir=self.cache_dir, data_files_builder=self.data_files_builder,
-            num_parts=self.num_parts, part=self.part,
+            num_parts=self.num_parts, part=self.part, ids_column=self.ids_column,
         )
 
 
@@ -407,15 +468,21 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
         raise ConfigError(f"tokenize_dataset takes a TokenizeConfig, a source or keywords, not {type(config).__name__}: "
                           "pass e.g. tokenize_dataset('corpus/*.jsonl', tokenizer=..., out=...)")
     cfg = config if config is not None else TokenizeConfig(**kwargs)
-    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.ids_column is not None:
+        tok: LoadedTokenizer | IdsColumn = IdsColumn(cfg.ids_column, int(cfg.vocab_size))
+        eos_id = bos_id = None
+        special = {"eos": None, "eos_token": None, "eos_policy": "none", "bos": None, "bos_token": None,
+                   "bos_policy": "none", "placement": f"ids of column {cfg.ids_column!r} stored as they are: no BOS/EOS added"}
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+        eos_id, eos_tok = _resolve_special(tok, cfg.eos, "eos")
+        bos_id, bos_tok = _resolve_special(tok, cfg.bos, "bos")
+        special = {
+            "eos": eos_id, "eos_token": eos_tok, "eos_policy": cfg.eos,
+            "bos": bos_id, "bos_token": bos_tok, "bos_policy": cfg.bos,
+            "placement": "bos + text + eos for every document; the tokenizer's own post-processor is not applied",
+        }
     dtype = choose_dtype(tok.vocab_size)
-    eos_id, eos_tok = _resolve_special(tok, cfg.eos, "eos")
-    bos_id, bos_tok = _resolve_special(tok, cfg.bos, "bos")
-    special = {
-        "eos": eos_id, "eos_token": eos_tok, "eos_policy": cfg.eos,
-        "bos": bos_id, "bos_token": bos_tok, "bos_policy": cfg.bos,
-        "placement": "bos + text + eos for every document; the tokenizer's own post-processor is not applied",
-    }
     # the lock first: a second writer of --out fails at once, before loading the source
     lock = lock_output(cfg.out)
     try:
@@ -430,13 +497,15 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
             "tokenizer_sha256": tok.sha256,
             # doc_words' rule: a build begun by a version that counted words otherwise never resumes
             # into one store with mixed counts (it is refused with the key named)
-            "word_rule": WORD_RULE,
+            "word_rule": tok.word_rule,
             "special": special,
             "dtype": dtype,
             "shard_tokens": cfg.shard_tokens,
             "max_docs": cfg.max_docs,
             "max_tokens": cfg.max_tokens,
         }
+        if cfg.ids_column is not None:  # the ids are checked against it: another vocabulary is another build
+            settings = {**settings, "vocab_size": tok.vocab_size}
         if cfg.format == "zarr":
             settings = {**settings, "format": "zarr", "compression": cfg.compression}
         if source.part is not None:  # a part resumes only as the same part of the same cut
@@ -458,7 +527,7 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
         source.close()
 
 
-def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, out: Output, dtype: str,
+def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source: Source, out: Output, dtype: str,
                    bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> TokenizeResult:
     """``--format zarr``: tokenize into an npy staging store inside the build, then pack it into zarr.
 
@@ -484,7 +553,7 @@ def _tokenize_zarr(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, ou
         raise
 
 
-def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, writer: StoreWriter,
+def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source: Source, writer: StoreWriter,
                   bos_id: int | None, eos_id: int | None, special: dict[str, Any]) -> TokenizeResult:
     """source -> encode -> writer, then seal. On any error the writer keeps its finished shards."""
     created = {
@@ -515,6 +584,11 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
                     return
 
         def encoded():
+            if isinstance(tok, IdsColumn):  # ids already: checked, not encoded
+                for batch in limited():
+                    tok.check(batch)
+                    yield batch, batch.flat, batch.lens
+                return
             # Runs in the background thread: reading Arrow and the (GIL-free) Rust encoding of the
             # next batches overlap the counting and writing of batch k in this thread. Two encode
             # calls are in flight, so the cores a batch's last long documents leave idle take the
@@ -543,8 +617,11 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
                 if keep < len(lens):
                     texts, lens = texts[:keep], lens[:keep]
                     flat = flat[: int(lens.sum())]
-            nbytes = [utf8_len(t) for t in texts]
-            nwords = [count_words(t) for t in texts]
+            if isinstance(tok, IdsColumn):  # no text: counts unknown (zeros, totals 0: no bits per byte)
+                nbytes = nwords = np.zeros(len(lens), np.int64)
+            else:
+                nbytes = [utf8_len(t) for t in texts]
+                nwords = [count_words(t) for t in texts]
             writer.add_documents(flat, lens, nbytes, nwords)
             if bar is not None:
                 bar.update(len(texts))
@@ -555,7 +632,7 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer, source: Source, wri
                 break
         # a part's manifest says which slice it holds (extra survives convert and the zarr pack)
         writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
-                                        source=source.identity, created_by=created, word_rule=WORD_RULE,
+                                        source=source.identity, created_by=created, word_rule=tok.word_rule,
                                         extra=None if source.part is None else {"part": source.part})
         return TokenizeResult(writer.finished, False, tokens_before, skip,
                               writer.tokens_written - tokens_before, writer.documents_written - skip)

@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, StoreError
-from ..format import Manifest, ShardInfo, choose_dtype, numpy_dtype, sha256_file
+from ..format import Manifest, ShardInfo, numpy_dtype, sha256_file
 from .base import INDEX_IN_RAM, MappedFile, check_document_index, imported_identity, int64_index, scan_tokens
-from .raw_bin import ImportedStore, check_import_ids, file_entry
+from .raw_bin import ImportedStore, check_import_ids, copy_ids, file_entry, import_dtype, same_id_bytes
 
 __all__ = ["MEGATRON_DTYPES", "MegatronIndex", "MegatronTokenStore", "open_megatron", "read_megatron_index"]
 
@@ -126,12 +126,7 @@ class MegatronTokenStore(ImportedStore):
         self._idx_file: MappedFile | None = ix.file  # the index arrays are views of it
         try:
             fdt = ix.dtype
-            if fdt.kind == "f":
-                raise StoreError(f"Megatron dataset {prefix!r} holds {fdt.name} values, not token ids: import a token dataset")
-            if vocab_size is not None:
-                dtype = choose_dtype(int(vocab_size))
-            else:
-                dtype = "uint16" if fdt.itemsize <= 2 else "uint32"
+            dtype = import_dtype(fdt, vocab_size, f"Megatron dataset {prefix!r}")
             check_import_ids(eos_id, vocab_size, dtype, "Megatron")
             self.path = prefix
             self._fdt = fdt
@@ -184,9 +179,7 @@ class MegatronTokenStore(ImportedStore):
             self._seq_off, self._ptrs = seq_off, ptrs
             n_tok = int(seq_off[-1])
             self._contiguous = state["contiguous"]
-            # Same bytes as the store dtype (uint16 -> uint16, int32 -> uint32): read without converting.
-            # (int16 is converted with a check instead: a negative id must not wrap silently.)
-            self._same_bytes = fdt == self._sdt or (fdt == np.dtype("<i4") and self._sdt == np.dtype("<u4"))
+            self._same_bytes = same_id_bytes(fdt, self._sdt)  # read without converting
             self._file = MappedFile(bin_path, "Megatron data file")
             self._flat = self._file.array(fdt, n_tok) if self._contiguous else None
             self.manifest = Manifest(  # provisional (checksums below read through read_into)
@@ -236,17 +229,7 @@ class MegatronTokenStore(ImportedStore):
         return sha
 
     def _copy(self, src: np.ndarray, out: np.ndarray) -> None:
-        if self._same_bytes:
-            out[: len(src)] = src.view(self._sdt)
-            return
-        if src.size:
-            lo, hi = int(src.min()), int(src.max())
-            top = np.iinfo(self._sdt).max
-            if lo < 0 or hi > top:
-                bad = lo if lo < 0 else hi
-                raise StoreError(f"Megatron dataset {self.path!r} holds id {bad}, outside {self._sdt.name}: "
-                                 "pass vocab_size so the store dtype fits, or check the file")
-        out[: len(src)] = src  # widening/narrowing cast, range checked above
+        copy_ids(src, out, self._sdt, self._same_bytes, f"Megatron dataset {self.path!r}")
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         start, stop = self._check_range(start, stop)

@@ -12,8 +12,9 @@ returns them (here exactly the file's bytes, so the file is read once); ``source
 the file with its size and sha256. Byte and word counts per document are unknown:
 ``doc_bytes``/``doc_words`` are None and ``totals`` has no ``bytes``/``words``.
 
-The rules shared with the Megatron import (:mod:`.megatron`) live here: :data:`RAW_DTYPES`,
-:func:`check_import_ids`, :func:`file_entry` and :class:`ImportedStore`.
+The rules shared with the other imports (:mod:`.megatron`, :mod:`.datatrove`, :mod:`.litdata`) live
+here: :data:`RAW_DTYPES`, :func:`check_import_ids`, :func:`file_entry`, :class:`ImportedStore`, and the
+one dtype rule of files whose ids are not our uint16/uint32 (:func:`import_dtype`, :func:`copy_ids`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, StoreError
-from ..format import Manifest, ShardInfo, numpy_dtype
+from ..format import Manifest, ShardInfo, choose_dtype, numpy_dtype
 from .base import MappedFile, TokenStore, check_document_index, imported_identity, scan_tokens
 
-__all__ = ["RAW_DTYPES", "ImportedStore", "RawBinTokenStore", "check_import_ids", "file_entry", "open_raw_bin"]
+__all__ = ["DTYPE_ASSUMED", "RAW_DTYPES", "ImportedStore", "RawBinTokenStore", "check_import_ids", "copy_ids", "file_entry", "import_dtype",
+           "open_raw_bin", "same_id_bytes"]
 
 #: dtypes a raw token file may hold (also the choices of ``streamdata convert --dtype``)
 RAW_DTYPES = ("uint16", "uint32")
+#: ``source["dtype_from"]`` of a raw file opened without a dtype: nothing in the file says it
+DTYPE_ASSUMED = "assumed (nanoGPT's uint16: a raw .bin does not record its dtype)"
 
 
 def _raw_dtype(dtype: str) -> np.dtype:
@@ -50,6 +54,41 @@ def check_import_ids(eos_id: int | None, vocab_size: int | None, dtype_name: str
         top = int(vocab_size) if vocab_size is not None else limit
         if not 0 <= int(eos_id) < top:
             raise ConfigError(f"eos_id {eos_id} is outside [0, {top}): pass the EOS id of the tokenizer that wrote the file")
+
+
+def import_dtype(file_dtype: np.dtype, vocab_size: int | None, what: str) -> str:
+    """The store dtype of ids held in a file as ``file_dtype``: ``choose_dtype(vocab_size)`` when the
+    vocabulary is known, else uint16 for 8/16-bit files and uint32 for 32/64-bit ones. Float files
+    are refused (they hold values, not token ids)."""
+    if file_dtype.kind not in "iu":
+        raise StoreError(f"{what} holds {file_dtype.name} values, not token ids: import a token dataset")
+    if vocab_size is not None:
+        return choose_dtype(int(vocab_size))
+    return "uint16" if file_dtype.itemsize <= 2 else "uint32"
+
+
+def same_id_bytes(file_dtype: np.dtype, store_dtype: np.dtype) -> bool:
+    """True when ids stored as ``file_dtype`` are already the store's bytes (uint16 -> uint16, uint32 or
+    int32 -> uint32: a non-negative int32 has the bytes of the same uint32), so reads need no conversion.
+    int16 is converted with a check instead: a negative id must not wrap silently."""
+    return file_dtype == store_dtype or (file_dtype == np.dtype("<i4") and store_dtype == np.dtype("<u4"))
+
+
+def copy_ids(src: np.ndarray, out: np.ndarray, store_dtype: np.dtype, same_bytes: bool, what: str) -> None:
+    """Copy ids read from a file (``src``, its dtype) into ``out[: len(src)]`` as the store returns them.
+
+    Same bytes: a view, no conversion. Otherwise the range is checked first (one min/max pass), so an id
+    that would wrap or be cut by the cast raises StoreError instead of becoming another token."""
+    if same_bytes:
+        out[: len(src)] = src.view(store_dtype)
+        return
+    if src.size:
+        lo, hi = int(src.min()), int(src.max())
+        if lo < 0 or hi > np.iinfo(store_dtype).max:
+            bad = lo if lo < 0 else hi
+            raise StoreError(f"{what} holds id {bad}, outside {store_dtype.name}: "
+                             "pass vocab_size so the store dtype fits, or check the file")
+    out[: len(src)] = src  # widening/narrowing cast, range checked above
 
 
 def file_entry(path: Path, sha: str) -> dict[str, Any]:
@@ -78,7 +117,7 @@ class RawBinTokenStore(ImportedStore):
     widening_reads = True  # read_into is a numpy slice assignment of the mapped array
 
     def __init__(self, path: str | os.PathLike, dtype: str = "uint16", eos_id: int | None = None,
-                 vocab_size: int | None = None, *, checksum: bool = True):
+                 vocab_size: int | None = None, *, checksum: bool = True, dtype_assumed: bool = False):
         p = Path(path)
         np_dtype = _raw_dtype(dtype)
         check_import_ids(eos_id, vocab_size, dtype, "raw .bin")
@@ -130,6 +169,7 @@ class RawBinTokenStore(ImportedStore):
         self.manifest = Manifest(
             dtype=dtype, tokenizer=tokenizer, special_tokens=special,
             source={"kind": "raw-bin", "files": [file_entry(p, sha)], "dtype": dtype,
+                    "dtype_from": DTYPE_ASSUMED if dtype_assumed else "given by the caller",
                     "documents": "split after each EOS id" if eos_id is not None else "whole file"},
             shards=[ShardInfo(p.name, n_tok, len(offsets) - 1, sha)],
             totals={"tokens": n_tok, "documents": len(offsets) - 1},
@@ -158,7 +198,7 @@ class RawBinTokenStore(ImportedStore):
 
 
 def open_raw_bin(path: str | os.PathLike, dtype: str = "uint16", eos_id: int | None = None,
-                 vocab_size: int | None = None, *, checksum: bool = True) -> RawBinTokenStore:
+                 vocab_size: int | None = None, *, checksum: bool = True, dtype_assumed: bool = False) -> RawBinTokenStore:
     """Open a headerless little-endian token file read-only.
 
     ``dtype``: "uint16" (nanoGPT) or "uint32". ``eos_id``: split documents after each EOS (else one
@@ -167,6 +207,8 @@ def open_raw_bin(path: str | os.PathLike, dtype: str = "uint16", eos_id: int | N
     sha256 and ``streamdata verify`` reports it as a mismatch. With ``checksum=False`` and no
     ``eos_id`` nothing is read at open (O(1) for any size): ids are then checked against
     ``vocab_size`` as they are read (``WindowLoader(vocab_size=...)``, which the evaluator passes),
-    not up front, and ``streamdata verify`` reads them all.
+    not up front, and ``streamdata verify`` reads them all. ``dtype_assumed``: the caller did not know
+    the dtype (``open_store`` of a ``.bin``): the manifest's ``source["dtype_from"]`` says so, and
+    ``streamdata info`` shows it.
     """
-    return RawBinTokenStore(path, dtype, eos_id, vocab_size, checksum=checksum)
+    return RawBinTokenStore(path, dtype, eos_id, vocab_size, checksum=checksum, dtype_assumed=dtype_assumed)

@@ -324,3 +324,45 @@ def test_megatron_index_in_blocks_equals_the_whole_index(tmp_path, monkeypatch, 
         with open(str(bad) + ".bin", "r+b") as f:
             f.truncate(2 * (len(flat) - 1))
         open_megatron(bad)
+
+
+# ---- no silent guess: files of a recognised format are never read as a raw .bin ------------------
+def test_megatron_bin_without_its_idx_is_refused_unless_a_dtype_is_given(tmp_path):
+    prefix = write_megatron(tmp_path / "corpus_text_document", [[[1, 2, 3]], [[4, 5]]], "uint16")
+    Path(str(prefix) + ".idx").unlink()
+    for arg in (str(prefix) + ".bin", prefix):
+        with pytest.raises(StoreError, match=r"corpus_text_document.bin' is named like a Megatron-LM data file but "
+                                             r"'corpus_text_document.idx' is not beside it: copy the .idx there") as e:
+            open_store(arg)
+        assert "\n" not in str(e.value)
+    with open_store(str(prefix) + ".bin", dtype="uint16") as s:  # a dtype given: the caller says it is raw ids
+        assert s.read(0, 5).tolist() == [1, 2, 3, 4, 5] and s.manifest.source["dtype_from"] == "given by the caller"
+
+
+def test_a_store_shard_opened_from_outside_its_folder_is_refused(make_store, tmp_path):
+    root = make_store([[1, 2, 3], [4, 5]], name="st")
+    shard = root / "shards" / "tokens-00000.bin"
+    with pytest.raises(StoreError, match=r"tokens-00000.bin' is a shard of the streamdata store '.*st' \(the folder "
+                                         r"holds its dtype and document index\): open the folder instead") as e:
+        open_store(shard)
+    assert "\n" not in str(e.value)
+    with pytest.raises(StoreError, match=r"is the manifest of the store '.*st': open the folder instead"):
+        open_store(root / "manifest.json")
+    (root / "manifest.json").unlink()
+    (root / "_build").mkdir()
+    with pytest.raises(StoreError, match=r"is a shard of the streamdata unfinished build of a store"):
+        open_store(shard)
+
+
+def test_a_raw_bin_says_its_dtype_was_assumed(tmp_path, capsys):
+    from streamdata.cli import main
+
+    p = write_nanogpt_bin(tmp_path / "train.bin", [1, 2, 3])
+    with open_store(p) as s:
+        assert s.manifest.source["dtype"] == "uint16" and s.manifest.source["dtype_from"].startswith("assumed")
+    with open_raw_bin(p) as s:
+        assert s.manifest.source["dtype_from"] == "given by the caller"
+    assert main(["info", str(p)]) == 0
+    assert ("raw .bin train.bin: uint16 ids, dtype assumed (nanoGPT's uint16: a raw .bin does not record its dtype); "
+            "32-bit ids: open_raw_bin(path, dtype='uint32') or convert --dtype uint32; documents: whole file") \
+        in capsys.readouterr().out
