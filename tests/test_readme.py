@@ -27,6 +27,7 @@ README = ROOT / "README.md"
 SKIPPED = {
     "# 1. the main job on the embedded default: create .venv, install, tokenize the running Python's": "installs packages (.ci/setup)",
     ".venv/bin/python -m pytest -q -m cuda": "needs a GPU",
+    ".venv/bin/python -m pytest -q tests/evaluator/test_architectures.py": "the test suite runs this file itself",
     "streameval demo --out runs/demo        # the embedded default: stdlib store + bundled model, 1M tokens":
         "tokenizes the whole stdlib and scores 1M tokens (minutes on a CPU)",
     "python -m benchmarks                    # the suite: stages, verdict, sweeps, baselines, memory scaling":
