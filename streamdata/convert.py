@@ -1,5 +1,8 @@
 """Convert any TokenStore (npy, zarr, raw .bin, Megatron) into an npy or zarr store.
 
+A source in our formats (npy, zarr) is checked as it is read, like a merge's parts: its index
+checksums before anything is written, every shard's sha256 as the copy streams it (a resumed copy
+re-reads its finished prefix), so a damaged source is never sealed under fresh checksums.
 Tokens and document bounds are copied exactly; the manifest keeps the source's identity
 (tokenizer, special tokens, source, created_by, extra) and records where it came from in
 ``extra["converted_from"]`` (format, path, dtype, totals and shard checksums of the source).

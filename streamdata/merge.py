@@ -20,9 +20,11 @@ Checks, one line each naming the part and the fix (before anything is written): 
 finished store (a folder with an unfinished build, or without ``manifest.json``, is refused) made
 by ``tokenize --num-parts``; all parts have the same ``num_parts``, tokenizer (sha256), special
 tokens (EOS/BOS policy), dtype, word-count rule and source identity (which includes ``sample_by`` and the text
-column); each part number appears once and none is missing; the output is not one of the parts. While
-copying, every part's shards are hashed and compared with the part's manifest, so a damaged part
-stops the merge instead of being sealed under a new, valid checksum.
+column); each part number appears once and none is missing; the output is not one of the parts. Every
+part's document-index arrays are compared with their manifest checksums before anything is
+written (:func:`streamdata.verify.index_mismatches`), and while copying every part shard is hashed
+and compared with the part's manifest (:class:`~streamdata.backends.base.ChecksummedReads`), so a
+damaged part stops the merge instead of being sealed under a new, valid checksum.
 
 Output: npy or zarr (default: the first part's format and layout), with the folder rules of every
 writer (:func:`streamdata.output.prepare_output`: lock, resume, refuse foreign folders, overwrite by

@@ -12,19 +12,28 @@ Rules (README "Safety"):
 - **Only our markers make a folder ours.** A folder is a *store of ours* when its ``manifest.json``
   parses with our ``format`` (npy, zarr) and a readable ``format_version``; it is a *build of ours*
   when ``_build/streamdata-build.json`` holds our ledger marker (written before anything else of a
-  build). Either must also hold nothing but names our layouts use (:func:`foreign_entries`). Any
+  build). Either must also hold nothing but names our layouts use, each a real folder or regular
+  file (:func:`foreign_entries`, lstat: a symlink named like a partial shard is foreign). Any
   other non-empty folder is refused, with or without ``overwrite``; nothing we did not write is
-  ever removed.
+  ever removed, and a symlink never is. Every file a writer writes is opened with ``O_NOFOLLOW``
+  (:func:`streamdata.format.create_file`).
+- **A symlinked output is refused** (:func:`_refuse_symlink`): a swap renames the output folder,
+  and the lock beside a link would not guard the real folder.
 - **One writer per folder** (local outputs): an exclusive ``flock`` on ``.NAME.streamdata-lock``
   beside the output (beside, not inside: the output folder is renamed by an overwrite, and a lock
   file left inside would make a user's folder look foreign). The second writer fails at once; the
   OS drops the lock when a process dies. Our lock file is removed when the build ends.
 - **Overwrite by swap**: replacing a finished store builds the new one in the sibling
   ``.NAME.streamdata-new`` (same file system), and only once it is sealed renames the old store to
-  ``.NAME.streamdata-old``, the new one to ``NAME``, and removes the old one. Recovery rule (run by
-  every :func:`prepare_output` under the lock, so any rerun completes it): a *sealed* ``-new`` means
-  the swap was decided, so it is finished; an ``-old`` store beside a missing ``NAME`` and an
-  unsealed ``-new`` is moved back. Until the swap the old store stays intact and readable.
+  ``.NAME.streamdata-old``, the new one to ``NAME``, and removes the old one. Just before the seal
+  the ``-new`` ledger records the swap (:attr:`BuildLedger.swap`: this output's real path and the
+  sha256 of the manifest it replaces); the ledger goes only once the swap is done. Recovery rule
+  (run by every :func:`prepare_output` under the lock, so any rerun completes it): a sealed ``-new``
+  that is a real folder whose record names this output means the swap was decided, so it is
+  finished; an ``-old`` is removed only when it is a real folder holding the store the record says
+  was replaced. Any other ``-new``/``-old`` (a symlink, a file, a store without that record) is
+  refused in one line and left alone. Until the swap the old store stays intact and readable.
+- **Full disk**: :func:`full_disk_is_one_line` around each writer turns ENOSPC/EDQUOT into one line.
 - **Resume identity**: the ledger records the build's settings and each local source file's size,
   mtime and a content digest (:class:`SourceFile`); a rerun resumes only when all are unchanged.
 - **Leftovers**: :meth:`Output.abort` keeps exactly what a rerun resumes from; when nothing was
@@ -274,12 +283,16 @@ class _Dir:
 
     def read(self, rel: str) -> bytes | None:
         try:
-            if self.local:
-                with open(self.path(rel), "rb") as f:
+            if self.local:  # never through a symlink: what it points to is not this folder's
+                with os.fdopen(os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                     return f.read()
             return self.fs.cat_file(self.path(rel))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None  # a symlink: read as absent, and foreign_entries refuses the folder
+            raise
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         if self.local:

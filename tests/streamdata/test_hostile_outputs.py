@@ -352,3 +352,18 @@ def test_full_disk_during_convert_and_merge_is_one_line(tmp_path, good_store, ca
         _one_line(capsys, f"'{tmp_path / 'c'}'", "free space")
     assert main(["convert", str(good_store), str(tmp_path / "c"), "--format", fmt]) == 0
     assert verify_store(tmp_path / "c").ok
+
+
+def test_symlinked_files_in_a_store_make_it_foreign(tmp_path, corpus, bpe_tokenizer, capsys):
+    """A store of ours whose manifest or shards folder is a symlink is not ours: --overwrite refuses
+    it in one line and removes nothing (neither the link nor what it points to)."""
+    out, other = tmp_path / "s", tmp_path / "other"
+    assert main(_tok(corpus, bpe_tokenizer, other, "--max-docs", 3)) == 0
+    out.mkdir()
+    (out / MANIFEST_NAME).symlink_to(other / MANIFEST_NAME)
+    (out / "shards").symlink_to(other / "shards", target_is_directory=True)
+    before_other = _tree(other)
+    capsys.readouterr()
+    assert main(_tok(corpus, bpe_tokenizer, out, "--overwrite")) == 2
+    _one_line(capsys, f"'{out}'")
+    assert (out / MANIFEST_NAME).is_symlink() and (out / "shards").is_symlink() and _tree(other) == before_other
