@@ -240,7 +240,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-_SETTLE_S = 30.0  # seconds to let zarr's other reads of a failed call finish before cancelling them
+_SETTLE_S = 10.0  # seconds to let zarr's other reads of a failed call finish before cancelling them
 
 
 def _settle_zarr_tasks() -> None:
@@ -251,7 +251,10 @@ def _settle_zarr_tasks() -> None:
     once and the others stay pending. Left so, they are destroyed at interpreter exit with dozens
     of lines of asyncio noise ("Task was destroyed but it is pending!", "coroutine ... was never
     awaited", tracebacks) after our one-line error. So: let them finish (local reads take
-    milliseconds), cancel what is still running after _SETTLE_S, and retrieve every outcome.
+    milliseconds; a finishing task may start children, hence rounds), cancel what still runs after
+    _SETTLE_S, and retrieve every outcome. Trap: the loop is zarr's one loop for the process, so a
+    read of another store by another thread that is still running after _SETTLE_S is cancelled too
+    (it fails); the caller is failing with a damaged store at that point anyway.
     """
     import asyncio
 
@@ -263,18 +266,23 @@ def _settle_zarr_tasks() -> None:
 
     async def settle() -> None:
         me = asyncio.current_task()
+        deadline = loop.time() + _SETTLE_S
+        seen: set = set()
         while True:
-            others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-            if not others:
-                return
-            _, pending = await asyncio.wait(others, timeout=_SETTLE_S)
-            for t in pending:
-                t.cancel()
-            if pending:
+            pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            seen.update(pending)
+            left = deadline - loop.time()
+            if not pending:
+                break
+            if left <= 0:
+                for t in pending:
+                    t.cancel()
                 await asyncio.wait(pending, timeout=1.0)
-            for t in others:
-                if t.done() and not t.cancelled():
-                    t.exception()  # retrieved: no "exception was never retrieved" at exit
+                break
+            await asyncio.wait(pending, timeout=left)
+        for t in seen:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: no "exception was never retrieved" at exit
 
     try:
         asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout=_SETTLE_S + 5)

@@ -87,14 +87,19 @@ def _flip_shard_byte(store: Path) -> None:
 
 
 # ---- item 3: merge never seals a damaged part (index included) --------------------------------------
-@pytest.mark.parametrize("fmt", ["npy", "zarr"])
-def test_merge_refuses_a_part_with_a_moved_offset(tmp_path, corpus, bpe_tokenizer, capsys, fmt):
+def _two_parts(tmp_path, corpus, tok) -> list[Path]:
     second = _jsonl(tmp_path / "more.jsonl", [f"{t} more {i}" for i, t in enumerate(CORPUS * 3)])
     parts = []
     for i in range(2):
-        args = _tok(corpus, bpe_tokenizer, tmp_path / f"p{i}", "--num-parts", 2, "--part", i)
+        args = _tok(corpus, tok, tmp_path / f"p{i}", "--num-parts", 2, "--part", i)
         assert main([*args[:2], str(second), *args[2:]]) == 0
         parts.append(tmp_path / f"p{i}")
+    return parts
+
+
+@pytest.mark.parametrize("fmt", ["npy", "zarr"])
+def test_merge_refuses_a_part_with_a_moved_offset(tmp_path, corpus, bpe_tokenizer, capsys, fmt):
+    parts = _two_parts(tmp_path, corpus, bpe_tokenizer)
     _move_interior_offset(parts[1])
     assert not verify_store(parts[1]).ok  # verify PART reports it
     capsys.readouterr()
@@ -336,7 +341,7 @@ def test_full_disk_during_tokenize_is_one_line_and_resumes(tmp_path, corpus, bpe
 
 
 @pytest.mark.parametrize("fmt", ["npy", "zarr"])
-def test_full_disk_during_convert_and_merge_is_one_line(tmp_path, good_store, capsys, monkeypatch, fmt):
+def test_full_disk_during_convert_is_one_line(tmp_path, good_store, capsys, monkeypatch, fmt):
     from streamdata import writer as writer_mod
     from streamdata.backends import zarr as zarr_mod
 
@@ -367,3 +372,18 @@ def test_symlinked_files_in_a_store_make_it_foreign(tmp_path, corpus, bpe_tokeni
     assert main(_tok(corpus, bpe_tokenizer, out, "--overwrite")) == 2
     _one_line(capsys, f"'{out}'")
     assert (out / MANIFEST_NAME).is_symlink() and (out / "shards").is_symlink() and _tree(other) == before_other
+
+
+def test_full_disk_during_merge_is_one_line_and_resumes(tmp_path, corpus, bpe_tokenizer, capsys, monkeypatch):
+    from streamdata import writer as writer_mod
+
+    parts = _two_parts(tmp_path, corpus, bpe_tokenizer)
+    merge = ["merge", *map(str, parts), "--shard-tokens", str(SHARD)]
+    assert main([*merge, "--out", str(tmp_path / "ref")]) == 0
+    with monkeypatch.context() as mp:
+        _fill_disk_after(mp, writer_mod, "_write_bytes", 1500)
+        capsys.readouterr()
+        assert main([*merge, "--out", str(tmp_path / "m")]) == 2
+    _one_line(capsys, f"'{tmp_path / 'm'}'", "free space")
+    assert main([*merge, "--out", str(tmp_path / "m")]) == 0
+    assert _tree(tmp_path / "m") == _tree(tmp_path / "ref")  # byte for byte the uninterrupted merge
