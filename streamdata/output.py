@@ -122,8 +122,10 @@ def full_disk_is_one_line(out: str | os.PathLike) -> Iterator[None]:
     except OSError as e:
         if e.errno not in _FULL:
             raise
-        raise StoreError(f"no space left for output {os.fspath(out)!r} ({e.strerror}): free space on its disk (or "
-                         "raise the quota), then rerun the same command: finished shards are kept and it resumes") from None
+        at = f" writing {os.fspath(e.filename)!r}" if e.filename else ""  # e.g. a temporary file elsewhere
+        raise StoreError(f"no space left for output {os.fspath(out)!r} ({e.strerror}{at}): free space on its disk "
+                         "(or raise the quota), then rerun the same command: finished shards are kept and it "
+                         "resumes") from None
 
 
 # ---- the source identity recorded for resume ----------------------------------------------------

@@ -387,3 +387,21 @@ def test_full_disk_during_merge_is_one_line_and_resumes(tmp_path, corpus, bpe_to
     _one_line(capsys, f"'{tmp_path / 'm'}'", "free space")
     assert main([*merge, "--out", str(tmp_path / "m")]) == 0
     assert _tree(tmp_path / "m") == _tree(tmp_path / "ref")  # byte for byte the uninterrupted merge
+
+
+def test_full_disk_while_packing_zarr_is_one_line_and_resumes(tmp_path, corpus, bpe_tokenizer, capsys, monkeypatch):
+    from streamdata.backends import zarr as zarr_mod
+
+    assert main(_tok(corpus, bpe_tokenizer, tmp_path / "ref", "--format", "zarr")) == 0
+    out = tmp_path / "z"
+    with monkeypatch.context() as mp:
+        def full(arr, start, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        mp.setattr(zarr_mod, "_write_tokens_block", full)
+        capsys.readouterr()
+        assert main(_tok(corpus, bpe_tokenizer, out, "--format", "zarr")) == 2
+    _one_line(capsys, f"'{out}'", "free space")
+    assert main(_tok(corpus, bpe_tokenizer, out, "--format", "zarr")) == 0
+    with open_store(tmp_path / "ref") as a, open_store(out) as b:
+        assert a.manifest.shards == b.manifest.shards and a.manifest.index == b.manifest.index
