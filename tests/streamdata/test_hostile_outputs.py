@@ -289,10 +289,10 @@ def test_symlinked_out_is_refused(tmp_path, corpus, bpe_tokenizer, capsys, overw
 def test_missing_zstd_chunk_is_one_line_without_asyncio_noise(tmp_path):
     from streamdata.backends.zarr import write_zarr_store
 
-    src = write_token_store(tmp_path / "npy", _docs(2, 150), shard_tokens=1 << 20)
+    src = write_token_store(tmp_path / "npy", _docs(2, 60), shard_tokens=1 << 20)
     with open_store(src) as s:
         write_zarr_store(s, tmp_path / "z", compression="zstd", chunk_tokens=16, chunks_per_shard=2)
-    assert len(list((tmp_path / "z" / "tokens" / "c").iterdir())) > 100  # many pending reads when one fails
+    assert len(list((tmp_path / "z" / "tokens" / "c").iterdir())) > 40  # many pending reads when one fails
     (tmp_path / "z" / "tokens" / "c" / "3").unlink()
     r = subprocess.run([sys.executable, "-m", "streamdata", "verify", str(tmp_path / "z")], cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
