@@ -637,8 +637,9 @@ def _recover(target: _Dir) -> None:
         _finish_swap(target, record)
     elif old.exists():
         if not target.exists():
-            raise _not_ours(old, target, f"holds what may be the store of {target.url!r}, which is missing; "
-                                         "rename it back yourself if it is")
+            raise ConfigError(f"{old.root!r} is beside a missing output {target.url!r} and no sealed replacement is "
+                              "there to finish a swap: streamdata left it alone; if it is your store, rename it back to "
+                              "the output yourself, then rerun")
         record = _swap_record(target) if _kind(target) == "store" else None
         _remove_old(target, old, record)  # the swap finished but the old store was not yet removed
         target.remove(BUILD_DIR)

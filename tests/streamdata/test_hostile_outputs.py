@@ -405,3 +405,15 @@ def test_full_disk_while_packing_zarr_is_one_line_and_resumes(tmp_path, corpus, 
     assert main(_tok(corpus, bpe_tokenizer, out, "--format", "zarr")) == 0
     with open_store(tmp_path / "ref") as a, open_store(out) as b:
         assert a.manifest.shards == b.manifest.shards and a.manifest.index == b.manifest.index
+
+
+def test_old_sibling_beside_a_missing_output_is_left_alone(tmp_path, corpus, bpe_tokenizer, capsys):
+    """No sealed replacement beside it: nothing ties the -old folder to this output, so it is not
+    renamed into place or removed; one line says to rename it back if it is the user's store."""
+    old = tmp_path / ".s.streamdata-old"
+    assert main(_tok(corpus, bpe_tokenizer, old, "--max-docs", 3)) == 0
+    before = _tree(old)
+    capsys.readouterr()
+    assert main(_tok(corpus, bpe_tokenizer, tmp_path / "s")) == 2
+    _one_line(capsys, ".s.streamdata-old", "rename it back")
+    assert _tree(old) == before and not (tmp_path / "s").exists()
