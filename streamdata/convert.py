@@ -1,5 +1,8 @@
 """Convert any TokenStore (npy, zarr, raw .bin, Megatron) into an npy or zarr store.
 
+A source in our formats (npy, zarr) is checked as it is read, like a merge's parts: its index
+checksums before anything is written, every shard's sha256 as the copy streams it (a resumed copy
+re-reads its finished prefix), so a damaged source is never sealed under fresh checksums.
 Tokens and document bounds are copied exactly; the manifest keeps the source's identity
 (tokenizer, special tokens, source, created_by, extra) and records where it came from in
 ``extra["converted_from"]`` (format, path, dtype, totals and shard checksums of the source).
@@ -28,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from .backends import TokenStore, open_store
-from .backends.base import find_id_over
+from .backends.base import ChecksummedReads, find_id_over
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url, write_zarr_store
 from .errors import ConfigError, StoreError
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype, numpy_dtype, word_rule_of
+from .output import full_disk_is_one_line
+from .verify import index_mismatches
 
 __all__ = ["FORMATS", "ConvertConfig", "convert_store"]
 
@@ -101,18 +106,20 @@ def convert_store(
     owned = not isinstance(src, TokenStore)
     store = open_store(src) if owned else src
     try:
-        if not is_url(store.path) and not is_url(os.fspath(dst)):
-            if Path(store.path).resolve() == Path(dst).resolve():
-                raise ConfigError(f"source and destination are the same path {os.fspath(dst)!r}: choose another output")
-        m = store.manifest
-        extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
-        extra["converted_from"] = _converted_from(m, store.path)  # the source's own dtype
-        out_store = _narrowed(store)
-        if cfg.format == "zarr":
-            return write_zarr_store(out_store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
-                                    chunks_per_shard=cfg.chunks_per_shard, overwrite=overwrite, extra=extra,
-                                    storage_options=storage_options)
-        return _to_npy(out_store, Path(dst), extra, cfg.shard_tokens, cfg.block_tokens, overwrite)
+        with full_disk_is_one_line(dst):
+            if not is_url(store.path) and not is_url(os.fspath(dst)):
+                if Path(store.path).resolve() == Path(dst).resolve():
+                    raise ConfigError(f"source and destination are the same path {os.fspath(dst)!r}: choose another output")
+            m = store.manifest
+            extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
+            extra["converted_from"] = _converted_from(m, store.path)  # the source's own dtype
+            checked = _checked(store)
+            out_store = _narrowed(checked)
+            if cfg.format == "zarr":  # the pack reads every token from 0 (also when it resumes) before it seals
+                return write_zarr_store(out_store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
+                                        chunks_per_shard=cfg.chunks_per_shard, overwrite=overwrite, extra=extra,
+                                        storage_options=storage_options)
+            return _to_npy(out_store, checked, Path(dst), extra, cfg.shard_tokens, cfg.block_tokens, overwrite)
     finally:
         if owned:
             store.close()
@@ -146,6 +153,25 @@ class _NarrowedStore(TokenStore):
         self._inner.release(start, stop)
 
 
+def _damaged(path: str, file: str) -> str:
+    return (f"source {path!r}: {file!r} does not match its checksum (the source is damaged; nothing of it was "
+            "sealed): restore or rebuild the source ('streamdata verify' lists every defect), then rerun the convert")
+
+
+def _checked(store: TokenStore) -> TokenStore:
+    """``store`` read through its recorded checksums (README "Safety": a copy never launders damage).
+
+    Our formats (npy, zarr) record checksums when they are written: the index is checked here
+    (small), every token shard as the copy streams it (:class:`ChecksummedReads`). Imports and
+    in-memory ids have nothing recorded to check against (their manifest is computed at open)."""
+    if store.manifest.format not in STORE_FORMATS:
+        return store
+    bad = index_mismatches(store)
+    if bad:
+        raise StoreError(_damaged(store.path, bad[0][0]))
+    return ChecksummedReads(store, lambda file: _damaged(store.path, file))
+
+
 def _narrowed(store: TokenStore) -> TokenStore:
     """``store`` itself, or a :class:`_NarrowedStore` when its vocabulary fits a smaller dtype."""
     vocab = store.vocab_size
@@ -155,9 +181,11 @@ def _narrowed(store: TokenStore) -> TokenStore:
     return _NarrowedStore(store, want) if numpy_dtype(want).itemsize < store.dtype.itemsize else store
 
 
-def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_tokens: int,
+def _to_npy(store: TokenStore, checked: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_tokens: int,
             overwrite: bool) -> Manifest:
-    from .writer import StoreWriter
+    """``store`` (perhaps narrowed) into an npy store; ``checked``: the reader underneath it, whose
+    every shard must have been verified before the seal."""
+    from .writer import StoreWriter, copy_documents
 
     m = store.manifest
     if store.num_documents == 0:
@@ -172,22 +200,11 @@ def _to_npy(store: TokenStore, dst: Path, extra: dict, shard_tokens: int, block_
     if w.finished is not None:
         return w.finished
     try:
-        off = np.asarray(store.doc_offsets)
-        nb, nw = store.doc_bytes, store.doc_words
-        n = store.num_documents
-        i = w.documents_done  # documents already in finished shards of an interrupted run
-        while i < n:
-            # whole documents up to ~block_tokens ids (at least one, however long)
-            j = int(np.searchsorted(off, off[i] + block_tokens, side="right")) - 1
-            j = min(n, max(j, i + 1))
-            a, b = int(off[i]), int(off[j])
-            flat = np.empty(b - a, dtype=dtype)
-            store.read_into(a, b, flat)
-            lens = np.diff(off[i : j + 1])
-            zeros = np.zeros(j - i, np.int64)
-            w.add_documents(flat, lens, zeros if nb is None else nb[i:j], zeros if nw is None else nw[i:j])
-            store.release(a, b)
-            i = j
+        # read from token 0 also when resuming (documents already in finished shards are skipped):
+        # a damaged shard copied before a crash is caught again, never skipped unchecked
+        copy_documents(store, w, block_tokens, w.documents_done)
+        if isinstance(checked, ChecksummedReads):
+            checked.verified_all()
         created = {**m.created_by, "converted_by": {"tool": "streamdata.convert", "python": sys.version.split()[0]}}
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
                         created_by=created, extra=extra, word_rule=word_rule_of(m))

@@ -44,6 +44,7 @@ writer may use, resume, replace or remove: :mod:`streamdata.output`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,6 +74,7 @@ __all__ = [
     "choose_dtype",
     "read_manifest",
     "atomic_write_bytes",
+    "create_file",
     "fsync_dir",
     "sha256_file",
 ]
@@ -369,15 +371,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_file(path: str | os.PathLike):
+    """Open ``path`` for writing (created or truncated) as a binary file object: every file a writer
+    writes is opened here.
+
+    ``O_NOFOLLOW``: a symlink planted under one of our names (``shards/tokens-00001.bin.partial``
+    pointing at a file elsewhere) is refused in one line instead of being followed, truncated and
+    overwritten with token ids. The folder checks of :mod:`streamdata.output` refuse such entries
+    before a build starts; this closes the gap between that check and the open.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"{os.fspath(path)!r} is a symbolic link: streamdata writes only regular files inside "
+                             "its output and left it alone; remove it yourself, then rerun") from None
+        raise
+    return os.fdopen(fd, "wb")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with create_file(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file() and not tmp.is_symlink():  # ours (a full disk, say): no half file left behind
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 

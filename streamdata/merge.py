@@ -20,9 +20,11 @@ Checks, one line each naming the part and the fix (before anything is written): 
 finished store (a folder with an unfinished build, or without ``manifest.json``, is refused) made
 by ``tokenize --num-parts``; all parts have the same ``num_parts``, tokenizer (sha256), special
 tokens (EOS/BOS policy), dtype, word-count rule and source identity (which includes ``sample_by`` and the text
-column); each part number appears once and none is missing; the output is not one of the parts. While
-copying, every part's shards are hashed and compared with the part's manifest, so a damaged part
-stops the merge instead of being sealed under a new, valid checksum.
+column); each part number appears once and none is missing; the output is not one of the parts. Every
+part's document-index arrays are compared with their manifest checksums before anything is
+written (:func:`streamdata.verify.index_mismatches`), and while copying every part shard is hashed
+and compared with the part's manifest (:class:`~streamdata.backends.base.ChecksummedReads`), so a
+damaged part stops the merge instead of being sealed under a new, valid checksum.
 
 Output: npy or zarr (default: the first part's format and layout), with the folder rules of every
 writer (:func:`streamdata.output.prepare_output`: lock, resume, refuse foreign folders, overwrite by
@@ -32,20 +34,21 @@ shards; the parts are re-read (and re-verified) from the start, which is cheap n
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .backends import TokenStore, open_store
+from .backends.base import ChecksummedReads
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url
 from .errors import ConfigError, StoreError
 from .format import BUILD_DIR, DEFAULT_SHARD_TOKENS, MANIFEST_NAME, STORE_FORMATS, Manifest, ShardInfo, word_rule_of
-from .output import prepare_output
+from .output import full_disk_is_one_line, prepare_output
+from .verify import index_mismatches
 
 __all__ = ["MergeConfig", "merge_parts"]
 
@@ -88,11 +91,16 @@ class _Part:
     record: dict[str, Any]  # the part's extra["part"]
     tokens_start: int = 0  # global offsets in the merged store
     docs_start: int = 0
-    checks: list[ShardInfo] = field(default_factory=list)
+    checked: ChecksummedReads | None = None  # the store read through its shard checksums (set by _check_parts)
 
     @property
     def index(self) -> int:
         return int(self.record["part"])
+
+
+def _damaged(path: str, file: str) -> str:
+    return (f"part {path!r}: {file!r} does not match its checksum (the part is damaged; nothing of it was sealed): "
+            "re-tokenize that part with --overwrite, then rerun the merge")
 
 
 def merge_parts(parts: Sequence[str | os.PathLike] | MergeConfig, out: str | os.PathLike | None = None,
@@ -100,6 +108,11 @@ def merge_parts(parts: Sequence[str | os.PathLike] | MergeConfig, out: str | os.
     """Merge the stores ``parts`` (all parts of one ``tokenize --num-parts K``, in any order) into a
     new store at ``out`` and return its manifest (see the module docstring for the rules)."""
     cfg = parts if isinstance(parts, MergeConfig) else MergeConfig(parts, os.fspath(out) if out is not None else "", **kwargs)
+    with full_disk_is_one_line(cfg.out):
+        return _merge(cfg)
+
+
+def _merge(cfg: MergeConfig) -> Manifest:
     _check_paths(cfg)
     opened: list[_Part] = []
     try:
@@ -236,10 +249,14 @@ def _check_parts(parts: list[_Part]) -> list[_Part]:
         pos = hi
     if pos != ref.record["of"]:
         raise ConfigError(f"the parts cover {ref.record['unit']} [0, {pos}) of {ref.record['of']}: {redo}")
+    for p in ordered:  # the index now (small); the shards as the copy reads them (ChecksummedReads)
+        bad = index_mismatches(p.store)
+        if bad:
+            raise StoreError(_damaged(p.path, bad[0][0]))
     tok = doc = 0
     for p in ordered:
         p.tokens_start, p.docs_start = tok, doc
-        p.checks = list(p.store.manifest.shards)
+        p.checked = ChecksummedReads(p.store, lambda file, path=p.path: _damaged(path, file))
         tok += len(p.store)
         doc += p.store.num_documents
     return ordered
@@ -283,10 +300,11 @@ def _layout(given: Any, recorded: Any, key: str, default: Any) -> Any:
 class _Concatenated(TokenStore):
     """The parts back to back as one TokenStore, read sequentially from token 0.
 
-    Every part shard is hashed as its tokens pass and compared with the part's manifest when its
-    last token is read. Reads must continue where the previous one ended (both copy paths read that
-    way, also when they resume: the npy copy re-reads from 0, the zarr pack rehashes from 0), so
-    nothing reaches the output sealed without having been checked.
+    Each part is read through its :class:`ChecksummedReads`: every part shard is hashed as its
+    tokens pass and compared with the part's manifest when its last token is read. Reads must
+    continue where the previous one ended (both copy paths read that way, also when they resume:
+    the npy copy re-reads from 0, the zarr pack rehashes from 0), so nothing reaches the output
+    sealed without having been checked.
     """
 
     def __init__(self, parts: list[_Part]):
@@ -315,38 +333,12 @@ class _Concatenated(TokenStore):
         self._offsets = _Joined([p.store.doc_offsets for p in parts], [p.tokens_start for p in parts], offsets=True)
         self._bytes = None if any(p.store.doc_bytes is None for p in parts) else _Joined([p.store.doc_bytes for p in parts])
         self._words = None if any(p.store.doc_words is None for p in parts) else _Joined([p.store.doc_words for p in parts])
-        # every part shard: its global range and expected sha256, and the part it belongs to
-        self._checks = [(s, p) for p in parts for s in shards if s.file.startswith(f"part-{p.index:05d}/")]
-        self._next = 0  # the next token to verify (reads continue from here)
-        self._k = 0  # the part shard being hashed
-        self._hash = hashlib.sha256()
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        if start != self._next:
-            raise RuntimeError(f"merge reads must be sequential: read at {start}, expected {self._next}")
-        pos = start
         for p in self._parts:
-            lo, hi = max(pos, p.tokens_start), min(stop, p.tokens_start + len(p.store))
+            lo, hi = max(start, p.tokens_start), min(stop, p.tokens_start + len(p.store))
             if lo < hi:
-                p.store.read_into(lo - p.tokens_start, hi - p.tokens_start, out[lo - start : hi - start])
-                pos = hi
-        self._verify(out[: stop - start], start)
-
-    def _verify(self, data: np.ndarray, start: int) -> None:
-        pos, end = start, start + len(data)
-        while pos < end or (self._k < len(self._checks) and self._checks[self._k][0].tokens == 0):
-            s, part = self._checks[self._k]
-            upto = min(end, s.start + s.tokens)
-            self._hash.update(memoryview(data[pos - start : upto - start]).cast("B"))  # dtype is little-endian
-            pos = upto
-            if pos == s.start + s.tokens:
-                if self._hash.hexdigest() != s.sha256:
-                    raise StoreError(f"part {part.path!r}: {s.file.split('/', 1)[1]!r} does not match its checksum (the "
-                                     "part is damaged; nothing of it was sealed): re-tokenize that part with --overwrite, "
-                                     "then rerun the merge")
-                self._k += 1
-                self._hash = hashlib.sha256()
-        self._next = end
+                p.checked.read_into(lo - p.tokens_start, hi - p.tokens_start, out[lo - start : hi - start])
 
     def release(self, start: int, stop: int) -> None:
         for p in self._parts:
@@ -355,8 +347,8 @@ class _Concatenated(TokenStore):
                 p.store.release(lo - p.tokens_start, hi - p.tokens_start)
 
     def verified_all(self) -> None:
-        if self._next != len(self) or self._k != len(self._checks):
-            raise RuntimeError(f"merge read {self._next} of {len(self)} tokens: not every part was verified")
+        for p in self._parts:
+            p.checked.verified_all()
 
 
 class _Joined:
@@ -391,7 +383,7 @@ class _Joined:
 
 # ---- the two outputs ----------------------------------------------------------------------------
 def _to_npy(view: _Concatenated, cfg: MergeConfig, settings: dict[str, Any]) -> Manifest:
-    from .writer import StoreWriter
+    from .writer import StoreWriter, copy_documents
 
     if is_url(cfg.out):
         raise ConfigError(f"npy output must be a local folder, not {cfg.out!r}: pass --format zarr for a URL")
@@ -402,26 +394,8 @@ def _to_npy(view: _Concatenated, cfg: MergeConfig, settings: dict[str, Any]) -> 
         return w.finished
     try:
         done = w.documents_done  # merged documents in finished shards of an interrupted merge
-        buf = np.empty(0, dtype=view.dtype)
-        for p in view._parts:
-            off = p.store.doc_offsets
-            nb, nw = p.store.doc_bytes, p.store.doc_words
-            n = p.store.num_documents
-            i = 0
-            while i < n:  # whole documents, about block_tokens ids per step (at least one document)
-                j = int(np.searchsorted(off, int(off[i]) + cfg.block_tokens, side="right")) - 1
-                j = min(n, max(j, i + 1))
-                a, b = int(off[i]), int(off[j])
-                if buf.size < b - a:
-                    buf = np.empty(max(b - a, min(cfg.block_tokens, len(view))), dtype=view.dtype)
-                flat = buf[: b - a]
-                view.read_into(p.tokens_start + a, p.tokens_start + b, flat)  # verified as read
-                first = max(i, done - p.docs_start)  # documents before `done` are in the output already
-                if first < j:
-                    lens = np.diff(np.asarray(off[first : j + 1], dtype=np.int64))
-                    w.add_documents(flat[int(off[first]) - a :], lens, nb[first:j], nw[first:j])
-                view.release(p.tokens_start + a, p.tokens_start + b)
-                i = j
+        for p in view._parts:  # each part read whole (verified as read), its documents before `done` skipped
+            copy_documents(p.checked, w, cfg.block_tokens, done - p.docs_start)
         view.verified_all()
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
                         created_by=m.created_by, extra=m.extra, word_rule=m.word_rule)

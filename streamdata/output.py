@@ -12,19 +12,28 @@ Rules (README "Safety"):
 - **Only our markers make a folder ours.** A folder is a *store of ours* when its ``manifest.json``
   parses with our ``format`` (npy, zarr) and a readable ``format_version``; it is a *build of ours*
   when ``_build/streamdata-build.json`` holds our ledger marker (written before anything else of a
-  build). Either must also hold nothing but names our layouts use (:func:`foreign_entries`). Any
+  build). Either must also hold nothing but names our layouts use, each a real folder or regular
+  file (:func:`foreign_entries`, lstat: a symlink named like a partial shard is foreign). Any
   other non-empty folder is refused, with or without ``overwrite``; nothing we did not write is
-  ever removed.
+  ever removed, and a symlink never is. Every file a writer writes is opened with ``O_NOFOLLOW``
+  (:func:`streamdata.format.create_file`).
+- **A symlinked output is refused** (:func:`_refuse_symlink`): a swap renames the output folder,
+  and the lock beside a link would not guard the real folder.
 - **One writer per folder** (local outputs): an exclusive ``flock`` on ``.NAME.streamdata-lock``
   beside the output (beside, not inside: the output folder is renamed by an overwrite, and a lock
   file left inside would make a user's folder look foreign). The second writer fails at once; the
   OS drops the lock when a process dies. Our lock file is removed when the build ends.
 - **Overwrite by swap**: replacing a finished store builds the new one in the sibling
   ``.NAME.streamdata-new`` (same file system), and only once it is sealed renames the old store to
-  ``.NAME.streamdata-old``, the new one to ``NAME``, and removes the old one. Recovery rule (run by
-  every :func:`prepare_output` under the lock, so any rerun completes it): a *sealed* ``-new`` means
-  the swap was decided, so it is finished; an ``-old`` store beside a missing ``NAME`` and an
-  unsealed ``-new`` is moved back. Until the swap the old store stays intact and readable.
+  ``.NAME.streamdata-old``, the new one to ``NAME``, and removes the old one. Just before the seal
+  the ``-new`` ledger records the swap (:attr:`BuildLedger.swap`: this output's real path and the
+  sha256 of the manifest it replaces); the ledger goes only once the swap is done. Recovery rule
+  (run by every :func:`prepare_output` under the lock, so any rerun completes it): a sealed ``-new``
+  that is a real folder whose record names this output means the swap was decided, so it is
+  finished; an ``-old`` is removed only when it is a real folder holding the store the record says
+  was replaced. Any other ``-new``/``-old`` (a symlink, a file, a store without that record) is
+  refused in one line and left alone. Until the swap the old store stays intact and readable.
+- **Full disk**: :func:`full_disk_is_one_line` around each writer turns ENOSPC/EDQUOT into one line.
 - **Resume identity**: the ledger records the build's settings and each local source file's size,
   mtime and a content digest (:class:`SourceFile`); a rerun resumes only when all are unchanged.
 - **Leftovers**: :meth:`Output.abort` keeps exactly what a rerun resumes from; when nothing was
@@ -44,9 +53,11 @@ import json
 import os
 import re
 import shutil
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import ConfigError, SourceError, StoreError
 from .format import (
@@ -69,6 +80,7 @@ __all__ = [
     "Output",
     "SourceFile",
     "foreign_entries",
+    "full_disk_is_one_line",
     "json_normalised",
     "lock_output",
     "prepare_output",
@@ -93,6 +105,27 @@ _BUILD_NAME = re.compile(r"^(streamdata-build\.json|index-\d{5}\.npz(\.partial\.
 def json_normalised(obj: Any) -> Any:
     """JSON-normalised copy: what the same value compares equal to after a round trip through a ledger."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk, an exhausted quota
+
+
+@contextmanager
+def full_disk_is_one_line(out: str | os.PathLike) -> Iterator[None]:
+    """Around a whole write (tokenize, convert, merge): a full disk or quota (ENOSPC, EDQUOT) becomes
+    one line naming the output, instead of a traceback. Nothing else is needed to make the rerun
+    right: the writer's abort keeps exactly the finished shards (a full disk strikes while a shard,
+    index part or ledger is written, and each of those is committed only once it is complete), so
+    the same command resumes after space is freed and gives the uninterrupted build's bytes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        at = f" writing {os.fspath(e.filename)!r}" if e.filename else ""  # e.g. a temporary file elsewhere
+        raise StoreError(f"no space left for output {os.fspath(out)!r} ({e.strerror}{at}): free space on its disk "
+                         "(or raise the quota), then rerun the same command: finished shards are kept and it "
+                         "resumes") from None
 
 
 # ---- the source identity recorded for resume ----------------------------------------------------
@@ -142,6 +175,11 @@ class BuildLedger:
     shards: list[ShardInfo] = field(default_factory=list)  # npy: finished shard files, in order
     packed_tokens: int = 0  # zarr: tokens of the source store packed (whole zarr shards, fsynced)
     pack_settings: dict[str, Any] | None = None  # zarr: identity of that pack; packed_tokens counts under it
+    #: overwrite by swap: {"target": the output this replacement was built for (real parent + name),
+    #: "replaces": sha256 of the replaced store's manifest.json or None}; written just before the seal
+    #: and kept until the swap is done: what makes a sealed ``-new`` (and the ``-old`` it pushes
+    #: aside) trusted leftovers of *this* output (see _recover)
+    swap: dict[str, Any] | None = None
     marker: str = LEDGER_MARKER
 
     @property
@@ -151,7 +189,7 @@ class BuildLedger:
     def to_json(self) -> bytes:
         d = {
             "marker": self.marker, "settings": self.settings, "packed_tokens": self.packed_tokens,
-            "pack_settings": self.pack_settings,
+            "pack_settings": self.pack_settings, "swap": self.swap,
             "sources": [vars(s) for s in self.sources],
             "shards": [{"file": s.file, "tokens": s.tokens, "documents": s.documents, "sha256": s.sha256}
                        for s in self.shards],
@@ -176,6 +214,7 @@ class BuildLedger:
                 shards=shards,
                 packed_tokens=_typed(d["packed_tokens"], int),
                 pack_settings=None if d["pack_settings"] is None else _typed(d["pack_settings"], dict),
+                swap=None if d.get("swap") is None else _typed(d["swap"], dict),  # absent in older ledgers
             )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"build ledger {where!r} is damaged ({type(e).__name__}: {e}): "
@@ -246,12 +285,16 @@ class _Dir:
 
     def read(self, rel: str) -> bytes | None:
         try:
-            if self.local:
-                with open(self.path(rel), "rb") as f:
+            if self.local:  # never through a symlink: what it points to is not this folder's
+                with os.fdopen(os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                     return f.read()
             return self.fs.cat_file(self.path(rel))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None  # a symlink: read as absent, and foreign_entries refuses the folder
+            raise
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         if self.local:
@@ -262,11 +305,14 @@ class _Dir:
             self.fs.pipe_file(self.path(rel), data)
 
     def remove(self, rel: str) -> None:
-        """Remove one entry of OUR layout (callers check ownership first)."""
+        """Remove one entry of OUR layout (callers check ownership first). A symlink is never ours
+        (we write only real files and folders): it is left alone, and so is what it points to."""
         p = self.path(rel)
         if self.local:
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
+            if os.path.islink(p):
+                return
+            if os.path.isdir(p):
+                shutil.rmtree(p)  # does not follow symlinks inside
             elif os.path.lexists(p):
                 os.unlink(p)
         elif self.fs.exists(p):
@@ -283,31 +329,72 @@ def _is_our_manifest(data: bytes | None) -> bool:
     return isinstance(d, dict) and d.get("format") in STORE_FORMATS and d.get("format_version") in READABLE_VERSIONS
 
 
+def _is_real(d: _Dir, rel: str, kind: str) -> bool:
+    """Local: ``rel`` is a real ``kind`` ("dir" or "file"), not a symlink (lstat, never followed)."""
+    try:
+        mode = os.lstat(d.path(rel)).st_mode
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(mode) if kind == "dir" else stat.S_ISREG(mode)
+
+
+def _odd_in_tree(d: _Dir, rel: str) -> list[str]:
+    """Symlinks and other non-regular entries anywhere under the folder ``rel`` (a zarr chunk tree)."""
+    out = []
+    for parent, dirs, files in os.walk(d.path(rel), followlinks=False):
+        for n in dirs + files:
+            p = os.path.join(parent, n)
+            if os.path.islink(p) or not (os.path.isdir(p) or os.path.isfile(p)):
+                out.append(os.path.relpath(p, d.root))
+    return out
+
+
 def foreign_entries(d: _Dir, rel: str = "") -> list[str]:
-    """Entries under ``rel`` that none of our layouts writes (local: checked in depth; remote: top level)."""
+    """Entries under ``rel`` that none of our layouts writes (local: checked in depth; remote: top level).
+
+    Local folders are checked by kind as well as by name: every entry must be a real folder or a
+    regular file where our layout puts one, so a symlink carrying one of our names (a partial shard
+    pointing at a file elsewhere, a linked ``shards/``) is foreign, and a writer never opens,
+    truncates or removes what it points to.
+    """
     out = []
     for name in d.listdir(rel):
         sub = f"{rel}/{name}" if rel else name
         if _TMP.match(name) or _LOCKNAME.match(name):
-            continue
-        if name not in _TOP:
-            out.append(sub)
-        elif d.local and name != MANIFEST_NAME and name != "zarr.json":
-            if not d.isdir(sub) or os.path.islink(d.path(sub)):
+            if d.local and not _is_real(d, sub, "file"):
                 out.append(sub)
-            elif name == SHARD_DIR:
-                out += [f"{sub}/{n}" for n in d.listdir(sub) if not (_SHARD_NAME.match(n) or _TMP.match(n))]
-            elif name == INDEX_DIR:
-                out += [f"{sub}/{n}" for n in d.listdir(sub) if not (_INDEX_NAME.match(n) or _TMP.match(n))]
-            elif name == BUILD_DIR:
-                for n in d.listdir(sub):
-                    if n == STAGING_DIR.rsplit("/", 1)[-1] and d.isdir(f"{sub}/{n}"):
-                        out += foreign_entries(d, f"{sub}/{n}")
-                    elif not (_BUILD_NAME.match(n) or _TMP.match(n) or _LOCKNAME.match(n)):
-                        out.append(f"{sub}/{n}")
-            else:  # a zarr array: its zarr.json and the chunk tree "c/" that zarr writes
-                out += [f"{sub}/{n}" for n in d.listdir(sub) if n not in ("zarr.json", "c")]
+        elif name not in _TOP:
+            out.append(sub)
+        elif not d.local:
+            continue
+        elif name in (MANIFEST_NAME, "zarr.json"):
+            if not _is_real(d, sub, "file"):
+                out.append(sub)
+        elif not _is_real(d, sub, "dir"):
+            out.append(sub)
+        elif name == SHARD_DIR:
+            out += _odd_files(d, sub, lambda n: _SHARD_NAME.match(n) or _TMP.match(n))
+        elif name == INDEX_DIR:
+            out += _odd_files(d, sub, lambda n: _INDEX_NAME.match(n) or _TMP.match(n))
+        elif name == BUILD_DIR:
+            for n in d.listdir(sub):
+                if n == STAGING_DIR.rsplit("/", 1)[-1] and _is_real(d, f"{sub}/{n}", "dir"):
+                    out += foreign_entries(d, f"{sub}/{n}")
+                else:
+                    out += _odd_files(d, sub, lambda n: _BUILD_NAME.match(n) or _TMP.match(n) or _LOCKNAME.match(n), [n])
+        else:  # a zarr array: its zarr.json and the chunk tree "c/" that zarr writes
+            for n in d.listdir(sub):
+                if n == "c" and _is_real(d, f"{sub}/c", "dir"):
+                    out += _odd_in_tree(d, f"{sub}/c")
+                elif n != "zarr.json" or not _is_real(d, f"{sub}/{n}", "file"):
+                    out.append(f"{sub}/{n}")
     return out
+
+
+def _odd_files(d: _Dir, rel: str, ours, names: list[str] | None = None) -> list[str]:
+    """Entries of folder ``rel`` (or just ``names``) that are not regular files with a name ``ours`` accepts."""
+    return [f"{rel}/{n}" for n in (d.listdir(rel) if names is None else names)
+            if not (ours(n) and _is_real(d, f"{rel}/{n}", "file"))]
 
 
 def _kind(d: _Dir) -> str:
@@ -344,8 +431,11 @@ class _Lock:
         self.path = path
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ConfigError(f"lock file {str(path)!r} of {what} is a symbolic link, not ours: remove it "
+                                      "yourself (streamdata left it alone), then rerun") from None
                 raise ConfigError(f"cannot create {what} (lock file {str(path)!r}: {e.strerror}): "
                                   "choose a writable output") from None
             try:
@@ -418,12 +508,16 @@ class Output:
         settings finds the finished store and does nothing.
         """
         manifest.extra = {**manifest.extra, "build_settings": self.settings}
+        if self._swap:  # the ledger says which output this replacement is for, until the swap is done
+            self.ledger.swap = {"target": _identity(self.target), "replaces": _manifest_sha256(self.target)}
+            self.commit_ledger()
         self.dir.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
-        self.dir.remove(BUILD_DIR)
+        if not self._swap:
+            self.dir.remove(BUILD_DIR)
         self._ended = True  # sealed: from here a crash is recovered by the next prepare_output
         try:
             if self._swap:
-                _finish_swap(self.target)
+                _finish_swap(self.target, self.ledger.swap)
         finally:
             self.release()
         return manifest
@@ -460,7 +554,43 @@ def _rename(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-def _finish_swap(target: _Dir) -> None:
+def _identity(target: _Dir) -> str:
+    """The output a swap record names: its real parent folder and its name (stable under a parent
+    reached through another symlinked path)."""
+    parent, name = os.path.split(target.root)
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def _manifest_sha256(d: _Dir) -> str | None:
+    data = d.read(MANIFEST_NAME) if _is_real(d, "", "dir") else None
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _swap_record(d: _Dir) -> dict[str, Any] | None:
+    """The swap record in the ledger of ``d`` (a real folder of ours), or None."""
+    data = d.read(LEDGER_FILE) if _is_real(d, "", "dir") and _is_real(d, LEDGER_FILE, "file") else None
+    if not _has_marker(data):
+        return None
+    try:
+        return BuildLedger.parse(data, d.path(LEDGER_FILE)).swap
+    except StoreError:
+        return None
+
+
+def _not_ours(d: _Dir, target: _Dir, why: str) -> ConfigError:
+    return ConfigError(f"{d.root!r} {why}, so it is not a leftover of a streamdata swap of {target.url!r}: "
+                       "streamdata left it alone; move it away yourself, then rerun")
+
+
+def _check_sibling(d: _Dir, target: _Dir) -> None:
+    """A swap sibling must be a real folder: a symlink (or a file) with our reserved name is refused."""
+    if os.path.islink(d.root):
+        raise _not_ours(d, target, f"is a symbolic link (to {os.readlink(d.root)!r})")
+    if os.path.lexists(d.root) and not os.path.isdir(d.root):
+        raise _not_ours(d, target, "is not a folder")
+
+
+def _finish_swap(target: _Dir, record: dict[str, Any]) -> None:
     """Complete an overwrite whose new store is sealed in the ``-new`` sibling (see module docstring)."""
     new, old = _sibling(target, _NEW), _sibling(target, _OLD)
     parent = Path(target.root).parent
@@ -470,26 +600,51 @@ def _finish_swap(target: _Dir) -> None:
         _rename(target.root, old.root)
     _rename(new.root, target.root)
     fsync_dir(parent)
-    _remove_old(old)
+    _remove_old(target, old, record)
+    target.remove(BUILD_DIR)  # the swap record goes last: until here a rerun can finish the clean-up
 
 
-def _remove_old(old: _Dir) -> None:
-    if old.exists():
-        kind = _kind(old)
-        if kind == "store" and not foreign_entries(old):
-            shutil.rmtree(old.root)
-        # anything else was not put there by us: left alone
+def _remove_old(target: _Dir, old: _Dir, record: dict[str, Any] | None) -> None:
+    """Remove the store the swap pushed aside: only a real folder holding our store whose manifest
+    is the one the swap record says it replaced; anything else is refused and left alone."""
+    if not old.exists():
+        return
+    _check_sibling(old, target)
+    if record is None or record.get("target") != _identity(target):
+        raise _not_ours(old, target, "was not pushed aside by a swap recorded in the store at the output")
+    if _kind(old) != "store" or foreign_entries(old) or _manifest_sha256(old) != record.get("replaces"):
+        raise _not_ours(old, target, "is not the store that swap replaced")
+    shutil.rmtree(old.root)
 
 
 def _recover(target: _Dir) -> None:
-    """Finish or undo an overwrite interrupted by a crash (called under the lock)."""
+    """Finish an overwrite interrupted by a crash (called under the lock).
+
+    Trusted leftovers only: a sealed ``-new`` that is a real folder whose ledger records a swap for
+    this very output (:attr:`BuildLedger.swap`) is swapped in; an ``-old`` is removed only when the
+    swap record (in ``-new``, or in the store already swapped in) names this output and that store's
+    manifest. A symlink or a folder we cannot tie to this output is refused in one line, left alone.
+    """
     new, old = _sibling(target, _NEW), _sibling(target, _OLD)
-    if new.exists() and _kind(new) == "store" and not foreign_entries(new):
-        _finish_swap(target)
-    elif old.exists() and not target.exists() and _kind(old) == "store":
-        _rename(old.root, target.root)  # the new store never sealed: the old one comes back
-    elif target.exists():
-        _remove_old(old)  # the swap finished but the old store was not yet removed
+    _check_sibling(new, target)
+    _check_sibling(old, target)
+    if new.exists() and _kind(new) == "store":
+        record = _swap_record(new)
+        if record is None or record.get("target") != _identity(target):
+            raise _not_ours(new, target, "holds a finished store that was not built to replace this output")
+        if foreign_entries(new):
+            raise _not_ours(new, target, "holds files streamdata did not write")
+        _finish_swap(target, record)
+    elif old.exists():
+        if not target.exists():
+            raise ConfigError(f"{old.root!r} is beside a missing output {target.url!r} and no sealed replacement is "
+                              "there to finish a swap: streamdata left it alone; if it is your store, rename it back to "
+                              "the output yourself, then rerun")
+        record = _swap_record(target) if _kind(target) == "store" else None
+        _remove_old(target, old, record)  # the swap finished but the old store was not yet removed
+        target.remove(BUILD_DIR)
+    elif target.exists() and _swap_record(target) is not None and _kind(target) == "store":
+        target.remove(BUILD_DIR)  # swapped in and cleaned, only the record was left
 
 
 def _start(out: Output, d: _Dir, created: bool) -> Output:
@@ -534,6 +689,7 @@ def lock_output(target: str | os.PathLike, storage_options: dict | None = None) 
     if not d.local:
         _inspect(d)
         return None
+    _refuse_symlink(d)  # before the lock file is made beside it
     parent = Path(d.root).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -548,8 +704,18 @@ def lock_output(target: str | os.PathLike, storage_options: dict | None = None) 
     return lock
 
 
+def _refuse_symlink(d: _Dir) -> None:
+    """A symlinked ``--out`` is refused (README "Safety"): an overwrite renames the output folder,
+    which would move the link and not the store, and the lock beside the link would not guard the
+    real folder against a writer that names it. Symlinks in the parent path are fine."""
+    if d.local and os.path.islink(d.root):
+        raise ConfigError(f"output {d.url!r} is a symbolic link (to {os.path.realpath(d.root)!r}): streamdata writes, "
+                          "locks and replaces only real folders; pass the folder itself as the output")
+
+
 def _inspect(d: _Dir) -> str:
     """Recover an interrupted swap (local, under the lock), then classify ``d``; refuse what is not ours."""
+    _refuse_symlink(d)
     if d.local:
         _recover(d)
     kind = _kind(d)

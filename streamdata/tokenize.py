@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import ConfigError, SourceError, TokenizerError
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, WORD_RULE, Manifest, choose_dtype
-from .output import STAGING_DIR, Output, SourceFile, lock_output, prepare_output
+from .output import STAGING_DIR, Output, SourceFile, full_disk_is_one_line, lock_output, prepare_output
 from .source import IdsBatch, Source, SourceSpec, check_part, load_source, utf8_len
 from .writer import StoreWriter
 
@@ -468,6 +468,11 @@ def run_tokenize(config: TokenizeConfig | str | Sequence[str] | None = None, /, 
         raise ConfigError(f"tokenize_dataset takes a TokenizeConfig, a source or keywords, not {type(config).__name__}: "
                           "pass e.g. tokenize_dataset('corpus/*.jsonl', tokenizer=..., out=...)")
     cfg = config if config is not None else TokenizeConfig(**kwargs)
+    with full_disk_is_one_line(cfg.out):
+        return _tokenize(cfg)
+
+
+def _tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     if cfg.ids_column is not None:
         tok: LoadedTokenizer | IdsColumn = IdsColumn(cfg.ids_column, int(cfg.vocab_size))
         eos_id = bos_id = None

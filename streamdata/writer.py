@@ -19,7 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .format import (
     IndexInfo,
     Manifest,
     ShardInfo,
+    create_file,
     fsync_dir,
     index_sha256,
     numpy_dtype,
@@ -39,7 +40,10 @@ from .format import (
 )
 from .output import Output, SourceFile, prepare_output
 
-__all__ = ["StoreWriter", "ResumeState"]
+if TYPE_CHECKING:
+    from .backends import TokenStore
+
+__all__ = ["StoreWriter", "ResumeState", "copy_documents"]
 
 
 @dataclass
@@ -53,6 +57,12 @@ class ResumeState:
     @property
     def next_shard(self) -> int:
         return len(self.shards)
+
+
+def _write_bytes(f, data: bytes) -> None:
+    """Append ``data`` to an open shard file (the one write of token bytes; a seam for tests that
+    fill the disk after N bytes)."""
+    f.write(data)
 
 
 def _index_part(k: int) -> str:
@@ -129,7 +139,7 @@ class StoreWriter:
         self._name = f"{SHARD_DIR}/{SHARD_PATTERN.format(k)}"
         self._tmp = self.root / f"{self._name}.partial"
         self._tmp.parent.mkdir(exist_ok=True)
-        self._f = open(self._tmp, "wb")
+        self._f = create_file(self._tmp)
         self._hash = hashlib.sha256()
         self._lens: list[np.ndarray] = []
         self._bytes: list[np.ndarray] = []
@@ -187,7 +197,7 @@ class StoreWriter:
 
     def _append(self, tokens: np.ndarray, lens: np.ndarray, nbytes: np.ndarray, nwords: np.ndarray) -> None:
         buf = tokens.tobytes()
-        self._f.write(buf)
+        _write_bytes(self._f, buf)
         self._hash.update(buf)
         self._lens.append(lens)
         self._bytes.append(nbytes)
@@ -208,9 +218,10 @@ class StoreWriter:
         lens = np.concatenate(self._lens) if self._lens else np.zeros(0, np.int64)
         index = self.root / _index_part(k)
         tmp_index = index.with_name(index.name + ".partial.npz")
-        np.savez(tmp_index, lens=lens, bytes=np.concatenate(self._bytes) if self._bytes else lens[:0],
-                 words=np.concatenate(self._words) if self._words else lens[:0])
-        with open(tmp_index, "rb+") as f:
+        with create_file(tmp_index) as f:
+            np.savez(f, lens=lens, bytes=np.concatenate(self._bytes) if self._bytes else lens[:0],
+                     words=np.concatenate(self._words) if self._words else lens[:0])
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_index, index)
         fsync_dir(index.parent)
@@ -234,8 +245,11 @@ class StoreWriter:
 
     def _close_partial(self) -> None:
         if not self._f.closed:
-            self._f.close()
-        if self._tmp.exists():
+            try:
+                self._f.close()
+            except OSError:  # its buffered tail cannot be written (a full disk): the file goes anyway
+                pass
+        if self._tmp.is_file() and not self._tmp.is_symlink():  # only the file we created
             self._tmp.unlink()
 
     def commit(self, *, tokenizer: dict, special_tokens: dict, source: dict, created_by: dict | None = None,
@@ -263,7 +277,7 @@ class StoreWriter:
         index: list[IndexInfo] = []
         for name, arr in (("doc_offsets", offsets), ("doc_bytes", nbytes), ("doc_words", nwords)):
             rel = f"{INDEX_DIR}/{name}.npy"
-            with open(self.root / rel, "wb") as f:
+            with create_file(self.root / rel) as f:
                 np.save(f, arr)
                 f.flush()
                 os.fsync(f.fileno())
@@ -288,3 +302,33 @@ class StoreWriter:
         )
         self.finished = self.output.seal(manifest)
         return self.finished
+
+
+def copy_documents(src: "TokenStore", writer: StoreWriter, block_tokens: int, skip: int = 0) -> None:
+    """Append every document of ``src`` to ``writer`` except its first ``skip`` (already in finished
+    shards of an interrupted copy), in blocks of whole documents of about ``block_tokens`` ids (at
+    least one document, however long). Every token of ``src`` is read, in order from token 0, also
+    the skipped ones: a :class:`~streamdata.backends.base.ChecksummedReads` source then checks every
+    shard, and a damaged shard copied before a crash is caught by the rerun, not skipped unread.
+    Byte/word counts ``src`` does not know (imports) are written as zeros."""
+    off = src.doc_offsets
+    nb, nw = src.doc_bytes, src.doc_words
+    n = src.num_documents
+    buf = np.empty(0, dtype=src.dtype)
+    i = 0
+    while i < n:
+        j = int(np.searchsorted(off, int(off[i]) + block_tokens, side="right")) - 1
+        j = min(n, max(j, i + 1))
+        a, b = int(off[i]), int(off[j])
+        if buf.size < b - a:
+            buf = np.empty(max(b - a, min(block_tokens, len(src))), dtype=src.dtype)
+        flat = buf[: b - a]
+        src.read_into(a, b, flat)
+        first = max(i, skip)
+        if first < j:
+            lens = np.diff(np.asarray(off[first : j + 1], dtype=np.int64))
+            zeros = np.zeros(j - first, np.int64)
+            writer.add_documents(flat[int(off[first]) - a :], lens, zeros if nb is None else nb[first:j],
+                                 zeros if nw is None else nw[first:j])
+        src.release(a, b)
+        i = j

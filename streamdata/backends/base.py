@@ -33,8 +33,8 @@ import numpy as np
 from ..errors import ConfigError, StoreError
 from ..format import Manifest
 
-__all__ = ["INDEX_IN_RAM", "MappedFile", "TokenStore", "check_document_index", "find_id_over", "imported_identity",
-           "int64_index", "scan_tokens"]
+__all__ = ["INDEX_IN_RAM", "ChecksummedReads", "MappedFile", "TokenStore", "check_document_index", "find_id_over",
+           "imported_identity", "int64_index", "scan_tokens"]
 
 _PAGE = mmap.PAGESIZE
 # Entries per step of the index checks: bounds the temporaries (a bool mask and a diff of 4Mi
@@ -347,6 +347,56 @@ def scan_tokens(store: TokenStore, start: int, stop: int, *, vocab_size: int | N
             each(view, lo)
         store.release(lo, hi)
     return ("" if h is None else h.hexdigest()), bad
+
+
+class ChecksummedReads(TokenStore):
+    """``inner`` read front to back, each shard's sha256 compared with its manifest entry as the
+    shard's last token passes: what a copy (``merge``, ``convert``) reads through, so a damaged
+    source stops the copy instead of being sealed under a new, valid checksum, with no second
+    pass over the data.
+
+    Reads must continue where the previous one ended (from token 0; a resumed copy re-reads its
+    finished prefix), else RuntimeError: a gap would let bytes through unchecked. ``damaged(file)``
+    words the StoreError for the shard ``file`` that does not match. Call :meth:`verified_all`
+    before sealing: it fails unless every shard was checked.
+    """
+
+    def __init__(self, inner: TokenStore, damaged: Callable[[str], str]):
+        self._inner, self._damaged = inner, damaged
+        self.path, self.manifest = inner.path, inner.manifest
+        self._offsets, self._bytes, self._words = inner.doc_offsets, inner.doc_bytes, inner.doc_words
+        self._shards = list(inner.manifest.shards)
+        self._next = 0  # the next token to hash
+        self._k = 0  # the shard being hashed
+        self._hash = hashlib.sha256()
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        if start != self._next:
+            raise RuntimeError(f"checked reads of {self.path!r} must be sequential: read at {start}, expected {self._next}")
+        self._inner.read_into(start, stop, out)
+        data, pos = out[: stop - start], start
+        # also past the end of the data: shards of 0 tokens that start there are checked at once
+        while pos < stop or (self._k < len(self._shards) and self._shards[self._k].tokens == 0
+                             and self._shards[self._k].start == pos):
+            s = self._shards[self._k]
+            upto = min(stop, s.start + s.tokens)
+            self._hash.update(memoryview(np.ascontiguousarray(data[pos - start : upto - start])).cast("B"))  # LE dtype
+            pos = upto
+            if pos == s.start + s.tokens:
+                if self._hash.hexdigest() != s.sha256:
+                    raise StoreError(self._damaged(s.file))
+                self._k += 1
+                self._hash = hashlib.sha256()
+        self._next = stop
+
+    def release(self, start: int, stop: int) -> None:
+        self._inner.release(start, stop)
+
+    def verified_all(self) -> None:
+        if self._next == len(self) and self._k < len(self._shards):  # empty shards at the very end
+            self.read_into(self._next, self._next, np.empty(0, self.dtype))
+        if self._next != len(self) or self._k != len(self._shards):
+            raise RuntimeError(f"{self.path!r}: read {self._next} of {len(self)} tokens, so not every shard was verified")
 
 
 def imported_identity(vocab_size: int | None, eos_id: int | None, placement: str) -> tuple[dict[str, Any], dict[str, Any]]:

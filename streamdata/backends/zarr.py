@@ -86,7 +86,7 @@ from ..format import (
     resolve_inside,
     word_rule_of,
 )
-from ..output import Output, json_normalised as _norm, prepare_output
+from ..output import Output, full_disk_is_one_line, json_normalised as _norm, prepare_output
 from .base import MappedFile, TokenStore, check_document_index, int64_index
 
 __all__ = [
@@ -238,6 +238,56 @@ _DAMAGED = "the store is damaged, rebuild it"
 def _one_line(e: BaseException) -> str:
     """``Type: message`` of an exception raised inside zarr/numcodecs, on one line (for our errors)."""
     return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+_SETTLE_S = 10.0  # seconds to let zarr's other reads of a failed call finish before cancelling them
+
+
+def _settle_zarr_tasks() -> None:
+    """Wait for (then cancel) the reads zarr still has in flight after one of them failed.
+
+    zarr runs a read as many tasks on its own event loop (one per chunk, ``asyncio.gather``); when
+    one fails (a lost chunk object, a decode error, a full disk while writing) the call raises at
+    once and the others stay pending. Left so, they are destroyed at interpreter exit with dozens
+    of lines of asyncio noise ("Task was destroyed but it is pending!", "coroutine ... was never
+    awaited", tracebacks) after our one-line error. So: let them finish (local reads take
+    milliseconds; a finishing task may start children, hence rounds), cancel what still runs after
+    _SETTLE_S, and retrieve every outcome. Trap: the loop is zarr's one loop for the process, so a
+    read of another store by another thread that is still running after _SETTLE_S is cancelled too
+    (it fails); the caller is failing with a damaged store at that point anyway.
+    """
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    loop = zsync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def settle() -> None:
+        me = asyncio.current_task()
+        deadline = loop.time() + _SETTLE_S
+        seen: set = set()
+        while True:
+            pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            seen.update(pending)
+            left = deadline - loop.time()
+            if not pending:
+                break
+            if left <= 0:
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=1.0)
+                break
+            await asyncio.wait(pending, timeout=left)
+        for t in seen:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: no "exception was never retrieved" at exit
+
+    try:
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout=_SETTLE_S + 5)
+    except Exception:  # noqa: BLE001 - best effort: the one-line error that follows is what matters
+        pass
 
 
 def _direct_eligible(arr) -> bool:
@@ -481,8 +531,10 @@ class ZarrTokenStore(TokenStore):
         try:
             return fn()
         except StoreError:
+            _settle_zarr_tasks()
             raise
         except Exception as e:  # zarr/numcodecs raise many types for damaged objects
+            _settle_zarr_tasks()
             raise StoreError(f"zarr store {self.path!r}: cannot read {what} ({_one_line(e)}): {_DAMAGED}") from None
 
     def _load_index(self, a, name: str, length: int) -> np.ndarray:
@@ -630,7 +682,11 @@ def _source_identity(m: Manifest) -> dict[str, Any]:
 
 def _write_tokens_block(arr, start: int, data: np.ndarray) -> None:
     """Write one whole zarr shard (a seam for tests that simulate a crash mid-pack)."""
-    arr[start : start + len(data)] = data
+    try:
+        arr[start : start + len(data)] = data
+    except Exception:
+        _settle_zarr_tasks()  # e.g. a full disk: zarr's other writes of this shard are in flight
+        raise
 
 
 def _check_layout(compression: str, chunk_tokens: int, chunks_per_shard: int) -> None:
@@ -686,15 +742,16 @@ def write_zarr_store(
     m = src.manifest
     out_extra = _norm(_out_extra(m, extra))
     settings = _pack_settings(m, compression, chunk_tokens, chunk_tokens * chunks_per_shard, out_extra)
-    out = prepare_output(dst, settings, overwrite=overwrite, storage_options=storage_options)
-    if out.finished is not None:
-        return out.finished
-    try:
-        return pack_into_output(src, out, compression=compression, chunk_tokens=chunk_tokens,
-                                chunks_per_shard=chunks_per_shard, extra=out_extra, storage_options=storage_options)
-    except BaseException:
-        out.abort()
-        raise
+    with full_disk_is_one_line(dst):
+        out = prepare_output(dst, settings, overwrite=overwrite, storage_options=storage_options)
+        if out.finished is not None:
+            return out.finished
+        try:
+            return pack_into_output(src, out, compression=compression, chunk_tokens=chunk_tokens,
+                                    chunks_per_shard=chunks_per_shard, extra=out_extra, storage_options=storage_options)
+        except BaseException:
+            out.abort()
+            raise
 
 
 def pack_into_output(
