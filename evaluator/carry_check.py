@@ -38,6 +38,8 @@ from typing import Any, Callable
 
 import torch
 
+from streamdata.errors import brief
+
 __all__ = ["CarryCheck", "measure_carry"]
 
 # One unit of each dtype's precision, relative to the logits' scale (bf16: 8 bits of mantissa).
@@ -163,5 +165,4 @@ def measure_carry(adapter: Any, dtype: str, full: Callable[[Any, torch.Tensor], 
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0][:160]}" if s else type(e).__name__
+    return f"{type(e).__name__}: {brief(e, 160)}" if str(e).strip() else type(e).__name__

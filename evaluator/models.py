@@ -44,6 +44,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from streamdata.errors import brief, missing_local_path
+
 from . import hf_cache
 from .carry_check import CarryCheck, measure_carry
 from .errors import ModelError
@@ -263,9 +265,8 @@ class ModelAdapter:
             try:
                 self._compile_cache[key] = torch.compile(self._compile_target(), dynamic=False, backend=backend, **kw)
             except Exception as e:  # noqa: BLE001 - e.g. an unknown backend, a Python torch.compile does not support
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise ModelError(f"model {self.name}: torch.compile (mode {mode!r}, backend {backend!r}) failed "
-                                 f"({type(e).__name__}: {first}): leave compile unset to run eager") from None
+                                 f"({type(e).__name__}: {brief(e)}): leave compile unset to run eager") from None
         self._compiled, self.compile_mode = self._compile_cache[key], mode
         try:
             yield
@@ -287,7 +288,7 @@ class ModelAdapter:
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - dynamo/inductor raise many types; all one user-facing error
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            first = brief(e)
             shape = "x".join(str(d) for d in (args[0] if args else kw.get("input_ids")).shape)
             raise ModelError(
                 f"model {self.name}: torch.compile (mode {self.compile_mode!r}) of {type(module).__name__} failed on a "
@@ -845,10 +846,11 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
         raise ModelError(f"loading {s!r} needs transformers, which is not installed: pip install 'streamdata[hf]'") from None
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     local = Path(os.path.expanduser(s))
-    # written as a path (./x, ../x, /x, ~/x): never a hub id, so say what is missing locally
-    # instead of the hub's repo-id validation text
-    if not local.is_dir() and (s.startswith((".", "~")) or os.path.isabs(s)):
-        what = "is a file, not a model folder" if local.exists() else "folder not found"
+    # written as a path (./x, ../x, /x, ~/x, a/b/c): never a hub id, so say what is missing
+    # locally instead of the hub's repo-id validation text (or ~25 s of offline retries)
+    hint = missing_local_path(s)
+    if hint is not None or (local.exists() and not local.is_dir()):
+        what = "is a file, not a model folder" if hint is None else f"folder not found{hint}"
         raise ModelError(f"model {s!r}: {what}: pass a folder holding a transformers causal LM (config.json and weights), "
                          "a hub id, 'default' or package.module:factory")
     extra: dict[str, Any] = {}
@@ -864,7 +866,7 @@ def load_model(spec: Any, *, dtype: str | torch.dtype = "float32", trust_remote_
     except Exception as e:  # noqa: BLE001 - unknown id, offline, not a causal LM: all one user error
         if extra:
             shutil.rmtree(extra["offload_folder"], ignore_errors=True)
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = brief(e)
         raise ModelError(f"cannot load model {s!r} ({first}): pass a transformers causal LM folder or hub id, or package.module:factory") from None
     if extra:
         weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import StreamdataError, cli_flags, in_cli_terms
+from .errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, word_rule_of
 
 __all__ = ["main"]
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .tokenize import TokenizeConfig as T
 
     C = ConvertConfig
-    p = argparse.ArgumentParser(prog="streamdata", description="Tokenize datasets once into memory-mapped token stores; inspect and verify stores.")
+    p = SuggestingParser(prog="streamdata", description="Tokenize datasets once into memory-mapped token stores; inspect and verify stores.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("tokenize", help="tokenize a dataset into a store",

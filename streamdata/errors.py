@@ -7,9 +7,14 @@ The CLIs print that line and exit non-zero; anything else is a bug and keeps its
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import os
 import re
 
-__all__ = ["StreamdataError", "StoreError", "ConfigError", "SourceError", "TokenizerError", "cli_flags", "in_cli_terms"]
+__all__ = ["StreamdataError", "StoreError", "ConfigError", "SourceError", "TokenizerError", "SuggestingParser", "brief",
+           "missing_local_path",
+           "cli_flags", "in_cli_terms"]
 
 
 class StreamdataError(Exception):
@@ -32,10 +37,76 @@ class StoreError(StreamdataError):
     """A folder is not a complete store, or a store is damaged."""
 
 
+def brief(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters, cut at a word
+    boundary with an ellipsis (a message cut mid-word reads like a typo: "...try aga")."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + " ..."
+
+
+# names that are files, never hub ids: a hub id is "name" or "org/name"
+_FILE_SUFFIXES = (".json", ".jsn", ".jsonl", ".model", ".txt", ".bin", ".pt", ".pth", ".safetensors", ".yaml", ".yml")
+
+
+def missing_local_path(spec: str) -> str | None:
+    """For a ``--tokenizer``/``--model`` value that is written as a local path (``./x``, ``~/x``,
+    ``/x``, ``a/b/c``, or a file name such as ``tokenizer.jsn``) and does not exist: a hint for the
+    message, ``" (did you mean 'x'?)"`` with the closest name in its folder, or ``""``; None when it
+    exists or may be a hub id. A hub look-up of a typo costs ~25 s of retries offline and ends in a
+    confusing message."""
+    s = os.fspath(spec)
+    path = os.path.expanduser(s)
+    if os.path.exists(path):
+        return None
+    written_as_path = (s.startswith((".", "~", os.sep)) or os.path.isabs(s) or s.count("/") > 1
+                       or s.lower().endswith(_FILE_SUFFIXES))
+    if not written_as_path:
+        return None
+    folder, name = os.path.split(os.path.abspath(path))
+    hint = ""
+    if os.path.isdir(folder):
+        close = difflib.get_close_matches(name, os.listdir(folder), n=1, cutoff=0.6)
+        if close:
+            hint = f" (did you mean {os.path.join(os.path.dirname(s), close[0])!r}?)"
+    return hint
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse that names the closest valid flag for a mistyped one (``--chunksize``: did you mean
+    ``--chunk-size``?), looking at the flags of the subcommand being parsed and of the parser."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook for every usage error
+        m = re.match(r"unrecognized arguments: (.*)$", message)
+        if m:
+            hints = []
+            options = self._all_long_options()
+            for word in m.group(1).split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"{word}: did you mean {close[0]}?")
+            if hints:
+                message = f"{message} ({'; '.join(hints)})"
+        super().error(message)
+
+    def _all_long_options(self) -> list[str]:
+        seen: list[str] = []
+        todo: list[argparse.ArgumentParser] = [self]
+        while todo:
+            p = todo.pop()
+            for act in p._actions:  # argparse keeps no public list of a parser's actions
+                if isinstance(act, argparse._SubParsersAction):
+                    todo.extend(act.choices.values())
+                seen.extend(o for o in act.option_strings if o.startswith("--") and o not in seen)
+        return seen
+
+
 def cli_flags(parser) -> dict[str, str]:
     """``{dest: "--flag"}`` for every long option of an argparse parser and its subcommands."""
-    import argparse
-
     flags: dict[str, str] = {}
     todo = [parser]
     while todo:
@@ -54,11 +125,15 @@ def cli_flags(parser) -> dict[str, str]:
 _ARG_RE = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()]+)|\bleave ([a-z][a-z0-9_]*) unset")
 
 
+_BARE_RE = re.compile(r"(?<![-\w.'\"])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![=(])")
+
+
 def in_cli_terms(message: str, flags: dict[str, str]) -> str:
     """A :class:`ConfigError` message in the CLI's terms: the API names arguments as Python does
     (``pass device='cpu' or leave device unset``, ``chunk_size=1024``); a CLI user reads flags
     (``pass --device cpu or omit --device``, ``--chunk-size 1024``); a switch is its flag alone
-    (``check_tokenizer=False`` -> ``--no-check-tokenizer``). Only names in ``flags`` change
+    (``check_tokenizer=False`` -> ``--no-check-tokenizer``), and a bare snake_case name of a flag is
+that flag (``limit max_tokens`` -> ``limit --max-tokens``). Only names in ``flags`` change
     (``{dest: "--flag"}``, e.g. from :func:`cli_flags`), so one message serves both callers."""
 
     def sub(m: re.Match) -> str:
@@ -78,4 +153,5 @@ def in_cli_terms(message: str, flags: dict[str, str]) -> str:
             value, tail = value[:-1], "."
         return f"{flag} {value}{tail}"
 
-    return _ARG_RE.sub(sub, message)
+    # then names the API writes bare ("or limit max_tokens"): only snake_case names of a flag
+    return _BARE_RE.sub(lambda m: flags.get(m.group(1), m.group(0)), _ARG_RE.sub(sub, message))

@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, brief
 from .backends import TokenStore, open_store
 from .backends.base import find_id_over
 from .windows import WindowBlock, WindowPlan, plan_windows
@@ -231,7 +231,7 @@ def resolve_device(spec: Any, kinds: tuple[str, ...] | None = None) -> torch.dev
         try:
             torch.empty(1, device=dev)
         except Exception as e:  # noqa: BLE001 - any backend failure means "not usable here"
-            raise ConfigError(f"device={spec!r} is not available ({str(e).splitlines()[0][:120]}): pass device='cpu' or leave device unset") from None
+            raise ConfigError(f"device={spec!r} is not available ({brief(e, 120)}): pass device='cpu' or leave device unset") from None
     return dev
 
 

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, SourceError, TokenizerError
+from .errors import ConfigError, SourceError, TokenizerError, brief, missing_local_path
 from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, WORD_RULE, Manifest, choose_dtype
 from .output import STAGING_DIR, Output, SourceFile, full_disk_is_one_line, lock_output, prepare_output
 from .source import IdsBatch, Source, SourceSpec, check_part, load_source, utf8_len
@@ -165,13 +165,17 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         if not (DEFAULT_TOKENIZER / "tokenizer.json").is_file():
             raise TokenizerError(f"the bundled tokenizer is missing from {str(DEFAULT_TOKENIZER)!r}: reinstall, or run 'python -m evaluator.assets.default.train'")
         spec = str(DEFAULT_TOKENIZER)
+    hint = missing_local_path(spec)
+    if hint is not None:  # written as a path: never a hub look-up (retries for ~25 s offline)
+        raise TokenizerError(f"tokenizer {spec!r}: no such file or folder{hint}: pass a tokenizer.json file, a folder "
+                             "holding one, a hub id or 'default'")
     p = Path(os.path.expanduser(spec))
     cfg: dict[str, str | None] = {}
     if p.is_file():
         try:
             tok = Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise TokenizerError(f"cannot load tokenizer file {spec!r} ({str(e).splitlines()[0][:200]}): pass a valid tokenizer.json") from None
+            raise TokenizerError(f"cannot load tokenizer file {spec!r} ({brief(e)}): pass a valid tokenizer.json") from None
         cfg = _read_token_config(p.parent)
         name = str(p.resolve())
     elif p.is_dir():
@@ -181,7 +185,7 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         try:
             tok = Tokenizer.from_file(str(f))
         except Exception as e:
-            raise TokenizerError(f"cannot load {str(f)!r} ({str(e).splitlines()[0][:200]}): pass a valid tokenizer.json") from None
+            raise TokenizerError(f"cannot load {str(f)!r} ({brief(e)}): pass a valid tokenizer.json") from None
         cfg = _read_token_config(p)
         name = str(p.resolve())
     else:
@@ -190,7 +194,7 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         except Exception as e:  # offline, unknown repo, no tokenizer.json in the repo
             raise TokenizerError(
                 f"unknown tokenizer {spec!r}: not a tokenizer.json file, a folder with one, or a reachable hub id "
-                f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+                f"({brief(e, 160)})"
             ) from None
         name = spec
         try:  # EOS/BOS names live in tokenizer_config.json on the hub; optional

@@ -86,3 +86,43 @@ def test_in_cli_terms_rewrites_only_known_argument_names():
     assert in_cli_terms("pass device='cpu' or leave device unset", flags) == "pass --device cpu or omit --device"
     # names the CLI has no flag for stay as they are
     assert in_cli_terms("loss_slice=0 must be >= 1; leave loss_slice unset", flags) == "loss_slice=0 must be >= 1; leave loss_slice unset"
+
+
+def test_a_mistyped_flag_names_the_closest_valid_one(capsys):
+    from streamdata.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tokenize", "docs.jsonl", "--tokenizer", "t.json", "--out", "o", "--max-dcos", "3"])
+    err = capsys.readouterr().err
+    assert "--max-dcos: did you mean --max-docs?" in err
+
+
+def test_a_tokenizer_written_as_a_path_that_does_not_exist_fails_at_once(tmp_path, capsys, monkeypatch):
+    """'tokenizer.jsn' used to go to the hub (~25 s of retries offline) and end in a message cut
+    mid-word; now: one line at once, with the closest name in its folder."""
+    from streamdata.cli import main
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("a path-like name must never reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    assert main(["tokenize", "d.jsonl", "--tokenizer", "tokenizer.jsn", "--out", "s"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "tokenizer 'tokenizer.jsn': no such file or folder (did you mean 'tokenizer.json'?)" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_long_error_text_is_cut_at_a_word_boundary():
+    from streamdata.errors import brief
+
+    e = RuntimeError("connection failed, please check your network and try again later " * 5)
+    out = brief(e, 60)
+    assert out.endswith(" ...") and len(out) <= 64 and out[:-4] == out[:-4].rstrip()
+    assert out[:-4].split()[-1] in e.args[0].split()  # a whole word, never "aga"
+    assert brief(ValueError("short")) == "short" and brief(KeyError()) == "KeyError"
