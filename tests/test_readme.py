@@ -48,6 +48,8 @@ STAND_INS = [
     ("wikitext --config wikitext-103-raw-v1 --split test", "wiki.jsonl"),
     ("--tokenizer gpt2", "--tokenizer ./tokenizer.json"),
     ("--model gpt2", "--model ./gpt2"),
+    ("my-docs.jsonl", "wiki.jsonl"),
+    ("--model ./my-model", "--model ./gpt2"),
     ("--reference gpt2", "--reference ./gpt2"),
     ('from_pretrained("gpt2")', 'from_pretrained("./gpt2")'),
     ('StreamingEvaluator("gpt2"', 'StreamingEvaluator("./gpt2"'),
@@ -189,6 +191,16 @@ def _localize(code: str) -> str:
     for old, new in STAND_INS:
         code = code.replace(old, new)
     return code
+
+
+def test_bare_commands_come_after_the_note_on_activating_the_environment():
+    """A newcomer pasting `streamdata ...` got "command not found": the set-up section must say
+    once, before the first bare command, how the commands are meant to run."""
+    text = README.read_text(encoding="utf-8")
+    note = text.find("source .venv/bin/activate")
+    first = min(i for i in (text.find("\nstreamdata "), text.find("\nstreameval "), text.find("\npython -m ")) if i >= 0)
+    assert 0 <= note < first
+    assert "Quick start" in text[:first + 400]
 
 
 def test_every_readme_block_runs(tmp_path):
