@@ -66,6 +66,7 @@ class _Column:
     def __init__(self, folder: Path, name: str, length: int, resume: bool, dtype: str,
                  record: dict[str, Any] | None = None):
         self.name, self.dtype, self.length = name, np.dtype(dtype), length
+        self.unverified: tuple[int, int] | None = None  # bytes [a, b) past the checkpoint's prefix
         self.final = folder / spill_name(name)
         self.partial = Path(partial(self.final))
         shape = (max(1, length),)  # a zero-length file cannot be mapped; slices stop at ``length``
@@ -91,7 +92,7 @@ class _Column:
                 self.digest = PrefixDigest(0)
                 self.digest.extend_file(path, self.offset)  # (a caller without records: the header only)
             elif path == self.partial and self.digest.end < size:
-                clear_after(path, self.digest.end, size)  # nothing unverified reaches a result
+                self.unverified = (self.digest.end, size)  # cleared once every column is checked
         else:
             path = self.partial
             # open_memmap writes the header and sets the size (sparse); nothing else is written
@@ -145,6 +146,11 @@ class SpillFiles:
                         raise damaged(self.folder / spill_name(name), _WHAT, "the checkpoint has no record of it")
                     rec = records[name]
                 self.columns[name] = _Column(self.folder, name, n, resumed, dtype, rec)
+            # Only once every column matched its record (a refusal changes nothing): what lies past
+            # a prefix (written after the checkpoint, or damage) is cleared, so it cannot reach a result.
+            for c in self.columns.values():
+                if c.unverified is not None:
+                    clear_after(c.path, *c.unverified)
         except BaseException:
             self.discard()
             raise
