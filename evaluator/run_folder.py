@@ -249,8 +249,10 @@ class RunFolder:
             elif (root / RESULTS_NAME).exists() and not folder._any_checkpoint():
                 raise ConfigError(f"{flag} {str(path)!r} holds the report of an earlier run without its checkpoint: "
                                   f"pass --overwrite to replace it, or choose another {flag}")
-        except BaseException:
+        except BaseException as e:
             folder.close()
+            if disk_full(e):  # (the marker could not be written)
+                raise folder._disk_full(e) from None
             raise
         return folder
 
@@ -360,10 +362,13 @@ class RunFolder:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close()
         if exc is not None and disk_full(exc):
-            raise EvaluatorError(
-                f"no space left for the run folder {str(self.root)!r} ({exc.strerror}"
-                f"{f': {exc.filename}' if exc.filename else ''}): free space there and rerun the same command "
-                "(it resumes from the last checkpoint)") from None
+            raise self._disk_full(exc) from None
+
+    def _disk_full(self, exc: OSError) -> EvaluatorError:
+        return EvaluatorError(
+            f"no space left for the run folder {str(self.root)!r} ({exc.strerror}"
+            f"{f': {exc.filename}' if exc.filename else ''}): free space there and rerun the same command "
+            "(it resumes from the last checkpoint)")
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r}, locked={self._lock is not None})"

@@ -282,3 +282,27 @@ def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
     per_token = np.fromfile(out / "per_token_losses.f32", dtype=np.float32)
     np.testing.assert_array_equal(per_token, np.asarray(ref["per_token_losses"]))
     assert np.array_equal(np.load(out / "document_tokens.npy"), np.asarray(ref["per_document"]["tokens"]))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_rank_0s_folder_lock(tmp_path, make_store):
+    """Rank 0 takes --out's lock for every rank: a folder in use refuses the whole torchrun run at
+    once, every rank with the same line (none waits for the process group's timeout)."""
+    from .helpers import V
+
+    store = make_store([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4, vocab_size=V)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "evaluator", "run",
+           str(store), "--model", "tests.evaluator.helpers:gru_lm", "--chunk-size", "4", "--doc-mode", "document",
+           "--device", "cpu", "--out", str(out), "--quiet", "--no-plots"]
+    with RunFolder.open(out):  # another run holds the folder
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert time.monotonic() - t0 < TIMEOUT_S
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("streameval: error:")]
+    assert len(lines) == 2 and all("another process" in x and str(out) in x for x in lines), p.stderr[-2000:]
+    assert not (out / "rank-0-of-2").exists()
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]  # free again: the same command runs
+    assert json.loads((out / "results.json").read_text())["world_size"] == 2

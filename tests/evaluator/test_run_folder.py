@@ -22,12 +22,9 @@ import evaluator.runners as runners_mod
 from evaluator.cli import main
 
 from .helpers import V, tiny_gpt2
+from .test_resume import Interrupt, _interrupt_after
 
 RNN = "tests.evaluator.helpers:gru_lm"
-
-
-class Interrupt(Exception):
-    pass
 
 
 def _gpt2_dirs(tmp_path):
@@ -37,16 +34,8 @@ def _gpt2_dirs(tmp_path):
     return a, b
 
 
-def _interrupt_after(monkeypatch, k):
-    real, seen = runners_mod.CarriedRunner.step, [0]
-
-    def step(self, batch):
-        if seen[0] == k:
-            raise Interrupt(f"interrupted after {k} batches")
-        seen[0] += 1
-        return real(self, batch)
-
-    monkeypatch.setattr(runners_mod.CarriedRunner, "step", step)
+def _interrupt(monkeypatch, k):
+    _interrupt_after(monkeypatch, runners_mod.CarriedRunner, k)
 
 
 @pytest.fixture
@@ -89,7 +78,7 @@ def reference(store, tmp_path, capsys):
 
 def _interrupted(store, out, monkeypatch, k=6):
     with monkeypatch.context() as m:
-        _interrupt_after(m, k)
+        _interrupt(m, k)
         with pytest.raises(Interrupt):
             main(_argv(store, out))
 
@@ -181,7 +170,7 @@ def test_bytes_written_after_the_checkpoint_never_reach_the_results(store, tmp_p
     want = _report(tmp_path / "ref")
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        _interrupt_after(m, 3)
+        _interrupt(m, 3)
         with pytest.raises(Interrupt):
             main([*_argv(store, out), *short])
     for p in out.glob("*.npy.partial"):
