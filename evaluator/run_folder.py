@@ -238,7 +238,7 @@ class RunFolder:
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {str(path)!r} is not a writable folder: choose another {flag}")
         cls._refuse_foreign(root, flag)  # before the lock: nothing is created in a foreign folder
-        lock = _Lock(root / LOCK_NAME, f"{flag} {str(path)!r} (another streameval run)")
+        lock = _Lock(root / LOCK_NAME, f"{flag} {str(path)!r}")
         folder = cls(root, lock)
         try:
             cls._refuse_foreign(root, flag)  # again under the lock: it may have changed meanwhile

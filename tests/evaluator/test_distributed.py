@@ -287,7 +287,8 @@ def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
 @pytest.mark.slow
 def test_torchrun_ranks_share_rank_0s_folder_lock(tmp_path, make_store):
     """Rank 0 takes --out's lock for every rank: a folder in use refuses the whole torchrun run at
-    once, every rank with the same line (none waits for the process group's timeout)."""
+    once (no rank waits for the process group's timeout), with the one line of the lock. (Every rank
+    raises it, but torchrun stops the others as soon as one fails, so they may not get to print.)"""
     from .helpers import V
 
     store = make_store([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4, vocab_size=V)
@@ -301,7 +302,7 @@ def test_torchrun_ranks_share_rank_0s_folder_lock(tmp_path, make_store):
         assert time.monotonic() - t0 < TIMEOUT_S
     assert p.returncode != 0
     lines = [x for x in p.stderr.splitlines() if x.startswith("streameval: error:")]
-    assert len(lines) == 2 and all("another process" in x and str(out) in x for x in lines), p.stderr[-2000:]
+    assert 1 <= len(lines) <= 2 and all("another process" in x and str(out) in x for x in lines), p.stderr[-2000:]
     assert not (out / "rank-0-of-2").exists()
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]  # free again: the same command runs
