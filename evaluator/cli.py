@@ -244,7 +244,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
     _check_out(a)
     _config(a)  # settings are checked before the folder is touched
-    with RunFolder.open(a.out, overwrite=a.overwrite) as folder:  # before the corpus is tokenized into it
+    with RunFolder.open(a.out, overwrite=a.overwrite, demo=True) as folder:  # before the corpus is tokenized into it
         store = folder.demo_store()
         t0 = time.perf_counter()
         if (store / "manifest.json").is_file():

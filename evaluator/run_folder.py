@@ -225,9 +225,14 @@ class RunFolder:
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out") -> "RunFolder":
+    def open(cls, path: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out",
+             demo: bool = False) -> "RunFolder":
         """Open ``path`` for a run: create it when missing, refuse a foreign one, lock it, mark it,
-        and with ``overwrite`` remove the files of an earlier run (only names of ours)."""
+        and with ``overwrite`` remove the files of an earlier run (only names of ours).
+
+        ``demo``: a folder holding nothing but a finished streamdata store named ``store`` (what
+        ``streameval demo`` left before run folders had a marker; the store's own manifest makes
+        it ours) is adopted as empty."""
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise ConfigError(f"{flag} {str(path)!r} is a file, not a folder: choose another {flag}")
@@ -237,11 +242,11 @@ class RunFolder:
             raise ConfigError(f"{flag} {str(path)!r} is not a writable folder ({e.strerror}): choose another {flag}") from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {str(path)!r} is not a writable folder: choose another {flag}")
-        cls._refuse_foreign(root, flag)  # before the lock: nothing is created in a foreign folder
+        cls._refuse_foreign(root, flag, demo)  # before the lock: nothing is created in a foreign folder
         lock = _Lock(root / LOCK_NAME, f"{flag} {str(path)!r}")
         folder = cls(root, lock)
         try:
-            cls._refuse_foreign(root, flag)  # again under the lock: it may have changed meanwhile
+            cls._refuse_foreign(root, flag, demo)  # again under the lock: it may have changed meanwhile
             if not _read_marker(root):
                 folder._write_marker()  # the first file of ours in the folder
             if overwrite:
@@ -266,8 +271,16 @@ class RunFolder:
         return cls(root)
 
     @staticmethod
-    def _refuse_foreign(root: Path, flag: str) -> None:
+    def _refuse_foreign(root: Path, flag: str, demo: bool = False) -> None:
         names = _entries(root)
+        if demo and names == [DEMO_STORE]:
+            from streamdata.format import read_manifest
+
+            try:
+                read_manifest(root / DEMO_STORE)  # a finished store of ours (its manifest's format)
+                names = []
+            except Exception:  # noqa: BLE001 - anything else there: not adopted
+                pass
         if names and not _read_marker(root):
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ConfigError(
