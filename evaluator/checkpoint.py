@@ -52,7 +52,7 @@ from .data import EvalData
 from .errors import ConfigError
 from .models import ModelAdapter
 from .resolve import ResolvedRun
-from .run_folder import CHECKPOINT_NAME, PROGRESS_NAME
+from .run_folder import CHECKPOINT_NAME, PROGRESS_NAME, temporary
 
 __all__ = ["CHECKPOINT_NAME", "PROGRESS_NAME", "Checkpointer", "RunIdentity", "run_identity"]
 
@@ -192,7 +192,7 @@ class Checkpointer:
         """Write ``state`` atomically (temporary file, fsync, rename), then the progress file.
         ``state["files"]``: the records of the files it relies on (PrefixDigest.record)."""
         payload = {"format": _FORMAT, "identity": asdict(self.identity), "complete": complete, **state}
-        tmp = self.path.with_name(f".{CHECKPOINT_NAME}.tmp-{os.getpid()}")
+        tmp = temporary(self.path)
         try:
             with open(tmp, "wb") as f:
                 f.write(_MAGIC + b"0" * 64 + b"\n")  # the digest is filled in once the payload is written
@@ -212,6 +212,10 @@ class Checkpointer:
             "windows_done": int(state["next_window"]), "windows_total": int(state["windows_total"]),
             "tokens_scored": int(state["sums"]["tokens"]), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        ptmp = self.folder / f".{PROGRESS_NAME}.tmp-{os.getpid()}"
-        ptmp.write_text(json.dumps(progress, indent=2) + "\n")
-        os.replace(ptmp, self.folder / PROGRESS_NAME)
+        ptmp = temporary(self.folder / PROGRESS_NAME)
+        try:
+            ptmp.write_text(json.dumps(progress, indent=2) + "\n")
+            os.replace(ptmp, self.folder / PROGRESS_NAME)
+        except BaseException:
+            ptmp.unlink(missing_ok=True)
+            raise

@@ -239,6 +239,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from streamdata import tokenize_dataset
+    from streamdata.format import MANIFEST_NAME
 
     from .run_folder import RunFolder
 
@@ -247,7 +248,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     with RunFolder.open(a.out, overwrite=a.overwrite, demo=True) as folder:  # before the corpus is tokenized into it
         store = folder.demo_store()
         t0 = time.perf_counter()
-        if (store / "manifest.json").is_file():
+        if (store / MANIFEST_NAME).is_file():
             # a finished store of an earlier demo is reused as it is, also one an older version built
             # (tokenize would refuse it: its build settings lack what this version records, e.g. the
             # word rule; the results then label its word perplexity with the rule it used)

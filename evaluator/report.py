@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .run_folder import REPORT_FILES
+from .run_folder import REPORT_FILES, temporary
 from .spill import BLOCK
 
 __all__ = ["format_table", "write_report", "versions"]
@@ -130,18 +130,14 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _save_png(fig: Any, path: Path) -> Path:
     """Lay out, write atomically (a temporary name, then a rename: never a half-written plot) and
     close ``fig``; returns ``path``."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(_tmp(path), dpi=120, format="png")
-    os.replace(_tmp(path), path)
+    fig.savefig(temporary(path), dpi=120, format="png")
+    os.replace(temporary(path), path)
     plt.close(fig)
     return path
 
@@ -166,7 +162,7 @@ def _write_csv(path: Path, header: list[str], columns: list[Any], n: int) -> Non
     """Rows ``0..n-1`` of ``columns`` (arrays, memmaps, BlockViews, ranges or None), written block
     by block: memory is one block whatever ``n``."""
     block = CSV_BLOCK
-    tmp = _tmp(path)
+    tmp = temporary(path)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -218,7 +214,7 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
         files.update(_plots(res, out))
     # results.json last: its presence means the report is complete
     files["results"] = out / REPORT_FILES["results"]
-    tmp = _tmp(files["results"])
+    tmp = temporary(files["results"])
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, files["results"])
     return files

@@ -60,7 +60,7 @@ from .errors import ConfigError, EvaluatorError
 
 __all__ = [
     "CHECKPOINT_NAME", "MARKER_NAME", "PROGRESS_NAME", "REPORT_FILES", "RESULTS_NAME", "PrefixDigest", "RunFolder",
-    "check_output_file", "partial", "per_token_name", "spill_name",
+    "check_output_file", "partial", "per_token_name", "spill_name", "temporary",
 ]
 
 MARKER_NAME = "streameval-run.json"
@@ -83,10 +83,16 @@ _PER_TOKEN = {"nll": "per_token_losses.f32", "kl": "per_token_kl.f32"}
 
 # Names of ours that --overwrite may remove: fixed names, spilled columns, temporary names.
 _SPILL = re.compile(r"^(window|document)_[a-z0-9_]+\.npy(\.partial)?$")
-_TMP = re.compile(r"^\.(checkpoint\.pt|progress\.json|streameval-run\.json)\.tmp-\d+$|^\.[a-z0-9_.]+\.(csv|json|png)\.tmp$")
+_TMP = re.compile(r"^\.(.+)\.tmp-\d+$")  # temporary(): the name it will be published under
 _RANK_DIR = re.compile(r"^rank-(\d+)-of-(\d+)$")
 _FIXED = {CHECKPOINT_NAME, PROGRESS_NAME, *REPORT_FILES.values(), *_PER_TOKEN.values(),
           *(n + _PARTIAL for n in _PER_TOKEN.values())}
+
+
+def temporary(path: Path) -> Path:
+    """Where a file of ours is written before it is renamed to ``path`` (fsynced first where it
+    matters): hidden, beside it, named by the process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def partial(path: str | os.PathLike) -> str:
@@ -108,7 +114,8 @@ def rank_dir_name(rank: int, world_size: int) -> str:
 
 
 def _ours(name: str) -> bool:
-    return name in _FIXED or bool(_SPILL.match(name) or _TMP.match(name))
+    name = _published_as(name) or name
+    return name in _FIXED or bool(_SPILL.match(name))
 
 
 # ---- integrity ---------------------------------------------------------------------------------
@@ -208,10 +215,15 @@ def _read_marker(root: Path) -> bool:
     return isinstance(d, dict) and d.get("marker") == _MARKER and d.get("version") == _MARKER_VERSION
 
 
+def _published_as(name: str) -> str | None:
+    """The name a temporary file (:func:`temporary`) will be renamed to; None for other names."""
+    m = _TMP.match(name)
+    return m.group(1) if m else None
+
+
 def _entries(root: Path) -> list[str]:
     """What the folder holds, besides our lock file and an interrupted marker write."""
-    return sorted(e.name for e in root.iterdir()
-                  if e.name != LOCK_NAME and not e.name.startswith(f".{MARKER_NAME}.tmp-"))
+    return sorted(e.name for e in root.iterdir() if e.name != LOCK_NAME and _published_as(e.name) != MARKER_NAME)
 
 
 class RunFolder:
@@ -289,7 +301,7 @@ class RunFolder:
                 "files streameval did not write)")
 
     def _write_marker(self) -> None:
-        tmp = self.root / f".{MARKER_NAME}.tmp-{os.getpid()}"
+        tmp = temporary(self.root / MARKER_NAME)
         body = {"marker": _MARKER, "version": _MARKER_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "note": "a run folder of streameval: its --overwrite removes only the files it writes"}
         with open(tmp, "w") as f:
