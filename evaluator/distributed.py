@@ -200,10 +200,30 @@ def open_run_folder(path: str | os.PathLike, info: DistInfo | None, overwrite: b
             folder = RunFolder.open(path, overwrite=overwrite)
         except StreamdataError as e:
             err = str(e)
-    err = broadcast_object(err, info)  # (also the point after which the folder is ready for every rank)
+    # (also the point after which the folder is ready for every rank)
+    err = _text_from_rank_0(err, info, torch.device(rank_device(info)))
     if err is not None:
         raise ConfigError(err)
     return folder if folder is not None else RunFolder.attach(path)
+
+
+_TEXT_BYTES = 4096
+
+
+def _text_from_rank_0(text: str | None, info: DistInfo, device: torch.device) -> str | None:
+    """Rank 0's ``text`` (or None) on every rank, as a sum of byte codes (zeros on the other ranks).
+    An all-reduce, not ``broadcast_object_list``: as the first collective of a gloo group, the
+    latter made a rank abort at exit now and then (2 runs in 18; 0 in 16 with a plain collective)."""
+    buf = torch.zeros(_TEXT_BYTES + 1, dtype=torch.int32)
+    if info.is_main and text is not None:
+        b = text.encode()[:_TEXT_BYTES]
+        buf[0] = 1
+        buf[1 : 1 + len(b)] = torch.tensor(list(b), dtype=torch.int32)
+    (out,) = all_reduce_([buf], info, device)
+    if int(out[0]) == 0:
+        return None
+    codes = out[1:].tolist()
+    return bytes(c for c in codes[: codes.index(0) if 0 in codes else len(codes)]).decode(errors="replace")
 
 
 # ---- reductions -----------------------------------------------------------------------------------
