@@ -325,3 +325,32 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(store, tmp_path, r
     assert main(_argv(store, out)) == 0  # space freed: the same command resumes
     assert json.loads((out / "results.json").read_text())["resumed_from_window"] > 0
     _same_report(_report(out), reference)
+
+
+@pytest.mark.slow  # (two models, four comparisons: a few seconds on 2 cores)
+def test_a_damaged_comparison_folder_is_refused_too(store, tmp_path, monkeypatch, capsys):
+    a, b = _gpt2_dirs(tmp_path)
+    argv = ["compare", str(store), "--model", str(a), "--reference", str(b), "--device", "cpu", "--quiet", "--no-plots",
+            "--chunk-size", "8", "--mode", "kv-cache", "--checkpoint-interval", "0.000001"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    want = json.loads((tmp_path / "whole" / "results.json").read_text())
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt(m, 6)
+        with pytest.raises(Interrupt):
+            main([*argv, "--out", str(out)])
+    files = _checkpoint_state(out / "checkpoint.pt")["files"]
+    capsys.readouterr()
+    for rec in (files["per_token"], files["spill"]["window_kl"], files["spill"]["document_agree"]):
+        path = Path(rec["path"])
+        original = path.read_bytes()
+        _flip(path, (rec["start"] + rec["end"]) // 2)
+        assert main([*argv, "--out", str(out)]) == 2
+        err = _error(capsys)
+        assert str(path) in err and "--overwrite" in err
+        path.write_bytes(original)
+    assert main([*argv, "--out", str(out)]) == 0
+    got = json.loads((out / "results.json").read_text())
+    for k in ("nll_sum", "nll_sum_reference", "kl_sum", "kl_p99", "top1_agreement"):
+        assert got[k] == want[k], k
+    assert (out / "per_token_kl.f32").read_bytes() == (tmp_path / "whole" / "per_token_kl.f32").read_bytes()
