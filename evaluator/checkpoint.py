@@ -22,11 +22,20 @@ The same batches are then summed in the same order, so a resumed run gives the u
 run's totals bit for bit on the same device. Tensors are saved with ``torch.save`` and loaded with
 ``weights_only=True`` (no code is unpickled). ``progress.json`` beside it says, for people and
 scripts, whether the run is unfinished or complete.
+
+Integrity (``torch.load`` does not verify the zip's CRCs, so a flipped bit in a float64 sum would
+be resumed as valid): the file is a one-line header holding the SHA-256 of the ``torch.save``
+bytes that follow it, and ``files`` records the size and the SHA-256 of the byte range of each
+file the state relies on (:class:`evaluator.run_folder.PrefixDigest`). The writers check their
+files against these records when they resume (evaluator/spill.py, evaluator/metrics.py). A
+``progress.json`` without its checkpoint means the checkpoint was lost: refused, never silently
+restarted. Names and rules of the folder: :mod:`evaluator.run_folder`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -43,12 +52,32 @@ from .data import EvalData
 from .errors import ConfigError
 from .models import ModelAdapter
 from .resolve import ResolvedRun
+from .run_folder import CHECKPOINT_NAME, PROGRESS_NAME, temporary
 
 __all__ = ["CHECKPOINT_NAME", "PROGRESS_NAME", "Checkpointer", "RunIdentity", "run_identity"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-PROGRESS_NAME = "progress.json"
-_FORMAT = 2  # 2: per-window/per-document sums spilled to files, not held in the checkpoint
+# 2: per-window/per-document sums spilled to files, not held in the checkpoint;
+# 3: a checksummed file, and the digests of the files the state relies on ("files")
+_FORMAT = 3
+_MAGIC = b"streameval checkpoint sha256="
+_HEADER = len(_MAGIC) + 64 + 1  # magic, 64 hex digits of the payload's SHA-256, newline
+
+
+class _HashingWriter:
+    """What torch.save writes to: the file, and a SHA-256 of every byte on the way."""
+
+    def __init__(self, f: Any):
+        self._f, self.sha = f, hashlib.sha256()
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
 
 @dataclass(frozen=True)
@@ -125,18 +154,28 @@ class Checkpointer:
                               "choose another folder") from None
 
     def load(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from, None when there is none; refuses another run's."""
+        """The checkpoint to resume from, None when there is none; refuses another run's and a
+        damaged one (the files it records are checked by their writers when they resume)."""
         if not self.path.is_file():
+            progress = self.folder / PROGRESS_NAME
+            if progress.is_file():  # written only after a checkpoint: the checkpoint was lost
+                raise ConfigError(f"checkpoint {str(self.path)!r} is missing but {str(progress)!r} says one was "
+                                  "written: the run folder is damaged; pass --overwrite to start over")
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            data = self.path.read_bytes()  # (its size does not grow with the stream)
+            if len(data) < _HEADER or not data.startswith(_MAGIC) or data[_HEADER - 1 : _HEADER] != b"\n":
+                raise ValueError("not a streameval checkpoint of this version")
+            if hashlib.sha256(memoryview(data)[_HEADER:]).hexdigest().encode() != data[len(_MAGIC) : _HEADER - 1]:
+                raise ValueError("its bytes differ from its checksum")
+            state = torch.load(io.BytesIO(memoryview(data)[_HEADER:]), map_location="cpu", weights_only=True)
             if state.get("format") != _FORMAT:
                 raise ValueError(f"checkpoint format {state.get('format')!r}")
             ident = RunIdentity(**state["identity"])
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one user-facing error
             raise ConfigError(
-                f"checkpoint {str(self.path)!r} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
-                "pass --overwrite to start over"
+                f"checkpoint {str(self.path)!r} is unreadable or damaged ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:120] if str(e) else ''}): pass --overwrite to start over"
             ) from None
         diff = ident.differences(self.identity)
         if diff:
@@ -150,14 +189,22 @@ class Checkpointer:
         return self.interval_s > 0 and time.monotonic() - self._last >= self.interval_s
 
     def save(self, state: dict[str, Any], *, complete: bool) -> None:
-        """Write ``state`` atomically (temporary file, fsync, rename), then the progress file."""
+        """Write ``state`` atomically (temporary file, fsync, rename), then the progress file.
+        ``state["files"]``: the records of the files it relies on (PrefixDigest.record)."""
         payload = {"format": _FORMAT, "identity": asdict(self.identity), "complete": complete, **state}
-        tmp = self.path.with_name(f".{CHECKPOINT_NAME}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        tmp = temporary(self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_MAGIC + b"0" * 64 + b"\n")  # the digest is filled in once the payload is written
+                w = _HashingWriter(f)
+                torch.save(payload, w)
+                f.flush()
+                os.pwrite(f.fileno(), w.sha.hexdigest().encode(), len(_MAGIC))
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # (a full disk: nothing of ours is left half-written)
+            raise
         fsync_dir(self.folder)
         self._last = time.monotonic()
         progress = {
@@ -165,6 +212,10 @@ class Checkpointer:
             "windows_done": int(state["next_window"]), "windows_total": int(state["windows_total"]),
             "tokens_scored": int(state["sums"]["tokens"]), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        ptmp = self.folder / f".{PROGRESS_NAME}.tmp-{os.getpid()}"
-        ptmp.write_text(json.dumps(progress, indent=2) + "\n")
-        os.replace(ptmp, self.folder / PROGRESS_NAME)
+        ptmp = temporary(self.folder / PROGRESS_NAME)
+        try:
+            ptmp.write_text(json.dumps(progress, indent=2) + "\n")
+            os.replace(ptmp, self.folder / PROGRESS_NAME)
+        except BaseException:
+            ptmp.unlink(missing_ok=True)
+            raise

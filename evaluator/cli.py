@@ -5,8 +5,9 @@
     streameval demo [--out DIR] [--max-tokens N]
     streameval compare STORE --model CANDIDATE --reference REFERENCE [--reference-device D] [run's options]
 
-With ``--out DIR`` a run is crash-safe: DIR keeps a checkpoint (evaluator/checkpoint.py) and the
-same command resumes after a crash; the report files appear only when the run is complete.
+With ``--out DIR`` a run is crash-safe: DIR is a run folder (evaluator/run_folder.py: ours by its
+marker, locked, checksummed) that keeps a checkpoint (evaluator/checkpoint.py), and the same command
+resumes after a crash; the report files appear only when the run is complete.
 
 Under torchrun (``torchrun --nproc-per-node N -m evaluator run ...``) N processes share the run
 (evaluator/distributed.py); rank 0 prints the table and writes the report.
@@ -19,9 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -116,7 +117,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                             "the state at each process's block after K unscored tokens of warm-up (recorded in the "
                             "results; otherwise refused: use --doc-mode document for exact splits)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in --out: remove this tool's checkpoint and report files there (no others)")
+                   help="start over in --out: remove this tool's checkpoint and report files there (no others; a "
+                        "folder streameval did not create is refused with or without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,61 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PER_TOKEN = "per_token_losses.f32"
-
-
 def _config(a: argparse.Namespace):
     from .config import StreamingEvalConfig
+    from .run_folder import per_token_name
 
     return StreamingEvalConfig(
         chunk_size=a.chunk_size, overlap=a.overlap, tail=a.tail, max_tokens=a.max_tokens, device=a.device,
         device_map=getattr(a, "device_map", None), verbose=not a.quiet,
         mode=a.mode, doc_mode=a.doc_mode, batch_size=a.batch_size, dtype=a.dtype, bos=a.bos,
         compile=getattr(a, "compile", None),  # (not a compare option)
-        per_token_path=str(Path(a.out) / _PER_TOKEN) if (getattr(a, "per_token", False) and a.out) else None,
+        per_token_path=str(Path(a.out) / per_token_name("nll")) if (getattr(a, "per_token", False) and a.out) else None,
         checkpoint_dir=a.out, checkpoint_interval=a.checkpoint_interval, split_warmup=getattr(a, "split_warmup", None),
         check_tokenizer=getattr(a, "check_tokenizer", True),  # run's --no-check-tokenizer (demo: always checked)
     )
 
 
-def _prepare_out(out: str | None, overwrite: bool) -> None:
-    """Check --out before any work: a folder we can write, holding no other run's report."""
-    from .checkpoint import CHECKPOINT_NAME, PROGRESS_NAME
-    from .report import REPORT_FILES
-
-    if out is None:
-        if overwrite:
-            raise EvaluatorError("--overwrite applies to --out DIR: pass --out, or drop --overwrite")
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise EvaluatorError(f"--out {out!r} is a file, not a folder: choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".streameval-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise EvaluatorError(f"--out {out!r} is not a writable folder ({e.strerror}): choose another --out") from None
-    ours = [*REPORT_FILES, CHECKPOINT_NAME, PROGRESS_NAME, _PER_TOKEN, _PER_TOKEN + ".partial"]
-    if overwrite:
-        from .distributed import remove_rank_folders
-
-        for name in ours:  # only the files this tool writes: nothing else in the folder is touched
-            (path / name).unlink(missing_ok=True)
-        remove_rank_folders(path)  # torchrun runs' per-rank checkpoints
-    elif (path / "results.json").exists() and not (path / CHECKPOINT_NAME).exists() \
-            and not any(path.glob(f"rank-*-of-*/{CHECKPOINT_NAME}")):  # torchrun runs: per-rank checkpoints
-        raise EvaluatorError(f"--out {out!r} holds the report of an earlier run without its checkpoint: "
-                             "pass --overwrite to replace it, or choose another --out")
+def _check_out(a: argparse.Namespace) -> None:
+    if a.out is None and a.overwrite:
+        raise EvaluatorError("--overwrite applies to --out DIR: pass --out, or drop --overwrite")
 
 
-def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
+def _open_out(a: argparse.Namespace, info: Any = None) -> Any:
+    """--out as a run folder (evaluator/run_folder.py: refused when foreign or in use, locked,
+    marked, --overwrite applied), before any work; a no-op context without --out."""
+    from .distributed import open_run_folder
+
+    _check_out(a)
+    return nullcontext() if a.out is None else open_run_folder(a.out, info, overwrite=a.overwrite)
+
+
+def _evaluate(store_path: str, model: str, a: argparse.Namespace, folder: Any = None) -> int:
     from streamdata import open_store
 
-    import torch
-
-    from .distributed import barrier, rank_device, session
+    from .distributed import session
     from .engine import StreamingEvaluator
 
     if a.per_token and not a.out:
@@ -226,30 +206,30 @@ def _evaluate(store_path: str, model: str, a: argparse.Namespace) -> int:
     cfg = _config(a)  # settings are checked before the folder and the model are touched
     with session(a.device) as info:  # torchrun's process group, or None (one process)
         main_rank = info is None or info.is_main
-        if main_rank:
-            _prepare_out(a.out, a.overwrite)
-        if info is not None:
-            barrier(info, torch.device(rank_device(info)))  # --out is ready (and --overwrite done) for every rank
-        ev = StreamingEvaluator(model, config=cfg)
-        with open_store(store_path) as store:
-            res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token)
-            if main_rank:
-                _report(res, a, cfg, store, ev)
+        # (rank 0 opens --out for every rank: the others attach once it has)
+        with (nullcontext(folder) if folder is not None else _open_out(a, info)) as folder:
+            ev = StreamingEvaluator(model, config=cfg)
+            with open_store(store_path) as store:
+                res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=a.per_token,
+                                                         checkpoint_dir=folder)
+                if main_rank:
+                    _report(res, a, cfg, store, ev.adapter.describe(), folder)
     return 0
 
 
-def _report(res: dict[str, Any], a: argparse.Namespace, cfg: Any, store: Any, ev: Any) -> int:
+def _report(res: dict[str, Any], a: argparse.Namespace, cfg: Any, store: Any, model: dict[str, Any], folder: Any) -> None:
+    """Print the table; write the report into the run folder unless it is complete there already."""
     from .report import format_table, write_report
 
     print(format_table(res))
-    if a.out:
-        if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
-            print(f"report: already complete in {a.out} (nothing was recomputed)")
-            return 0
-        files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store,
-                             model=ev.adapter.describe(), plots=not a.no_plots)
-        print(f"report: {', '.join(str(f) for f in files.values())}")
-    return 0
+    if folder is None:
+        return
+    if res.get("resumed_from_window") == res["num_chunks"] and folder.is_complete():
+        print(f"report: already complete in {a.out} (nothing was recomputed)")
+        return
+    files = write_report(res, folder.root, config=dataclasses.asdict(cfg), store=store, model=model,
+                         plots=not a.no_plots)
+    print(f"report: {', '.join(str(f) for f in files.values())}")
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -258,43 +238,42 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from streamdata import tokenize_dataset
+    from streamdata.format import MANIFEST_NAME
 
-    _prepare_out(a.out, a.overwrite)  # --out is checked before the corpus is tokenized into it
-    store = Path(a.out) / "store"
-    t0 = time.perf_counter()
-    if (store / "manifest.json").is_file():
-        # a finished store of an earlier demo is reused as it is, also one an older version built
-        # (tokenize would refuse it: its build settings lack what this version records, e.g. the
-        # word rule; the results then label its word perplexity with the rule it used)
-        from streamdata.format import read_manifest
+    from .run_folder import RunFolder
 
-        m = read_manifest(store)
-    else:
-        m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)
-    print(f"[demo] store {store}: {m.num_tokens:,} tokens, {m.num_documents:,} documents of the Python standard library "
-          f"({time.perf_counter() - t0:.1f} s; reused when already built)")
-    return _evaluate(str(store), "default", a)
+    _check_out(a)
+    _config(a)  # settings are checked before the folder is touched
+    with RunFolder.open(a.out, overwrite=a.overwrite, demo=True) as folder:  # before the corpus is tokenized into it
+        store = folder.demo_store()
+        t0 = time.perf_counter()
+        if (store / MANIFEST_NAME).is_file():
+            # a finished store of an earlier demo is reused as it is, also one an older version built
+            # (tokenize would refuse it: its build settings lack what this version records, e.g. the
+            # word rule; the results then label its word perplexity with the rule it used)
+            from streamdata.format import read_manifest
+
+            m = read_manifest(store)
+        else:
+            m = tokenize_dataset(source="stdlib:eval", tokenizer="default", out=str(store), progress=not a.quiet)
+        print(f"[demo] store {store}: {m.num_tokens:,} tokens, {m.num_documents:,} documents of the Python standard library "
+              f"({time.perf_counter() - t0:.1f} s; reused when already built)")
+        return _evaluate(str(store), "default", a, folder)
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
     from streamdata import open_store
 
     from .compare import compare_streaming
-    from .report import format_table, write_report
+    from .run_folder import check_output_file
 
     cfg = _config(a)  # settings are checked before the folder and the models are touched
-    _prepare_out(a.out, a.overwrite)
-    with open_store(a.store) as store:
+    check_output_file(a.per_token_kl, "--per-token-kl")  # every output path before any compute
+    with _open_out(a) as folder, open_store(a.store) as store:
         res = compare_streaming(a.model, a.reference, store, config=cfg, reference_device=a.reference_device,
-                                allow_vocab_prefix=a.allow_vocab_prefix, per_token_kl=a.per_token_kl)
-        print(format_table(res))
-        if a.out:
-            if res.get("resumed_from_window") == res["num_chunks"] and (Path(a.out) / "results.json").exists():
-                print(f"report: already complete in {a.out} (nothing was recomputed)")
-                return 0
-            files = write_report(res, a.out, config=dataclasses.asdict(cfg), store=store, model=res["models"],
-                                 plots=not a.no_plots)
-            print(f"report: {', '.join(str(f) for f in files.values())}")
+                                allow_vocab_prefix=a.allow_vocab_prefix, per_token_kl=a.per_token_kl,
+                                checkpoint_dir=folder)
+        _report(res, a, cfg, store, res["models"], folder)
     return 0
 
 

@@ -54,6 +54,7 @@ from .errors import ConfigError, DataError, ModelError
 from .metrics import MetricSums, perplexity
 from .models import ForwardOutput, ModelAdapter, StatefulModuleAdapter, load_model
 from .results import detail as run_detail
+from .run_folder import RunFolder, check_output_file, per_token_name
 from .spill import BLOCK, COLUMNS as RUN_SPILL, BlockView
 
 __all__ = ["COLUMNS", "COMPARE", "PairAdapter", "PairOutput", "compare_streaming", "pair_stats", "quantiles"]
@@ -463,7 +464,7 @@ def _check_tokenizers(cfg: StreamingEvalConfig, pair: PairAdapter) -> None:
 def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: StreamingEvalConfig | None = None,
                       reference_device: str | None = None, allow_vocab_prefix: bool = False,
                       per_token_kl: str | os.PathLike | None = None, max_tokens: int | None = None,
-                      checkpoint_dir: str | None = None, **options: Any) -> dict[str, Any]:
+                      checkpoint_dir: "str | os.PathLike | RunFolder | None" = None, **options: Any) -> dict[str, Any]:
     """Compare ``candidate`` with ``reference`` on every scored target of ``data``.
 
     ``candidate``/``reference``: what :class:`~evaluator.StreamingEvaluator` accepts (a module, a
@@ -492,9 +493,11 @@ def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: Stre
     device = resolve_device(config.device) if config.device is not None else None  # bad names fail first
     if reference_device is not None:
         resolve_device(reference_device)
-    ckdir = config.checkpoint_dir if checkpoint_dir is None else str(checkpoint_dir)
-    path = per_token_kl if per_token_kl is not None else (os.path.join(ckdir, "per_token_kl.f32") if ckdir else None)
+    ckdir = config.checkpoint_dir if checkpoint_dir is None else checkpoint_dir
+    root = ckdir.root if isinstance(ckdir, RunFolder) else ckdir
+    path = per_token_kl if per_token_kl is not None else (os.path.join(root, per_token_name("kl")) if root else None)
     config = dataclasses.replace(config, per_token_path=None if path is None else str(path))
+    check_output_file(per_token_kl, "per_token_kl")  # before the models are loaded (the engine checks it again)
     cand = load_model(candidate, dtype=config.dtype)
     ref = load_model(reference, dtype=config.dtype)
     if cand is ref or (cand.module is ref.module and isinstance(cand, StatefulModuleAdapter) and config.mode != "sliding"):

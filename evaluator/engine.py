@@ -33,6 +33,7 @@ from .models import ModelAdapter, load_model
 from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
 from .results import detail, summary
+from .run_folder import RunFolder, check_output_file
 from .runners import CarriedRunner, Runner, SlidingRunner
 from .spill import SpillFiles
 
@@ -89,19 +90,21 @@ class StreamingEvaluator:
 
     # ---- public API ----------------------------------------------------------------------
     def evaluate_streaming(self, data: Any, max_tokens: int | None = None, log_interval: int | None = None,
-                           checkpoint_dir: str | None = None) -> dict[str, Any]:
+                           checkpoint_dir: "str | os.PathLike | RunFolder | None" = None) -> dict[str, Any]:
         """Loss and perplexity over every scored target of ``data`` (tensor, array, store or store path).
 
         Returns loss (nats/token), perplexity, total_tokens (targets scored), num_chunks (windows),
         total_time (s), tokens_per_second, avg_chunk_time (s), plus the resolved settings.
         ``checkpoint_dir`` (or the config's): a folder where the run keeps a checkpoint; the same
-        call after a crash resumes from it (see :mod:`evaluator.checkpoint`).
+        call after a crash resumes from it (see :mod:`evaluator.checkpoint`). It is a run folder
+        (:mod:`evaluator.run_folder`): missing, empty or ours (a foreign folder is refused), locked
+        for the run; or a :class:`~evaluator.run_folder.RunFolder` the caller opened.
         """
         return self._run(data, max_tokens, log_interval, detailed=False, per_token=False, checkpoint_dir=checkpoint_dir)
 
     def evaluate_streaming_with_metrics(self, data: Any, max_tokens: int | None = None,
                                         compute_per_token_metrics: bool = False,
-                                        checkpoint_dir: str | None = None) -> dict[str, Any]:
+                                        checkpoint_dir: "str | os.PathLike | RunFolder | None" = None) -> dict[str, Any]:
         """:meth:`evaluate_streaming` plus per-chunk, per-document, per-position and per-byte/word metrics.
 
         ``per_token_losses`` (when ``compute_per_token_metrics``) is a read-only float32 numpy memmap;
@@ -117,7 +120,7 @@ class StreamingEvaluator:
         return autocast_for(self.device, self.config.dtype)
 
     def _run(self, data: Any, max_tokens: int | None, log_interval: int | None, detailed: bool, per_token: bool,
-             checkpoint_dir: str | None, scoring: "Scoring | None" = None) -> dict[str, Any]:
+             checkpoint_dir: "str | os.PathLike | RunFolder | None", scoring: "Scoring | None" = None) -> dict[str, Any]:
         cfg = self.config
         scoring = NLL if scoring is None else scoring
         if scoring is not NLL and dd.current() is not None:
@@ -128,7 +131,18 @@ class StreamingEvaluator:
         log_interval = cfg.log_interval if log_interval is None else int(log_interval)
         if log_interval < 1:
             raise ConfigError(f"log_interval={log_interval} must be >= 1")
-        checkpoint_dir = cfg.checkpoint_dir if checkpoint_dir is None else str(checkpoint_dir)
+        target = cfg.checkpoint_dir if checkpoint_dir is None else checkpoint_dir
+        # The run folder: the caller's (the CLI opened it, with the lock held), else opened here for
+        # this run (locked until it ends; a full disk there becomes one line).
+        folder = target if isinstance(target, RunFolder) or target is None else \
+            dd.open_run_folder(target, dd.current())
+        with folder if folder is not target else nullcontext():
+            check_output_file(cfg.per_token_path, "per_token_path")  # every output path before any compute
+            return self._run_in(data, max_tokens, log_interval, detailed, per_token, folder, scoring)
+
+    def _run_in(self, data: Any, max_tokens: int | None, log_interval: int, detailed: bool, per_token: bool,
+                folder: RunFolder | None, scoring: "Scoring") -> dict[str, Any]:
+        cfg = self.config
         with open_data(data) as ed:
             if ed.num_tokens == 0:
                 raise DataError(f"{ed.name} holds no tokens: nothing to evaluate")
@@ -139,22 +153,20 @@ class StreamingEvaluator:
             if cfg.compile is not None and run.mode != "sliding":
                 raise ConfigError(f"compile={cfg.compile!r} applies to mode 'sliding' (fixed-shape batches), but this run "
                                   f"resolved mode {run.mode!r} ({run.mode_reason}): pass mode='sliding', or leave compile unset")
-            part = _Part.of(dd.current(), run, ed, checkpoint_dir, cfg.split_warmup)
+            part = _Part.of(dd.current(), run, ed, None if folder is None else folder.root, cfg.split_warmup)
             ckpt = None
-            if checkpoint_dir is not None:
-                dd.check_rank_folders(checkpoint_dir, part.info)
+            if folder is not None:
+                folder.check_world(part.info)
                 ident = run_identity(ed, self.adapter, run, detailed, per_token)
                 if cfg.compile is not None:  # compiled kernels round differently: never mixed with eager sums
                     ident.settings.update(compile=cfg.compile)
                 if scoring is not NLL:  # another kind of numbers: never resumed as a run (or vice versa)
                     ident.settings.update(scoring=scoring.name)
-                folder: Any = checkpoint_dir
-                if part.info is not None:  # one checkpoint per rank, of its own block
+                if part.info is not None:  # one checkpoint per rank, of its own block (its rank folder)
                     ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
                     if part.warmup is not None:  # the approximation changes the numbers
                         ident.settings.update(split_warmup=part.warmup)
-                    folder = dd.rank_folder(checkpoint_dir, part.info)
-                ckpt = Checkpointer(folder, ident, cfg.checkpoint_interval)
+                ckpt = Checkpointer(folder.part_dir(part.info), ident, cfg.checkpoint_interval)
                 carry = run.carry_check
                 if carry is not None and not carry.checkpoint:
                     # Said now, not found at the end: the run finishes and reports, only its
@@ -170,13 +182,14 @@ class StreamingEvaluator:
                 # compile None: a no-op. STREAMEVAL_COMPILE_BACKEND: a test's "eager"/"aot_eager"
                 # (the same graph capture without code generation); default inductor.
                 with self.adapter.compiled(cfg.compile, os.environ.get("STREAMEVAL_COMPILE_BACKEND") or "inductor"):
-                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part, scoring)
+                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part, scoring,
+                                      folder)
             finally:
                 windows.close()
 
     def _loop(self, ed: EvalData, run: ResolvedRun, windows: WindowLoader, log_interval: int, detailed: bool,
               per_token: bool, ckpt: Checkpointer | None, state: dict[str, Any] | None,
-              part: "_Part", scoring: "Scoring") -> dict[str, Any]:
+              part: "_Part", scoring: "Scoring", folder: RunFolder | None) -> dict[str, Any]:
         cfg, dev, spec = self.config, self.device, run.spec
         info = part.info
         num_windows = windows.full_plan_windows
@@ -189,9 +202,10 @@ class StreamingEvaluator:
             )
         path = cfg.per_token_path
         if per_token and path is None and ckpt is not None:
-            path = str(part.root / "per_token_losses.f32")  # resumable: beside the checkpoint
+            path = str(folder.per_token_path("nll"))  # resumable: in the run folder
         writer, spill = None, None
         filled = 0 if state is None else int(state["per_token_filled"])
+        records = {} if state is None else state["files"]  # what the checkpoint relies on: checked on resume
         # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
         # (debug.allowed()) only where the loop syncs by design; a no-op by default.
         debug = _SyncDebug.from_env(dev)
@@ -199,18 +213,20 @@ class StreamingEvaluator:
             if not per_token:
                 writer = None
             elif info is None:  # (its block drains are syncs by design)
-                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled, allow_sync=debug.allowed))
+                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled, allow_sync=debug.allowed,
+                                                          record=records.get("per_token")))
             else:  # one file, this rank's slice at its own offset
                 shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
                 writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled,
-                                            anonymous=path is None and info.is_main, allow_sync=debug.allowed)
+                                            anonymous=path is None and info.is_main, allow_sync=debug.allowed,
+                                            record=records.get("per_token"))
             timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
             if detailed:
                 # Per-window and per-document sums leave the device in blocks into files: beside the
                 # checkpoint (the CLI's --out) so a resumed run continues them, else in a temporary
                 # folder removed at the end (and on errors).
                 spill = SpillFiles(None if ckpt is None else ckpt.folder, num_windows, ed.num_documents,
-                                   resume=state is not None, columns=scoring.spill)
+                                   resume=state is not None, columns=scoring.spill, records=records.get("spill"))
             sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
             args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
             runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
@@ -236,8 +252,14 @@ class StreamingEvaluator:
             def checkpoint(complete: bool) -> None:
                 if writer is not None:
                     writer.flush()
+                sums_state = sums.state_dict()  # flushes the detail block and syncs its files first
+                files: dict[str, Any] = {}  # the digests of what this state relies on (run_folder.py)
+                if spill is not None:  # windows below window_base and documents below doc_base are final
+                    files["spill"] = spill.digests(sums_state["window_base"], max(0, sums_state["doc_base"]), complete)
+                if writer is not None:
+                    files["per_token"] = writer.digest()
                 ckpt.save({"next_window": next_window, "windows_total": num_windows, "expected": expected,
-                           "sums": sums.state_dict(),  # flushes the detail block and syncs its files first
+                           "sums": sums_state, "files": files,
                            "runner": runner.state(),
                            "per_token_filled": 0 if writer is None else writer.filled,
                            "elapsed": elapsed0 + time.perf_counter() - t_start,

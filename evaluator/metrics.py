@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .models import ForwardOutput
+from .run_folder import PrefixDigest, damaged, partial
 from .spill import BLOCK, BlockView
 
 __all__ = [
@@ -327,14 +328,21 @@ class PerTokenWriter:
     file. Without a path the file is an anonymous temporary: it is unlinked by :meth:`finish` (the
     returned memmap stays readable: the mapping keeps the data) and by :meth:`discard` on errors,
     so nothing is left on disk either way.
+
+    ``record`` (a resume, ``filled`` > 0): the checkpoint's record of the file; the values it
+    relies on (the first ``filled``) must match their digest (evaluator/run_folder.py). The values
+    after them are written again by the resumed run.
     """
+
+    _WHAT = "per-token file"
+    _base = 0  # first value of this writer's slice of the file (a torchrun rank's offset)
 
     # A context manager around each of the writer's syncs (a block drained to the host): the
     # engine's sync debug mode lifts itself there (evaluator/engine.py); nothing by default.
     _allow_sync: Callable[[], ContextManager[Any]] = staticmethod(nullcontext)
 
     def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20,
-                 allow_sync: Callable[[], ContextManager[Any]] | None = None):
+                 allow_sync: Callable[[], ContextManager[Any]] | None = None, record: dict[str, Any] | None = None):
         if allow_sync is not None:
             self._allow_sync = allow_sync
         self.total = total
@@ -347,17 +355,37 @@ class PerTokenWriter:
             self.path, self._file = None, tmp
         else:
             self.path = str(path)
-            self._file = self.path + ".partial"
+            self._file = partial(self.path)
         size = max(1, total) * 4
         if filled == total and self.path is not None and not os.path.isfile(self._file) and os.path.isfile(self.path):
             self._file = self.path  # a finished run resumed from its final checkpoint: already published
         if filled:
-            if not os.path.isfile(self._file) or os.path.getsize(self._file) != size:
-                raise ValueError(f"per-token file {self._file!r} is missing or not {size // 4} float32 values")
+            self._digest = self._resume(record, size)
             self._fd = os.open(self._file, os.O_RDWR)
         else:
             self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, size)  # sparse: disk is used as values arrive
+            self._digest = PrefixDigest(0)
+
+    def _resume(self, record: dict[str, Any] | None, size: int | None) -> PrefixDigest:
+        """Check the file a resume continues: its record's digest, else (no record) its size."""
+        if record is not None:
+            return PrefixDigest.resume(self._file, record, self._WHAT)
+        if not os.path.isfile(self._file):
+            raise damaged(self._file, self._WHAT, "it is missing")
+        if size is not None and os.path.getsize(self._file) != size:
+            raise damaged(self._file, self._WHAT, f"it is not {size // 4} float32 values")
+        d = PrefixDigest(self._base * 4)
+        d.extend_file(self._file, (self._base + self.filled) * 4)
+        return d
+
+    def digest(self) -> dict[str, Any] | None:
+        """The checkpoint's record of the values written so far (call after :meth:`flush`);
+        None for an anonymous temporary file (nothing resumes from it)."""
+        if self.path is None:
+            return None
+        self._digest.extend(self._fd, (self._base + self._written) * 4)
+        return self._digest.record(self._file, os.fstat(self._fd).st_size)
 
     def write(self, nll: torch.Tensor) -> None:
         n = nll.numel()

@@ -37,19 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from .run_folder import REPORT_FILES, temporary
 from .spill import BLOCK
-from .spill import FILE_NAMES as SPILL_FILES
 
-__all__ = ["REPORT_FILES", "format_table", "write_report", "versions"]
-
-#: Every file name the report stage writes (``--overwrite`` removes these and no others).
-REPORT_FILES = ("results.json", "chunks.csv", "documents.csv", "positions.csv", "perplexity_per_chunk.png",
-                "loss_by_position.png", *SPILL_FILES, *(f"{f}.partial" for f in SPILL_FILES),
-                # a model comparison's (evaluator/compare.py): its plots and its further spilled columns
-                "kl_by_position.png", "kl_histogram.png", "per_token_kl.f32", "per_token_kl.f32.partial",
-                *(f"{k}.npy{p}" for k in ("window_nll_ref", "window_kl", "window_kl_sq", "window_agree",
-                                          "window_correct", "document_nll_ref", "document_kl", "document_kl_sq",
-                                          "document_agree", "document_correct") for p in ("", ".partial")))
+__all__ = ["format_table", "write_report", "versions"]
 
 _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
@@ -139,18 +130,14 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _save_png(fig: Any, path: Path) -> Path:
     """Lay out, write atomically (a temporary name, then a rename: never a half-written plot) and
     close ``fig``; returns ``path``."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(_tmp(path), dpi=120, format="png")
-    os.replace(_tmp(path), path)
+    fig.savefig(temporary(path), dpi=120, format="png")
+    os.replace(temporary(path), path)
     plt.close(fig)
     return path
 
@@ -175,7 +162,7 @@ def _write_csv(path: Path, header: list[str], columns: list[Any], n: int) -> Non
     """Rows ``0..n-1`` of ``columns`` (arrays, memmaps, BlockViews, ranges or None), written block
     by block: memory is one block whatever ``n``."""
     block = CSV_BLOCK
-    tmp = _tmp(path)
+    tmp = temporary(path)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -204,13 +191,13 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
 
     if res.get("chunk_losses") is not None:
         n = len(res["chunk_losses"])
-        files["chunks"] = out / "chunks.csv"
+        files["chunks"] = out / REPORT_FILES["chunks"]
         _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds"],
                    [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times")], n)
     docs = res.get("per_document")
     if docs is not None:
         nd = len(docs["tokens"])
-        files["documents"] = out / "documents.csv"
+        files["documents"] = out / REPORT_FILES["documents"]
         extra = [k for k in ("nll_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in docs]
         _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words",
                                         "complete", *extra],
@@ -218,7 +205,7 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
                     docs.get("words"), docs["complete"], *(docs[k] for k in extra)], nd)
     pos = res.get("position_buckets")
     if pos is not None:
-        files["positions"] = out / "positions.csv"
+        files["positions"] = out / REPORT_FILES["positions"]
         extra = [k for k in ("loss_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in pos]
         _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity", *extra],
                    [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"], *(pos[k] for k in extra)],
@@ -226,8 +213,8 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
     if plots:
         files.update(_plots(res, out))
     # results.json last: its presence means the report is complete
-    files["results"] = out / "results.json"
-    tmp = _tmp(files["results"])
+    files["results"] = out / REPORT_FILES["results"]
+    tmp = temporary(files["results"])
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, files["results"])
     return files
@@ -255,7 +242,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_yscale("log")
         ax.set_title(f"Perplexity per chunk: {res.get('model')} on {res.get('data')}", fontsize=9)
         ax.legend()
-        files["plot_chunks"] = _save_png(fig, out / "perplexity_per_chunk.png")
+        files["plot_chunks"] = _save_png(fig, out / REPORT_FILES["plot_chunks"])
     pos = res.get("position_buckets")
     if pos is not None and len(pos["hi"]):
         mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])  # geometric bucket centre
@@ -266,7 +253,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_ylabel("loss (nats/token)")
         ax.set_title("Loss by position in the document (the long-context curve)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        files["plot_positions"] = _save_png(fig, out / "loss_by_position.png")
+        files["plot_positions"] = _save_png(fig, out / REPORT_FILES["plot_positions"])
     if pos is not None and len(pos["hi"]) and "kl_mean" in pos:  # a comparison
         mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -278,7 +265,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_title(f"KL by position: {res.get('candidate')} vs {res.get('reference')}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        files["plot_kl_positions"] = _save_png(fig, out / "kl_by_position.png")
+        files["plot_kl_positions"] = _save_png(fig, out / REPORT_FILES["plot_kl_positions"])
     if res.get("per_token_kl") is not None and len(res["per_token_kl"]):
         from .compare import kl_histogram
 
@@ -290,7 +277,7 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_ylabel("tokens")
         ax.set_title(f"Per-token KL: mean {res['kl_mean']:.3g}, median {res['kl_median']:.3g}, "
                      f"99th percentile {res['kl_p99']:.3g}, max {res['kl_max']:.3g}", fontsize=9)
-        files["plot_kl_histogram"] = _save_png(fig, out / "kl_histogram.png")
+        files["plot_kl_histogram"] = _save_png(fig, out / REPORT_FILES["plot_kl_histogram"])
     return files
 
 

@@ -19,7 +19,9 @@ partial files; without one, a temporary folder removed at the end and on errors 
 memmaps stay readable: a mapping keeps its pages).
 
 A file is created sparse (its size is set, nothing is written), so a 10^8-window run costs disk only
-for what it wrote. The arrays are indexed by global window and document id, so partial arrays of
+for what it wrote. Each column keeps a SHA-256 of its final prefix (:meth:`SpillFiles.digests`,
+recorded in every checkpoint); a resume checks each file against its record before anything is
+written, and clears what lies past the prefix (evaluator/run_folder.py, "Integrity"). The arrays are indexed by global window and document id, so partial arrays of
 several processes (ranks) over disjoint windows add up elementwise to the whole run's.
 """
 
@@ -32,6 +34,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from .errors import ConfigError
+from .run_folder import PrefixDigest, clear_after, damaged, partial, spill_name
 
 __all__ = ["BLOCK", "BlockView", "COLUMNS", "SpillFiles", "block_sum"]
 
@@ -47,37 +52,57 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "document_tokens": ("<i8", "documents"),
 }
 
-#: The final file names (the CLI's --overwrite removes these and their .partial forms).
-FILE_NAMES = tuple(f"{name}.npy" for name in COLUMNS)
+#: The final file names of a run's columns.
+FILE_NAMES = tuple(spill_name(name) for name in COLUMNS)
+_WHAT = "spilled column"
 
 
 class _Column:
-    """One ``.npy`` file written at element offsets with ``pwrite``."""
+    """One ``.npy`` file written at element offsets with ``pwrite``.
 
-    def __init__(self, folder: Path, name: str, length: int, resume: bool, dtype: str):
+    ``record`` (a resume): the checkpoint's record of this file (evaluator/run_folder.py); the
+    file must match it, and what lies past the recorded prefix is cleared."""
+
+    def __init__(self, folder: Path, name: str, length: int, resume: bool, dtype: str,
+                 record: dict[str, Any] | None = None):
         self.name, self.dtype, self.length = name, np.dtype(dtype), length
-        self.final = folder / f"{name}.npy"
-        self.partial = folder / f"{name}.npy.partial"
+        self.unverified: tuple[int, int] | None = None  # bytes [a, b) past the checkpoint's prefix
+        self.final = folder / spill_name(name)
+        self.partial = Path(partial(self.final))
         shape = (max(1, length),)  # a zero-length file cannot be mapped; slices stop at ``length``
         if resume:
             # A run that completed may have renamed its files already (a crash between the rename
             # and the report): continue whichever exists, the partial one first.
             path = self.partial if self.partial.is_file() else self.final
             if not path.is_file():
-                raise ValueError(f"detail file {str(self.partial)!r} is missing")
-            mm = np.load(path, mmap_mode="r")
+                raise damaged(self.partial, _WHAT, "it is missing")
+            # the digest covers the header too: a damaged header is caught here, before numpy reads it
+            self.digest = PrefixDigest.resume(path, record, _WHAT) if record is not None else None
+            try:
+                mm = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:  # a damaged header, a truncated file
+                raise damaged(path, _WHAT, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}") from None
             if mm.shape != shape or mm.dtype != self.dtype:
-                raise ValueError(f"detail file {str(path)!r} holds {mm.dtype}{list(mm.shape)}, not {self.dtype}{list(shape)}")
+                raise ConfigError(f"{_WHAT} {str(path)!r} holds {mm.dtype}{list(mm.shape)}, not {self.dtype}{list(shape)}: "
+                                  "pass --overwrite to start over")
             self.offset = mm.offset
+            size = self.offset + mm.nbytes
             del mm
+            if self.digest is None:
+                self.digest = PrefixDigest(0)
+                self.digest.extend_file(path, self.offset)  # (a caller without records: the header only)
+            elif path == self.partial and self.digest.end < size:
+                self.unverified = (self.digest.end, size)  # cleared once every column is checked
         else:
             path = self.partial
             # open_memmap writes the header and sets the size (sparse); nothing else is written
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
             self.offset = mm.offset
             del mm
+            self.digest = PrefixDigest(0)
         self.path = path
         self.fd = os.open(path, os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
 
     def write(self, lo: int, values: np.ndarray) -> None:
         if len(values):
@@ -103,8 +128,9 @@ class SpillFiles:
     """
 
     def __init__(self, folder: str | os.PathLike | None, num_windows: int, num_documents: int, resume: bool = False,
-                 columns: dict[str, tuple[str, str]] | None = None):
-        # columns: name -> (dtype, axis), default :data:`COLUMNS` (a model comparison spills more)
+                 columns: dict[str, tuple[str, str]] | None = None, records: dict[str, Any] | None = None):
+        # columns: name -> (dtype, axis), default :data:`COLUMNS` (a model comparison spills more);
+        # records: the checkpoint's file records (name -> PrefixDigest.record) to check on resume
         self.spec = COLUMNS if columns is None else columns
         self.temporary = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="streameval-detail-")) if folder is None else Path(folder)
@@ -113,7 +139,18 @@ class SpillFiles:
         try:
             for name, (dtype, axis) in self.spec.items():
                 n = num_windows if axis == "windows" else num_documents
-                self.columns[name] = _Column(self.folder, name, n, resume and not self.temporary, dtype)
+                resumed = resume and not self.temporary
+                rec = None
+                if resumed and records is not None:
+                    if name not in records:
+                        raise damaged(self.folder / spill_name(name), _WHAT, "the checkpoint has no record of it")
+                    rec = records[name]
+                self.columns[name] = _Column(self.folder, name, n, resumed, dtype, rec)
+            # Only once every column matched its record (a refusal changes nothing): what lies past
+            # a prefix (written after the checkpoint, or damage) is cleared, so it cannot reach a result.
+            for c in self.columns.values():
+                if c.unverified is not None:
+                    clear_after(c.path, *c.unverified)
         except BaseException:
             self.discard()
             raise
@@ -125,6 +162,18 @@ class SpillFiles:
         """Make everything written so far durable (before a checkpoint records how far it is valid)."""
         for c in self.columns.values():
             c.sync()
+
+    def digests(self, windows_final: int, documents_final: int, whole: bool = False) -> dict[str, Any]:
+        """The checkpoint's records of every column: the digest of its bytes up to the first
+        window (document) that is not final yet, or of the whole file (``whole``: the run is
+        complete). Reads only the bytes that became final since the last call."""
+        out = {}
+        for name, c in self.columns.items():
+            n = windows_final if self.spec[name][1] == "windows" else documents_final
+            end = c.size if whole else c.offset + max(0, min(n, c.length)) * c.dtype.itemsize
+            c.digest.extend(c.fd, end)
+            out[name] = c.digest.record(c.path, c.size)
+        return out
 
     def finish(self) -> dict[str, np.memmap]:
         """Close, publish under the final names, and return read-only memmaps of every column
@@ -152,7 +201,8 @@ class SpillFiles:
         # Only our own files, then the (then empty) folder we created: never a recursive delete of
         # anything else that might have appeared there.
         for name in self.spec:
-            for p in (self.folder / f"{name}.npy", self.folder / f"{name}.npy.partial"):
+            final = self.folder / spill_name(name)
+            for p in (final, Path(partial(final))):
                 p.unlink(missing_ok=True)
         try:
             self.folder.rmdir()

@@ -21,6 +21,7 @@ import pytest
 
 from evaluator import distributed as dd
 from evaluator.errors import ConfigError
+from evaluator.run_folder import RunFolder
 from streamdata.errors import ConfigError as StreamConfigError
 from streamdata.windows import plan_windows
 
@@ -176,22 +177,28 @@ def test_rank_range_stream_mode_is_shard():
 
 
 def test_check_rank_folders_refuses_another_world_size(tmp_path):
+    # (the rule lives in the run folder's owner now: RunFolder.check_world)
+    def check(root, info):
+        RunFolder(root).check_world(info)
+
     info2 = dd.DistInfo(0, 2, 0, "gloo")
-    dd.check_rank_folders(tmp_path / "missing", info2)  # nothing there: fine
+    check(tmp_path / "missing", info2)  # nothing there: fine
     (tmp_path / "rank-0-of-3").mkdir()
-    dd.check_rank_folders(tmp_path, info2)  # a folder without a checkpoint: not a run
+    check(tmp_path, info2)  # a folder without a checkpoint: not a run
     (tmp_path / "rank-0-of-3" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"run with 3 process\(es\), this run has 2: rerun with 3"):
-        dd.check_rank_folders(tmp_path, info2)
+        check(tmp_path, info2)
     with pytest.raises(ConfigError, match=r"run with 3 process\(es\), this run has 1"):
-        dd.check_rank_folders(tmp_path, None)
-    dd.check_rank_folders(tmp_path, dd.DistInfo(1, 3, 1, "gloo"))
+        check(tmp_path, None)
+    check(tmp_path, dd.DistInfo(1, 3, 1, "gloo"))
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # a single-process run's checkpoint
     with pytest.raises(ConfigError, match=r"run with 1 process\(es\), this run has 3"):
-        dd.check_rank_folders(tmp_path, dd.DistInfo(1, 3, 1, "gloo"))
+        check(tmp_path, dd.DistInfo(1, 3, 1, "gloo"))
 
 
 def test_remove_rank_folders_removes_only_our_files(tmp_path):
+    # (--overwrite of a run folder of ours: RunFolder.open(..., overwrite=True))
+    RunFolder.open(tmp_path).close()  # made ours (empty)
     a, b = tmp_path / "rank-0-of-2", tmp_path / "rank-1-of-2"
     for f in (a, b):
         f.mkdir()
@@ -199,7 +206,7 @@ def test_remove_rank_folders_removes_only_our_files(tmp_path):
         (f / "window_nll.npy.partial").write_bytes(b"x")
     (b / "notes.txt").write_text("mine")
     (tmp_path / "rank-data").mkdir()
-    dd.remove_rank_folders(tmp_path)
+    RunFolder.open(tmp_path, overwrite=True).close()
     assert not a.exists()
     assert sorted(p.name for p in b.iterdir()) == ["notes.txt"]
     assert (tmp_path / "rank-data").is_dir()
@@ -275,3 +282,28 @@ def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
     per_token = np.fromfile(out / "per_token_losses.f32", dtype=np.float32)
     np.testing.assert_array_equal(per_token, np.asarray(ref["per_token_losses"]))
     assert np.array_equal(np.load(out / "document_tokens.npy"), np.asarray(ref["per_document"]["tokens"]))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_rank_0s_folder_lock(tmp_path, make_store):
+    """Rank 0 takes --out's lock for every rank: a folder in use refuses the whole torchrun run at
+    once (no rank waits for the process group's timeout), with the one line of the lock. (Every rank
+    raises it, but torchrun stops the others as soon as one fails, so they may not get to print.)"""
+    from .helpers import V
+
+    store = make_store([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4, vocab_size=V)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "evaluator", "run",
+           str(store), "--model", "tests.evaluator.helpers:gru_lm", "--chunk-size", "4", "--doc-mode", "document",
+           "--device", "cpu", "--out", str(out), "--quiet", "--no-plots"]
+    with RunFolder.open(out):  # another run holds the folder
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert time.monotonic() - t0 < TIMEOUT_S
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("streameval: error:")]
+    assert 1 <= len(lines) <= 2 and all("another process" in x and str(out) in x for x in lines), p.stderr[-2000:]
+    assert not (out / "rank-0-of-2").exists()
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]  # free again: the same command runs
+    assert json.loads((out / "results.json").read_text())["world_size"] == 2

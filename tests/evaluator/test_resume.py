@@ -226,11 +226,11 @@ def test_a_killed_cli_run_resumes_to_the_uninterrupted_report(tmp_path, make_sto
 def test_cli_refuses_another_run_and_overwrite_starts_over(tmp_path, make_store, docs, capsys):
     store = make_store(docs, vocab_size=V)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")  # not ours: never touched
     base = ["run", str(store), "--model", "tests.evaluator.helpers:gru_lm", "--device", "cpu", "--quiet", "--no-plots",
             "--out", str(out)]
     assert main([*base, "--chunk-size", "20"]) == 0
+    # (written after the first run: a folder of someone else's files is refused; tests/evaluator/test_run_folder.py)
+    (out / "notes.txt").write_text("mine")  # not ours: never touched
     capsys.readouterr()
     assert main([*base, "--chunk-size", "24"]) == 2
     err = capsys.readouterr().err.strip()
