@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from streamdata.cli import stdout_closed
-from streamdata.errors import StreamdataError, cli_flags, in_cli_terms
+from streamdata.errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 
 from .errors import EvaluatorError
 
@@ -122,11 +122,11 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streameval", description="Stream-evaluate a language model on a token store of any length.")
+    p = SuggestingParser(prog="streameval", description="Stream-evaluate a language model on a token store of any length.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="evaluate a model on a store", description="Evaluate MODEL on STORE window by window; "
                        "print a results table and write results.json, CSV tables and PNG plots to --out.")
-    r.add_argument("store", help="store folder or URL (or raw .bin / Megatron files)")
+    r.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
     r.add_argument("--model", required=True,
                    help="'default' (bundled), a transformers folder or hub id, or package.module:factory")
     r.add_argument("--out", default=None, help="report folder (default: none written)")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "STORE; per scored token compute KL(reference || candidate), both NLLs and whether the top-1 "
                        "predictions agree, on the device (no logits written); print a table and write results.json, "
                        "CSV tables and plots (KL by position, KL histogram) to --out.")
-    c.add_argument("store", help="store folder or URL (or raw .bin / Megatron files)")
+    c.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
     c.add_argument("--model", required=True, help="the candidate (e.g. a quantized model): as run's --model")
     c.add_argument("--reference", required=True, help="the reference (e.g. the original model): as --model")
     c.add_argument("--reference-device", help="device of the reference (default: --device); its log-probabilities "

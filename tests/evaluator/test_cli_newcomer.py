@@ -101,3 +101,9 @@ def test_out_of_memory_advice_names_the_flag(capsys, store):
     err = _one_error_line(capsys, ["run", str(store), "--model", "tests.evaluator.test_cli_newcomer:oom_model",
                                    "--device", "cpu", "--chunk-size", "16", "--mode", "sliding"])
     assert "single window of --chunk-size 16: pass --chunk-size 8 or less" in err and "chunk_size" not in err
+
+
+def test_a_mistyped_flag_names_the_closest_valid_one(capsys, store):
+    with pytest.raises(SystemExit):
+        main(["run", str(store), "--model", "default", "--chunksize", "64"])
+    assert "--chunksize: did you mean --chunk-size?" in capsys.readouterr().err
