@@ -125,7 +125,8 @@ def cli_flags(parser) -> dict[str, str]:
 _ARG_RE = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()]+)|\bleave ([a-z][a-z0-9_]*) unset")
 
 
-_BARE_RE = re.compile(r"(?<![-\w.'\"])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![=(])")
+# (not inside a path, a file name or a quoted value: "/out/per_token_kl.f32" stays as it is)
+_BARE_RE = re.compile(r"(?<![-\w./'\"])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![-=(/\w]|\.\w)")
 
 
 def in_cli_terms(message: str, flags: dict[str, str]) -> str:

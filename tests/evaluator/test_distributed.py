@@ -91,12 +91,17 @@ def test_n_processes_equal_one(single, tmp_path, nproc):
         assert many["num_chunks"] == one["num_chunks"], case
         assert many["doc_tokens"] == one["doc_tokens"], case
         assert many["bucket_tokens"] == one["bucket_tokens"], case
-        assert abs(many["nll_sum"] - one["nll_sum"]) <= 1e-9 * abs(one["nll_sum"]), case
-        np.testing.assert_allclose(many["doc_nll"], one["doc_nll"], rtol=1e-9, atol=0, err_msg=case)
-        np.testing.assert_allclose(many["bucket_nll"], one["bucket_nll"], rtol=1e-9, atol=0, err_msg=case)
+        # Sums of the same fp32 NLLs, reduced in float64 (an average of averages would be off by
+        # O(1)). A rank batches its windows with other neighbours (sliding, batch 2: another padding
+        # width), so a target's fp32 NLL may round one ulp apart (seen: 4.8e-7 on one target of a
+        # 347-nat bucket on some CPUs): 1e-6 relative, not 1e-9.
+        assert abs(many["nll_sum"] - one["nll_sum"]) <= 1e-6 * abs(one["nll_sum"]), case
+        np.testing.assert_allclose(many["doc_nll"], one["doc_nll"], rtol=1e-6, atol=0, err_msg=case)
+        np.testing.assert_allclose(many["bucket_nll"], one["bucket_nll"], rtol=1e-6, atol=0, err_msg=case)
         assert many["chunk_losses"] == one["chunk_losses"], case  # every window lies in one rank: exact
-        assert many["per_token"] == one["per_token"], case  # one file, each rank's slice at its offset
-        assert many["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-9), case
+        # one file, each rank's slice at its offset (every value in its place; fp32 ulps as above)
+        np.testing.assert_allclose(many["per_token"], one["per_token"], rtol=1e-6, atol=0, err_msg=case)
+        assert many["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-6), case
     # with a checkpoint folder: per-rank checkpoints, the reduced columns and per-token file at the top
     run = tmp_path / "ckpt-run"
     assert sorted(p.name for p in run.glob("rank-*")) == [f"rank-{r}-of-{nproc}" for r in range(nproc)]

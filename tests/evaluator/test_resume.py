@@ -234,7 +234,7 @@ def test_cli_refuses_another_run_and_overwrite_starts_over(tmp_path, make_store,
     capsys.readouterr()
     assert main([*base, "--chunk-size", "24"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "chunk_size" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert "--chunk-size" in err and "--overwrite" in err and len(err.splitlines()) == 1  # the CLI's name for it
     assert main([*base, "--chunk-size", "24", "--overwrite"]) == 0
     assert json.loads((out / "results.json").read_text())["chunk_size"] == 24
     assert (out / "notes.txt").read_text() == "mine"
