@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from streamdata.format import fsync_dir
-from streamdata.output import _Lock
+from streamdata.output import FolderLock
 
 from .errors import ConfigError, EvaluatorError
 
@@ -255,7 +255,7 @@ class RunFolder:
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {str(path)!r} is not a writable folder: choose another {flag}")
         cls._refuse_foreign(root, flag, demo)  # before the lock: nothing is created in a foreign folder
-        lock = _Lock(root / LOCK_NAME, f"{flag} {str(path)!r}")
+        lock = FolderLock(root / LOCK_NAME, f"{flag} {str(path)!r}")
         folder = cls(root, lock)
         try:
             cls._refuse_foreign(root, flag, demo)  # again under the lock: it may have changed meanwhile

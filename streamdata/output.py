@@ -77,6 +77,7 @@ __all__ = [
     "LEDGER_FILE",
     "STAGING_DIR",
     "BuildLedger",
+    "FolderLock",
     "Output",
     "SourceFile",
     "foreign_entries",
@@ -424,8 +425,9 @@ def _refuse_foreign(d: _Dir, kind: str) -> None:
 
 
 # ---- the lock -------------------------------------------------------------------------------------
-class _Lock:
-    """Exclusive flock on a lock file of ours beside the output; removed on release."""
+class FolderLock:
+    """Exclusive flock on a lock file of ours (beside a store output; inside a run folder: evaluator/run_folder.py);
+    removed on release. The second holder fails at once with one line; the OS drops the lock when the process dies."""
 
     def __init__(self, path: Path, what: str):
         self.path = path
@@ -483,7 +485,7 @@ class Output:
         self.dir = target  # where this build writes: the target, or its sibling for overwrite-by-swap
         self.finished: Manifest | None = None
         self.ledger = BuildLedger(settings)
-        self._lock: _Lock | None = None
+        self._lock: FolderLock | None = None
         self._created = False  # this build created self.dir (abort may remove it)
         self._swap = False
         self._ended = False  # sealed or aborted
@@ -679,7 +681,7 @@ def _resume(out: Output, d: _Dir, sources: list[SourceFile]) -> Output:
     return out
 
 
-def lock_output(target: str | os.PathLike, storage_options: dict | None = None) -> "_Lock | None":
+def lock_output(target: str | os.PathLike, storage_options: dict | None = None) -> "FolderLock | None":
     """Take the writer lock of a local ``target`` (creating its parent folders); None for a remote URL.
 
     For callers that must hold the lock before they can compute the settings (``tokenize`` loads
@@ -695,7 +697,7 @@ def lock_output(target: str | os.PathLike, storage_options: dict | None = None) 
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output {d.url!r} ({e.strerror}): choose a writable output") from None
-    lock = _Lock(parent / f".{Path(d.root).name}{_LOCK}", f"output {d.url!r}")
+    lock = FolderLock(parent / f".{Path(d.root).name}{_LOCK}", f"output {d.url!r}")
     try:
         _inspect(d)  # refuse a foreign target now, before the caller spends time on its source
     except BaseException:
@@ -731,7 +733,7 @@ def prepare_output(
     overwrite: bool = False,
     sources: Iterable[SourceFile] = (),
     storage_options: dict | None = None,
-    lock: "_Lock | None" = None,
+    lock: "FolderLock | None" = None,
 ) -> Output:
     """Lock ``target`` and decide what this build does (see the module docstring for the rules).
 
