@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
-from streamdata.cli import stdout_closed
+from streamdata.cli import quiet_datasets, stdout_closed
 from streamdata.errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 
 from .errors import EvaluatorError
@@ -278,25 +278,21 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 def _quiet_libraries() -> None:
-    """--quiet: no progress bars from transformers/datasets either (our own lines are off already)."""
+    """No progress bars from transformers/datasets ("Loading weights", "Generating train split"): with
+    --quiet (our own lines are off already), and whenever stderr is a pipe or a log file."""
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:
-        pass
+    quiet_datasets()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quiet:
+    if args.quiet or not sys.stderr.isatty():  # library bars drawn into a pipe or a log file are noise
         _quiet_libraries()
     cmd = {"run": _cmd_run, "demo": _cmd_demo, "compare": _cmd_compare}[args.command]
     try:
@@ -309,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streameval: error: {in_cli_terms(str(e), cli_flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("streameval: interrupted", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if out is not None:
+            print(f"streameval: interrupted: rerun the same command to resume from the last checkpoint in {out}",
+                  file=sys.stderr)
+        else:
+            print("streameval: interrupted (nothing to resume: pass --out DIR to make a run resumable)", file=sys.stderr)
         return 130
 
 

@@ -288,6 +288,7 @@ class StreamingEvaluator:
                                     checkpoint(complete=False)
                     nll_sum, tokens = sums.total()  # syncs: total_time includes all queued work
                     sums.flush()
+                progress.finish(nll_sum, tokens)
             finally:
                 progress.close()
             if tokens != expected:  # the loop and the plan disagree: a bug, never a user error

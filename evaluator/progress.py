@@ -1,7 +1,9 @@
 """Progress of an evaluation on stderr, as people plan with it.
 
 On a terminal: a tqdm bar counting scored tokens, with rate and ETA, its postfix the running loss
-and perplexity. Elsewhere (a pipe, a log file): one plain line every ``log_interval`` windows.
+and perplexity (set to the final figures when the run ends, so the bar at 100% shows what the
+report says). Elsewhere (a pipe, a log file): one plain line every ``log_interval`` windows with the
+share of scored tokens done and the ETA at the rate so far, and a last line with the totals.
 Nothing with ``verbose=False``. The loss needs the device's running sum: one sync per
 ``log_interval`` windows, never per batch (the bar itself advances from host-known counts).
 
@@ -27,7 +29,7 @@ class Progress:
                  world_size: int = 1):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = verbose
-        self.total_windows, self.log_interval = total_windows, log_interval
+        self.total_windows, self.total_tokens, self.log_interval = total_windows, total_tokens, log_interval
         self.world_size = world_size
         self.done, self.tokens = done_windows, done_tokens
         self.start_tokens = done_tokens  # rates count this process's work only (a resumed run too)
@@ -65,15 +67,42 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {nll / n:.4f} ppl {perplexity(nll, n):.3f}", refresh=False)
         else:
-            dt = time.perf_counter() - self.t0
-            rate = (self.tokens - self.start_tokens) / dt if dt > 0 else 0.0
-            who, scale = "", ""
-            if self.world_size > 1:
-                who, scale = "rank 0 ", f" (all {self.world_size} ranks, est. {self.world_size} x rank 0)"
-            print(f"[streameval] {who}chunk {self.done}/{self.total_windows}  loss {nll / n:.4f}  ppl {perplexity(nll, n):.3f}  "
-                  f"{rate * self.world_size:,.0f} tok/s{scale}", file=self.stream, flush=True)
+            self._line(nll, n)
+
+    def _line(self, nll: float, n: int, last: bool = False) -> None:
+        dt = time.perf_counter() - self.t0
+        rate = (self.tokens - self.start_tokens) / dt if dt > 0 else 0.0
+        who, scale = "", ""
+        if self.world_size > 1:
+            who, scale = "rank 0 ", f" (all {self.world_size} ranks, est. {self.world_size} x rank 0)"
+        share = 100.0 * self.tokens / self.total_tokens if self.total_tokens else 100.0
+        left = self.total_tokens - self.tokens
+        eta = "done" if last else f"ETA {_duration(left / rate)}" if rate > 0 else "ETA ?"
+        print(f"[streameval] {who}chunk {self.done:,}/{self.total_windows:,} ({share:.1f}%)  loss {nll / n:.4f}  "
+              f"ppl {perplexity(nll, n):.3f}  {rate * self.world_size:,.0f} tok/s{scale}  {eta}",
+              file=self.stream, flush=True)
+
+    def finish(self, nll: float, n: int) -> None:
+        """The run's totals (after its last batch): the bar's postfix shows them at 100%; in a pipe,
+        a last line. (Without this the bar kept the last log point's loss.)"""
+        if not self.enabled or n <= 0:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {nll / n:.4f} ppl {perplexity(nll, n):.3f}", refresh=True)
+        else:
+            self._line(nll, n, last=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s: how long, as people read it."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -24,7 +24,7 @@ from typing import Sequence
 from .errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, word_rule_of
 
-__all__ = ["main"]
+__all__ = ["main", "quiet_datasets"]
 
 
 def _int_at_least(lo: int):
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenize only one of K contiguous parts of the source (with --part; then 'streamdata merge' "
                         "the K part folders): local files are cut at file boundaries, balanced by size, saved/hub datasets by row")
     t.add_argument("--part", type=_non_negative, metavar="I", help="which part to tokenize, 0 to K-1 (with --num-parts)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress bars (ours and the datasets library's)")
 
     i = sub.add_parser("info", help="summarise a store", description="Print a human summary of a store (or JSON with --json).")
     i.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_tokenize(a: argparse.Namespace) -> int:
     from .tokenize import TokenizeConfig, run_tokenize
+
+    if a.quiet or not sys.stderr.isatty():
+        quiet_datasets()
 
     cfg = TokenizeConfig(
         source=a.source, tokenizer=a.tokenizer, out=a.out, config_name=a.config_name, split=a.split,
@@ -322,6 +325,16 @@ def stdout_closed() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 141
+
+
+def quiet_datasets() -> None:
+    """No progress bars from datasets ("Generating train split", "Map"): with --quiet, and whenever
+    stderr is a pipe or a log file, where a bar is a line of noise per refresh."""
+    try:
+        from datasets.utils.logging import disable_progress_bar
+    except ImportError:
+        return
+    disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

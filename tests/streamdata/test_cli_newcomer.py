@@ -126,3 +126,18 @@ def test_long_error_text_is_cut_at_a_word_boundary():
     assert out.endswith(" ...") and len(out) <= 64 and out[:-4] == out[:-4].rstrip()
     assert out[:-4].split()[-1] in e.args[0].split()  # a whole word, never "aga"
     assert brief(ValueError("short")) == "short" and brief(KeyError()) == "KeyError"
+
+
+def test_quiet_also_silences_the_datasets_bars(tmp_path, capsys):
+    from datasets.utils.logging import enable_progress_bar
+
+    from streamdata.cli import main
+
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(5)))
+    try:
+        assert main(["tokenize", str(tmp_path / "d.jsonl"), "--tokenizer", "default", "--out", str(tmp_path / "s"),
+                     "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert "Generating train split" not in err and "examples/s" not in err
+    finally:
+        enable_progress_bar()
