@@ -85,6 +85,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
+        if v != 0 and abs(v) < 0.01:  # a small KL or standard error: significant digits, never 0.0000
+            return f"{v:.4g}"
         return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.1f}"
     if isinstance(v, int):
         return f"{v:,}"
@@ -220,6 +222,15 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
     return files
 
 
+def _position_title(res: dict[str, Any], unit: str) -> str:
+    """The loss-by-position plot's title: a long-context curve only where each target saw its whole
+    past (a carried state or cache); sliding windows cap the context at the chunk."""
+    if res.get("mode") in ("kv-cache", "stateful"):
+        return f"Loss by position in the {unit}: the long-context curve (every target sees its whole past)"
+    return (f"Loss by position in the {unit}, sliding windows: the context is capped at {res.get('chunk_size')} tokens "
+            "(not a long-context curve)")
+
+
 def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
     try:
         import matplotlib
@@ -248,10 +259,13 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         mid = np.sqrt(np.maximum(pos["lo"], 1) * pos["hi"])  # geometric bucket centre
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.plot(mid, pos["loss"], marker="o", ms=3)
+        for x, y, n in zip(mid, pos["loss"], pos["tokens"]):  # how much each point averages over
+            ax.annotate(f"{int(n):,}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6)
         ax.set_xscale("log")
-        ax.set_xlabel("position of the target token in its document (log-spaced buckets)")
+        unit = "document" if res.get("doc_mode") == "document" else "stream"
+        ax.set_xlabel(f"position of the target token in its {unit} (log-spaced buckets; labels: tokens per bucket)")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title("Loss by position in the document (the long-context curve)", fontsize=9)
+        ax.set_title(_position_title(res, unit), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         files["plot_positions"] = _save_png(fig, out / REPORT_FILES["plot_positions"])
     if pos is not None and len(pos["hi"]) and "kl_mean" in pos:  # a comparison

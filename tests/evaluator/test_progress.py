@@ -1,6 +1,8 @@
-"""Progress as people plan with it: lines in a pipe carry the share done and an ETA and end with the
-run's totals; the terminal bar ends on the report's loss; Ctrl-C says how to resume; no library
-progress bar is drawn into a pipe or a log file."""
+"""What people read while and after a run: progress lines in a pipe carry the share done and an ETA
+and end with the run's totals; the terminal bar ends on the report's loss; Ctrl-C says how to
+resume; no library progress bar is drawn into a pipe or a log file; the report's table keeps the
+digits of small figures, and its position plot says whether it is a long-context curve and how many
+tokens each point averages."""
 
 from __future__ import annotations
 
@@ -68,3 +70,35 @@ def test_no_library_progress_bar_is_drawn_into_a_pipe(store, hf_model_dir, capsy
         assert "Loading weights" not in err and "it/s]" not in err
     finally:
         hf_logging.enable_progress_bar()  # global state: leave it as other tests expect
+
+
+def test_small_figures_keep_their_digits_in_the_table():
+    from evaluator.report import _fmt
+
+    assert _fmt(3.2e-05) == "3.2e-05" and _fmt(0.0) == "0.0000" and _fmt(4.5678) == "4.5678"
+
+
+@pytest.mark.parametrize("mode, long_context", [("sliding", False), ("kv-cache", True)])
+def test_the_position_plot_says_what_its_curve_is_and_counts_its_buckets(make_store, hf_model_dir, tmp_path, monkeypatch,
+                                                                         mode, long_context):
+    pytest.importorskip("matplotlib")
+    import evaluator.report as report
+
+    seen = {}
+    real = report._save_png
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        seen[path.name] = (ax.get_title(), [t.get_text() for t in ax.texts])
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save_png", capture)
+    store = make_store([list(range(1, 1 + n)) for n in (40, 7, 33, 20)], vocab_size=V)  # each fits 64 positions
+    assert main(["run", str(store), "--model", str(hf_model_dir), "--device", "cpu", "--quiet", "--mode", mode,
+                 "--doc-mode", "document", "--chunk-size", "32", "--out", str(tmp_path / "o")]) == 0
+    title, labels = seen["loss_by_position.png"]
+    assert ("long-context curve" in title and "not a" not in title) == long_context
+    if not long_context:
+        assert "capped at 32 tokens" in title
+    tokens = [int(r.split(",")[2]) for r in (tmp_path / "o" / "positions.csv").read_text().splitlines()[1:]]
+    assert labels == [f"{n:,}" for n in tokens]  # each point says how many tokens it averages
