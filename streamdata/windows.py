@@ -150,7 +150,7 @@ class WindowSpec:
 
     def __post_init__(self):
         if self.chunk_size is None:
-            raise ConfigError("chunk_size=None: a window spec needs the window length, pass e.g. chunk_size=1024")
+            raise ConfigError("chunk_size=None must be an integer >= 1 (a spec needs the window length): pass e.g. chunk_size=1024")
         check_window_rules(chunk_size=self.chunk_size, overlap=self.overlap, doc_mode=self.doc_mode, tail=self.tail,
                            prepend_bos=self.prepend_bos, prepend_bos_id=self.prepend_bos_id, max_tokens=self.max_tokens)
         # numpy integers and a BOS id without the flag are normalised once, so equal specs compare equal
