@@ -94,11 +94,11 @@ from streamdata.loader import WindowLoader
 t_open = time.perf_counter()
 if kind == "stream":
     store = streamdata.open_raw_bin(path, dtype="uint16", checksum=False)
-    kw = dict(mode="stream")
+    kw = dict(doc_mode="stream")
 else:
     tokens = np.memmap(path + ".tok", dtype=np.uint16, mode="r")
     store = MemoryTokenStore(tokens, doc_offsets=np.load(path + ".off.npy", mmap_mode="r"), checksum=False)
-    kw = dict(mode="document", prepend_bos_id=1)
+    kw = dict(doc_mode="document", prepend_bos_id=1)
 open_s = time.perf_counter() - t_open
 base = reset_peak()
 t0 = time.perf_counter()

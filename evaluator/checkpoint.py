@@ -131,7 +131,7 @@ def run_identity(ed: EvalData, adapter: ModelAdapter, run: ResolvedRun, detailed
     spec = run.spec
     settings = {
         "mode": run.mode, "doc_mode": spec.doc_mode, "chunk_size": spec.chunk_size, "overlap": spec.overlap,
-        "tail": spec.tail, "batch_windows": spec.batch_windows, "bos_id": spec.bos_id, "max_tokens": spec.max_tokens,
+        "tail": spec.tail, "batch_windows": run.batch_windows, "bos_id": spec.prepend_bos_id, "max_tokens": spec.max_tokens,
         "dtype": run.dtype, "loss_slice": run.loss_slice, "device_type": run.device.type,
         "detailed": detailed, "per_token": per_token,
     }

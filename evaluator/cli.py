@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from streamdata.cli import quiet_datasets, stdout_closed
 from streamdata.errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
+from streamdata.windows import DOC_MODES, TAILS
 
 from .errors import EvaluatorError
 
@@ -80,12 +81,12 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="window length L in tokens, or 'model': the model's context length (default: model)")
     p.add_argument("--overlap", type=_int, default=overlap_default,
                    help=f"sliding mode: context tokens each window re-reads (default: %(default)s; {overlap_why})")
-    p.add_argument("--tail", default="full", choices=("full", "short"),
+    p.add_argument("--tail", default="full", choices=TAILS,
                    help="sliding mode: each stream's (document's) last window: full = right-aligned, a whole "
                         "chunk of context, as lm-evaluation-harness; short = cut at the stream's end (default: full)")
     p.add_argument("--mode", default="auto", choices=("auto", "sliding", "stateful", "kv-cache"),
                    help="how context crosses windows (default: auto)")
-    p.add_argument("--doc-mode", default="stream", choices=("stream", "document"),
+    p.add_argument("--doc-mode", default="stream", choices=DOC_MODES,
                    help="stream: one concatenated stream; document: each document on its own (default: stream)")
     p.add_argument("--batch-size", type=_batch, default="auto",
                    help="windows per forward in sliding mode; documents side by side (each with its own state or "

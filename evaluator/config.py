@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from streamdata.windows import DOC_MODES, TAILS, check_window_rules
+
 from .errors import ConfigError
 
 __all__ = ["StreamingEvalConfig", "MODES", "COMPILE_MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
 
-MODES = ("auto", "sliding", "stateful", "kv-cache")
-TAILS = ("full", "short")
-DOC_MODES = ("stream", "document")
+MODES = ("auto", "sliding", "stateful", "kv-cache")  # how the model reads the windows (not the window rules)
+# TAILS and DOC_MODES are streamdata.windows' (the window rules' one owner), re-exported here.
 DTYPES = ("float32", "bfloat16", "float16")
 # torch.compile modes offered for the model body (sliding mode): "default" (inductor kernels) and
 # "reduce-overhead" (the same plus CUDA graphs: a fixed-shape batch replays one recorded graph).
@@ -103,26 +104,18 @@ class StreamingEvalConfig:
     split_warmup: int | None = None
 
     def __post_init__(self):
-        if self.chunk_size is not None:
-            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-                raise ConfigError(f"chunk_size={self.chunk_size!r} must be an int >= 1 (or None for the model's context length)")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ConfigError(f"overlap={self.overlap!r} must be an int >= 0")
-        if self.chunk_size is not None and self.overlap >= self.chunk_size:
-            raise ConfigError(
-                f"overlap={self.overlap} must be smaller than chunk_size={self.chunk_size} (windows advance by "
-                f"chunk_size - overlap): pass e.g. overlap={self.chunk_size // 2}"
-            )
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 2):
+        # The window rules are streamdata's WindowSpec's (one owner, one message per value): checked
+        # here for the fields known now; chunk_size=None (the model's context length) is resolved
+        # later (evaluator.resolve), where the spec itself is built and checks overlap < chunk_size.
+        check_window_rules(chunk_size=self.chunk_size, overlap=self.overlap, doc_mode=self.doc_mode, tail=self.tail,
+                           max_tokens=self.max_tokens)
+        # An evaluation rule on top of the window rule (max_tokens >= 0): fewer than 2 tokens score nothing.
+        if self.max_tokens is not None and self.max_tokens < 2:
             raise ConfigError(f"max_tokens={self.max_tokens!r} must be an int >= 2 (one input and one target) or None")
         if not isinstance(self.log_interval, int) or self.log_interval < 1:
             raise ConfigError(f"log_interval={self.log_interval!r} must be an int >= 1")
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if self.tail not in TAILS:
-            raise ConfigError(f"tail={self.tail!r} is not one of {', '.join(TAILS)}: pass tail='full' or tail='short'")
-        if self.doc_mode not in DOC_MODES:
-            raise ConfigError(f"doc_mode={self.doc_mode!r} is not one of {', '.join(DOC_MODES)}")
         if self.mode in ("stateful", "kv-cache") and self.overlap:
             raise ConfigError(
                 f"overlap={self.overlap} does not apply to mode={self.mode!r} (it carries the whole past): "

@@ -22,32 +22,14 @@ from streamdata.backends.base import scan_tokens
 from streamdata.backends.memory import MemoryTokenStore
 from streamdata.errors import StreamdataError
 from streamdata.loader import WindowBatch, WindowLoader
+from streamdata.windows import WindowSpec
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 
+# WindowSpec is streamdata's (the window rules' one owner), re-exported: evaluator.WindowSpec is public.
 __all__ = ["EvalData", "WindowBatch", "WindowSpec", "open_data"]
 
 _INDEX_BLOCK = 1 << 20  # documents per step of a pass over the document index (8 MiB of offsets)
-
-@dataclass(frozen=True)
-class WindowSpec:
-    """How to cut windows: the engine resolves these from its config and the model."""
-
-    chunk_size: int
-    overlap: int = 0
-    doc_mode: str = "stream"  # "stream" | "document"
-    batch_windows: int = 1
-    bos_id: int | None = None
-    max_tokens: int | None = None  # evaluate the prefix [0, max_tokens) of the token sequence
-    tail: str = "full"  # last window of a stream: "full" (right-aligned, L inputs) | "short"
-
-    def __post_init__(self):
-        if self.chunk_size < 1 or not 0 <= self.overlap < self.chunk_size:
-            raise ConfigError(f"window spec chunk_size={self.chunk_size}, overlap={self.overlap}: need 0 <= overlap < chunk_size")
-        if self.batch_windows < 1:
-            raise ConfigError(f"batch_windows={self.batch_windows} must be >= 1")
-        if self.tail not in ("full", "short"):
-            raise ConfigError(f"window spec tail={self.tail!r}: pass 'full' or 'short'")
 
 
 @dataclass
@@ -160,17 +142,16 @@ class EvalData:
             )
 
     # ---- windows -----------------------------------------------------------------------
-    def windows(self, spec: WindowSpec, device: torch.device, vocab_size: int | None = None,
+    def windows(self, spec: WindowSpec, device: torch.device, batch_windows: int = 1, vocab_size: int | None = None,
                 start_at: int = 0, stop_at: int | None = None) -> WindowLoader:
-        """The windows of ``spec`` as a :class:`~streamdata.loader.WindowLoader` on ``device``
-        (``len()``, ``plan``, ``num_scored``; call ``close()`` at the end), from window ``start_at``
-        of the full plan (resuming). Ids ``>= vocab_size`` stop the iteration with one line naming
-        the first of them. ``stop_at``: one past the last window (a rank's block; None: the end)."""
+        """The windows of ``spec`` (taken as it is) as a :class:`~streamdata.loader.WindowLoader` on
+        ``device``, ``batch_windows`` per batch (``len()``, ``plan``, ``num_scored``; call ``close()``
+        at the end), from window ``start_at`` of the full plan (resuming). Ids ``>= vocab_size`` stop
+        the iteration with one line naming the first of them. ``stop_at``: one past the last window
+        (a rank's block; None: the end)."""
         return WindowLoader(
-            self.store, chunk_size=spec.chunk_size, overlap=spec.overlap, mode=spec.doc_mode,
-            batch_windows=spec.batch_windows, device=device, prepend_bos_id=spec.bos_id,
-            max_tokens=spec.max_tokens, vocab_size=_tighter(vocab_size, self.vocab_size), start_at=start_at,
-            stop_at=stop_at, tail=spec.tail,
+            self.store, spec, batch_windows=batch_windows, device=device,
+            vocab_size=_tighter(vocab_size, self.vocab_size), start_at=start_at, stop_at=stop_at,
         )
 
     def close(self) -> None:

@@ -172,7 +172,7 @@ def rank_range(plan: Any, doc_offsets: Any, rank: int, world_size: int) -> tuple
     after max_tokens), so ranks forward about the same number of tokens.
     """
     n = len(plan)
-    if plan.mode == "stream":
+    if plan.doc_mode == "stream":
         return n * rank // world_size, n * (rank + 1) // world_size
     N = plan.num_tokens
 

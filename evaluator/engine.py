@@ -80,9 +80,10 @@ class StreamingEvaluator:
 
     @chunk_size.setter
     def chunk_size(self, value: int | None) -> None:
-        self.config.chunk_size = value
-        self.config.__post_init__()
-        self._chunk_size = resolve_chunk_size(self.config, self.adapter)
+        # Checked as a new config is (its construction runs the window rules), before this one
+        # changes: a refused value leaves the config as it was.
+        cs = resolve_chunk_size(dataclasses.replace(self.config, chunk_size=value), self.adapter)
+        self.config.chunk_size, self._chunk_size = value, cs
 
     @property
     def overlap(self) -> int:
@@ -176,7 +177,7 @@ class StreamingEvaluator:
                         print(f"[streameval] no checkpoints before the end of this run: {carry.checkpoint_reason} "
                               "(an interrupted run starts over)", file=sys.stderr, flush=True)
             state = ckpt.load() if ckpt is not None else None
-            windows = ed.windows(run.spec, self.device, vocab_size=self.adapter.vocab_size,
+            windows = ed.windows(run.spec, self.device, run.batch_windows, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
             try:
                 # compile None: a no-op. STREAMEVAL_COMPILE_BACKEND: a test's "eager"/"aot_eager"
@@ -229,7 +230,7 @@ class StreamingEvaluator:
                                    resume=state is not None, columns=scoring.spill, records=records.get("spill"))
             sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
             args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
-            runner: Runner = SlidingRunner(*args, batch_windows=spec.batch_windows) if run.mode == "sliding" \
+            runner: Runner = SlidingRunner(*args, batch_windows=run.batch_windows) if run.mode == "sliding" \
                 else CarriedRunner(*args, document_mode=spec.doc_mode == "document",
                                    save_model_state=run.carry_check is None or run.carry_check.checkpoint)
             elapsed0, resumed_from = 0.0, None
@@ -313,7 +314,7 @@ class StreamingEvaluator:
                             f"state at its block after {part.warmup} unscored tokens of warm-up context"}
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
-            if spec.batch_windows > getattr(runner, "micro", spec.batch_windows):
+            if run.batch_windows > getattr(runner, "micro", run.batch_windows):
                 res["batch_size_after_oom"] = runner.micro
             if detailed:
                 files = spill.finish()
@@ -414,8 +415,7 @@ class _Part:
                 f"split over {info.world_size} processes: pass --doc-mode document (doc_mode='document'), run one "
                 "process, or accept an approximation with --split-warmup K (split_warmup=K)"
             )
-        full = plan_windows(ed.doc_offsets, spec.chunk_size, spec.overlap, spec.doc_mode, spec.bos_id is not None,
-                            max_tokens=spec.max_tokens, tail=spec.tail, check=False)
+        full = plan_windows(ed.doc_offsets, spec, check=False)
         lo, hi = dd.rank_range(full, ed.doc_offsets, info.rank, info.world_size)
         span = None
         if carried_stream and lo < hi and lo > 0:  # rank 0 starts at the stream's start: exact
@@ -435,8 +435,8 @@ class _Part:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             raise DataError(f"{ed.name} holds token id {bad} in [{a}, {b}), outside the model's vocabulary [0, {vocab}): "
                             "re-tokenize with the model's tokenizer")
-        if a == 0 and run.spec.bos_id is not None:
-            ids = np.concatenate([[run.spec.bos_id], ids])
+        if a == 0 and run.spec.prepend_bos_id is not None:
+            ids = np.concatenate([[run.spec.prepend_bos_id], ids])
         return torch.from_numpy(ids).to(device) if ids.size else None
 
 

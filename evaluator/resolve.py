@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from streamdata.windows import WindowSpec, check_window_rules
 
 from .carry_check import CarryCheck
 from .config import StreamingEvalConfig
-from .data import EvalData, WindowSpec
+from .data import EvalData
 from .errors import ConfigError, DataError, ModelError
 from .models import ModelAdapter
 
@@ -33,7 +34,10 @@ class ResolvedRun:
 
     mode: str  # sliding | stateful | kv-cache
     mode_reason: str  # why this mode (auto's choice, or "requested")
-    spec: WindowSpec  # windows: chunk, overlap (0 in carried modes), doc mode, batch, BOS id, max_tokens
+    spec: WindowSpec  # the window rules: chunk, overlap (0 in carried modes), doc mode, tail, BOS id, max_tokens
+    # Windows per batch from config.batch_size (a run setting, not a window rule): windows per forward
+    # in sliding mode; documents side by side in carried document mode; 1 for one carried stream.
+    batch_windows: int
     device: torch.device
     dtype: str
     loss_slice: int
@@ -48,8 +52,7 @@ def resolve_chunk_size(config: StreamingEvalConfig, adapter: ModelAdapter) -> in
         cs = adapter.context_length
         if cs is None:
             raise ConfigError(f"model {adapter.name} declares no context length: pass chunk_size=N (the window length in tokens)")
-    if config.overlap >= cs:
-        raise ConfigError(f"overlap={config.overlap} must be smaller than chunk_size={cs}: pass a smaller overlap")
+    check_window_rules(chunk_size=cs, overlap=config.overlap)  # the model's length meets the configured overlap
     return int(cs)
 
 
@@ -65,9 +68,9 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
             f"pass chunk_size={p} or less, or leave chunk_size unset (the model's context)"
         )
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
-                      batch_windows=_batch_windows(config, adapter, device, mode, chunk_size), bos_id=bos_id,
-                      max_tokens=max_tokens, tail=config.tail if mode == "sliding" else "short")
-    return ResolvedRun(mode, why, spec, device, config.dtype, config.loss_slice, config.bos, check)
+                      tail=config.tail if mode == "sliding" else "short", prepend_bos_id=bos_id, max_tokens=max_tokens)
+    return ResolvedRun(mode, why, spec, _batch_windows(config, adapter, device, mode, chunk_size), device,
+                       config.dtype, config.loss_slice, config.bos, check)
 
 
 def _check_tokenizer(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> None:

@@ -48,8 +48,8 @@ def summary(run: ResolvedRun, ed: EvalData, model_name: str, nll_sum: float, tok
         "chunk_size": spec.chunk_size,
         "overlap": spec.overlap,
         "tail": spec.tail,
-        "batch_size": spec.batch_windows,  # windows per forward (sliding); documents in parallel (carried, document mode)
-        "bos_id": spec.bos_id,
+        "batch_size": run.batch_windows,  # windows per forward (sliding); documents in parallel (carried, document mode)
+        "bos_id": spec.prepend_bos_id,
         "bos_policy": run.bos_policy,
         "max_tokens": spec.max_tokens,
         "device": str(run.device),

@@ -15,7 +15,7 @@ from .errors import ConfigError, SourceError, StoreError, StreamdataError, Token
 from .format import Manifest, ShardInfo
 from .merge import MergeConfig, merge_parts
 from .tokenize import TokenizeConfig, load_tokenizer, tokenize_dataset
-from .windows import WindowPlan, plan_windows
+from .windows import WindowPlan, WindowSpec, plan_windows
 
 __all__ = [
     "ConfigError",
@@ -31,6 +31,7 @@ __all__ = [
     "WindowBatch",
     "WindowLoader",
     "WindowPlan",
+    "WindowSpec",
     "convert_store",
     "load_tokenizer",
     "merge_parts",

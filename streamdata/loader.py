@@ -48,7 +48,7 @@ import torch
 from .errors import ConfigError, StoreError, brief
 from .backends import TokenStore, open_store
 from .backends.base import find_id_over
-from .windows import WindowBlock, WindowPlan, plan_windows
+from .windows import WindowBlock, WindowPlan, WindowSpec, _doc_mode_alias, plan_windows
 
 __all__ = ["WindowBatch", "WindowLoader", "resolve_device"]
 
@@ -262,9 +262,11 @@ class WindowLoader(_ClosesOnExit):
     """Iterate the windows of a store as :class:`WindowBatch` es on a device. See the module docstring.
 
     ``store``: an open :class:`TokenStore` (not closed by the loader) or a path (opened and owned).
-    ``chunk_size``/``overlap``/``mode``/``prepend_bos_id``/``tail``: the window plan
+    ``spec``: the window rules, a :class:`~streamdata.windows.WindowSpec` taken as it is; or, instead
+    of a spec, its fields ``chunk_size``/``overlap``/``doc_mode``/``prepend_bos_id``/``tail``/``max_tokens``
     (:func:`plan_windows`; a BOS id turns on ``prepend_bos`` and is the id substituted for the
     virtual BOS token; ``tail="full"`` right-aligns each stream's last window, ``"short"`` cuts it).
+    ``mode=`` is the deprecated name of ``doc_mode`` (a DeprecationWarning).
     ``batch_windows`` or ``batch_tokens`` (not both): windows per batch ``B``, or a budget of padded
     tokens per batch, ``B = batch_tokens // chunk_size`` (tensors are always ``[B, chunk_size]``;
     default ``B = max(1, 65536 // chunk_size)``). The last batch may hold fewer windows.
@@ -277,7 +279,7 @@ class WindowLoader(_ClosesOnExit):
     (a lazy :class:`~streamdata.windows.WindowPlan`); ``plan.first`` is the full-plan index of its
     window 0, ``full_plan_windows`` the full plan's window count. Each batch carries its own
     windows (``batch.windows``).
-    ``max_tokens``: plan as if the store ended there (no target at a position >= it is loaded).
+    ``max_tokens`` (a spec field): plan as if the store ended there (no target at a position >= it is loaded).
     ``vocab_size``: when given, the reader checks every span it reads and raises StoreError naming
     the first id ``>= vocab_size`` and its position, before that batch reaches a model (an
     embedding lookup with such an id is an IndexError on CPU and a device-side assert that kills
@@ -290,10 +292,11 @@ class WindowLoader(_ClosesOnExit):
     def __init__(
         self,
         store: TokenStore | str | os.PathLike,
+        spec: WindowSpec | None = None,
         *,
-        chunk_size: int,
+        chunk_size: int | None = None,
         overlap: int = 0,
-        mode: str = "stream",
+        doc_mode: str | None = None,
         batch_windows: int | None = None,
         batch_tokens: int | None = None,
         device: Any = None,
@@ -307,33 +310,43 @@ class WindowLoader(_ClosesOnExit):
         max_tokens: int | None = None,
         vocab_size: int | None = None,
         tail: str = "full",
+        mode: str | None = None,
     ):
+        # The window rules first (before a store is opened): a spec taken as it is, or one built from its fields.
+        if spec is None:
+            spec = WindowSpec(chunk_size, overlap, _doc_mode_alias(doc_mode, mode, "WindowLoader"), tail,
+                              prepend_bos_id=prepend_bos_id, max_tokens=max_tokens)
+        elif (chunk_size, overlap, doc_mode, prepend_bos_id, max_tokens, tail, mode) != (None, 0, None, None, None, "full", None):
+            raise ConfigError("WindowLoader got a WindowSpec and window arguments: pass the spec alone "
+                              "(dataclasses.replace(spec, ...) changes a field)")
+        elif not isinstance(spec, WindowSpec):
+            raise ConfigError(f"spec={spec!r} is not a WindowSpec: pass streamdata.WindowSpec(chunk_size=..., ...)")
+        if spec.prepend_bos and spec.prepend_bos_id is None:
+            raise ConfigError("the spec has prepend_bos=True but no prepend_bos_id: pass the tokenizer's BOS id "
+                              "(the loader puts it before each stream)")
         self._owns_store = not isinstance(store, TokenStore)
         self.store = open_store(store) if self._owns_store else store
         try:
-            self._setup(chunk_size, overlap, mode, batch_windows, batch_tokens, device, (start_at, stop_at), rank, world_size,
-                        prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail)
+            self._setup(spec, batch_windows, batch_tokens, device, (start_at, stop_at), rank, world_size,
+                        num_slots, release_behind, vocab_size)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, chunk_size, overlap, mode, batch_windows, batch_tokens, device, start_at, rank, world_size,
-               prepend_bos_id, num_slots, release_behind, max_tokens, vocab_size, tail) -> None:
+    def _setup(self, spec, batch_windows, batch_tokens, device, start_at, rank, world_size,
+               num_slots, release_behind, vocab_size) -> None:
         self.device = resolve_device(device, kinds=("cpu", "cuda"))
         if vocab_size is not None:
             vocab_size = _check_int("vocab_size", vocab_size, 1, "pass the model's vocabulary size, or None")
         #: ids >= this are refused by the reader (None: not checked)
         self.vocab_size = vocab_size
-        if prepend_bos_id is not None:
-            prepend_bos_id = _check_int("prepend_bos_id", prepend_bos_id, 0, "pass the tokenizer's BOS id, or None")
-        if max_tokens is not None:
-            max_tokens = _check_int("max_tokens", max_tokens, 0, "pass None for the whole store, or a token count")
+        #: the window rules (taken as given; the plan follows them)
+        self.spec = spec
         self.num_slots = _check_int("num_slots", num_slots, 2, "pass num_slots >= 2 (one being filled, one being consumed)")
         # The store's own index (memory-mapped for npy stores; checked when the store was opened, so
         # the plan skips its monotonicity pass). The plan and the reader read it block by block.
         offsets = self.store.doc_offsets
-        full = plan_windows(offsets, chunk_size, overlap, mode, prepend_bos_id is not None, max_tokens=max_tokens,
-                            tail=tail, check=False)
+        full = plan_windows(offsets, spec, check=False)
         if batch_windows is not None and batch_tokens is not None:
             raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
         if batch_windows is not None:
@@ -360,7 +373,7 @@ class WindowLoader(_ClosesOnExit):
         #: This loader's windows: the full plan from ``start_at`` (to ``stop_at``), then rank ``rank``'s block.
         self.plan: WindowPlan = full[start_at:stop_at].shard(rank, world_size)
         self.batch_windows = B
-        self.bos_id = prepend_bos_id
+        self.bos_id = spec.prepend_bos_id
         self.release_behind = bool(release_behind)
         self._offsets = offsets
         self._num_batches = -(-len(self.plan) // B)
@@ -368,7 +381,7 @@ class WindowLoader(_ClosesOnExit):
         # batch may span more (documents too short to have a window lie between its windows) and
         # touch any number of documents: the reader then grows the slot (rare, see _Ring.ensure).
         L, O = full.chunk_size, full.overlap
-        span = (B - 1) * (L - O) + L + 1 if mode == "stream" else B * (L + 1)
+        span = (B - 1) * (L - O) + L + 1 if spec.doc_mode == "stream" else B * (L + 1)
         self._span_cap = max(1, min(span, full.num_tokens + 1))
         self._meta_cap = 4 * B + min(self._span_cap, len(offsets) - 1) + 1
         self._iters: weakref.WeakSet = weakref.WeakSet()
@@ -409,7 +422,7 @@ class WindowLoader(_ClosesOnExit):
 
     def __repr__(self) -> str:
         p = self.plan
-        return (f"WindowLoader(chunk_size={p.chunk_size}, overlap={p.overlap}, mode={p.mode!r}, windows={len(p)}, "
+        return (f"WindowLoader(chunk_size={p.chunk_size}, overlap={p.overlap}, doc_mode={p.doc_mode!r}, windows={len(p)}, "
                 f"batches={len(self)}, batch_windows={self.batch_windows}, device={str(self.device)!r})")
 
     # ---- internals ---------------------------------------------------------------------------

@@ -44,8 +44,8 @@ and tail ``full``: windows 0 and 1 are the same; the last one is right-aligned::
 Every target 1..9 is scored once under both: ``num_scored == N - 1 == 9``; targets 8 and 9 see
 3 and 4 tokens under ``full`` instead of 2 and 3.
 
-Modes
------
+Document mode (``doc_mode``)
+----------------------------
 ``stream``: the whole store ``[0, N)`` is one stream; windows cross document boundaries; ``doc`` is -1.
 ``document``: every document ``[a, b)`` of the index is its own stream (no window crosses a
 boundary); documents with fewer than 2 tokens have no targets and produce no windows.
@@ -72,6 +72,7 @@ for sequential reads). ``len()`` is O(1).
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -79,10 +80,104 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["MODES", "TAILS", "WindowBlock", "WindowPlan", "plan_windows"]
+__all__ = ["DOC_MODES", "MODES", "TAILS", "WindowBlock", "WindowPlan", "WindowSpec", "check_window_rules",
+           "plan_windows"]
 
-MODES = ("stream", "document")
+DOC_MODES = ("stream", "document")  # the store as one stream, or every document on its own
+MODES = DOC_MODES  # deprecated: the old name of DOC_MODES ("mode" is the evaluator's sliding/stateful/kv-cache)
 TAILS = ("full", "short")  # the last window of a stream: right-aligned with L inputs, or cut short
+
+
+def _is_int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+def check_window_rules(*, chunk_size: int | None, overlap: int = 0, doc_mode: str = "stream", tail: str = "full",
+                       prepend_bos: bool = False, prepend_bos_id: int | None = None,
+                       max_tokens: int | None = None) -> None:
+    """The window rules, the one place they are checked: a one-line ConfigError naming the first
+    offending value and the fix. :class:`WindowSpec` runs it on construction; a caller that does not
+    know ``chunk_size`` yet (the evaluator's config: None means the model's context length) passes
+    None to check the rest now, and builds the spec (which checks ``overlap < chunk_size``) once the
+    chunk size is resolved."""
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1: pass e.g. chunk_size=1024")
+    if not _is_int(overlap) or overlap < 0:
+        raise ConfigError(f"overlap={overlap!r} must be an integer >= 0 (targets re-read as context): pass e.g. overlap=0")
+    if chunk_size is not None and overlap >= chunk_size:
+        raise ConfigError(
+            f"overlap={overlap} must be smaller than chunk_size={chunk_size} (windows advance by "
+            f"chunk_size - overlap): pass e.g. overlap={chunk_size // 2}"
+        )
+    if doc_mode not in DOC_MODES:
+        raise ConfigError(f"doc_mode={doc_mode!r} is not known: pass one of {', '.join(repr(m) for m in DOC_MODES)}")
+    if tail not in TAILS:
+        raise ConfigError(f"tail={tail!r} is not known: pass one of {', '.join(repr(t) for t in TAILS)}")
+    if not (isinstance(prepend_bos, (bool, np.bool_)) or _is_int(prepend_bos) and prepend_bos in (0, 1)):
+        raise ConfigError(f"prepend_bos={prepend_bos!r} must be True or False: pass prepend_bos=True to prefix a BOS")
+    if prepend_bos_id is not None and (not _is_int(prepend_bos_id) or prepend_bos_id < 0):
+        raise ConfigError(f"prepend_bos_id={prepend_bos_id!r} must be an integer >= 0: pass the tokenizer's BOS id, or None")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+        raise ConfigError(f"max_tokens={max_tokens!r} must be an integer >= 0: pass None (whole store) or a token count")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How to cut a store into windows: the one validated description that the plan
+    (:func:`plan_windows`), the loader (:class:`~streamdata.loader.WindowLoader`) and the evaluator
+    take as it is. Checked once, on construction (:func:`check_window_rules`); frozen afterwards.
+
+    - ``chunk_size`` L: inputs per window (>= 1); ``overlap``: targets each later window re-reads as
+      context (``0 <= overlap < chunk_size``; windows advance by ``chunk_size - overlap``).
+    - ``doc_mode``: ``"stream"`` (the store is one stream) or ``"document"`` (each document alone).
+    - ``tail``: the last window of a stream, ``"full"`` (right-aligned, L inputs) or ``"short"``.
+    - ``prepend_bos``: read each stream as ``[BOS] + x`` (its first token is scored);
+      ``prepend_bos_id``: the id the loader puts there (setting it implies ``prepend_bos``; the
+      plan needs only the flag, the loader needs the id).
+    - ``max_tokens``: plan as if the store ended at this token (None: the whole store).
+
+    Not window rules, so not here: how many windows go in one batch (the loader's
+    ``batch_windows``), which model mode reads them (the evaluator's ``mode``).
+    """
+
+    chunk_size: int
+    overlap: int = 0
+    doc_mode: str = "stream"
+    tail: str = "full"
+    prepend_bos: bool = False
+    prepend_bos_id: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.chunk_size is None:
+            raise ConfigError("chunk_size=None must be an integer >= 1 (a spec needs the window length): pass e.g. chunk_size=1024")
+        check_window_rules(chunk_size=self.chunk_size, overlap=self.overlap, doc_mode=self.doc_mode, tail=self.tail,
+                           prepend_bos=self.prepend_bos, prepend_bos_id=self.prepend_bos_id, max_tokens=self.max_tokens)
+        # numpy integers and a BOS id without the flag are normalised once, so equal specs compare equal
+        norm = {"chunk_size": int(self.chunk_size), "overlap": int(self.overlap),
+                "prepend_bos": bool(self.prepend_bos) or self.prepend_bos_id is not None}
+        if self.prepend_bos_id is not None:
+            norm["prepend_bos_id"] = int(self.prepend_bos_id)
+        if self.max_tokens is not None:
+            norm["max_tokens"] = int(self.max_tokens)
+        for k, v in norm.items():
+            object.__setattr__(self, k, v)
+
+    @property
+    def stride(self) -> int:
+        """Tokens between the starts of consecutive windows of a stream: ``chunk_size - overlap``."""
+        return self.chunk_size - self.overlap
+
+
+def _doc_mode_alias(doc_mode: str | None, mode: str | None, where: str) -> str:
+    """``doc_mode``, or the deprecated ``mode=`` keyword it replaced (with a DeprecationWarning)."""
+    if mode is None:
+        return "stream" if doc_mode is None else doc_mode
+    warnings.warn(f"{where}(mode=...) is deprecated: pass doc_mode={mode!r} ('mode' is the evaluator's "
+                  "sliding/stateful/kv-cache)", DeprecationWarning, stacklevel=3)
+    if doc_mode is not None and doc_mode != mode:
+        raise ConfigError(f"mode={mode!r} and doc_mode={doc_mode!r} are both set: pass only doc_mode")
+    return mode
 
 # Documents per entry of the sparse document index (its memory: 16 bytes per _INDEX_DOCS documents)
 # and per step of the counting pass (its temporaries: ~50 bytes per document of one step).
@@ -137,17 +232,17 @@ class WindowBlock:
 class _Streams:
     """The streams of a plan and how many windows and targets precede each group of them.
 
-    Stream ``i`` is ``[a_i, e_i)`` of the (max_tokens-cut) address space: the whole store in
-    ``stream`` mode (one stream), document ``i`` in ``document`` mode. ``win[j]``/``sco[j]``:
+    Stream ``i`` is ``[a_i, e_i)`` of the (max_tokens-cut) address space: the whole store with
+    ``doc_mode`` ``stream`` (one stream), document ``i`` with ``document``. ``win[j]``/``sco[j]``:
     windows/scored targets of the streams before stream ``j * _INDEX_DOCS``; ``win[-1]`` is the
     plan's window count. Built by one blockwise pass; immutable afterwards (views share it)."""
 
-    def __init__(self, off: Any, L: int, O: int, mode: str, bos: bool, tail: str, max_tokens: int | None,
-                 check: bool):
-        self.L, self.O, self.S, self.b, self.tail = L, O, L - O, 1 if bos else 0, tail
-        self.stream_mode = mode == "stream"
+    def __init__(self, off: Any, spec: WindowSpec, check: bool):
+        L, O = spec.chunk_size, spec.overlap
+        self.L, self.O, self.S, self.b, self.tail = L, O, L - O, 1 if spec.prepend_bos else 0, spec.tail
+        self.stream_mode = spec.doc_mode == "stream"
         n_all = int(off[-1])
-        self.cut = n_all if max_tokens is None else min(n_all, int(max_tokens))
+        self.cut = n_all if spec.max_tokens is None else min(n_all, spec.max_tokens)
         if self.stream_mode:
             self.off = np.array([0, self.cut], np.int64)
             if check:
@@ -300,11 +395,10 @@ class WindowPlan:
     for a stream of unknown length).
     """
 
-    def __init__(self, streams: _Streams, chunk_size: int, overlap: int, mode: str, prepend_bos: bool,
-                 tail: str, first: int, count: int):
+    def __init__(self, streams: _Streams, spec: WindowSpec, first: int, count: int):
         self._streams = streams
-        self.chunk_size, self.overlap, self.mode = chunk_size, overlap, mode
-        self.prepend_bos, self.tail = prepend_bos, tail
+        #: the validated window rules this plan follows (chunk_size, overlap, doc_mode, tail, BOS, max_tokens)
+        self.spec = spec
         #: N: tokens of the (possibly max_tokens-truncated) address space
         self.num_tokens = streams.cut
         #: index of this plan's window 0 in the full plan (slices keep global indices)
@@ -316,14 +410,27 @@ class WindowPlan:
     def __len__(self) -> int:
         return self._count
 
+    # The spec's fields, read through (one owner: the spec).
+    chunk_size = property(lambda self: self.spec.chunk_size)
+    overlap = property(lambda self: self.spec.overlap)
+    doc_mode = property(lambda self: self.spec.doc_mode)
+    prepend_bos = property(lambda self: self.spec.prepend_bos)
+    tail = property(lambda self: self.spec.tail)
+
+    @property
+    def mode(self) -> str:
+        """Deprecated name of :attr:`doc_mode`."""
+        warnings.warn("WindowPlan.mode is deprecated: read WindowPlan.doc_mode", DeprecationWarning, stacklevel=2)
+        return self.spec.doc_mode
+
     def __repr__(self) -> str:
-        return (f"WindowPlan(chunk_size={self.chunk_size}, overlap={self.overlap}, mode={self.mode!r}, "
+        return (f"WindowPlan(chunk_size={self.chunk_size}, overlap={self.overlap}, doc_mode={self.doc_mode!r}, "
                 f"prepend_bos={self.prepend_bos}, tail={self.tail!r}, num_tokens={self.num_tokens}, "
                 f"first={self.first}, windows={self._count})")
 
     @property
     def stride(self) -> int:
-        return self.chunk_size - self.overlap
+        return self.spec.stride
 
     @property
     def full_windows(self) -> int:
@@ -357,8 +464,7 @@ class WindowPlan:
             raise TypeError("WindowPlan supports only contiguous slices, e.g. plan[10:20]")
         lo, hi, _ = sl.indices(self._count)
         hi = max(lo, hi)
-        return WindowPlan(self._streams, self.chunk_size, self.overlap, self.mode, self.prepend_bos, self.tail,
-                          self.first + lo, hi - lo)
+        return WindowPlan(self._streams, self.spec, self.first + lo, hi - lo)
 
     def shard(self, rank: int, world_size: int) -> "WindowPlan":
         """Rank ``rank``'s contiguous block of windows out of ``world_size`` near-equal blocks.
@@ -388,31 +494,24 @@ class WindowPlan:
                                  doc="int64 [len(plan)]: length - score_from (materialises the plan)")
 
 
-def _check_config(chunk_size: int, overlap: int, mode: str, tail: str) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1: pass e.g. chunk_size=1024")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < chunk_size:
-        raise ConfigError(
-            f"overlap={overlap!r} must be an integer in [0, chunk_size={chunk_size}): pass e.g. overlap={chunk_size // 2}"
-        )
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not known: pass one of {', '.join(repr(m) for m in MODES)}")
-    if tail not in TAILS:
-        raise ConfigError(f"tail={tail!r} is not known: pass one of {', '.join(repr(t) for t in TAILS)}")
-
-
 def plan_windows(
     doc_offsets: Any,
-    chunk_size: int,
+    chunk_size: int | WindowSpec,
     overlap: int = 0,
-    mode: str = "stream",
+    doc_mode: str | None = None,
     prepend_bos: bool = False,
     *,
     max_tokens: int | None = None,
     tail: str = "full",
     check: bool = True,
+    mode: str | None = None,
 ) -> WindowPlan:
     """Plan the windows over a store whose document ``i`` is ``[doc_offsets[i], doc_offsets[i+1])``.
+
+    The rules come as a :class:`WindowSpec` (``plan_windows(offsets, spec)``, taken as it is) or as
+    its fields (``chunk_size``, ``overlap``, ``doc_mode`` (default ``"stream"``), ``prepend_bos``,
+    ``max_tokens``, ``tail``), from which one is built. ``mode=`` is the deprecated name of
+    ``doc_mode`` (a DeprecationWarning).
 
     ``doc_offsets``: int64 ``[num_documents + 1]`` (a memory map is read block by block, never
     copied whole), non-decreasing, ``doc_offsets[0] == 0``, ``doc_offsets[-1] == N``.
@@ -425,7 +524,14 @@ def plan_windows(
     See the module docstring for the exact semantics. Stream mode costs O(1); document mode one
     blockwise pass over the offsets (numpy, ~6 ns per document), O(documents / 65536) memory.
     """
-    _check_config(chunk_size, overlap, mode, tail)
+    if isinstance(chunk_size, WindowSpec):
+        spec = chunk_size
+        if (overlap, doc_mode, prepend_bos, max_tokens, tail, mode) != (0, None, False, None, "full", None):
+            raise ConfigError("plan_windows got a WindowSpec and window arguments: pass the spec alone "
+                              "(dataclasses.replace(spec, ...) changes a field)")
+    else:
+        spec = WindowSpec(chunk_size, overlap, _doc_mode_alias(doc_mode, mode, "plan_windows"), tail,
+                          prepend_bos=prepend_bos, max_tokens=max_tokens)
     off = doc_offsets
     if not isinstance(off, np.ndarray):
         off = np.asarray(off)
@@ -433,7 +539,5 @@ def plan_windows(
         raise ConfigError(f"doc_offsets has dtype {off.dtype} shape {off.shape}: pass an int64 array [num_documents + 1]")
     if int(off[0]) != 0:
         raise ConfigError("doc_offsets must start at 0 and be non-decreasing: pass the store's doc_offsets index")
-    if max_tokens is not None and max_tokens < 0:
-        raise ConfigError(f"max_tokens={max_tokens} is negative: pass None (whole store) or a token count >= 0")
-    streams = _Streams(off, int(chunk_size), int(overlap), mode, bool(prepend_bos), tail, max_tokens, check)
-    return WindowPlan(streams, int(chunk_size), int(overlap), mode, bool(prepend_bos), tail, 0, streams.total_windows)
+    streams = _Streams(off, spec, check)
+    return WindowPlan(streams, spec, 0, streams.total_windows)

@@ -16,10 +16,10 @@ from evaluator.data import EvalData, WindowSpec, open_data
 from .helpers import V
 
 
-def _collect(ed, spec):
-    """(target id, doc, position in doc) of every scored target, in order."""
+def _collect(ed, spec, batch=1):
+    """(target id, doc, position in doc) of every scored target, in order (``batch`` windows per batch)."""
     out = []
-    windows = ed.windows(spec, torch.device("cpu"))
+    windows = ed.windows(spec, torch.device("cpu"), batch)
     try:
         assert len(windows.plan) == sum(int(b.num_windows) for b in windows)
         for b in windows:
@@ -60,18 +60,18 @@ docs_st = st.lists(st.lists(st.integers(0, V - 1), min_size=0, max_size=30), min
 def test_store_and_tensor_windows_score_every_target_once(make_store, docs, chunk, ov, doc_mode, bos, batch, cut):
     ov = min(ov, chunk - 1)
     path = make_store(docs, vocab_size=V)
-    spec = WindowSpec(chunk_size=chunk, overlap=ov, doc_mode=doc_mode, batch_windows=batch, bos_id=bos, max_tokens=cut)
+    spec = WindowSpec(chunk_size=chunk, overlap=ov, doc_mode=doc_mode, prepend_bos_id=bos, max_tokens=cut)
     want = _reference(docs, doc_mode, bos, cut)
     with open_data(path) as ed:
-        assert _collect(ed, spec) == want
-        windows = ed.windows(spec, torch.device("cpu"))
+        assert _collect(ed, spec, batch) == want
+        windows = ed.windows(spec, torch.device("cpu"), batch)
         assert windows.num_scored == len(want)
         windows.close()
     # the same ids and document index given in memory: the same targets
     flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
     off = np.cumsum([0] + [len(d) for d in docs])
     with EvalData.from_tokens(flat, off) as ed:
-        assert ed.kind == "tensor" and _collect(ed, spec) == want
+        assert ed.kind == "tensor" and _collect(ed, spec, batch) == want
 
 
 @settings(max_examples=40, deadline=None)
@@ -81,23 +81,23 @@ def test_tensor_windows_score_every_target_once(n, chunk, ov, bos, batch):
     ov = min(ov, chunk - 1)
     x = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n))
     ed = open_data(x)
-    spec = WindowSpec(chunk_size=chunk, overlap=ov, batch_windows=batch, bos_id=bos)
-    got = _collect(ed, spec)
+    spec = WindowSpec(chunk_size=chunk, overlap=ov, prepend_bos_id=bos)
+    got = _collect(ed, spec, batch)
     assert got == _reference([x.tolist()], "stream", bos, None)
 
 
 def test_window_inputs_follow_the_stride():
     x = torch.arange(20)
     ed = open_data(x)
-    spec = WindowSpec(chunk_size=8, overlap=3, batch_windows=10, tail="short")
-    (b,) = list(ed.windows(spec, torch.device("cpu")))
+    spec = WindowSpec(chunk_size=8, overlap=3, tail="short")
+    (b,) = list(ed.windows(spec, torch.device("cpu"), 10))
     # windows start at 0, 5, 10, 15 (stride 5); the last one is shorter (targets up to 19)
     assert b.inputs[:, 0].tolist() == [0, 5, 10, 15]
     assert b.lengths.tolist() == [8, 8, 8, 4]
     assert b.score_mask.sum(1).tolist() == [8, 5, 5, 1]
     assert b.score_mask[1].tolist() == [False] * 3 + [True] * 5
     # tail "full": the last window is right-aligned (inputs 11..18) and scores only target 19
-    (b,) = list(ed.windows(dataclasses.replace(spec, tail="full"), torch.device("cpu")))
+    (b,) = list(ed.windows(dataclasses.replace(spec, tail="full"), torch.device("cpu"), 10))
     assert b.inputs[:, 0].tolist() == [0, 5, 10, 11]
     assert b.lengths.tolist() == [8, 8, 8, 8]
     assert b.score_mask.sum(1).tolist() == [8, 5, 5, 1]
@@ -108,11 +108,11 @@ def test_open_data_accepts_arrays_lists_and_2d():
     dtypes = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64]
     datas = [np.arange(10, dtype=d) for d in dtypes] + [torch.arange(10, dtype=d) for d in
              (torch.uint8, torch.int16, torch.int32, torch.int64)] + [list(range(10)), torch.arange(10)[None]]
-    want = _collect(open_data(torch.arange(10)), WindowSpec(chunk_size=4, overlap=1, batch_windows=2))
+    want = _collect(open_data(torch.arange(10)), WindowSpec(chunk_size=4, overlap=1), 2)
     for d in datas:
         ed = open_data(d)
         assert ed.num_tokens == 10 and ed.kind == "tensor"
-        assert _collect(ed, WindowSpec(chunk_size=4, overlap=1, batch_windows=2)) == want, d
+        assert _collect(ed, WindowSpec(chunk_size=4, overlap=1), 2) == want, d
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(3, 4, dtype=torch.long), torch.rand(10), "no/such/store", 3.5])
