@@ -322,7 +322,7 @@ def test_batch_doc_range_holds_every_scored_target(make_store, mode, overlap, bo
 
     store = make_store(_docs(3), vocab_size=V)
     last = -1
-    with WindowLoader(store, chunk_size=6, overlap=overlap, mode=mode, batch_windows=3, device="cpu",
+    with WindowLoader(store, chunk_size=6, overlap=overlap, doc_mode=mode, batch_windows=3, device="cpu",
                       prepend_bos_id=bos) as ld:
         for b in ld:
             lo, hi = b.doc_range

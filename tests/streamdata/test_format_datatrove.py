@@ -148,7 +148,7 @@ def test_loader_and_evaluator_document_mode_use_the_ds_index(tmp_path):
     convert_store(tmp_path / "tok", ref)
     with open_store(tmp_path / "tok") as a, open_store(ref) as b:
         got, want = ([[t.clone() for t in (w.inputs, w.targets, w.score_mask, w.doc_ids)] for w in
-                      WindowLoader(s, chunk_size=16, overlap=4, mode="document", batch_windows=3, device="cpu")]
+                      WindowLoader(s, chunk_size=16, overlap=4, doc_mode="document", batch_windows=3, device="cpu")]
                      for s in (a, b))
     assert len(got) == len(want) > 1
     for g, w in zip(got, want):

@@ -119,7 +119,7 @@ def test_batches_reproduce_brute_force(stores, tables, name, mode, L, O, bos, ta
         wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, mode, bos is not None, tail)
         want = expected_tuples(store, L, O, mode, bos, wins)
         for kw in (dict(batch_windows=3), dict(batch_tokens=5 * L + L // 2), dict(batch_windows=1000)):
-            loader = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, device="cpu", prepend_bos_id=bos,
+            loader = WindowLoader(store, chunk_size=L, overlap=O, doc_mode=mode, device="cpu", prepend_bos_id=bos,
                                   tail=tail, **kw)
             expect_B = kw.get("batch_windows") or 5
             got, firsts = run(loader, L)
@@ -148,12 +148,12 @@ def test_unsigned_ids_widen_exactly(make_store):
 def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
     with open_store(stores["u16"]) as store:
         L, O = 16, 4
-        full = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+        full = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
                             prepend_bos_id=BOS)
         want, _ = run(full, L)
         wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, "document", True)
         for start_at in (0, 1, 5, len(wins) - 1, len(wins)):
-            part = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+            part = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
                                 prepend_bos_id=BOS, start_at=start_at)
             got, firsts = run(part, L)
             assert got == expected_tuples(store, L, O, "document", BOS, wins[start_at:])
@@ -161,7 +161,7 @@ def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
         for world in (1, 2, 3, 7):
             glued, scored = [], 0
             for rank in range(world):
-                ld = WindowLoader(store, chunk_size=L, overlap=O, mode="document", batch_windows=4, device="cpu",
+                ld = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
                                   prepend_bos_id=BOS, rank=rank, world_size=world, start_at=3)
                 got, _ = run(ld, L)
                 glued += got
@@ -174,7 +174,7 @@ def test_max_tokens_scores_only_targets_before_it(stores, tables):
     with open_store(stores["u16"]) as store:
         for mode in ("stream", "document"):
             for M in (0, 1, 50, 1000, len(store), len(store) + 10):
-                ld = WindowLoader(store, chunk_size=16, overlap=4, mode=mode, batch_windows=3, device="cpu", max_tokens=M)
+                ld = WindowLoader(store, chunk_size=16, overlap=4, doc_mode=mode, batch_windows=3, device="cpu", max_tokens=M)
                 got, _ = run(ld, 16)
                 off = np.minimum(np.asarray(store.doc_offsets), M).tolist()
                 assert got == expected_tuples(store, 16, 4, mode, None, brute_windows(off, 16, 4, mode, False))
@@ -323,7 +323,7 @@ def test_device_cut_matches_host_cut(stores, name, mode, L, O, bos):
     from streamdata.loader import _widen_bits
 
     with open_store(stores[name]) as store:
-        ld = WindowLoader(store, chunk_size=L, overlap=O, mode=mode, batch_windows=3, device="cpu", prepend_bos_id=bos)
+        ld = WindowLoader(store, chunk_size=L, overlap=O, doc_mode=mode, batch_windows=3, device="cpu", prepend_bos_id=bos)
         host = list(ld)
         it = iter(ld)
         pipe = it._pipe
@@ -358,7 +358,7 @@ def test_other_backends_go_through_read_into(stores, tmp_path):
     for opener in (lambda: open_store(tmp_path / "z"), lambda: open_raw_bin(tmp_path / "raw.bin", eos_id=5)):
         with opener() as s:
             for mode, L, O in (("stream", 16, 0), ("document", 16, 4)):
-                ld = WindowLoader(s, chunk_size=L, overlap=O, mode=mode, batch_windows=3, device="cpu")
+                ld = WindowLoader(s, chunk_size=L, overlap=O, doc_mode=mode, batch_windows=3, device="cpu")
                 assert run(ld, L)[0] == expected_tuples(s, L, O, mode, None)
 
 
@@ -372,7 +372,7 @@ def test_slots_grow_for_batches_spanning_many_short_documents(make_store):
         docs += [[int(t)] for t in rng.integers(0, 500, size=int(rng.integers(20, 60)))]
     with open_store(make_store(docs, vocab_size=500, shard_tokens=10_000)) as s:
         for tail in ("full", "short"):
-            ld = WindowLoader(s, chunk_size=4, overlap=1, mode="document", batch_windows=3, device="cpu", tail=tail)
+            ld = WindowLoader(s, chunk_size=4, overlap=1, doc_mode="document", batch_windows=3, device="cpu", tail=tail)
             assert ld._span_cap == 3 * 5  # less than a batch with short documents between its windows reads
             got, _ = run(ld, 4)
             off = np.asarray(s.doc_offsets).tolist()
