@@ -34,8 +34,9 @@ Refused (one line each): compressed or encrypted chunks, a loader other than Tok
 format other than one integer tensor/array per item, an index that lists no chunks and no config
 (what LitData 0.2.76's ``optimize`` leaves, exiting 0, after an empty item: the data is lost).
 Checks at open: every chunk file inside the folder, its item count, offsets (start after the header,
-never decrease, end at the file size, whole ids per item), its ``dim`` and ``chunk_bytes`` against index.json; with ``checksum`` (default) one pass
-over the ids computes each chunk's checksum and checks every id against ``vocab_size``. Store dtype:
+never decrease, end at the file size, whole ids per item), its ``dim`` and ``chunk_bytes`` against
+index.json; with ``checksum`` (default) one pass over the ids computes each chunk's checksum and
+checks every id against ``vocab_size``. Store dtype:
 ``choose_dtype(vocab_size)`` when given, else uint16 for 8/16-bit ids and uint32 for 32/64-bit ones
 (int32 ids are read as uint32 without a copy, so a negative id reads as one >= 2^31, which the
 ``vocab_size`` check and ``verify`` catch; narrower or wider ids are converted with a range check).
