@@ -31,10 +31,12 @@ document with its EOS, so document mode scores the documents as written; where a
 fixed-size blocks, each block is a document (evaluate such data in stream mode).
 
 Refused (one line each): compressed or encrypted chunks, a loader other than TokensLoader, a data
-format other than one integer tensor/array per item. Checks at open: every chunk file inside the
-folder, its item count, offsets (start after the header, never decrease, end at the file size, whole
-ids per item), its ``dim`` and ``chunk_bytes`` against index.json; with ``checksum`` (default) one pass
-over the ids computes each chunk's checksum and checks every id against ``vocab_size``. Store dtype:
+format other than one integer tensor/array per item, an index that lists no chunks and no config
+(what LitData 0.2.76's ``optimize`` leaves, exiting 0, after an empty item: the data is lost).
+Checks at open: every chunk file inside the folder, its item count, offsets (start after the header,
+never decrease, end at the file size, whole ids per item), its ``dim`` and ``chunk_bytes`` against
+index.json; with ``checksum`` (default) one pass over the ids computes each chunk's checksum and
+checks every id against ``vocab_size``. Store dtype:
 ``choose_dtype(vocab_size)`` when given, else uint16 for 8/16-bit ids and uint32 for 32/64-bit ones
 (int32 ids are read as uint32 without a copy, so a negative id reads as one >= 2^31, which the
 ``vocab_size`` check and ``verify`` catch; narrower or wider ids are converted with a range check).
@@ -141,6 +143,12 @@ class LitdataTokenStore(PiecedStore):
             d = json.loads(index.read_bytes())
         except (OSError, ValueError) as e:
             raise StoreError(f"{where!r} is not readable JSON ({e}): copy the LitData folder again") from None
+        if isinstance(d, dict) and d.get("chunks") == [] and d.get("config") is None:
+            # what LitData 0.2.76's optimize leaves, exiting 0, when an empty item stops its chunk cutting
+            # (tests/streamdata/data/README.md): the chunks it wrote are not listed, the rest is lost
+            raise StoreError(f"{where!r} lists no chunks (and no config): the optimize run that wrote it saved no "
+                             "usable data; re-run optimize (LitData 0.2.76 does this when an item is empty: "
+                             "leave empty items out)")
         if not isinstance(d, dict) or not isinstance(d.get("chunks"), list) or not isinstance(d.get("config"), dict):
             raise StoreError(f"{where!r} has no 'chunks' list and 'config' object: it is not a LitData index")
         cfg = d["config"]
