@@ -126,6 +126,7 @@ _ARG_RE = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()]+)|\ble
 
 
 # (not inside a path, a file name or a quoted value: "/out/per_token_kl.f32" stays as it is)
+_CALL_RE = re.compile(r"\b[A-Za-z_][\w.]*\([^()]*\)")
 _BARE_RE = re.compile(r"(?<![-\w./'\"])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![-=(/\w]|\.\w)")
 
 
@@ -155,4 +156,13 @@ that flag (``limit max_tokens`` -> ``limit --max-tokens``). Only names in ``flag
         return f"{flag} {value}{tail}"
 
     # then names the API writes bare ("or limit max_tokens"): only snake_case names of a flag
-    return _BARE_RE.sub(lambda m: flags.get(m.group(1), m.group(0)), _ARG_RE.sub(sub, message))
+    def plain(text: str) -> str:
+        return _BARE_RE.sub(lambda m: flags.get(m.group(1), m.group(0)), _ARG_RE.sub(sub, text))
+
+    # a Python call the message quotes (``open_raw_bin(path, dtype=...)``) stays Python: half a call
+    # in flags ("open_raw_bin(path, --dtype ...)") is neither
+    out, at = [], 0
+    for call in _CALL_RE.finditer(message):
+        out += [plain(message[at:call.start()]), call.group(0)]
+        at = call.end()
+    return "".join(out) + plain(message[at:])

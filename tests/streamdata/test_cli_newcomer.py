@@ -141,3 +141,13 @@ def test_quiet_also_silences_the_datasets_bars(tmp_path, capsys):
         assert "Generating train split" not in err and "examples/s" not in err
     finally:
         enable_progress_bar()
+
+
+def test_a_python_call_in_a_hint_stays_python_in_the_cli(tmp_path, capsys):
+    """The raw-format hint read 'open_raw_bin(path, --dtype ...)': half a call, half a flag."""
+    from streamdata.cli import main
+
+    (tmp_path / "ids.xyz").write_bytes(b"\x00" * 16)
+    assert main(["info", str(tmp_path / "ids.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert "open_raw_bin(path, dtype=...)" in err and "--dtype ..." not in err
