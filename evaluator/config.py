@@ -111,7 +111,7 @@ class StreamingEvalConfig:
                            max_tokens=self.max_tokens)
         # An evaluation rule on top of the window rule (max_tokens >= 0): fewer than 2 tokens score nothing.
         if self.max_tokens is not None and self.max_tokens < 2:
-            raise ConfigError(f"max_tokens={self.max_tokens!r} must be an int >= 2 (one input and one target) or None")
+            raise ConfigError(f"max_tokens={self.max_tokens!r} must be an integer >= 2 (one input and one target): pass more, or leave max_tokens unset (the whole store)")
         if not isinstance(self.log_interval, int) or self.log_interval < 1:
             raise ConfigError(f"log_interval={self.log_interval!r} must be an int >= 1")
         if self.mode not in MODES:
@@ -155,7 +155,7 @@ class StreamingEvalConfig:
             self.checkpoint_dir = str(self.checkpoint_dir)
         sw = self.split_warmup
         if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw < 0):
-            raise ConfigError(f"split_warmup={sw!r} must be an int >= 0 (tokens of warm-up context) or None")
+            raise ConfigError(f"split_warmup={sw!r} must be an int >= 0 (tokens of warm-up context): pass one, or leave split_warmup unset")
 
 
 def resolve_device(spec: str | None):

@@ -128,7 +128,7 @@ class StreamingEvaluator:
             raise ConfigError(f"a {scoring.name} run under torchrun is not supported: run it as one process")
         max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
-            raise ConfigError(f"max_tokens={max_tokens!r} must be an int >= 2 or None")
+            raise ConfigError(f"max_tokens={max_tokens!r} must be an integer >= 2 (one input and one target): pass more, or leave max_tokens unset (the whole store)")
         log_interval = cfg.log_interval if log_interval is None else int(log_interval)
         if log_interval < 1:
             raise ConfigError(f"log_interval={log_interval} must be >= 1")

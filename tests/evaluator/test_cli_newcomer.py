@@ -107,3 +107,10 @@ def test_a_mistyped_flag_names_the_closest_valid_one(capsys, store):
     with pytest.raises(SystemExit):
         main(["run", str(store), "--model", "default", "--chunksize", "64"])
     assert "--chunksize: did you mean --chunk-size?" in capsys.readouterr().err
+
+
+def test_no_python_names_in_a_cli_message(capsys, store):
+    """'--max-tokens 1 must be an int >= 2 ... or None': None is no value a command line can pass."""
+    err = _one_error_line(capsys, ["run", str(store), "--model", "default", "--max-tokens", "1"])
+    assert "--max-tokens 1 must be an integer >= 2" in err and "omit --max-tokens" in err
+    assert "None" not in err and "max_tokens" not in err
