@@ -34,6 +34,7 @@ class Progress:
         self.done, self.tokens = done_windows, done_tokens
         self.start_tokens = done_tokens  # rates count this process's work only (a resumed run too)
         self.next_log = (done_windows // log_interval + 1) * log_interval
+        self._line_at = -1  # windows done when the last plain line was printed
         self.t0 = time.perf_counter()
         isatty = getattr(self.stream, "isatty", lambda: False)()
         self.bar = None
@@ -69,7 +70,7 @@ class Progress:
         else:
             self._line(nll, n)
 
-    def _line(self, nll: float, n: int, last: bool = False) -> None:
+    def _line(self, nll: float, n: int) -> None:
         dt = time.perf_counter() - self.t0
         rate = (self.tokens - self.start_tokens) / dt if dt > 0 else 0.0
         who, scale = "", ""
@@ -77,7 +78,8 @@ class Progress:
             who, scale = "rank 0 ", f" (all {self.world_size} ranks, est. {self.world_size} x rank 0)"
         share = 100.0 * self.tokens / self.total_tokens if self.total_tokens else 100.0
         left = self.total_tokens - self.tokens
-        eta = "done" if last else f"ETA {_duration(left / rate)}" if rate > 0 else "ETA ?"
+        eta = "done" if self.done >= self.total_windows else f"ETA {_duration(left / rate)}" if rate > 0 else "ETA ?"
+        self._line_at = self.done
         print(f"[streameval] {who}chunk {self.done:,}/{self.total_windows:,} ({share:.1f}%)  loss {nll / n:.4f}  "
               f"ppl {perplexity(nll, n):.3f}  {rate * self.world_size:,.0f} tok/s{scale}  {eta}",
               file=self.stream, flush=True)
@@ -89,8 +91,8 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {nll / n:.4f} ppl {perplexity(nll, n):.3f}", refresh=True)
-        else:
-            self._line(nll, n, last=True)
+        elif self._line_at != self.done:  # (a log point at the last window already said it)
+            self._line(nll, n)
 
     def close(self) -> None:
         if self.bar is not None:
