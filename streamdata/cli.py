@@ -19,8 +19,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, word_rule_of
@@ -56,13 +57,19 @@ def _import_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
 
 
-def _open_source(a: argparse.Namespace) -> Any:
-    """``a.src`` as a path, or opened with the import options given (the caller closes an opened store)."""
+@contextmanager
+def _source(a: argparse.Namespace) -> Iterator[Any]:
+    """``a.src`` as a path, or opened with the import options given (and closed after the block)."""
     from .backends import open_token_files
 
     imports = {k: v for k, v in (("dtype", a.dtype), ("eos_id", a.eos_id), ("vocab_size", a.vocab_size),
                                  ("documents", a.documents)) if v is not None}
-    return open_token_files(a.src, **imports) if imports else a.src
+    src = open_token_files(a.src, **imports) if imports else a.src
+    try:
+        yield src
+    finally:
+        if not isinstance(src, str):
+            src.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,14 +329,10 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert_store
 
-    src = _open_source(a)
     t0 = time.perf_counter()
-    try:
+    with _source(a) as src:
         m = convert_store(src, a.dst, format=a.format, compression=a.compression, overwrite=a.overwrite,
                           shard_tokens=a.shard_tokens, chunk_tokens=a.chunk_tokens)
-    finally:
-        if not isinstance(src, str):
-            src.close()
     print(f"{a.dst}: {m.num_tokens:,} tokens, {m.num_documents:,} documents, format {m.format} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -338,13 +341,9 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from .export import export_store
 
-    src = _open_source(a)
     t0 = time.perf_counter()
-    try:
+    with _source(a) as src:
         r = export_store(src, a.out, a.to, overwrite=a.overwrite, chunk_bytes=a.chunk_bytes)
-    finally:
-        if not isinstance(src, str):
-            src.close()
     print(f"{a.out}: {r.tokens:,} tokens, {r.documents:,} documents as {r.to} ({r.dtype}); give the tool "
           f"{r.data_path} ({time.perf_counter() - t0:.1f} s)")
     return 0
