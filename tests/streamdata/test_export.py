@@ -175,3 +175,32 @@ def test_index_json_fields(sources, tmp_path):
     for c in d["chunks"]:
         assert c["chunk_bytes"] == (tmp_path / "l" / c["filename"]).stat().st_size
         assert c["chunk_size"] == 1 or c["dim"] * 2 <= 500  # whole documents up to chunk_bytes of ids
+
+
+def test_killed_export_is_ours_and_a_rerun_finishes_it(sources, tmp_path, monkeypatch):
+    """A process killed mid-export leaves the ledger, a finished .bin and a partial .idx: the folder
+    stays ours (a rerun finishes it; with other settings it asks for --overwrite), and is never sealed."""
+    from streamdata import export as ex
+    from streamdata.output import Output
+
+    root, docs = sources
+    out = tmp_path / "out"
+    real_finish = ex._Sink.finish
+
+    def killed(self):
+        if self.name.endswith(".idx"):
+            raise KeyboardInterrupt  # stands in for kill -9: below, abort is what a dead process never runs
+        return real_finish(self)
+
+    monkeypatch.setattr(ex._Sink, "finish", killed)
+    monkeypatch.setattr(Output, "abort", lambda self: self.release())
+    with pytest.raises(KeyboardInterrupt):
+        export_store(root / "npy", out, "megatron")
+    monkeypatch.undo()
+    assert {"_build", "tokens.bin", "tokens.idx.partial"} <= set(os.listdir(out)) and not (out / EXPORT_MARKER).exists()
+    with pytest.raises(ConfigError, match="unfinished build made with other settings"):
+        export_store(root / "npy", out, "nanogpt")
+    rec = export_store(root / "npy", out, "megatron")
+    assert set(os.listdir(out)) == {"tokens.bin", "tokens.idx", EXPORT_MARKER}
+    with open_store(rec.data_path) as back:
+        assert back.num_documents == len(docs) and back.read(0, len(back)).tolist() == [t for d in docs for t in d]
