@@ -156,6 +156,11 @@ def test_megatron_reader_of_megatron_core(sources, tmp_path):
     rec = export_store(root / "npy", tmp_path / "m", "megatron")
     ds = core.IndexedDataset(rec.data_path)
     assert len(ds) == len(docs) and [ds[i].tolist() for i in range(len(docs))] == docs
+    ids = (np.arange(1000, dtype=np.uint32) * 977) % 100000  # no vocabulary: int32, as megatron-core chooses
+    rec = export_store(MemoryTokenStore(ids, doc_offsets=[0, 10, 10, 600, 1000]), tmp_path / "w", "megatron")
+    ds = core.IndexedDataset(rec.data_path)
+    assert rec.dtype == "int32" and ds.index.dtype == np.int32 and [len(ds[i]) for i in range(4)] == [10, 0, 590, 400]
+    assert np.concatenate([ds[i] for i in range(4)]).tolist() == ids.tolist()
 
 
 def test_litdata_reader_of_litdata(sources, tmp_path):
