@@ -209,3 +209,10 @@ def test_killed_export_is_ours_and_a_rerun_finishes_it(sources, tmp_path, monkey
     assert set(os.listdir(out)) == {"tokens.bin", "tokens.idx", EXPORT_MARKER}
     with open_store(rec.data_path) as back:
         assert back.num_documents == len(docs) and back.read(0, len(back)).tolist() == [t for d in docs for t in d]
+
+
+@pytest.mark.parametrize("to,opens", [("megatron", "tokens"), ("nanogpt", "train.bin")])
+def test_opening_the_export_folder_names_the_file(tmp_path, to, opens):
+    export_store(MemoryTokenStore(np.arange(10, dtype=np.uint16)), tmp_path / "out", to)
+    with pytest.raises(StoreError, match=f"is a streamdata export of .* not a store: open '.*/out/{opens}'"):
+        open_store(tmp_path / "out")
