@@ -11,6 +11,7 @@ from .backends.litdata import open_litdata
 from .backends.megatron import open_megatron
 from .backends.raw_bin import open_raw_bin
 from .convert import convert_store
+from .export import export_store
 from .errors import ConfigError, SourceError, StoreError, StreamdataError, TokenizerError
 from .format import Manifest, ShardInfo
 from .merge import MergeConfig, merge_parts
@@ -33,6 +34,7 @@ __all__ = [
     "WindowPlan",
     "WindowSpec",
     "convert_store",
+    "export_store",
     "load_tokenizer",
     "merge_parts",
     "open_datatrove",

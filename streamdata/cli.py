@@ -5,6 +5,7 @@
     streamdata info STORE [--json]
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
+    streamdata export SRC --to megatron|nanogpt|litdata OUT [options]
     streamdata merge PART... --out DIR [--format npy|zarr] [options]
 
 Exit codes: 0 success; 1 ``verify`` found defects; 2 bad input (one line on stderr); 130 interrupted;
@@ -18,8 +19,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 from .format import LEGACY_WORD_RULE, WORD_RULE, WORD_RULES, word_rule_of
@@ -44,9 +46,34 @@ _positive = _int_at_least(1)
 _non_negative = _int_at_least(0)
 
 
+def _import_options(p: argparse.ArgumentParser) -> None:
+    """The options of a source that is existing token files (convert, export)."""
+    from .backends.raw_bin import RAW_DTYPES
+
+    g = p.add_argument_group("imports (raw .bin / Megatron / datatrove / LitData source)")
+    g.add_argument("--dtype", choices=RAW_DTYPES, help=f"raw .bin element type (default {RAW_DTYPES[0]})")
+    g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
+    g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
+    g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
+
+
+@contextmanager
+def _source(a: argparse.Namespace) -> Iterator[Any]:
+    """``a.src`` as a path, or opened with the import options given (and closed after the block)."""
+    from .backends import open_token_files
+
+    imports = {k: v for k, v in (("dtype", a.dtype), ("eos_id", a.eos_id), ("vocab_size", a.vocab_size),
+                                 ("documents", a.documents)) if v is not None}
+    src = open_token_files(a.src, **imports) if imports else a.src
+    try:
+        yield src
+    finally:
+        if not isinstance(src, str):
+            src.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     # defaults and choices come from the library's one place for each (config dataclasses, constants)
-    from .backends.raw_bin import RAW_DTYPES
     from .backends.zarr import COMPRESSIONS
     from .convert import ConvertConfig
     from .format import STORE_FORMATS
@@ -121,11 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a finished store of ours (swapped in only when complete)")
     c.add_argument("--shard-tokens", type=_positive, default=C.shard_tokens, help=f"npy output: tokens per shard file (default: {C.shard_tokens})")
     c.add_argument("--chunk-tokens", type=_positive, default=C.chunk_tokens, help=f"zarr output: ids per inner chunk (default: {C.chunk_tokens})")
-    g = c.add_argument_group("imports (raw .bin / Megatron / datatrove / LitData source)")
-    g.add_argument("--dtype", choices=RAW_DTYPES, help=f"raw .bin element type (default {RAW_DTYPES[0]})")
-    g.add_argument("--eos-id", type=int, help="raw .bin: split documents after each occurrence of this id")
-    g.add_argument("--vocab-size", type=_positive, help="vocabulary size to record (enables the id < vocab check)")
-    g.add_argument("--documents", choices=("document", "sequence"), help="Megatron: documents from the document index or one per sequence")
+    _import_options(c)
+
+    from .export import EXPORT_FORMATS, ExportConfig
+
+    x = sub.add_parser("export", help="write a store as Megatron, nanoGPT or LitData token files",
+                       description="Write any store or existing token files into the files another trainer reads: "
+                                   "--to megatron (OUT/tokens.bin + .idx, one sequence per document), nanogpt "
+                                   "(OUT/train.bin, uint16 ids) or litdata (OUT/index.json + chunk-0-K.bin, one item "
+                                   "per document, for StreamingDataset with TokensLoader). OUT also holds "
+                                   "streamdata-export.json, which marks it as ours; the tools ignore it.")
+    x.add_argument("src", help="store folder or URL, raw .bin file, Megatron prefix/.idx/.bin, datatrove .ds file or "
+                               "folder, or LitData folder")
+    x.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="target format")
+    x.add_argument("out", help="output folder (local)")
+    x.add_argument("--overwrite", action="store_true", help="replace a finished export of ours (swapped in only when complete)")
+    x.add_argument("--chunk-bytes", type=_positive, default=ExportConfig.chunk_bytes,
+                   help=f"litdata: id bytes per chunk file at most (default: {ExportConfig.chunk_bytes}, LitData's)")
+    _import_options(x)
 
     mg = sub.add_parser("merge", help="join the parts of 'tokenize --num-parts K' into one store",
                         description="Join the K part stores of a partitioned tokenize (given in any order) into one "
@@ -288,20 +328,24 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert_store
-    from .backends import open_token_files
 
-    imports = {k: v for k, v in (("dtype", a.dtype), ("eos_id", a.eos_id), ("vocab_size", a.vocab_size),
-                                 ("documents", a.documents)) if v is not None}
-    src = open_token_files(a.src, **imports) if imports else a.src
     t0 = time.perf_counter()
-    try:
+    with _source(a) as src:
         m = convert_store(src, a.dst, format=a.format, compression=a.compression, overwrite=a.overwrite,
                           shard_tokens=a.shard_tokens, chunk_tokens=a.chunk_tokens)
-    finally:
-        if not isinstance(src, str):
-            src.close()
     print(f"{a.dst}: {m.num_tokens:,} tokens, {m.num_documents:,} documents, format {m.format} "
           f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_store
+
+    t0 = time.perf_counter()
+    with _source(a) as src:
+        r = export_store(src, a.out, a.to, overwrite=a.overwrite, chunk_bytes=a.chunk_bytes)
+    print(f"{a.out}: {r.tokens:,} tokens, {r.documents:,} documents as {r.to} ({r.dtype}); give the tool "
+          f"{r.data_path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -341,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert,
-           "merge": _cmd_merge}[args.command]
+           "export": _cmd_export, "merge": _cmd_merge}[args.command]
     try:
         rc = cmd(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit

@@ -38,7 +38,7 @@ from .format import DEFAULT_SHARD_TOKENS, STORE_FORMATS, Manifest, choose_dtype,
 from .output import full_disk_is_one_line
 from .verify import index_mismatches
 
-__all__ = ["FORMATS", "ConvertConfig", "convert_store"]
+__all__ = ["FORMATS", "ConvertConfig", "checked_source", "convert_store", "source_summary"]
 
 FORMATS = STORE_FORMATS
 # keys of a source's extra that describe how *it* was built; they do not carry over
@@ -69,7 +69,8 @@ class ConvertConfig:
                 raise ConfigError(f"{name}={v} must be >= 1")
 
 
-def _converted_from(m: Manifest, path: str) -> dict[str, Any]:
+def source_summary(m: Manifest, path: str) -> dict[str, Any]:
+    """What a copy records about its source: format, path, dtype, totals, shard checksums (and earlier chains)."""
     d: dict[str, Any] = {
         "format": m.format, "path": path, "dtype": m.dtype, "tokens": m.num_tokens, "documents": m.num_documents,
         "shards": [{"file": s.file, "tokens": s.tokens, "sha256": s.sha256} for s in m.shards],
@@ -112,8 +113,8 @@ def convert_store(
                     raise ConfigError(f"source and destination are the same path {os.fspath(dst)!r}: choose another output")
             m = store.manifest
             extra = {k: v for k, v in m.extra.items() if k not in _BUILD_KEYS}
-            extra["converted_from"] = _converted_from(m, store.path)  # the source's own dtype
-            checked = _checked(store)
+            extra["converted_from"] = source_summary(m, store.path)  # the source's own dtype
+            checked = checked_source(store)
             out_store = _narrowed(checked)
             if cfg.format == "zarr":  # the pack reads every token from 0 (also when it resumes) before it seals
                 return write_zarr_store(out_store, dst, compression=cfg.compression, chunk_tokens=cfg.chunk_tokens,
@@ -153,13 +154,14 @@ class _NarrowedStore(TokenStore):
         self._inner.release(start, stop)
 
 
-def _damaged(path: str, file: str) -> str:
+def _damaged(path: str, file: str, command: str) -> str:
     return (f"source {path!r}: {file!r} does not match its checksum (the source is damaged; nothing of it was "
-            "sealed): restore or rebuild the source ('streamdata verify' lists every defect), then rerun the convert")
+            f"sealed): restore or rebuild the source ('streamdata verify' lists every defect), then rerun the {command}")
 
 
-def _checked(store: TokenStore) -> TokenStore:
-    """``store`` read through its recorded checksums (README "Safety": a copy never launders damage).
+def checked_source(store: TokenStore, command: str = "convert") -> TokenStore:
+    """``store`` read through its recorded checksums (README "Safety": a copy never launders damage);
+    ``command`` names what to rerun in the refusal (convert, export).
 
     Our formats (npy, zarr) record checksums when they are written: the index is checked here
     (small), every token shard as the copy streams it (:class:`ChecksummedReads`). Imports and
@@ -168,8 +170,8 @@ def _checked(store: TokenStore) -> TokenStore:
         return store
     bad = index_mismatches(store)
     if bad:
-        raise StoreError(_damaged(store.path, bad[0][0]))
-    return ChecksummedReads(store, lambda file: _damaged(store.path, file))
+        raise StoreError(_damaged(store.path, bad[0][0], command))
+    return ChecksummedReads(store, lambda file: _damaged(store.path, file, command))
 
 
 def _narrowed(store: TokenStore) -> TokenStore:

@@ -33,6 +33,12 @@ Rules (README "Safety"):
   finished; an ``-old`` is removed only when it is a real folder holding the store the record says
   was replaced. Any other ``-new``/``-old`` (a symlink, a file, a store without that record) is
   refused in one line and left alone. Until the swap the old store stays intact and readable.
+- **Exports** (:mod:`streamdata.export`: Megatron, nanoGPT, LitData files) follow the same rules
+  with another seal: instead of ``manifest.json`` (which would hide a LitData folder from our own
+  reader and means "a store of ours") a sealed export holds :data:`EXPORT_MARKER`, a JSON record
+  with our marker, the target format and its build settings, which the target tools ignore. A
+  folder with that record holds only the names of its format's layout (:data:`EXPORT_LAYOUTS`),
+  so ``--overwrite`` and reruns recognise it and anything else in it is foreign.
 - **Full disk**: :func:`full_disk_is_one_line` around each writer turns ENOSPC/EDQUOT into one line.
 - **Resume identity**: the ledger records the build's settings and each local source file's size,
   mtime and a content digest (:class:`SourceFile`); a rerun resumes only when all are unchanged.
@@ -74,6 +80,8 @@ from .format import (
 )
 
 __all__ = [
+    "EXPORT_LAYOUTS",
+    "EXPORT_MARKER",
     "LEDGER_FILE",
     "STAGING_DIR",
     "BuildLedger",
@@ -100,6 +108,15 @@ _LOCKNAME = re.compile(r"^\..+" + re.escape(_LOCK) + "$")
 _TOP = {MANIFEST_NAME, BUILD_DIR, SHARD_DIR, INDEX_DIR, "zarr.json", *_ZARR_ARRAYS}
 _SHARD_NAME = re.compile(r"^tokens-\d{5}\.bin(\.partial)?$")
 _INDEX_NAME = re.compile(r"^doc_(offsets|bytes|words)\.npy$")
+#: the record that seals an export (what manifest.json is to a store): ours, ignored by the target tools
+EXPORT_MARKER = "streamdata-export.json"
+EXPORT_MARKER_ID = "streamdata-export"
+#: the files each export format writes at the top of its folder (each first as NAME.partial)
+EXPORT_LAYOUTS = {
+    "megatron": re.compile(r"^tokens\.(bin|idx)(\.partial)?$"),
+    "nanogpt": re.compile(r"^train\.bin(\.partial)?$"),
+    "litdata": re.compile(r"^(index\.json|chunk-0-\d+\.bin)(\.partial)?$"),
+}
 _BUILD_NAME = re.compile(r"^(streamdata-build\.json|index-\d{5}\.npz(\.partial\.npz)?)$")
 
 
@@ -330,6 +347,37 @@ def _is_our_manifest(data: bytes | None) -> bool:
     return isinstance(d, dict) and d.get("format") in STORE_FORMATS and d.get("format_version") in READABLE_VERSIONS
 
 
+def _export_record(data: bytes | None) -> dict | None:
+    """The sealed export record in ``data`` when it is ours (our marker, a known format), else None."""
+    try:
+        d = json.loads(data) if data is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    ok = isinstance(d, dict) and d.get("marker") == EXPORT_MARKER_ID and d.get("to") in EXPORT_LAYOUTS
+    return d if ok else None
+
+
+def _export_layout(d: _Dir) -> "re.Pattern | None":
+    """The file names of the export format ``d`` holds (sealed record, or the ledger of an export build), or None."""
+    rec = _export_record(d.read(EXPORT_MARKER))
+    if rec is not None:
+        return EXPORT_LAYOUTS[rec["to"]]
+    data = d.read(LEDGER_FILE)
+    if _has_marker(data):
+        try:
+            to = json.loads(data).get("settings", {}).get("export")
+        except (ValueError, AttributeError):
+            return None
+        return EXPORT_LAYOUTS.get(to) if isinstance(to, str) else None
+    return None
+
+
+def _seal_bytes(d: _Dir) -> bytes | None:
+    """The bytes of what seals ``d``: its manifest (a store) or its export record (an export)."""
+    data = d.read(MANIFEST_NAME)
+    return data if data is not None else d.read(EXPORT_MARKER)
+
+
 def _is_real(d: _Dir, rel: str, kind: str) -> bool:
     """Local: ``rel`` is a real ``kind`` ("dir" or "file"), not a symlink (lstat, never followed)."""
     try:
@@ -359,9 +407,11 @@ def foreign_entries(d: _Dir, rel: str = "") -> list[str]:
     truncates or removes what it points to.
     """
     out = []
+    exported = _export_layout(d) if not rel else None
     for name in d.listdir(rel):
         sub = f"{rel}/{name}" if rel else name
-        if _TMP.match(name) or _LOCKNAME.match(name):
+        if _TMP.match(name) or _LOCKNAME.match(name) or (exported is not None and (
+                exported.match(name) or name == EXPORT_MARKER)):
             if d.local and not _is_real(d, sub, "file"):
                 out.append(sub)
         elif name not in _TOP:
@@ -406,7 +456,7 @@ def _kind(d: _Dir) -> str:
         raise ConfigError(f"output {d.url!r} exists and is not a folder: choose another output")
     if not d.listdir():
         return "absent"
-    if _is_our_manifest(d.read(MANIFEST_NAME)):
+    if _is_our_manifest(d.read(MANIFEST_NAME)) or _export_record(d.read(EXPORT_MARKER)) is not None:
         return "store"
     if _has_marker(d.read(LEDGER_FILE)):
         return "build"  # even if the rest of the ledger is damaged: ours, so --overwrite may clear it
@@ -483,7 +533,7 @@ class Output:
         self.target = target
         self.settings = settings
         self.dir = target  # where this build writes: the target, or its sibling for overwrite-by-swap
-        self.finished: Manifest | None = None
+        self.finished: Manifest | dict | None = None  # dict: a sealed export's record
         self.ledger = BuildLedger(settings)
         self._lock: FolderLock | None = None
         self._created = False  # this build created self.dir (abort may remove it)
@@ -503,17 +553,18 @@ class Output:
         """The one helper that commits the ledger: atomically, after the data it records is durable."""
         self.dir.write_atomic(LEDGER_FILE, self.ledger.to_json())
 
-    def seal(self, manifest: Manifest) -> Manifest:
+    def seal(self, manifest: Manifest, file: str = MANIFEST_NAME) -> Manifest:
         """Write the manifest (the seal), drop the ledger, swap into place, release the lock.
 
         ``manifest.extra["build_settings"]`` becomes this build's settings: a rerun with the same
-        settings finds the finished store and does nothing.
+        settings finds the finished store and does nothing. An export seals with its record
+        (``file=EXPORT_MARKER``; any object with ``extra`` and ``to_json()``).
         """
         manifest.extra = {**manifest.extra, "build_settings": self.settings}
         if self._swap:  # the ledger says which output this replacement is for, until the swap is done
             self.ledger.swap = {"target": _identity(self.target), "replaces": _manifest_sha256(self.target)}
             self.commit_ledger()
-        self.dir.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+        self.dir.write_atomic(file, manifest.to_json().encode())
         if not self._swap:
             self.dir.remove(BUILD_DIR)
         self._ended = True  # sealed: from here a crash is recovered by the next prepare_output
@@ -532,8 +583,9 @@ class Output:
         self._ended = True
         try:
             if self.finished is None and not self.ledger.has_progress and not self.dir.exists(STAGING_DIR):
+                exported = EXPORT_LAYOUTS.get(self.settings.get("export"))  # what an export build wrote
                 for name in self.dir.listdir():
-                    if name in _TOP or _TMP.match(name):
+                    if name in _TOP or _TMP.match(name) or (exported is not None and exported.match(name)):
                         self.dir.remove(name)
                 if (self._created or self._swap) and self.dir.local and not self.dir.listdir():
                     os.rmdir(self.dir.root)
@@ -564,7 +616,7 @@ def _identity(target: _Dir) -> str:
 
 
 def _manifest_sha256(d: _Dir) -> str | None:
-    data = d.read(MANIFEST_NAME) if _is_real(d, "", "dir") else None
+    data = _seal_bytes(d) if _is_real(d, "", "dir") else None
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
@@ -726,6 +778,22 @@ def _inspect(d: _Dir) -> str:
     return kind
 
 
+def _finished(d: _Dir) -> "Manifest | dict | None":
+    """The finished store's manifest, or a sealed export's record (a dict); None when damaged."""
+    rec = _export_record(d.read(EXPORT_MARKER))
+    if rec is not None:
+        return rec
+    try:
+        return Manifest.from_dict(json.loads(d.read(MANIFEST_NAME) or b"null"), where=d.path(MANIFEST_NAME))
+    except (StoreError, ValueError):
+        return None  # damaged: not the finished identical store, so replaced only with overwrite
+
+
+def _build_settings(m: "Manifest | dict") -> Any:
+    extra = m.get("extra") if isinstance(m, dict) else m.extra
+    return extra.get("build_settings") if isinstance(extra, dict) else None
+
+
 def prepare_output(
     target: str | os.PathLike,
     settings: dict[str, Any],
@@ -766,12 +834,9 @@ def prepare_output(
                 return _start(out, target_dir, created=False)
             return _resume(out, target_dir, sources)
         # a finished store of ours
-        try:
-            m = Manifest.from_dict(json.loads(target_dir.read(MANIFEST_NAME) or b"null"), where=target_dir.path(MANIFEST_NAME))
-        except (StoreError, ValueError):
-            m = None  # damaged: not the finished identical store, so replaced only with overwrite
+        m = _finished(target_dir)
         if not overwrite:
-            if m is not None and json_normalised(m.extra.get("build_settings")) == settings:
+            if m is not None and json_normalised(_build_settings(m)) == settings:
                 target_dir.remove(BUILD_DIR)  # a crash between the manifest and the ledger clean-up
                 out.finished = m
                 out.release()

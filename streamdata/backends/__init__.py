@@ -54,6 +54,7 @@ def open_store(path: Any, **kw: Any) -> TokenStore:
     if root.is_file() or (not root.exists() and any(Path(text + s).is_file() for s in _PREFIX_SUFFIXES)) \
             or foreign_folder(root) is not None:
         return open_token_files(root, **kw)
+    _refuse_export_folder(root)
     manifest = read_manifest(root)
     if kw:
         raise ConfigError(f"options {sorted(kw)} do not apply to the store folder {text!r}: drop them")
@@ -66,6 +67,19 @@ def open_store(path: Any, **kw: Any) -> TokenStore:
 
         return ZarrTokenStore(root, manifest)
     raise StoreError(f"store {text!r} has format {manifest.format!r}, which this version cannot read: upgrade streamdata")
+
+
+def _refuse_export_folder(root: Path) -> None:
+    """A Megatron or nanoGPT export folder (``streamdata export``) is no store: name the file to open."""
+    from ..output import EXPORT_MARKER
+
+    if (root / MANIFEST_NAME).exists() or not (root / EXPORT_MARKER).is_file():
+        return
+    for name, what in (("tokens.idx", "Megatron"), ("train.bin", "nanoGPT")):
+        if (root / name).is_file():
+            target = str(root / (name[:-4] if what == "Megatron" else name))
+            raise StoreError(f"{str(root)!r} is a streamdata export of {what} files, not a store: open {target!r}"
+                             + (" (with eos_id / --eos-id to recover its documents)" if what == "nanoGPT" else ""))
 
 
 def _open_url(url: str, storage_options: dict | None = None) -> TokenStore:
