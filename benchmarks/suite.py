@@ -572,10 +572,10 @@ def run_suite(store: str | None = None, model: str | None = None, device: str | 
         res["eval"] = m
         B = m["batch"]
         if st.batch != "auto":  # what a user's batch_size="auto" gives, for the record (no run)
-            try:
-                res["auto_batch"] = be.make_evaluator(adapter, L, 0, "auto", dev)._batch_windows("sliding")  # noqa: SLF001
-            except Exception:  # noqa: BLE001 - a private helper of the evaluator: informational only
-                res["auto_batch"] = None
+            from evaluator.config import StreamingEvalConfig
+            from evaluator.resolve import batch_windows_for
+
+            res["auto_batch"] = batch_windows_for(StreamingEvalConfig(batch_size="auto"), adapter, dev, "sliding", L)
         # 3. loader alone and its baselines
         log(f"loader alone (chunk {L}, {B} windows/batch, whole store) and loader baselines ...")
         res["loader"] = loader_stage(s, L, B, dev, st.loader_repeat)

@@ -19,7 +19,7 @@ from .data import EvalData
 from .errors import ConfigError, DataError, ModelError
 from .models import ModelAdapter
 
-__all__ = ["ResolvedRun", "resolve_chunk_size", "resolve_run"]
+__all__ = ["ResolvedRun", "resolve_chunk_size", "resolve_run", "batch_windows_for"]
 
 # Sliding windows per forward when batch_size="auto" on a CPU: there is no link to hide and no
 # device sync to save, and large forwards fall out of cache. Measured (benchmarks/RESULTS.md, 4x256
@@ -69,7 +69,7 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
         )
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
                       tail=config.tail if mode == "sliding" else "short", prepend_bos_id=bos_id, max_tokens=max_tokens)
-    return ResolvedRun(mode, why, spec, _batch_windows(config, adapter, device, mode, chunk_size), device,
+    return ResolvedRun(mode, why, spec, batch_windows_for(config, adapter, device, mode, chunk_size), device,
                        config.dtype, config.loss_slice, config.bos, check)
 
 
@@ -176,7 +176,7 @@ def _resolve_mode(config: StreamingEvalConfig, a: ModelAdapter, ed: EvalData, bo
     return mode, f"requested; {chk.reason}", chk
 
 
-def _batch_windows(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:
+def batch_windows_for(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:
     """Windows per batch in sliding mode; in stateful/kv-cache mode the documents run side by side
     (document mode: one carried state or cache per document, evaluator.runners.CarriedRunner.units),
     and 1 in stream mode (one stream, one state)."""

@@ -57,6 +57,9 @@ def test_suite_reports_every_stage(toy_store, tmp_path):
     out = tmp_path / "out"
     res = run_suite(store=str(toy_store), model=MODEL, device="cpu", out=str(out), settings=st,
                     cache=str(tmp_path / "cache"), log=lambda s: None, threads=1)
+    # batch set by the suite: what the evaluator's auto would pick is recorded (it was always None:
+    # the suite called a helper that no longer existed and swallowed the error)
+    assert isinstance(res["auto_batch"], int) and res["auto_batch"] >= 1
     lines: list[str] = []
     report(res, lines.append)
     text = "\n".join(lines)

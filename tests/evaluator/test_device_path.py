@@ -196,7 +196,7 @@ def test_auto_batch_counts_full_logits(monkeypatch):
     assert ev.adapter.full_logits
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
     # only the sizing rule runs for a CUDA device here: no tensor is made
-    B = resolve_mod._batch_windows(ev.config, ev.adapter, torch.device("cuda", 0), "sliding", 1024)
+    B = resolve_mod.batch_windows_for(ev.config, ev.adapter, torch.device("cuda", 0), "sliding", 1024)
     assert B >= 1 and B * 1024 * 50000 * 4 <= 0.6 * free  # the logits alone fit the budget
 
     gpt = StreamingEvaluator(tiny_gpt2(n_positions=1024), device="cpu", verbose=False)
