@@ -243,24 +243,9 @@ def slot_fill_pass(store, L: int, O: int, B: int) -> tuple[float, int]:
     from streamdata.loader import WindowLoader
 
     with WindowLoader(store, chunk_size=L, overlap=O, batch_windows=B, device="cpu", release_behind=False) as ld:
-        it = iter(ld)
-        pipe = it._pipe
-        it.close()  # keep the pipeline's methods, stop its reader thread: this thread drives it
-        pipe.stop.clear()
-        # slot sizes the loader allocates (stream mode: every batch fits them, nothing grows)
-        tok = np.empty(ld._span_cap, dtype=store.dtype)
-        meta = np.empty(ld._meta_cap, dtype=np.int64)
-        tokens = [0]
-
-        def emit(b: int, lo: int, hi: int) -> bool:
-            pipe.fill_host(b, lo, hi, tok, meta)
-            bt = pipe.batches  # the reader's current batch table (b indexes it)
-            tokens[0] += (bt.w1[b] - bt.w0[b]) * L
-            return True
-
         t0 = time.perf_counter()
-        pipe._produce(emit)
-        return time.perf_counter() - t0, tokens[0]
+        tokens = ld.host_pass()
+        return time.perf_counter() - t0, tokens
 
 
 def best_pass(fn, repeat: int) -> tuple[float, int]:

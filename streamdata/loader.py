@@ -420,6 +420,29 @@ class WindowLoader(_ClosesOnExit):
             self.store.close()
             self.store = None
 
+    def host_pass(self) -> int:
+        """The reader's host work for every batch (each span read into a reused host slot of the
+        loader's own sizes, ids checked, metadata packed, with the reader's prefetch and release
+        hints), in this thread, with no device and no copy; returns the batches' input tokens. For
+        benchmarks: the rate at which the device path's reader can feed the link."""
+        it = iter(self)
+        pipe = it._pipe
+        it.close()  # keep the pipeline's methods, stop its reader thread: this thread drives it
+        pipe.stop.clear()
+        tok = np.empty(self._span_cap, dtype=self.store.dtype)
+        meta = np.empty(self._meta_cap, dtype=np.int64)
+        tokens = [0]
+        L = self.plan.chunk_size
+
+        def emit(b: int, lo: int, hi: int) -> bool:
+            pipe.fill_host(b, lo, hi, tok, meta)
+            bt = pipe.batches  # the reader's current batch table (b indexes it)
+            tokens[0] += int(bt.w1[b] - bt.w0[b]) * L
+            return True
+
+        pipe._produce(emit)
+        return tokens[0]
+
     def __repr__(self) -> str:
         p = self.plan
         return (f"WindowLoader(chunk_size={p.chunk_size}, overlap={p.overlap}, doc_mode={p.doc_mode!r}, windows={len(p)}, "

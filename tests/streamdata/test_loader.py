@@ -414,3 +414,13 @@ def test_a_device_the_loader_cannot_use_is_one_line(make_store, bad, says):
         with pytest.raises(ConfigError, match=f"device='{bad}' {says}") as e:
             WindowLoader(s, chunk_size=2, device=bad)
     assert "\n" not in str(e.value)
+
+
+def test_host_pass_reads_every_batch_without_a_device(make_store):
+    """The benchmark's reader-only pass is public (it drove the loader's private pipeline): it
+    counts the input tokens a normal iteration delivers, and leaves no thread behind."""
+    rng = np.random.default_rng(4)
+    store = make_store([rng.integers(0, 500, int(n)).tolist() for n in rng.integers(5, 200, 9)], vocab_size=500)
+    with WindowLoader(store, chunk_size=16, overlap=4, batch_windows=3, device="cpu") as ld:
+        want = sum(b.inputs.shape[0] * 16 for b in ld)
+        assert ld.host_pass() == want
