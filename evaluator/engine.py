@@ -314,8 +314,8 @@ class StreamingEvaluator:
                             f"state at its block after {part.warmup} unscored tokens of warm-up context"}
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
-            if run.batch_windows > getattr(runner, "micro", run.batch_windows):
-                res["batch_size_after_oom"] = runner.micro
+            if runner.micro_batch is not None and runner.micro_batch < run.batch_windows:
+                res["batch_size_after_oom"] = runner.micro_batch
             if detailed:
                 files = spill.finish()
                 spill = None

@@ -92,6 +92,12 @@ class Runner(ABC):
             return token_nll(out, targets, flat, self.loss_slice)
         return self.scorer(out, targets, flat, self.loss_slice)
 
+    @property
+    def micro_batch(self) -> int | None:
+        """Windows (sliding) or documents side by side (carried) per forward now: the requested
+        batch, or less after an out-of-memory halving; None where there is no batch (one stream)."""
+        return None
+
     def units(self, loader: Any) -> Any:
         """What the engine iterates and feeds to :meth:`step`: the loader's batches themselves here
         (a subclass may regroup them, keeping plan order: see :meth:`CarriedRunner.units`)."""
@@ -133,6 +139,10 @@ class SlidingRunner(Runner):
         # indices come from the score mask of the real rows only. One graph, plus one per halving
         # after an out-of-memory error.
         self.static = self.adapter.compile_mode is not None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro
 
     def state(self) -> dict[str, Any]:
         # The micro-batch size decides how windows are grouped per forward (float results may
@@ -205,10 +215,8 @@ class CarriedRunner(Runner):
         self._micro: int | None = None  # documents per group (parallel documents only; halved after OOM)
 
     @property
-    def micro(self) -> int:
-        if self._micro is None:  # one stream at a time: no batch that could have shrunk
-            raise AttributeError("micro")
-        return self._micro
+    def micro_batch(self) -> int | None:
+        return self._micro  # None: one stream at a time, no batch that could have shrunk
 
     def state(self) -> dict[str, Any]:
         # The group size decides which documents share a forward (float results may depend on it):
