@@ -57,7 +57,8 @@ def fake_int8(model: torch.nn.Module) -> torch.nn.Module:
 def measure(cand: torch.nn.Module, ref: torch.nn.Module, store: Any, *, tokens: int, chunk_size: int, overlap: int,
             batch: int | str, mode: str, device: torch.device, repeat: int = 1, warm_tokens: int | None = None) -> dict[str, Any]:
     from evaluator import StreamingEvaluator, compare_streaming
-    from evaluator.compare import QUANTILES, quantiles
+    from evaluator.compare import QUANTILES
+    from evaluator.quantiles import quantiles
 
     kw = dict(chunk_size=chunk_size, overlap=overlap, batch_size=batch, mode=mode, device=str(device), verbose=False,
               dtype="float32")  # no autocast: each model runs in its own parameter dtype

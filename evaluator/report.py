@@ -281,9 +281,9 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend()
         files["plot_kl_positions"] = _save_png(fig, out / REPORT_FILES["plot_kl_positions"])
     if res.get("per_token_kl") is not None and len(res["per_token_kl"]):
-        from .compare import kl_histogram
+        from .quantiles import histogram
 
-        counts, edges = kl_histogram(res["per_token_kl"])  # block by block over the memmap
+        counts, edges = histogram(res["per_token_kl"])  # block by block over the memmap
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.stairs(counts, edges, fill=True)
         ax.set_yscale("log")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import evaluator.runners as runners_mod
 from evaluator import ConfigError, DataError, ModelError
 from evaluator.cli import main
-from evaluator.compare import PairAdapter, compare_streaming, order_statistics, quantiles
+from evaluator.compare import compare_streaming
+from evaluator.pair import PairAdapter
 
 from .helpers import V, TinyRNN, tiny_gpt2
 from .test_resume import Interrupt, _interrupt_after
@@ -212,19 +213,6 @@ def test_an_interrupted_comparison_resumes_to_the_uninterrupted_result(pair, tmp
             v, checkpoint_dir=str(ck))
 
 
-def test_quantiles_are_numpys_in_bounded_blocks():
-    rng = np.random.default_rng(6)
-    x = np.concatenate([rng.exponential(0.1, 5000), -rng.exponential(1e-7, 50), np.zeros(30), [np.inf]])
-    x = rng.permutation(x).astype(np.float32)
-    qs = [0.0, 0.01, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
-    got = quantiles(x, qs, block=777)  # many blocks
-    np.testing.assert_allclose(got[:-1], np.quantile(x.astype(np.float64), qs[:-1]), rtol=1e-12, atol=0)
-    assert got[-1] == np.inf
-    s = np.sort(x)
-    ranks = [0, 1, 17, 2500, 5079, 5080]
-    assert order_statistics(x, ranks, block=1000) == [float(s[r]) for r in ranks]
-
-
 def test_cli_compare_writes_the_report(tmp_path, make_store, capsys):
     rng = np.random.default_rng(7)
     store = make_store([rng.integers(1, V, size=40).tolist() for _ in range(3)], vocab_size=V)
@@ -269,7 +257,8 @@ def test_bench_compare_runs_at_toy_size(tmp_path, make_store, capsys):
 def test_ids_a_model_rules_out_with_minus_inf_logits():
     """An id the reference gives -inf adds 0 to KL (also when the candidate does too); one only the
     candidate rules out makes KL infinite. Checked on pair_stats itself against float64 sums."""
-    from evaluator.compare import PairOutput, pair_stats
+    from evaluator.kl import pair_stats
+    from evaluator.pair import PairOutput
     from evaluator.models import ForwardOutput
 
     g = torch.Generator().manual_seed(9)
