@@ -86,7 +86,7 @@ class Runner(ABC):
         """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
         computed in loss slices by ``scorer(out, targets, flat, loss_slice)``: the fp32 NLL
         (:func:`~evaluator.metrics.token_nll`) for a run, [count, C] statistics for a model
-        comparison (:func:`evaluator.compare.pair_stats`). The one place a runner turns a forward's
+        comparison (:func:`evaluator.kl.pair_stats`). The one place a runner turns a forward's
         output into numbers, so a comparison swaps only this and the sums' columns."""
         if self.scorer is None:
             return token_nll(out, targets, flat, self.loss_slice)
