@@ -203,6 +203,7 @@ def test_bare_commands_come_after_the_note_on_activating_the_environment():
     assert "Quick start" in text[:first + 400]
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_every_readme_block_runs(tmp_path):
     pytest.importorskip("transformers")
     work = tmp_path / "readme"

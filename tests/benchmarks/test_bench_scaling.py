@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_bench_scaling_cli(tmp_path, capsys):
     from benchmarks import bench_scaling
 

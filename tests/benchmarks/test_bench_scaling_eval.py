@@ -9,6 +9,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 @pytest.mark.parametrize("compare", [False, True], ids=["run", "compare"])
 def test_bench_scaling_evaluator_rows(tmp_path, capsys, compare):
     from benchmarks import bench_scaling

@@ -29,6 +29,7 @@ def test_suite_device_cuda_without_gpu_is_one_line(monkeypatch, capsys):
     assert "pass --device cpu" in err[0]
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_memory_step_with_a_relative_cache_from_another_cwd(tmp_path, monkeypatch):
     """The child process runs in the repository root: a relative store path must not reach it."""
     from benchmarks.suite import memory_scaling

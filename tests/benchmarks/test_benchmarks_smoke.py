@@ -48,6 +48,7 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_suite_reports_every_stage(toy_store, tmp_path):
     from benchmarks.suite import Settings, report, run_suite
 

@@ -64,6 +64,7 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_n_processes_equal_one(single, tmp_path, nproc):
     p = _launch(tmp_path, nproc, CASES)
@@ -123,6 +124,7 @@ def test_n_processes_equal_one(single, tmp_path, nproc):
     assert f"run with {nproc} process(es), this run has 1: rerun with {nproc}" in _load(rerun, "ckpt")["error"]
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_a_killed_rank_resumes_from_its_checkpoint(single, tmp_path):
     """kv-cache document mode, a checkpoint per batch; rank 1 dies at its 15th forward (of ~30). The same
     command then resumes every rank from its own checkpoint (carried cache, spilled sums, its
@@ -139,6 +141,7 @@ def test_a_killed_rank_resumes_from_its_checkpoint(single, tmp_path):
     assert res["per_token"] == one["per_token"] and res["chunk_losses"] == one["chunk_losses"]
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_a_failing_rank_stops_every_rank(tmp_path):
     t0 = time.monotonic()
     p = _launch(tmp_path / "out", 2, ["fail"], timeout=TIMEOUT_S * 4, tmp=tmp_path / "tmp")
@@ -253,6 +256,7 @@ def test_loader_stop_at(tmp_path):
             WindowLoader(ed.store, chunk_size=8, device="cpu", **kw)
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
     """``torchrun -m evaluator run``: one table, one report (rank 0), equal to the API in one process."""
     import torch

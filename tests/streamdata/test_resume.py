@@ -72,6 +72,7 @@ def _snapshot(path):
         return s.read(0, len(s)), np.array(s.doc_offsets), np.array(s.doc_bytes), s.manifest
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_killed_builds_resume_to_identical_store(tmp_path, big_jsonl, bpe_tokenizer):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ref_out, out = tmp_path / "ref", tmp_path / "out"
@@ -210,6 +211,7 @@ def _siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_kill_during_overwrite_never_loses_a_store(tmp_path, big_jsonl, bpe_tokenizer):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
@@ -270,6 +272,7 @@ def test_kill_during_convert_resumes_or_keeps_the_old_store(tmp_path, big_jsonl,
     assert _siblings(npy) == []
 
 
+@pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_kill_during_tokenize_zarr_resumes(tmp_path, big_jsonl, bpe_tokenizer):
     from streamdata.output import STAGING_DIR
 
