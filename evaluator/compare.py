@@ -18,7 +18,7 @@ copy of the loop or the runners; one module per job:
 - :mod:`evaluator.quantiles`: exact quantiles of the float32 per-token KL in bounded memory (two
   passes over the memory-mapped file), numpy's default ``linear`` method (``np.quantile(kl, q)``).
 - here: :func:`compare_streaming` (the API: loads both models, checks their tokenizers, runs the
-  engine) and :data:`COMPARE` (an :class:`evaluator.engine.Scoring`), which names the columns for
+  engine) and :data:`COMPARE` (an :class:`evaluator.scoring.Scoring`), which names the columns for
   the float64 sums (total, per window, per document, per position bucket: the run's machinery
   with more columns), writes the KL column to the per-token file, and assembles the results
   (KL mean and standard error, quantiles, agreement, both losses and perplexities).
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from .config import StreamingEvalConfig, resolve_device
-from .engine import Scoring, StreamingEvaluator
+from .engine import StreamingEvaluator
+from .scoring import Scoring
 from .errors import ConfigError, DataError
 from .kl import AGREE, COLUMNS, CORRECT, KL, KL_SQ, NLL, NLL_REF, pair_stats
 from .metrics import MetricSums, perplexity
@@ -203,7 +204,7 @@ def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: Stre
     pair = PairAdapter(cand, ref, reference_device, allow_vocab_prefix)
     _check_tokenizers(config, pair)  # before the models are moved and checked on the device
     ev = StreamingEvaluator(pair, config=dataclasses.replace(config, device=None if device is None else str(device)))
-    res = ev._run(data, max_tokens, None, detailed=True, per_token=True, checkpoint_dir=ckdir, scoring=COMPARE)
+    res = ev.run(data, max_tokens=max_tokens, detailed=True, per_token=True, checkpoint_dir=ckdir, scoring=COMPARE)
     kl = res.pop("per_token_losses")
     res["per_token_kl"], res["per_token_kl_path"] = kl, res.pop("per_token_path")
     qs = quantiles(kl, [0.0, *QUANTILES.values(), 1.0])

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +32,10 @@ from .metrics import MetricSums, PerTokenWriter
 from .models import ModelAdapter, load_model
 from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
-from .results import detail, summary
+from .results import summary
 from .run_folder import RunFolder, check_output_file
 from .runners import CarriedRunner, Runner, SlidingRunner
+from .scoring import NLL, Scoring
 from .spill import SpillFiles
 
 __all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
@@ -101,7 +102,8 @@ class StreamingEvaluator:
         (:mod:`evaluator.run_folder`): missing, empty or ours (a foreign folder is refused), locked
         for the run; or a :class:`~evaluator.run_folder.RunFolder` the caller opened.
         """
-        return self._run(data, max_tokens, log_interval, detailed=False, per_token=False, checkpoint_dir=checkpoint_dir)
+        return self.run(data, max_tokens=max_tokens, log_interval=log_interval, detailed=False,
+                        checkpoint_dir=checkpoint_dir)
 
     def evaluate_streaming_with_metrics(self, data: Any, max_tokens: int | None = None,
                                         compute_per_token_metrics: bool = False,
@@ -113,15 +115,21 @@ class StreamingEvaluator:
         file (``per_token_path`` None: nothing is left on disk). bits_per_byte, byte_perplexity and
         word_perplexity are None when the data carries no byte/word counts (raw tensors).
         """
-        return self._run(data, max_tokens, None, detailed=True, per_token=compute_per_token_metrics,
-                         checkpoint_dir=checkpoint_dir)
+        return self.run(data, max_tokens=max_tokens, detailed=True, per_token=compute_per_token_metrics,
+                        checkpoint_dir=checkpoint_dir)
 
     # ---- the run ---------------------------------------------------------------------------
     def _autocast(self):
         return autocast_for(self.device, self.config.dtype)
 
-    def _run(self, data: Any, max_tokens: int | None, log_interval: int | None, detailed: bool, per_token: bool,
-             checkpoint_dir: "str | os.PathLike | RunFolder | None", scoring: "Scoring | None" = None) -> dict[str, Any]:
+    def run(self, data: Any, *, max_tokens: int | None = None, log_interval: int | None = None, detailed: bool = True,
+            per_token: bool = False, checkpoint_dir: "str | os.PathLike | RunFolder | None" = None,
+            scoring: Scoring | None = None) -> dict[str, Any]:
+        """The one entry every evaluation goes through (:meth:`evaluate_streaming` and
+        :meth:`evaluate_streaming_with_metrics` are its two common forms; a model comparison and the
+        benchmarks call it too). ``detailed``: per-chunk/per-document/per-position results;
+        ``per_token``: the per-token file; ``scoring``: what is scored per target and how it is
+        summed (:data:`evaluator.scoring.NLL`, the default; :data:`evaluator.compare.COMPARE`)."""
         cfg = self.config
         scoring = NLL if scoring is None else scoring
         if scoring is not NLL and dd.current() is not None:
@@ -358,28 +366,6 @@ class StreamingEvaluator:
                 final.discard()
             raise
         return final.finish() if final is not None else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Scoring:
-    """What a run scores per target and how the sums become results. The loop, the runners, the
-    sums, checkpoints and spilling are the same for every kind; a run scores the NLL (:data:`NLL`),
-    a model comparison its per-target statistics (:mod:`evaluator.compare`)."""
-
-    name: str
-    # (out, targets, flat, loss_slice) -> [m] or [m, C] fp32 values of the m scored targets;
-    # None: the runners' own, metrics.token_nll
-    score: Callable[..., torch.Tensor] | None = None
-    columns: tuple[str, ...] = ("nll",)  # MetricSums value columns (the first one is what progress shows)
-    spill: dict[str, tuple[str, str]] | None = None  # SpillFiles columns (None: a run's)
-    # wraps the PerTokenWriter (e.g. to write one column of [m, C] values); identity for a run
-    per_token: Callable[[Any], Any] = lambda writer: writer
-    summary: Callable[[MetricSums], dict[str, Any]] = lambda sums: {}  # keys added to results.summary's
-    detail: Callable[..., dict[str, Any]] = detail  # (run, ed, sums, files) -> the detail keys
-
-
-#: A run: the fp32 NLL per target, summed.
-NLL = Scoring("nll")
 
 
 @dataclasses.dataclass(frozen=True)

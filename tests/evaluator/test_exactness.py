@@ -175,3 +175,18 @@ def test_carried_modes_feed_every_token_once_whatever_the_tail():
     assert res["full"]["nll_sum"] == res["short"]["nll_sum"]
     sl = StreamingEvaluator(Bigram(), chunk_size=16, device="cpu", mode="sliding", verbose=False).evaluate_streaming(x)
     assert sl["tail"] == "full"
+
+
+def test_run_is_the_one_public_entry_of_both_api_calls():
+    """compare used the engine's private _run; now every evaluation goes through the public run()."""
+    import inspect
+
+    import evaluator.compare as compare
+
+    x = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(2))
+    ev = StreamingEvaluator(Bigram(), chunk_size=16, overlap=4, device="cpu", verbose=False)
+    a, b = ev.evaluate_streaming(x), ev.run(x, detailed=False)
+    assert a["nll_sum"] == b["nll_sum"] and a["total_tokens"] == b["total_tokens"]
+    c = ev.run(x)
+    assert c["nll_sum"] == a["nll_sum"] and "chunk_losses" in c
+    assert "._run(" not in inspect.getsource(compare) and not hasattr(StreamingEvaluator, "_run")
