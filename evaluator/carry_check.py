@@ -139,8 +139,7 @@ def measure_carry(adapter: Any, dtype: str, full: Callable[[Any, torch.Tensor], 
             except Exception as e:  # noqa: BLE001 - any failure means: this model cannot carry its cache
                 return CarryCheck(False, f"a forward with a carried cache raised {_first_line(e)}", dtype, n)
             finally:
-                adapter.begin_stream()  # leave no probe state behind
-                adapter.end_stream()
+                adapter.end_stream()  # leave no probe state behind
         ref = _fp32_logits(adapter, full, x) if dtype != "float32" else None
     logp = _logp(full_logits)
     max_diff = _max_abs(torch.cat([a, b], dim=1), logp)

@@ -12,7 +12,7 @@ from streamdata.windows import DOC_MODES, TAILS, check_window_rules
 
 from .errors import ConfigError
 
-__all__ = ["StreamingEvalConfig", "MODES", "COMPILE_MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
+__all__ = ["StreamingEvalConfig", "check_max_tokens", "MODES", "COMPILE_MODES", "DOC_MODES", "DTYPES", "TAILS", "resolve_device"]
 
 MODES = ("auto", "sliding", "stateful", "kv-cache")  # how the model reads the windows (not the window rules)
 # TAILS and DOC_MODES are streamdata.windows' (the window rules' one owner), re-exported here.
@@ -110,8 +110,7 @@ class StreamingEvalConfig:
         check_window_rules(chunk_size=self.chunk_size, overlap=self.overlap, doc_mode=self.doc_mode, tail=self.tail,
                            max_tokens=self.max_tokens)
         # An evaluation rule on top of the window rule (max_tokens >= 0): fewer than 2 tokens score nothing.
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise ConfigError(f"max_tokens={self.max_tokens!r} must be an integer >= 2 (one input and one target): pass more, or leave max_tokens unset (the whole store)")
+        check_max_tokens(self.max_tokens)
         if not isinstance(self.log_interval, int) or self.log_interval < 1:
             raise ConfigError(f"log_interval={self.log_interval!r} must be an int >= 1")
         if self.mode not in MODES:
@@ -165,3 +164,11 @@ def resolve_device(spec: str | None):
     from streamdata.loader import resolve_device as resolve
 
     return resolve(spec)
+
+
+def check_max_tokens(value: object) -> None:
+    """The evaluation's rule on top of the window rule (``max_tokens >= 0``): fewer than 2 tokens
+    score nothing. One home for the config and a call's own ``max_tokens=``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ConfigError(f"max_tokens={value!r} must be an integer >= 2 (one input and one target): pass more, "
+                          "or leave max_tokens unset (the whole store)")

@@ -25,7 +25,7 @@ from streamdata.windows import plan_windows
 from . import distributed as dd
 from .carry_check import autocast_for
 from .checkpoint import Checkpointer, run_identity
-from .config import StreamingEvalConfig, resolve_device
+from .config import StreamingEvalConfig, check_max_tokens, resolve_device
 from .data import EvalData, open_data
 from .errors import ConfigError, DataError
 from .metrics import MetricSums, PerTokenWriter
@@ -135,8 +135,7 @@ class StreamingEvaluator:
         if scoring is not NLL and dd.current() is not None:
             raise ConfigError(f"a {scoring.name} run under torchrun is not supported: run it as one process")
         max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
-            raise ConfigError(f"max_tokens={max_tokens!r} must be an integer >= 2 (one input and one target): pass more, or leave max_tokens unset (the whole store)")
+        check_max_tokens(max_tokens)
         log_interval = cfg.log_interval if log_interval is None else int(log_interval)
         if log_interval < 1:
             raise ConfigError(f"log_interval={log_interval} must be >= 1")

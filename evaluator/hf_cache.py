@@ -128,18 +128,6 @@ def restore_cache(config: Any, state: list[dict[str, Any]], device: torch.device
 
 
 # ---- parallel documents: keep rows [0, m) of every layer ------------------------------------------
-def _row_tensors(layer: Any) -> list[tuple[Any, Any]]:
-    """(container, key) of every batch-first tensor of a layer kind we know: keys/values of the
-    attention kinds, conv/recurrent states of the linear kinds."""
-    out: list[tuple[Any, Any]] = []
-    if hasattr(layer, "keys") and hasattr(layer, "values") and not callable(getattr(layer, "keys")):
-        out += [(layer, "keys"), (layer, "values")]
-    if _is_linear(layer):
-        for d in (layer.conv_states, layer.recurrent_states):
-            out += [(d, k) for k in d]
-    return out
-
-
 _KNOWN_ROW_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer",
                      "LinearAttentionAndFullAttentionLayer", "LinearAttentionAndSlidingWindowAttentionLayer")
 
@@ -151,15 +139,18 @@ def can_select_rows(cache: Any) -> bool:
 
 
 def select_rows(cache: Any, m: int) -> None:
-    """Keep rows ``[0, m)`` of every layer (views of the first rows: no copy)."""
+    """Keep rows ``[0, m)`` of every layer (views of the first rows: no copy): keys/values of the
+    attention kinds, conv/SSM states of the linear kinds (all batch-first)."""
     for layer in cache.layers:
-        for box, key in _row_tensors(layer):
-            t = box[key] if isinstance(box, dict) else getattr(layer, key)
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor) and t.dim() > 0:
-                if isinstance(box, dict):
-                    box[key] = t[:m]
-                else:
-                    setattr(layer, key, t[:m])
+                setattr(layer, name, t[:m])
+        if _is_linear(layer):
+            for states in (layer.conv_states, layer.recurrent_states):
+                for k, t in states.items():
+                    if isinstance(t, torch.Tensor) and t.dim() > 0:
+                        states[k] = t[:m]
 
 
 # ---- out-of-memory rollback: the cache as it was before a chunk -----------------------------------
