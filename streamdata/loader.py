@@ -28,7 +28,7 @@ Memory stays bounded for stores larger than RAM: the reader calls ``store.releas
 cursor (numpy backend: ``madvise(DONTNEED)`` + ``posix_fadvise(DONTNEED)``) and ``store.prefetch``
 ahead of it. Batch tensors are fresh allocations (never views of the ring), so a consumer may keep
 them as long as it likes. Nothing grows with the stream's length either: the plan is lazy
-(:mod:`streamdata.windows`), the reader tabulates ``_TABLE_WINDOWS`` windows at a time, and the
+(:mod:`streamdata.windows`), the reader tabulates ``table_windows`` windows at a time (:class:`LoaderTuning`), and the
 document index is the store's own (memory-mapped for npy stores), read a batch's span at a time.
 """
 
@@ -48,20 +48,12 @@ import torch
 from .errors import ConfigError, StoreError, brief
 from .backends import TokenStore, open_store
 from .backends.base import find_id_over
-from .windows import WindowBlock, WindowPlan, WindowSpec, _doc_mode_alias, plan_windows
+from .windows import PlanBlocks, WindowBlock, WindowPlan, WindowSpec, _doc_mode_alias, plan_windows
 
-__all__ = ["WindowBatch", "WindowLoader", "resolve_device"]
+__all__ = ["LoaderTuning", "WindowBatch", "WindowLoader", "resolve_device"]
 
 _THREAD_NAME = "streamdata-loader"
-# Windows per host-side batch table (a whole number of batches): the reader plans and tabulates this
-# many windows at a time, so its memory does not grow with the stream (~100 bytes per window).
-_TABLE_WINDOWS = 1 << 15
-# Seconds close() waits for a reader thread to exit (a store read can block, e.g. on a network FS).
-_JOIN_TIMEOUT_S = 60.0
 _DEFAULT_BATCH_TOKENS = 1 << 16
-# The reader hints the kernel in steps of at least this many tokens: one madvise/fadvise pair per
-# step instead of one per batch (they cost a syscall each and the page cache works in pages anyway).
-_MIN_HINT_TOKENS = 1 << 22
 # Same-width signed torch dtype carrying the unsigned store ids as bit patterns (torch's uint16/32
 # support is partial across versions and devices; int16/int32 copy everywhere and we mask on widening).
 _BITS_DTYPE = {np.dtype("<u2"): torch.int16, np.dtype("<u4"): torch.int32}
@@ -241,6 +233,39 @@ def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class LoaderTuning:
+    """Block sizes and the time-out of the loader's reader thread. Not window rules: every value
+    gives the same batches. The defaults are the library's; tests pass tiny ones (many tables, a
+    hint per batch, a short wait for a hung reader).
+
+    - ``table_windows``: windows per host-side batch table (rounded down to whole batches, at least
+      one batch): the reader plans and tabulates this many at a time, so its memory does not grow
+      with the stream (~100 bytes per window).
+    - ``hint_tokens``: the reader hints the kernel (``store.prefetch`` ahead, ``store.release``
+      behind) in steps of at least this many tokens: one madvise/fadvise pair per step instead of
+      one per batch (a syscall each, and the page cache works in pages anyway).
+    - ``join_timeout_s``: seconds ``close()`` waits for a reader thread to exit (a store read can
+      block, e.g. on a network FS); after it, a RuntimeWarning, and the thread's ring is abandoned.
+    - ``plan``: the plan's block sizes (:class:`~streamdata.windows.PlanBlocks`).
+    """
+
+    table_windows: int = 1 << 15
+    hint_tokens: int = 1 << 22
+    join_timeout_s: float = 60.0
+    plan: PlanBlocks = PlanBlocks()
+
+    def __post_init__(self):
+        fix = "pass e.g. LoaderTuning() for the defaults"
+        object.__setattr__(self, "table_windows", _check_int("table_windows", self.table_windows, 1, fix))
+        object.__setattr__(self, "hint_tokens", _check_int("hint_tokens", self.hint_tokens, 1, fix))
+        t = self.join_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ConfigError(f"join_timeout_s={t!r} must be a number of seconds > 0: {fix}")
+        if not isinstance(self.plan, PlanBlocks):
+            raise ConfigError(f"plan={self.plan!r} is not a PlanBlocks: pass streamdata.windows.PlanBlocks(...)")
+
+
 class _ClosesOnExit:
     """``with`` support and close-on-collection for objects that own a reader thread or a store.
     Subclasses define ``close()``; it must be idempotent (``__del__`` calls it again)."""
@@ -287,6 +312,7 @@ class WindowLoader(_ClosesOnExit):
     ``num_slots``: ring slots / batches read ahead. ``release_behind``: drop the store's pages
     behind the read cursor (bounded memory on stores larger than RAM; pass False to keep a small
     store in the page cache across repeated passes).
+    ``tuning``: the reader's block sizes and time-out (:class:`LoaderTuning`; None: the defaults).
     """
 
     def __init__(
@@ -311,6 +337,7 @@ class WindowLoader(_ClosesOnExit):
         vocab_size: int | None = None,
         tail: str = "full",
         mode: str | None = None,
+        tuning: LoaderTuning | None = None,
     ):
         # The window rules first (before a store is opened): a spec taken as it is, or one built from its fields.
         if spec is None:
@@ -324,6 +351,12 @@ class WindowLoader(_ClosesOnExit):
         if spec.prepend_bos and spec.prepend_bos_id is None:
             raise ConfigError("the spec has prepend_bos=True but no prepend_bos_id: pass the tokenizer's BOS id "
                               "(the loader puts it before each stream)")
+        if tuning is None:
+            tuning = LoaderTuning()
+        elif not isinstance(tuning, LoaderTuning):
+            raise ConfigError(f"tuning={tuning!r} is not a LoaderTuning: pass streamdata.loader.LoaderTuning(...), or None")
+        #: the reader's block sizes and time-out
+        self.tuning = tuning
         self._owns_store = not isinstance(store, TokenStore)
         self.store = open_store(store) if self._owns_store else store
         try:
@@ -346,7 +379,7 @@ class WindowLoader(_ClosesOnExit):
         # The store's own index (memory-mapped for npy stores; checked when the store was opened, so
         # the plan skips its monotonicity pass). The plan and the reader read it block by block.
         offsets = self.store.doc_offsets
-        full = plan_windows(offsets, spec, check=False)
+        full = plan_windows(offsets, spec, check=False, blocks=self.tuning.plan)
         if batch_windows is not None and batch_tokens is not None:
             raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
         if batch_windows is not None:
@@ -393,9 +426,9 @@ class WindowLoader(_ClosesOnExit):
         return self._num_batches
 
     def _tables(self) -> Iterator[_Batches]:
-        """The batch tables of one pass, in order: ``_TABLE_WINDOWS`` windows (whole batches) each."""
+        """The batch tables of one pass, in order: ``tuning.table_windows`` windows (whole batches) each."""
         B, plan = self.batch_windows, self.plan
-        per = max(1, _TABLE_WINDOWS // B) * B
+        per = max(1, self.tuning.table_windows // B) * B
         # A plain ndarray view: slicing an np.memmap object costs ~10x more (subclass bookkeeping).
         offsets = np.asarray(self._offsets)
         for lo in range(0, len(plan), per):
@@ -566,6 +599,8 @@ class _Pipeline:
         self.tables = loader._tables  # batch tables of a pass, made by the reader thread as it goes
         self.batches: _Batches | None = None  # the current table (reader thread)
         self.span_cap = loader._span_cap
+        self.hint_tokens = loader.tuning.hint_tokens
+        self.join_timeout_s = loader.tuning.join_timeout_s
         # A plain ndarray view: slicing an np.memmap object costs ~10x more (subclass bookkeeping).
         self.offsets = np.asarray(loader._offsets)
         self.ring = ring
@@ -630,7 +665,7 @@ class _Pipeline:
         # [first window's start, last window's stop).
         end = int(plan.block(n - 1, n).stop[0])
         # Hint the kernel in large steps (a syscall each): a few ring-fulls ahead, released behind.
-        hint = max(_MIN_HINT_TOKENS, 2 * self.span_cap * max(self.ring.num_slots, 2))
+        hint = max(self.hint_tokens, 2 * self.span_cap * max(self.ring.num_slots, 2))
         released = None  # never drop pages before our first batch (not ours to judge)
         prefetched = 0
         for bt in self.tables():
@@ -875,9 +910,9 @@ class _Pipeline:
         self.free.put(None)  # wake a reader waiting for a slot
         th = self.thread
         if th.is_alive() and th is not threading.current_thread():
-            th.join(timeout=_JOIN_TIMEOUT_S)
+            th.join(timeout=self.join_timeout_s)
             if th.is_alive():
-                warnings.warn(f"{th.name} did not stop within {_JOIN_TIMEOUT_S:g} s (a store read is hanging?); "
+                warnings.warn(f"{th.name} did not stop within {self.join_timeout_s:g} s (a store read is hanging?); "
                               "its buffers are abandoned, not reused", RuntimeWarning, stacklevel=2)
         return not th.is_alive()
         # CUDA: copies may still be in flight. Nothing waits for them here: a later iteration reusing

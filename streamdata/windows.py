@@ -62,9 +62,9 @@ position ``start + 1 + j``.
 The plan knows only the document offsets, never the shard layout: it is shard-agnostic by design.
 
 Memory (issue 18): a plan holds no per-window array. ``stream`` mode is arithmetic. ``document``
-mode walks the (memory-mapped) document index once, ``_PASS_DOCS`` documents at a time (~6 ns per
+mode walks the (memory-mapped) document index once, ``pass_docs`` documents at a time (~6 ns per
 document: 0.6 s for 10^8 measured here), and keeps only the window and target counts before every
-``_INDEX_DOCS``-th document (16 bytes per 65,536 documents); :meth:`WindowPlan.block` finds a
+``index_docs``-th document (16 bytes per 65,536 documents; both sizes: :class:`PlanBlocks`); :meth:`WindowPlan.block` finds a
 window's document from there and recomputes that group of documents (~2 MB, the last two cached
 for sequential reads). ``len()`` is O(1).
 """
@@ -80,7 +80,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["DOC_MODES", "MODES", "TAILS", "WindowBlock", "WindowPlan", "WindowSpec", "check_window_rules",
+__all__ = ["DOC_MODES", "MODES", "TAILS", "PlanBlocks", "WindowBlock", "WindowPlan", "WindowSpec", "check_window_rules",
            "plan_windows"]
 
 DOC_MODES = ("stream", "document")  # the store as one stream, or every document on its own
@@ -179,10 +179,27 @@ def _doc_mode_alias(doc_mode: str | None, mode: str | None, where: str) -> str:
         raise ConfigError(f"mode={mode!r} and doc_mode={doc_mode!r} are both set: pass only doc_mode")
     return mode
 
-# Documents per entry of the sparse document index (its memory: 16 bytes per _INDEX_DOCS documents)
-# and per step of the counting pass (its temporaries: ~50 bytes per document of one step).
-_INDEX_DOCS = 1 << 16
-_PASS_DOCS = 1 << 18
+
+@dataclass(frozen=True)
+class PlanBlocks:
+    """Block sizes that bound a plan's memory (not window rules: every value gives the same windows).
+
+    - ``index_docs``: documents per entry of the sparse document index (its memory: 16 bytes per
+      ``index_docs`` documents; :meth:`WindowPlan.block` recomputes up to one group of this many).
+    - ``pass_docs``: documents per step of the counting pass (its temporaries: ~50 bytes per
+      document of one step; rounded down to whole groups, at least one).
+
+    The defaults are the library's; tests pass tiny ones so a small store crosses many groups."""
+
+    index_docs: int = 1 << 16
+    pass_docs: int = 1 << 18
+
+    def __post_init__(self):
+        for name in ("index_docs", "pass_docs"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"{name}={v!r} must be an integer >= 1: pass e.g. PlanBlocks() for the defaults")
+            object.__setattr__(self, name, int(v))
 
 
 @dataclass(frozen=True)
@@ -234,11 +251,12 @@ class _Streams:
 
     Stream ``i`` is ``[a_i, e_i)`` of the (max_tokens-cut) address space: the whole store with
     ``doc_mode`` ``stream`` (one stream), document ``i`` with ``document``. ``win[j]``/``sco[j]``:
-    windows/scored targets of the streams before stream ``j * _INDEX_DOCS``; ``win[-1]`` is the
+    windows/scored targets of the streams before stream ``j * blocks.index_docs``; ``win[-1]`` is the
     plan's window count. Built by one blockwise pass; immutable afterwards (views share it)."""
 
-    def __init__(self, off: Any, spec: WindowSpec, check: bool):
+    def __init__(self, off: Any, spec: WindowSpec, check: bool, blocks: PlanBlocks):
         L, O = spec.chunk_size, spec.overlap
+        self.K, self.pass_docs = blocks.index_docs, blocks.pass_docs
         self.L, self.O, self.S, self.b, self.tail = L, O, L - O, 1 if spec.prepend_bos else 0, spec.tail
         self.stream_mode = spec.doc_mode == "stream"
         n_all = int(off[-1])
@@ -246,7 +264,7 @@ class _Streams:
         if self.stream_mode:
             self.off = np.array([0, self.cut], np.int64)
             if check:
-                _check_monotonic(off, len(off) - 1)
+                _check_monotonic(off, len(off) - 1, self.pass_docs)
         else:
             self.off = off
         self.nd = len(self.off) - 1
@@ -254,12 +272,12 @@ class _Streams:
         live = self.nd if self.cut >= n_all else int(np.searchsorted(off, self.cut, side="left"))
         live = min(live, self.nd)
         if check and not self.stream_mode:
-            _check_monotonic(off, self.nd)  # every document, also those past the cut (bad input is bad input)
-        K = _INDEX_DOCS
+            _check_monotonic(off, self.nd, self.pass_docs)  # every document, also those past the cut (bad input is bad input)
+        K = self.K
         nblk = -(-self.nd // K) if self.nd else 0
         per_w = np.zeros(nblk, np.int64)  # windows of each group of K streams
         per_s = np.zeros(nblk, np.int64)  # scored targets of each group
-        step = max(_PASS_DOCS // K, 1) * K  # whole groups per step of the pass
+        step = max(self.pass_docs // K, 1) * K  # whole groups per step of the pass
         for d0 in range(0, live, step):
             d1 = min(d0 + step, live)
             o = self._offsets(d0, d1)
@@ -304,13 +322,13 @@ class _Streams:
         return self._windows_per_stream(n), o[:-1], n + self.b
 
     def _group(self, j: int) -> tuple:
-        """Group ``j`` of _INDEX_DOCS streams: (first stream, windows before each stream (local,
+        """Group ``j`` of ``index_docs`` streams: (first stream, windows before each stream (local,
         [k+1]), starts, virtual lengths, windows per stream). The last two groups are cached."""
         with self._lock:
             g = self._cache.get(j)
         if g is None:
-            d0 = j * _INDEX_DOCS
-            nw, a, v = self._counts(d0, min(d0 + _INDEX_DOCS, self.nd))
+            d0 = j * self.K
+            nw, a, v = self._counts(d0, min(d0 + self.K, self.nd))
             before = np.zeros(len(nw) + 1, np.int64)
             np.cumsum(nw, out=before[1:])
             g = (d0, before, a, v, nw)
@@ -321,7 +339,7 @@ class _Streams:
         return g
 
     def windows(self, g0: int, g1: int) -> WindowBlock:
-        """Windows ``[g0, g1)`` of the full plan, materialised: O(g1 - g0 + _INDEX_DOCS) work."""
+        """Windows ``[g0, g1)`` of the full plan, materialised: O(g1 - g0 + index_docs) work."""
         parts = []
         g = g0
         while g < g1:
@@ -374,12 +392,12 @@ class _Streams:
         return int(self.sco[j]) + int(sc) + part
 
 
-def _check_monotonic(off: Any, nd: int) -> None:
-    """ConfigError unless ``off[0] == 0`` and ``off`` never decreases; in blocks (bounded memory)."""
+def _check_monotonic(off: Any, nd: int, step: int) -> None:
+    """ConfigError unless ``off[0] == 0`` and ``off`` never decreases; ``step`` documents at a time (bounded memory)."""
     if int(off[0]) != 0:
         raise ConfigError("doc_offsets must start at 0 and be non-decreasing: pass the store's doc_offsets index")
-    for d0 in range(0, nd, _PASS_DOCS):
-        blk = np.asarray(off[d0 : d0 + _PASS_DOCS + 1])
+    for d0 in range(0, nd, step):
+        blk = np.asarray(off[d0 : d0 + step + 1])
         if np.any(blk[1:] < blk[:-1]):
             raise ConfigError("doc_offsets must start at 0 and be non-decreasing: pass the store's doc_offsets index")
 
@@ -505,6 +523,7 @@ def plan_windows(
     tail: str = "full",
     check: bool = True,
     mode: str | None = None,
+    blocks: PlanBlocks | None = None,
 ) -> WindowPlan:
     """Plan the windows over a store whose document ``i`` is ``[doc_offsets[i], doc_offsets[i+1])``.
 
@@ -521,6 +540,7 @@ def plan_windows(
     ``"short"`` (cut short at the stream's end).
     ``check``: verify that the offsets never decrease (a pass over them; a store's index was
     checked when it was opened, so the loader skips it).
+    ``blocks``: the block sizes that bound the plan's memory (:class:`PlanBlocks`; None: the defaults).
     See the module docstring for the exact semantics. Stream mode costs O(1); document mode one
     blockwise pass over the offsets (numpy, ~6 ns per document), O(documents / 65536) memory.
     """
@@ -539,5 +559,9 @@ def plan_windows(
         raise ConfigError(f"doc_offsets has dtype {off.dtype} shape {off.shape}: pass an int64 array [num_documents + 1]")
     if int(off[0]) != 0:
         raise ConfigError("doc_offsets must start at 0 and be non-decreasing: pass the store's doc_offsets index")
-    streams = _Streams(off, spec, check)
+    if blocks is None:
+        blocks = PlanBlocks()
+    elif not isinstance(blocks, PlanBlocks):
+        raise ConfigError(f"blocks={blocks!r} is not a PlanBlocks: pass streamdata.windows.PlanBlocks(index_docs=..., pass_docs=...)")
+    streams = _Streams(off, spec, check, blocks)
     return WindowPlan(streams, spec, 0, streams.total_windows)

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import streamdata.loader as loader_mod
-import streamdata.windows as windows_mod
 from streamdata import open_store
 from streamdata.errors import ConfigError
-from streamdata.loader import WindowBatch, WindowLoader
+from streamdata.loader import LoaderTuning, WindowBatch, WindowLoader
+from streamdata.windows import PlanBlocks
 from tests.conftest import write_token_store
 from tests.streamdata.test_windows import brute_windows
 
@@ -84,14 +83,12 @@ def run(loader, L):
 
 
 @pytest.fixture(params=["default", "tiny"])
-def tables(request, monkeypatch):
+def tuning(request):
     """Run a test with the default table/group sizes and again with tiny ones, so a pass crosses
     many batch tables (the reader's blocks of windows) and many groups of the lazy plan."""
     if request.param == "tiny":
-        monkeypatch.setattr(loader_mod, "_TABLE_WINDOWS", 5)
-        monkeypatch.setattr(windows_mod, "_INDEX_DOCS", 2)
-        monkeypatch.setattr(windows_mod, "_PASS_DOCS", 3)
-    return request.param
+        return LoaderTuning(table_windows=5, plan=PlanBlocks(index_docs=2, pass_docs=3))
+    return LoaderTuning()
 
 
 CASES = [  # (store, mode, chunk_size, overlap, BOS id): every mode x overlap 0/>0 x BOS, both dtypes
@@ -114,13 +111,13 @@ CASES = [  # (store, mode, chunk_size, overlap, BOS id): every mode x overlap 0/
 
 @pytest.mark.parametrize("name, mode, L, O, bos", CASES)
 @pytest.mark.parametrize("tail", ["full", "short"])
-def test_batches_reproduce_brute_force(stores, tables, name, mode, L, O, bos, tail):
+def test_batches_reproduce_brute_force(stores, tuning, name, mode, L, O, bos, tail):
     with open_store(stores[name]) as store:
         wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, mode, bos is not None, tail)
         want = expected_tuples(store, L, O, mode, bos, wins)
         for kw in (dict(batch_windows=3), dict(batch_tokens=5 * L + L // 2), dict(batch_windows=1000)):
             loader = WindowLoader(store, chunk_size=L, overlap=O, doc_mode=mode, device="cpu", prepend_bos_id=bos,
-                                  tail=tail, **kw)
+                                  tail=tail, tuning=tuning, **kw)
             expect_B = kw.get("batch_windows") or 5
             got, firsts = run(loader, L)
             assert got == want
@@ -145,16 +142,16 @@ def test_unsigned_ids_widen_exactly(make_store):
         assert [t[0] for t in got] == hi32[:-1] and [t[1] for t in got] == hi32[1:]
 
 
-def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
+def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tuning):
     with open_store(stores["u16"]) as store:
         L, O = 16, 4
         full = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
-                            prepend_bos_id=BOS)
+                            prepend_bos_id=BOS, tuning=tuning)
         want, _ = run(full, L)
         wins = brute_windows(np.asarray(store.doc_offsets).tolist(), L, O, "document", True)
         for start_at in (0, 1, 5, len(wins) - 1, len(wins)):
             part = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
-                                prepend_bos_id=BOS, start_at=start_at)
+                                prepend_bos_id=BOS, start_at=start_at, tuning=tuning)
             got, firsts = run(part, L)
             assert got == expected_tuples(store, L, O, "document", BOS, wins[start_at:])
             assert [f for f, _ in firsts] == list(range(start_at, len(wins), 4))
@@ -162,7 +159,7 @@ def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
             glued, scored = [], 0
             for rank in range(world):
                 ld = WindowLoader(store, chunk_size=L, overlap=O, doc_mode="document", batch_windows=4, device="cpu",
-                                  prepend_bos_id=BOS, rank=rank, world_size=world, start_at=3)
+                                  prepend_bos_id=BOS, rank=rank, world_size=world, start_at=3, tuning=tuning)
                 got, _ = run(ld, L)
                 glued += got
                 scored += ld.num_scored
@@ -170,11 +167,12 @@ def test_start_at_resumes_and_rank_blocks_union_is_whole(stores, tables):
             assert scored == sum(t[2] for t in glued)
 
 
-def test_max_tokens_scores_only_targets_before_it(stores, tables):
+def test_max_tokens_scores_only_targets_before_it(stores, tuning):
     with open_store(stores["u16"]) as store:
         for mode in ("stream", "document"):
             for M in (0, 1, 50, 1000, len(store), len(store) + 10):
-                ld = WindowLoader(store, chunk_size=16, overlap=4, doc_mode=mode, batch_windows=3, device="cpu", max_tokens=M)
+                ld = WindowLoader(store, chunk_size=16, overlap=4, doc_mode=mode, batch_windows=3, device="cpu", max_tokens=M,
+                                  tuning=tuning)
                 got, _ = run(ld, 16)
                 off = np.minimum(np.asarray(store.doc_offsets), M).tolist()
                 assert got == expected_tuples(store, 16, 4, mode, None, brute_windows(off, 16, 4, mode, False))
@@ -266,15 +264,16 @@ def test_reader_exception_propagates_to_the_consumer(make_store):
         assert not wait_no_threads()
 
 
-def test_release_behind_and_prefetch_ahead(make_store, monkeypatch):
-    monkeypatch.setattr(loader_mod, "_MIN_HINT_TOKENS", 1)
+def test_release_behind_and_prefetch_ahead(make_store):
+    hint_every_ring = LoaderTuning(hint_tokens=1)  # hints in steps of two ring-fulls, not of 4 Mi tokens
     with open_store(big_store(make_store)) as s:
         log = []
         real_read = s.read_into
         s.read_into = lambda a, b, out: (log.append(("read", a, b)), real_read(a, b, out))[1]
         s.release = lambda a, b: log.append(("release", a, b))
         s.prefetch = lambda a, b: log.append(("prefetch", a, b))
-        ld = WindowLoader(s, chunk_size=64, overlap=8, batch_windows=2, device="cpu", num_slots=2)
+        ld = WindowLoader(s, chunk_size=64, overlap=8, batch_windows=2, device="cpu", num_slots=2,
+                          tuning=hint_every_ring)
         list(ld)
         releases = [(a, b) for k, a, b in log if k == "release"]
         assert len(releases) > 3  # released step by step, not only at the end
@@ -285,7 +284,7 @@ def test_release_behind_and_prefetch_ahead(make_store, monkeypatch):
         prefetches = [(a, b) for k, a, b in log if k == "prefetch"]
         assert prefetches[0][0] == 0 and prefetches[-1][1] == len(s)  # hints chain over the whole pass
         assert all(p[1] == q[0] for p, q in zip(prefetches, prefetches[1:]))
-        ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu", release_behind=False)
+        ld = WindowLoader(s, chunk_size=64, batch_windows=2, device="cpu", release_behind=False, tuning=hint_every_ring)
         n = len(log)
         list(ld)
         assert not [e for e in log[n:] if e[0] == "release"]
@@ -313,6 +312,24 @@ def test_config_errors_are_one_line(stores):
             assert word in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
         ld = WindowLoader(s, chunk_size=1 << 17, device="cpu")  # default budget: at least one window per batch
         assert ld.batch_windows == 1
+
+
+def test_tuning_errors_are_one_line(stores):
+    bad = [
+        (lambda: LoaderTuning(table_windows=0), "table_windows=0"),
+        (lambda: LoaderTuning(hint_tokens=True), "hint_tokens=True"),
+        (lambda: LoaderTuning(join_timeout_s=0), "join_timeout_s=0"),
+        (lambda: LoaderTuning(join_timeout_s=float("nan")), "join_timeout_s=nan"),
+        (lambda: LoaderTuning(plan=(2, 3)), "plan=(2, 3)"),
+        (lambda: PlanBlocks(index_docs=0), "index_docs=0"),
+        (lambda: PlanBlocks(pass_docs=2.5), "pass_docs=2.5"),
+        (lambda: WindowLoader(stores["u16"], chunk_size=8, device="cpu", tuning={"table_windows": 5}), "tuning="),
+    ]
+    for make, word in bad:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert word in str(e.value) and "\n" not in str(e.value), (word, str(e.value))
+    assert LoaderTuning() == LoaderTuning(1 << 15, 1 << 22, 60.0, PlanBlocks(1 << 16, 1 << 18))  # the library's sizes
 
 
 @pytest.mark.parametrize("name, mode, L, O, bos", [c for c in CASES if c[2] > 1])

@@ -147,6 +147,8 @@ def test_a_delayed_side_stream_is_waited_for(make_store, monkeypatch):
             torch.cuda._sleep(5_000_000)  # queued on the side stream before this batch's copy
         return real(self, b, lo, hi)
 
+    # Fault injection, so a patch: the delay must sit on the side stream right before the reader's
+    # own copy, inside its loop; a public hook there would be a test-only branch in the hot path.
     monkeypatch.setattr(loader_mod._Pipeline, "_emit_cuda", slow_emit)
     with open_store(random_store(make_store, 1 << 20, n_docs=30, max_len=1500)) as s:
         kw = dict(chunk_size=128, overlap=32, mode="document", batch_windows=3, num_slots=2, prepend_bos_id=1)

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import streamdata.loader as loader_mod
 from streamdata import open_store
-from streamdata.loader import WindowLoader
+from streamdata.loader import LoaderTuning, WindowLoader
 from tests.streamdata.test_loader import batch_tuples, random_docs, run
 
 L, O = 16, 4
@@ -71,10 +70,10 @@ def test_iterating_inside_inference_mode_gives_plain_ring_tensors(store, mode_ct
         assert run(ld, L)[0] == want
 
 
-def test_a_reader_that_does_not_stop_keeps_its_ring(store, monkeypatch):
-    monkeypatch.setattr(loader_mod, "_JOIN_TIMEOUT_S", 0.2)
+def test_a_reader_that_does_not_stop_keeps_its_ring(store):
     with open_store(store) as s:
-        ld = WindowLoader(s, chunk_size=L, overlap=O, batch_windows=2, device="cpu", num_slots=2)
+        ld = WindowLoader(s, chunk_size=L, overlap=O, batch_windows=2, device="cpu", num_slots=2,
+                          tuning=LoaderTuning(join_timeout_s=0.2))  # close() gives up on the hung reader soon
         want, _ = run(ld, L)  # allocates the ring and hands it back for reuse
         real = s.read_into
         calls, entered, release = [0], threading.Event(), threading.Event()

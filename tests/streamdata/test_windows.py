@@ -3,7 +3,6 @@ the lazy planner against the eager one it replaced (kept here verbatim as a seco
 
 from __future__ import annotations
 
-import contextlib
 import tracemalloc
 
 import numpy as np
@@ -11,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import streamdata.windows as windows_mod
 from streamdata.errors import ConfigError
-from streamdata.windows import WindowPlan, plan_windows
+from streamdata.windows import PlanBlocks, WindowPlan, plan_windows
 
 
 def brute_windows(offsets, L, O, mode, bos, tail="full"):
@@ -86,18 +84,10 @@ def eager_plan(doc_offsets, chunk_size, overlap=0, mode="stream", prepend_bos=Fa
     return start, length, score_from, np.repeat(d_h, nw_h), (k == 0) & bool(prepend_bos)
 
 
-@contextlib.contextmanager
-def small_groups(index_docs, pass_docs):
-    """Patch the planner's group sizes, so small layouts cross many groups and counting steps."""
-    old = windows_mod._INDEX_DOCS, windows_mod._PASS_DOCS
-    windows_mod._INDEX_DOCS, windows_mod._PASS_DOCS = index_docs, pass_docs
-    try:
-        yield
-    finally:
-        windows_mod._INDEX_DOCS, windows_mod._PASS_DOCS = old
-
-
-GROUPS = st.sampled_from([(1, 1), (1, 3), (2, 2), (2, 5), (3, 7), (1 << 16, 1 << 18)])
+# The planner's group sizes (index_docs, pass_docs): tiny ones make small layouts cross many groups
+# and counting steps; the last are the defaults.
+GROUPS = st.sampled_from([PlanBlocks(1, 1), PlanBlocks(1, 3), PlanBlocks(2, 2), PlanBlocks(2, 5), PlanBlocks(3, 7),
+                          PlanBlocks()])
 
 
 def arrays_as_tuples(arrs):
@@ -138,9 +128,8 @@ def as_tuples(plan):
 @given(layouts(), GROUPS)
 def test_plan_matches_brute_force_and_scores_every_target_once(layout, groups):
     off, L, O, mode, bos, tail = layout
-    with small_groups(*groups):
-        plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail)
-        _check_plan_against_brute_force(plan, off, L, O, mode, bos, tail)
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail, blocks=groups)
+    _check_plan_against_brute_force(plan, off, L, O, mode, bos, tail)
 
 
 def _check_plan_against_brute_force(plan, off, L, O, mode, bos, tail):
@@ -204,13 +193,12 @@ def _check_plan_against_brute_force(plan, off, L, O, mode, bos, tail):
 @settings(max_examples=100, deadline=None)
 @given(layouts(), st.integers(1, 5), GROUPS, st.data())
 def test_shard_blocks_union_is_the_plan(layout, world, groups, data):
-    with small_groups(*groups):
-        _check_shards(layout, world, data)
+    _check_shards(layout, world, data, groups)
 
 
-def _check_shards(layout, world, data):
+def _check_shards(layout, world, data, blocks):
     off, L, O, mode, bos, tail = layout
-    plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail)
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos, tail=tail, blocks=blocks)
     parts = [plan.shard(r, world) for r in range(world)]
     assert sum(len(p) for p in parts) == len(plan)
     assert sum(p.num_scored for p in parts) == plan.num_scored
@@ -324,32 +312,31 @@ def test_lazy_plan_equals_the_eager_plan(layout, max_tokens, groups, data):
     off, L, O, mode, bos, tail = layout
     want = eager_plan(off, L, O, mode, bos, max_tokens, tail)
     rows = arrays_as_tuples(want)
-    with small_groups(*groups):
-        plan = plan_windows(off, L, O, mode, prepend_bos=bos, max_tokens=max_tokens, tail=tail)
-        n = len(plan)
-        assert n == len(rows) == plan.full_windows
-        assert plan.num_scored == int((want[1] - want[2]).sum())
-        assert plan.num_tokens == (int(off[-1]) if max_tokens is None else min(int(off[-1]), max_tokens))
-        for _ in range(3):
-            lo = data.draw(st.integers(0, n))
-            hi = data.draw(st.integers(lo, n + 2))
-            blk = plan.block(lo, hi)
-            assert blk.first == lo and arrays_as_tuples((blk.start, blk.length, blk.score_from, blk.doc, blk.bos)) == rows[lo:hi]
-            for arr in (blk.start, blk.length, blk.score_from, blk.doc):
-                assert arr.dtype == np.int64
-            assert blk.bos.dtype == bool
-        # start_at then a rank block, as the loader takes them: windows, counts and first index
-        start_at = data.draw(st.integers(0, n))
-        world = data.draw(st.integers(1, 4))
-        rank = data.draw(st.integers(0, world - 1))
-        view = plan[start_at:].shard(rank, world)
-        m = n - start_at
-        lo, hi = start_at + m * rank // world, start_at + m * (rank + 1) // world
-        assert (view.first, len(view)) == (lo, hi - lo)
-        assert view.num_scored == int((want[1][lo:hi] - want[2][lo:hi]).sum())
-        got = [t for b in view.blocks(data.draw(st.integers(1, 5))) for t in as_block_tuples(b)]
-        assert got == rows[lo:hi]
-        assert as_tuples(view) == rows[lo:hi]  # the materialising attributes agree
+    plan = plan_windows(off, L, O, mode, prepend_bos=bos, max_tokens=max_tokens, tail=tail, blocks=groups)
+    n = len(plan)
+    assert n == len(rows) == plan.full_windows
+    assert plan.num_scored == int((want[1] - want[2]).sum())
+    assert plan.num_tokens == (int(off[-1]) if max_tokens is None else min(int(off[-1]), max_tokens))
+    for _ in range(3):
+        lo = data.draw(st.integers(0, n))
+        hi = data.draw(st.integers(lo, n + 2))
+        blk = plan.block(lo, hi)
+        assert blk.first == lo and arrays_as_tuples((blk.start, blk.length, blk.score_from, blk.doc, blk.bos)) == rows[lo:hi]
+        for arr in (blk.start, blk.length, blk.score_from, blk.doc):
+            assert arr.dtype == np.int64
+        assert blk.bos.dtype == bool
+    # start_at then a rank block, as the loader takes them: windows, counts and first index
+    start_at = data.draw(st.integers(0, n))
+    world = data.draw(st.integers(1, 4))
+    rank = data.draw(st.integers(0, world - 1))
+    view = plan[start_at:].shard(rank, world)
+    m = n - start_at
+    lo, hi = start_at + m * rank // world, start_at + m * (rank + 1) // world
+    assert (view.first, len(view)) == (lo, hi - lo)
+    assert view.num_scored == int((want[1][lo:hi] - want[2][lo:hi]).sum())
+    got = [t for b in view.blocks(data.draw(st.integers(1, 5))) for t in as_block_tuples(b)]
+    assert got == rows[lo:hi]
+    assert as_tuples(view) == rows[lo:hi]  # the materialising attributes agree
 
 
 def as_block_tuples(b):
