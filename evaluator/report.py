@@ -299,15 +299,15 @@ def _plots(res: dict[str, Any], out: Path) -> dict[str, Path]:
 PLOT_POINTS = 20_000
 
 
-def _chunk_curve(losses: Any) -> tuple[np.ndarray, np.ndarray, int]:
+def _chunk_curve(losses: Any, points: int = PLOT_POINTS) -> tuple[np.ndarray, np.ndarray, int]:
     """(x, perplexity, chunks per point) for the per-chunk plot: every chunk while there are at
-    most :data:`PLOT_POINTS`, else exp of the mean chunk loss of equal groups of consecutive
-    chunks (x: the group's middle chunk), read block by block."""
+    most ``points``, else exp of the mean chunk loss of equal groups of consecutive chunks (x: the
+    group's middle chunk), read block by block."""
     n = len(losses)
-    if n <= PLOT_POINTS:
+    if n <= points:
         with np.errstate(over="ignore"):
             return np.arange(n), np.exp(np.asarray(losses[:n], np.float64)), 1
-    group = -(-n // PLOT_POINTS)
+    group = -(-n // points)
     size = group * max(1, BLOCK // group)  # blocks hold whole groups
     means = []
     for lo in range(0, n, size):

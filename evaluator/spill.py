@@ -210,15 +210,16 @@ class SpillFiles:
             pass
 
 
-def block_sum(a: Any, n: int | None = None) -> Any:
-    """Sum of ``a[:n]`` read block by block. One block (up to :data:`BLOCK` elements): exactly
+def block_sum(a: Any, n: int | None = None, *, block: int | None = None) -> Any:
+    """Sum of ``a[:n]`` read ``block`` elements at a time (None: :data:`BLOCK`). One block: exactly
     ``np.sum`` of the whole (numpy's pairwise order). Longer: integers add exactly (Python ints);
     floats as numpy's sum of each block, then ``math.fsum`` of the block sums (exactly rounded).
     Memory stays one block."""
     n = len(a) if n is None else n
-    if n <= BLOCK:
+    block = BLOCK if block is None else block
+    if n <= block:
         return np.asarray(a[:n]).sum()
-    parts = (np.asarray(a[lo : min(n, lo + BLOCK)]).sum() for lo in range(0, n, BLOCK))
+    parts = (np.asarray(a[lo : min(n, lo + block)]).sum() for lo in range(0, n, block))
     if np.dtype(a.dtype).kind in "iub":
         return sum(int(p) for p in parts)
     return math.fsum(float(p) for p in parts)
@@ -229,12 +230,14 @@ class BlockView:
 
     ``fn(*blocks) -> ndarray`` is applied to equal slices of ``columns``. Indexing with an int or a
     slice computes just that part; ``np.asarray(view)`` materialises the whole array (the caller's
-    choice: O(length) memory); :meth:`blocks` iterates in bounded memory.
+    choice: O(length) memory); :meth:`blocks` iterates in bounded memory, ``block`` elements at a
+    time (None: :data:`BLOCK`).
     """
 
-    def __init__(self, fn: Callable[..., np.ndarray], *columns: Any, dtype: Any = np.float64):
+    def __init__(self, fn: Callable[..., np.ndarray], *columns: Any, dtype: Any = np.float64, block: int | None = None):
         self.fn, self.columns = fn, columns
         self.dtype = np.dtype(dtype)
+        self.block = BLOCK if block is None else block
         self._len = len(columns[0])
 
     def __len__(self) -> int:
@@ -261,7 +264,7 @@ class BlockView:
         return np.asarray(self)[key]
 
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
-        size = size or BLOCK
+        size = size or self.block
         for lo in range(0, self._len, size):
             yield self._compute(*(c[lo : lo + size] for c in self.columns))
 

@@ -234,11 +234,10 @@ def test_metric_memory_does_not_depend_on_the_stream_length(tmp_path, monkeypatc
 
 
 # ---- pieces ------------------------------------------------------------------------------------
-def test_block_view_and_block_sum(monkeypatch):
-    monkeypatch.setattr(spill_mod, "BLOCK", 4)
+def test_block_view_and_block_sum():
     a = np.arange(1, 11, dtype=np.float64)
     b = np.full(10, 2, np.int64)
-    v = BlockView(np.divide, a, b)
+    v = BlockView(np.divide, a, b, block=4)
     assert len(v) == 10 and v.shape == (10,) and v[0] == 0.5 and v[-1] == 5.0 and v[-10] == 0.5
     with pytest.raises(IndexError):
         v[10]
@@ -247,8 +246,8 @@ def test_block_view_and_block_sum(monkeypatch):
     assert list(v) == (a / 2).tolist() and [len(x) for x in v.blocks()] == [4, 4, 2]
     np.testing.assert_array_equal(v[[1, 3]], [1.0, 2.0])
     big = np.full(10, 2**60, np.int64)
-    assert block_sum(big) == 10 * 2**60  # exact Python ints across blocks (a float sum would round)
-    assert block_sum(a, 7) == 28.0 and block_sum(a, 3) == 6.0
+    assert block_sum(big, block=4) == 10 * 2**60  # exact Python ints across blocks (a float sum would round)
+    assert block_sum(a, 7, block=4) == 28.0 and block_sum(a, 3, block=4) == 6.0
 
 
 def test_chunk_mean_and_std_across_blocks_match_numpy(monkeypatch):
@@ -257,6 +256,7 @@ def test_chunk_mean_and_std_across_blocks_match_numpy(monkeypatch):
     one = summarize_chunks(nll, tok)
     loss = nll / tok
     assert one["avg_chunk_loss"] == float(np.mean(loss)) and one["std_chunk_loss"] == float(np.std(loss))
+    # summarize_chunks takes no block size (metrics.py): the module constants stay patched here
     monkeypatch.setattr(metrics_mod, "BLOCK", 64)
     monkeypatch.setattr(spill_mod, "BLOCK", 64)
     many = summarize_chunks(nll, tok)
@@ -285,7 +285,8 @@ def test_cli_report_from_spilled_files_written_in_blocks(tmp_path, make_store, m
     base = ["run", str(store), "--model", "tests.evaluator.helpers:gru_lm", "--device", "cpu", "--quiet", "--no-plots",
             "--chunk-size", "8", "--doc-mode", "document"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    monkeypatch.setattr(report_mod, "CSV_BLOCK", 3)  # many blocks per CSV
+    # many blocks per CSV; patched: the report is written inside the CLI run, which has no block option
+    monkeypatch.setattr(report_mod, "CSV_BLOCK", 3)
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     for name in ("chunks.csv", "documents.csv", "positions.csv"):
         ra, rb = (list(csv.reader(open(tmp_path / d / name))) for d in "ab")
@@ -302,15 +303,14 @@ def test_cli_report_from_spilled_files_written_in_blocks(tmp_path, make_store, m
     assert len(np.load(out / "window_nll.npy")) == len(list(csv.reader(open(out / "chunks.csv")))) - 1
 
 
-def test_plot_groups_chunks_beyond_the_point_limit(monkeypatch):
-    monkeypatch.setattr(report_mod, "PLOT_POINTS", 10)
+def test_plot_groups_chunks_beyond_the_point_limit():
     loss = np.linspace(0.0, 3.0, 95)
-    x, ppl, group = report_mod._chunk_curve(BlockView(lambda a: a, loss))
+    x, ppl, group = report_mod._chunk_curve(BlockView(lambda a: a, loss), points=10)
     assert group == 10 and len(ppl) == 10
     want = [loss[i : i + 10].mean() for i in range(0, 95, 10)]
     np.testing.assert_allclose(np.log(ppl), want, rtol=1e-12)
     assert x.tolist() == [min(94, i * 10 + 5) for i in range(10)]
-    x, ppl, group = report_mod._chunk_curve(loss[:7])
+    x, ppl, group = report_mod._chunk_curve(loss[:7], points=10)
     assert group == 1 and x.tolist() == list(range(7))
 
 
