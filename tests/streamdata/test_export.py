@@ -197,6 +197,8 @@ def test_killed_export_is_ours_and_a_rerun_finishes_it(sources, tmp_path, monkey
             raise KeyboardInterrupt  # stands in for kill -9: below, abort is what a dead process never runs
         return real_finish(self)
 
+    # Fault injection, so a patch (no seam): the kill must land between two files' finish steps, as
+    # a real kill would; the export has no hook there and should not grow one for tests.
     monkeypatch.setattr(ex._Sink, "finish", killed)
     monkeypatch.setattr(Output, "abort", lambda self: self.release())
     with pytest.raises(KeyboardInterrupt):
