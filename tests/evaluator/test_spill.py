@@ -1,4 +1,4 @@
-"""Length-independent metric memory (issue 18): per-window and per-document sums leave the device in
+"""Length-independent metric memory: per-window and per-document sums leave the device in
 blocks into spilled files. Results are bit-identical whatever the block size (tiny blocks force a
 flush, a carried document and a grown block at almost every batch), a resumed run continues the
 files exactly, the metric state's memory does not depend on the stream's length, and temporary
@@ -81,7 +81,7 @@ def test_tiny_blocks_give_bit_identical_results(make_store, monkeypatch, name, f
     docs = _docs()
     store = make_store(docs, vocab_size=V, nbytes=[3 * len(d) + 1 for d in docs], nwords=[len(d) // 2 for d in docs])
     model = factory()
-    # one block larger than the whole run: what the full device arrays held before issue 18
+    # one block larger than the whole run: what whole-run device arrays (the old design) held
     monkeypatch.setattr(engine_mod, "MetricSums", functools.partial(MetricSums, block_windows=1 << 16, block_documents=1 << 16))
     whole = _evaluate(model, store, doc_mode=doc_mode, **kw)
     flushes = []
@@ -220,8 +220,8 @@ def _metric_state_at_stop(tmp_path, monkeypatch, tokens: int, batches: int = 3) 
 
 def test_metric_memory_does_not_depend_on_the_stream_length(tmp_path, monkeypatch):
     """10^8 vs 10^11 tokens (1,526 vs 1,525,879 windows of 65,536): the same metric state, under
-    1 MiB. Before issue 18 the sums held 16 bytes per window on the device (24 MB at 10^11) and
-    the whole run's arrays were copied to the host at the end."""
+    1 MiB. Whole-run sums (the old design) held 16 bytes per window on the device (24 MB at 10^11)
+    and copied the whole run's arrays to the host at the end."""
     with monkeypatch.context() as m:
         small = _metric_state_at_stop(tmp_path, m, 10**8)
     with monkeypatch.context() as m:

@@ -1,4 +1,4 @@
-"""Second hostile round on the storage layer (issue 24, streamdata half): no wrong number with exit 0
+"""The storage layer against hostile outputs and inputs: no wrong number with exit 0
 (damaged parts and sources are never sealed under fresh checksums), no foreign file touched (crafted
 swap leftovers, symlinks inside a build, a symlinked --out), one line per bad input (a missing zarr
 chunk without asyncio noise, a full disk)."""
@@ -86,7 +86,7 @@ def _flip_shard_byte(store: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
-# ---- item 3: merge never seals a damaged part (index included) --------------------------------------
+# ---- merge never seals a damaged part (index included) ----------------------------------------------
 def _two_parts(tmp_path, corpus, tok) -> list[Path]:
     second = _jsonl(tmp_path / "more.jsonl", [f"{t} more {i}" for i, t in enumerate(CORPUS * 3)])
     parts = []
@@ -108,7 +108,7 @@ def test_merge_refuses_a_part_with_a_moved_offset(tmp_path, corpus, bpe_tokenize
     assert not (tmp_path / "m" / MANIFEST_NAME).exists()
 
 
-# ---- item 4: convert never launders damage ---------------------------------------------------------
+# ---- convert never launders damage ------------------------------------------------------------------
 @pytest.fixture
 def good_store(tmp_path):
     return write_token_store(tmp_path / "src", _docs(1), shard_tokens=200)
@@ -166,7 +166,7 @@ def test_convert_resumed_after_a_crash_still_checks_the_prefix(tmp_path, good_st
     assert not (tmp_path / "dst" / MANIFEST_NAME).exists()
 
 
-# ---- items 6, 8: crafted swap leftovers beside the output --------------------------------------------
+# ---- crafted swap leftovers beside the output -------------------------------------------------------
 @pytest.mark.parametrize("how", ["symlink", "copy"])
 def test_crafted_new_sibling_never_swaps(tmp_path, corpus, bpe_tokenizer, capsys, how):
     out, other = tmp_path / "s", tmp_path / "other"
@@ -228,7 +228,7 @@ def test_a_real_swap_still_recovers_after_a_crash_between_the_renames(tmp_path, 
     assert verify_store(out).ok
 
 
-# ---- item 7: a symlink inside an unfinished build is never opened or removed --------------------------
+# ---- a symlink inside an unfinished build is never opened or removed --------------------------------
 def test_symlinked_partial_shard_in_a_build_is_refused(tmp_path, corpus, bpe_tokenizer, capsys, monkeypatch):
     from streamdata import writer as writer_mod
 
@@ -269,7 +269,7 @@ def test_writers_open_only_regular_files(tmp_path):
     assert victim.read_bytes() == b"keep"
 
 
-# ---- item 9: a symlinked --out ------------------------------------------------------------------
+# ---- a symlinked --out ------------------------------------------------------------------------------
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_symlinked_out_is_refused(tmp_path, corpus, bpe_tokenizer, capsys, overwrite):
     real_out, link = tmp_path / "real", tmp_path / "link"
@@ -285,7 +285,7 @@ def test_symlinked_out_is_refused(tmp_path, corpus, bpe_tokenizer, capsys, overw
     _one_line(capsys, "symbolic link")
 
 
-# ---- item 12: a missing zarr chunk is one line, without asyncio noise ---------------------------------
+# ---- a missing zarr chunk is one line, without asyncio noise ----------------------------------------
 def test_missing_zstd_chunk_is_one_line_without_asyncio_noise(tmp_path):
     from streamdata.backends.zarr import write_zarr_store
 
@@ -305,7 +305,7 @@ def test_missing_zstd_chunk_is_one_line_without_asyncio_noise(tmp_path):
         assert noise not in r.stdout + r.stderr
 
 
-# ---- item 13: a full disk is one line, and the rerun resumes to the same store ------------------------
+# ---- a full disk is one line, and the rerun resumes to the same store -------------------------------
 def _fill_disk_after(monkeypatch, module, name: str, limit: int, err: int = errno.ENOSPC) -> None:
     """Patch ``module.name`` (a ``write(f, data)`` seam) to raise ``err`` once ``limit`` bytes went through."""
     real, seen = getattr(module, name), [0]

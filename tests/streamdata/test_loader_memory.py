@@ -100,7 +100,7 @@ def test_streaming_2gib_store_keeps_peak_rss_bounded(tmp_path):
 
 
 def test_a_1e11_token_store_starts_without_o_windows_memory(tmp_path):
-    """Issue 18: a sparse 10^11-token raw .bin (200 GB apparent, nothing on disk). The eager plan
+    """A sparse 10^11-token raw .bin (200 GB apparent, nothing on disk). The eager plan
     held ~32 bytes per window, 3 GB here (~10^8 windows of 1024); the lazy plan and the reader's
     batch tables hold O(batch). Python/numpy heap measured with tracemalloc (numpy reports its
     arrays to it; the file's mapping is not heap)."""

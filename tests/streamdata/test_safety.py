@@ -1,4 +1,4 @@
-"""Safety of the write side (issue 9): index checksums recorded by every writer, ownership of output
+"""Safety of the write side: index checksums recorded by every writer, ownership of output
 folders, one writer per folder, overwrite by swap, resume identity, one-line errors, no leftovers."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Tokenize by text bytes (issue 15 item 1), honest CLI reports (issue 15 item 3, issue 17 item 7) and
-blank lines/paragraphs skipped under --sample-by line|paragraph (issue 17 item 7)."""
+"""Tokenize batches by text bytes, honest CLI reports, and blank lines/paragraphs skipped under
+--sample-by line|paragraph."""
 
 from __future__ import annotations
 

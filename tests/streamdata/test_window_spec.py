@@ -1,4 +1,4 @@
-"""One owner for the window rules (issue 27): streamdata.windows.WindowSpec is validated once, and
+"""One owner for the window rules: streamdata.windows.WindowSpec is validated once, and
 the plan, the loader and the evaluator's config/resolve/data take that one object as it is."""
 
 from __future__ import annotations

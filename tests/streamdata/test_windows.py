@@ -48,7 +48,7 @@ def brute_windows(offsets, L, O, mode, bos, tail="full"):
 
 
 def eager_plan(doc_offsets, chunk_size, overlap=0, mode="stream", prepend_bos=False, max_tokens=None, tail="full"):
-    """The eager planner of before issue 18 (every window materialised at once; tail policy
+    """The eager planner the lazy one replaced (every window materialised at once; tail policy
     included), as a reference: (start, length, score_from, doc, bos) arrays."""
     L, O = int(chunk_size), int(overlap)
     stride = L - O

@@ -1,4 +1,6 @@
-"""Issue 17, item 5 and 4: the benchmarks as a newcomer runs them (small sizes; no timing asserted)."""
+"""The benchmarks as a first-time user runs them from the command line: a store smaller than the
+windows asked for, --device cuda without a GPU as one line, a relative cache from another working
+folder (small sizes; no timing asserted)."""
 
 from __future__ import annotations
 

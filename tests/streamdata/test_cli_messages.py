@@ -1,5 +1,6 @@
-"""Issue 17, as a newcomer meets ``streamdata``: no tracebacks (closed pipe, URL outputs), the
-format's dtype rule on convert, errors in flag terms."""
+"""``streamdata`` as a first-time user meets it: no tracebacks (closed pipe, URL outputs), the
+format's dtype rule on convert, errors in flag terms (a mistyped flag's closest match, a missing
+tokenizer path at once, long errors cut at a word), --quiet silencing every bar."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Issue 17, as a newcomer meets ``streameval``: errors in the caller's terms (flags on the CLI,
-keyword arguments in Python), a missing model folder named as such, a one-chunk run's plot."""
+"""``streameval`` as a first-time user meets it: errors in the caller's terms (flags on the CLI,
+keyword arguments in Python), CPU-only and out-of-memory advice, a mistyped flag's closest match, a
+missing model folder named as such, a one-chunk run's plot."""
 
 from __future__ import annotations
 
@@ -91,14 +92,14 @@ def test_one_chunk_run_plots_a_point_without_warnings(tmp_path, store, hf_model_
 
 
 def oom_model():
-    """``tests.evaluator.test_cli_newcomer:oom_model``: every forward runs out of memory."""
+    """``tests.evaluator.test_cli_messages:oom_model``: every forward runs out of memory."""
     from .helpers import Bigram, OOMAbove
 
     return OOMAbove(Bigram(), max_rows=0)
 
 
 def test_out_of_memory_advice_names_the_flag(capsys, store):
-    err = _one_error_line(capsys, ["run", str(store), "--model", "tests.evaluator.test_cli_newcomer:oom_model",
+    err = _one_error_line(capsys, ["run", str(store), "--model", "tests.evaluator.test_cli_messages:oom_model",
                                    "--device", "cpu", "--chunk-size", "16", "--mode", "sliding"])
     assert "single window of --chunk-size 16: pass --chunk-size 8 or less" in err and "chunk_size" not in err
 
