@@ -464,6 +464,7 @@ def test_cli_parts_and_merge(tmp_path, corpus, bpe_tokenizer, capsys):
         main(["tokenize", *corpus, "--out", str(tmp_path / "x"), "--num-parts", "2", "--part", "-1", *base])
 
 
+@pytest.mark.slow  # a benchmark at toy size; merged == one run is test_merge_equals_one_run's (fast lane)
 def test_benchmark_parts_row_runs(tmp_path, corpus, bpe_tokenizer, capsys):
     # the benchmark's partitioned rows at toy size: they run, and the merged parts equal the single run
     from benchmarks import bench_tokenize

@@ -134,6 +134,7 @@ def test_crash_before_and_after_the_manifest(tmp_path, big_jsonl, bpe_tokenizer,
     assert not (tmp_path / "b" / BUILD_DIR).exists()
 
 
+@pytest.mark.slow  # three tokenizes of 20,000 rows; the fast lane refuses other settings in test_words (word_rule)
 def test_resume_with_other_settings_is_refused(tmp_path, big_jsonl, bpe_tokenizer, monkeypatch):
     kw = dict(source=str(big_jsonl), tokenizer=str(bpe_tokenizer), out=str(tmp_path / "o"), batch_size=500)
 
@@ -242,6 +243,7 @@ def test_kill_during_overwrite_never_loses_a_store(tmp_path, big_jsonl, bpe_toke
         assert _siblings(out) == [] and not (out / BUILD_DIR).exists(), (point, _siblings(out))
 
 
+@pytest.mark.slow  # SIGKILLed child processes; test_convert resumes a convert crashed in-process in the fast lane
 def test_kill_during_convert_resumes_or_keeps_the_old_store(tmp_path, big_jsonl, bpe_tokenizer):
     from streamdata.convert import convert_store
 
