@@ -524,6 +524,15 @@ def charts(res: dict[str, Any], out: Path) -> list[Path]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+def evaluator_auto_batch(adapter, device: torch.device, L: int) -> int:
+    """Windows per batch that the evaluator's ``batch_size="auto"`` picks for this model, device and
+    chunk size in sliding mode (through its public rule; no run)."""
+    from evaluator.config import StreamingEvalConfig
+    from evaluator.resolve import batch_windows_for
+
+    return batch_windows_for(StreamingEvalConfig(batch_size="auto"), adapter, device, "sliding", L)
+
+
 def run_suite(store: str | None = None, model: str | None = None, device: str | None = None, out: str | None = None,
               quick: bool = False, settings: Settings | None = None, cache: str | None = None, memory: bool = True,
               make_charts: bool = True, log: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
@@ -572,10 +581,7 @@ def run_suite(store: str | None = None, model: str | None = None, device: str | 
         res["eval"] = m
         B = m["batch"]
         if st.batch != "auto":  # what a user's batch_size="auto" gives, for the record (no run)
-            from evaluator.config import StreamingEvalConfig
-            from evaluator.resolve import batch_windows_for
-
-            res["auto_batch"] = batch_windows_for(StreamingEvalConfig(batch_size="auto"), adapter, dev, "sliding", L)
+            res["auto_batch"] = evaluator_auto_batch(adapter, dev, L)
         # 3. loader alone and its baselines
         log(f"loader alone (chunk {L}, {B} windows/batch, whole store) and loader baselines ...")
         res["loader"] = loader_stage(s, L, B, dev, st.loader_repeat)

@@ -48,6 +48,19 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def test_suite_records_the_evaluators_auto_batch():
+    """The suite's record of what batch_size="auto" would pick is live (it once called a helper that
+    no longer existed, swallowed the error and always recorded None): fast-lane twin of the suite test."""
+    from benchmarks.suite import evaluator_auto_batch
+    from evaluator import load_model
+
+    adapter = load_model(tiny_model())
+    for L in (32, 1 << 20):
+        B = evaluator_auto_batch(adapter, torch.device("cpu"), L)
+        assert isinstance(B, int) and B >= 1, (L, B)
+    assert evaluator_auto_batch(adapter, torch.device("cpu"), 1 << 20) <= evaluator_auto_batch(adapter, torch.device("cpu"), 32)
+
+
 @pytest.mark.slow  # (out of the fast lane: pytest -m 'not slow')
 def test_suite_reports_every_stage(toy_store, tmp_path):
     from benchmarks.suite import Settings, report, run_suite
