@@ -85,6 +85,12 @@ ATTENTION = ["gpt2", "llama-gqa", "qwen2", "gemma", "phi3", "gpt-neox", "falcon-
              "mistral-sliding", "gemma2-sliding", "jamba-hybrid"]  # (Jamba: attention and Mamba layers)
 CARRIED_STATE = ["rwkv", "mamba", "mamba2", "falcon-mamba"]
 ALL = ATTENTION + CARRIED_STATE
+# The fast lane (pytest -m "not slow") runs one architecture per kind of carried state: a plain
+# cache (gpt2), grouped-query attention (llama-gqa), a sliding-window cache (gemma2-sliding), an SSM
+# cache (mamba2); the whole matrix (about 5x the time) runs in the full suite. RWKV's own state is
+# also in the fast lane's tests/evaluator/test_parallel_docs.py.
+FAST = ("gpt2", "llama-gqa", "gemma2-sliding", "mamba2")
+MATRIX = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ALL]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +137,7 @@ def _evaluate(model, store, ckdir=None, **kw):
     return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=ckdir)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", MATRIX)
 def test_carried_mode_equals_full_forward_and_resumes_exactly(name, make_store, docs, many_docs, models, tmp_path,
                                                               monkeypatch):
     model = _model(models, name)
@@ -153,7 +159,7 @@ def test_carried_mode_equals_full_forward_and_resumes_exactly(name, make_store, 
         _same(resumed, whole)  # bit for bit: the restored cache continues exactly
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", MATRIX)
 def test_bfloat16_carried_mode_lands_within_twice_its_own_full_forward_rounding(name, make_store, docs, models):
     model = _model(models, name)
     store = make_store(docs, vocab_size=V)
