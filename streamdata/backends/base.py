@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import ConfigError, StoreError
 from ..format import Manifest
 
-__all__ = ["INDEX_IN_RAM", "ChecksummedReads", "MappedFile", "TokenStore", "check_document_index", "find_id_over",
+__all__ = ["INDEX_IN_RAM", "ChecksummedReads", "MappedFile", "TokenStore", "check_document_index", "check_index_in_ram",
+           "find_id_over",
            "imported_identity", "int64_index", "scan_tokens"]
 
 _PAGE = mmap.PAGESIZE
@@ -120,20 +121,29 @@ class MappedFile:
 
 
 #: Index arrays of up to this many int64 entries (8 MiB) are built in RAM; longer ones in a temporary
-#: memory map (:func:`int64_index`), whose blocks are also this long.
+#: memory map (:func:`int64_index`), whose blocks are also this long. The default of the stores'
+#: ``index_in_ram`` argument.
 INDEX_IN_RAM = 1 << 20
 
 
-def int64_index(length: int, fill: Callable[[np.ndarray, int, int], None]) -> np.ndarray:
-    """A read-only int64 array of ``length`` entries that ``fill(out, lo, hi)`` writes block by block,
-    in order (``out`` is entries ``[lo, hi)``, at most INDEX_IN_RAM long).
+def check_index_in_ram(value: Any) -> int:
+    """``index_in_ram`` as given to a store: an int >= 1, else a one-line ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"index_in_ram={value!r} must be an integer >= 1 (index entries held in RAM): "
+                          f"pass e.g. {INDEX_IN_RAM}, the default")
+    return int(value)
 
-    Up to INDEX_IN_RAM entries: an array in RAM. Longer (a document index of 10^8 entries is 800 MB):
+
+def int64_index(length: int, fill: Callable[[np.ndarray, int, int], None], in_ram: int = INDEX_IN_RAM) -> np.ndarray:
+    """A read-only int64 array of ``length`` entries that ``fill(out, lo, hi)`` writes block by block,
+    in order (``out`` is entries ``[lo, hi)``, at most ``in_ram`` long).
+
+    Up to ``in_ram`` entries: an array in RAM. Longer (a document index of 10^8 entries is 800 MB):
     a temporary .npy file of ours, filled through a memory map, mapped read-only and unlinked at
     once, so the kernel pages it in and out as a file's, nothing stays on disk after close or a
     crash, and the process holds O(block) memory whatever the length.
     """
-    if length <= INDEX_IN_RAM:
+    if length <= in_ram:
         out = np.empty(length, np.int64)
         if length:
             fill(out, 0, length)
@@ -145,8 +155,8 @@ def int64_index(length: int, fill: Callable[[np.ndarray, int, int], None]) -> np
     os.close(fd)
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(length,))
-        for lo in range(0, length, INDEX_IN_RAM):
-            hi = min(length, lo + INDEX_IN_RAM)
+        for lo in range(0, length, in_ram):
+            hi = min(length, lo + in_ram)
             fill(mm[lo:hi], lo, hi)
         mm.flush()
         del mm

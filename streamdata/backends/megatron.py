@@ -46,7 +46,8 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..format import Manifest, ShardInfo, numpy_dtype, sha256_file
-from .base import INDEX_IN_RAM, MappedFile, check_document_index, imported_identity, int64_index, scan_tokens
+from .base import (INDEX_IN_RAM, MappedFile, check_document_index, check_index_in_ram, imported_identity, int64_index,
+                   scan_tokens)
 from .raw_bin import ImportedStore, check_import_ids, copy_ids, file_entry, import_dtype, same_id_bytes
 
 __all__ = ["MEGATRON_DTYPES", "MegatronIndex", "MegatronTokenStore", "open_megatron", "read_megatron_index"]
@@ -113,8 +114,9 @@ class MegatronTokenStore(ImportedStore):
     """A Megatron-LM ``.bin``/``.idx`` pair. See module docstring."""
 
     def __init__(self, prefix: str | os.PathLike, *, documents: str = "document", vocab_size: int | None = None,
-                 eos_id: int | None = None, checksum: bool = True):
+                 eos_id: int | None = None, checksum: bool = True, index_in_ram: int = INDEX_IN_RAM):
         prefix = os.fspath(prefix)
+        in_ram = check_index_in_ram(index_in_ram)
         if documents not in ("document", "sequence"):
             raise ConfigError(f"documents={documents!r}: pass 'document' (Megatron's document index) or 'sequence'")
         idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
@@ -154,9 +156,9 @@ class MegatronTokenStore(ImportedStore):
                     state["contiguous"] = bool(np.array_equal(pt, out[: ex.size] * isz))
                 state["total"] += int(run[-1]) if ex.size else 0
 
-            seq_off = int64_index(S + 1, fill_seq_off)
+            seq_off = int64_index(S + 1, fill_seq_off, in_ram)
             if D and (int(d[0]) != 0 or int(d[-1]) > S or any(
-                    (np.diff(d[lo : lo + INDEX_IN_RAM + 1]) < 0).any() for lo in range(0, D, INDEX_IN_RAM))):
+                    (np.diff(d[lo : lo + in_ram + 1]) < 0).any() for lo in range(0, D, in_ram))):
                 raise StoreError(f"Megatron index {str(idx_path)!r} has a document index that does not start at 0, "
                                  f"decrease, and stay within the {S} sequences: the file is damaged")
             if documents == "sequence":
@@ -174,7 +176,7 @@ class MegatronTokenStore(ImportedStore):
                     take[:m] = d[lo : lo + m] if D else 0
                     out[:] = seq_off[take]
 
-                offsets = int64_index(count, fill_offsets)
+                offsets = int64_index(count, fill_offsets, in_ram)
             self._offsets = offsets
             self._seq_off, self._ptrs = seq_off, ptrs
             n_tok = int(seq_off[-1])
@@ -268,12 +270,15 @@ class MegatronTokenStore(ImportedStore):
 
 
 def open_megatron(prefix: str | os.PathLike, *, documents: str = "document", vocab_size: int | None = None,
-                  eos_id: int | None = None, checksum: bool = True) -> MegatronTokenStore:
+                  eos_id: int | None = None, checksum: bool = True, index_in_ram: int = INDEX_IN_RAM) -> MegatronTokenStore:
     """Open a Megatron-LM indexed dataset read-only: ``prefix`` is the path without ``.bin``/``.idx``
     (a path ending in either is accepted too). ``documents``: "document" (Megatron's document
     index) or "sequence" (each sequence a document). ``vocab_size``/``eos_id`` are recorded (and
-    ids checked against ``vocab_size``); ``checksum=False`` skips hashing the files at open."""
+    ids checked against ``vocab_size``); ``checksum=False`` skips hashing the files at open.
+    ``index_in_ram``: offset arrays up to this many entries are built in RAM, longer ones in a
+    temporary memory map, block by block (see :func:`streamdata.backends.base.int64_index`)."""
     text = os.fspath(prefix)
     if text.endswith((".bin", ".idx")):
         text = text[:-4]
-    return MegatronTokenStore(text, documents=documents, vocab_size=vocab_size, eos_id=eos_id, checksum=checksum)
+    return MegatronTokenStore(text, documents=documents, vocab_size=vocab_size, eos_id=eos_id, checksum=checksum,
+                              index_in_ram=index_in_ram)

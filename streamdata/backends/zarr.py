@@ -87,7 +87,7 @@ from ..format import (
     word_rule_of,
 )
 from ..output import Output, full_disk_is_one_line, json_normalised as _norm, prepare_output
-from .base import MappedFile, TokenStore, check_document_index, int64_index
+from .base import INDEX_IN_RAM, MappedFile, TokenStore, check_document_index, check_index_in_ram, int64_index
 
 __all__ = [
     "COMPRESSIONS",
@@ -473,6 +473,8 @@ class ZarrTokenStore(TokenStore):
     shorter than a block go through the cache of the last two blocks; longer ones go straight to
     zarr. Locks guard the cache, so a reader thread and the main thread may share a store.
     :attr:`read_path` says which path is in use ("direct" or "block-cache").
+    ``index_in_ram``: index arrays up to this many entries are read into RAM, longer ones into a
+    temporary memory map, block by block (see :func:`streamdata.backends.base.int64_index`).
 
     Consistency: the direct path maps every shard file at open (a snapshot). zarr's own path reads
     objects lazily, so it checks that ``manifest.json`` still holds the bytes it opened after every
@@ -483,7 +485,8 @@ class ZarrTokenStore(TokenStore):
 
     def __init__(self, where: str | os.PathLike, manifest: Manifest | None = None, *,
                  storage_options: dict | None = None, block_tokens: int | None = None,
-                 direct: bool | None = None):
+                 direct: bool | None = None, index_in_ram: int = INDEX_IN_RAM):
+        self._index_in_ram = check_index_in_ram(index_in_ram)
         self._loc = _Location(where, storage_options)
         self.path = self._loc.url
         self._stamp, self.manifest = self._loc.read_manifest_bytes()
@@ -543,7 +546,7 @@ class ZarrTokenStore(TokenStore):
         def fill(out: np.ndarray, lo: int, hi: int) -> None:
             out[:] = self._zarr(lambda: np.asarray(a[lo:hi], dtype=np.int64), f"the {name} array")
 
-        return int64_index(length, fill)
+        return int64_index(length, fill, self._index_in_ram)
 
     def _open(self, block_tokens: int | None, direct: bool | None) -> None:
         import zarr

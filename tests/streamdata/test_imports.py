@@ -292,16 +292,13 @@ def test_raw_bin_without_checksum_reads_nothing_at_open_and_readers_enforce_its_
 @pytest.mark.parametrize("in_ram", [3, 1 << 20], ids=["memmapped-index", "index-in-ram"])
 def test_megatron_index_in_blocks_equals_the_whole_index(tmp_path, monkeypatch, in_ram):
     """Sequence and document offsets are built block by block (into a temporary memmap, unlinked at
-    once, beyond INDEX_IN_RAM entries): the same store as built in one piece, contiguous or not, with
+    once, beyond index_in_ram entries): the same store as built in one piece, contiguous or not, with
     trailing sequences or none, by document or by sequence; nothing left in the temp folder."""
     import tempfile
-
-    import streamdata.backends.base as base
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setattr(base, "INDEX_IN_RAM", in_ram)
     docs = _docs(9, n=11)
     flat = np.array([t for d in docs for s in d for t in s], dtype=np.int64)
     seqs = [len(x) for d in docs for x in d]
@@ -314,7 +311,7 @@ def test_megatron_index_in_blocks_equals_the_whole_index(tmp_path, monkeypatch, 
              (write_megatron(tmp_path / "trail", docs, "uint16", doc_index=[0, 2, n_seq - 2]), "document",
               seq_off[[0, 2, n_seq - 2, n_seq]], True)]
     for prefix, documents, offsets, contiguous in cases:
-        with open_megatron(prefix, documents=documents) as s:
+        with open_megatron(prefix, documents=documents, index_in_ram=in_ram) as s:
             assert s._contiguous == contiguous
             assert isinstance(s.doc_offsets, np.memmap) == (len(offsets) > in_ram)
             _check_store(s, flat.astype(np.uint16), offsets)
@@ -323,7 +320,13 @@ def test_megatron_index_in_blocks_equals_the_whole_index(tmp_path, monkeypatch, 
         bad = write_megatron(tmp_path / "bad", docs, "uint16")
         with open(str(bad) + ".bin", "r+b") as f:
             f.truncate(2 * (len(flat) - 1))
-        open_megatron(bad)
+        open_megatron(bad, index_in_ram=in_ram)
+    # a document index that decreases where two blocks of 3 meet (entries 3 -> 4) is caught too
+    bad = write_megatron(tmp_path / "bad-docs", docs, "uint16", doc_index=[0, 1, 2, 5, 4, n_seq - 1])
+    with pytest.raises(StoreError, match="document index that does not start at 0, decrease"):
+        open_megatron(bad, index_in_ram=in_ram)
+    with pytest.raises(ConfigError, match="index_in_ram=0 must be an integer >= 1"):
+        open_megatron(bad, index_in_ram=0)
 
 
 # ---- no silent guess: files of a recognised format are never read as a raw .bin ------------------

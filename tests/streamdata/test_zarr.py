@@ -363,7 +363,7 @@ def test_write_zarr_store_takes_an_open_store(make_store, tmp_path):
 
 @pytest.mark.parametrize("comp", ["none", "zstd"])
 def test_a_long_index_is_memory_mapped_and_leaves_no_file(stores, comp, tmp_path, monkeypatch):
-    """Index arrays longer than INDEX_IN_RAM are copied block by block into a temporary memmap that
+    """Index arrays longer than index_in_ram are copied block by block into a temporary memmap that
     is unlinked at once: same values as the npy store's index, nothing left in the temp folder."""
     import tempfile
 
@@ -371,16 +371,15 @@ def test_a_long_index_is_memory_mapped_and_leaves_no_file(stores, comp, tmp_path
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    import streamdata.backends.base as base
-
-    monkeypatch.setattr(base, "INDEX_IN_RAM", 7)  # 60 documents: 9 blocks, the last one partial
-    with open_store(root / "npy") as npy, ZarrTokenStore(root / f"zarr-{comp}") as z:
+    # 60 documents: 9 blocks of 7, the last one partial
+    with open_store(root / "npy") as npy, ZarrTokenStore(root / f"zarr-{comp}", index_in_ram=7) as z:
         for got, want in ((z.doc_offsets, npy.doc_offsets), (z.doc_bytes, npy.doc_bytes), (z.doc_words, npy.doc_words)):
             assert isinstance(got, np.memmap) and not got.flags.writeable
             np.testing.assert_array_equal(got, want)
         assert list(scratch.iterdir()) == []  # unlinked as soon as mapped
         for d in (0, 3, 7, 59):
             np.testing.assert_array_equal(z.document(d), npy.document(d))
-    monkeypatch.setattr(base, "INDEX_IN_RAM", 1 << 20)
-    with ZarrTokenStore(root / f"zarr-{comp}") as z:  # small: in RAM, as before
+    with ZarrTokenStore(root / f"zarr-{comp}") as z:  # small against the default: in RAM
         assert not isinstance(z.doc_offsets, np.memmap)
+    with pytest.raises(ConfigError, match="index_in_ram=-1 must be an integer >= 1"):
+        ZarrTokenStore(root / f"zarr-{comp}", index_in_ram=-1)
