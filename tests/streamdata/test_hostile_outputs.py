@@ -23,6 +23,10 @@ from streamdata.verify import verify_store
 
 from ..conftest import CORPUS, write_token_store
 
+# Faults (a kill, a crash, a full disk, a network failure) are injected by patching the storage
+# layer's private write/rename/finish seams: a fault must land in the middle of a write, and a public
+# hook there would exist only for tests.
+
 REPO = Path(__file__).resolve().parents[2]
 SHARD = 150  # small shards: several per store, so resumes and interior boundaries are exercised
 

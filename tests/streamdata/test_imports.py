@@ -276,7 +276,7 @@ def test_raw_bin_without_checksum_reads_nothing_at_open_and_readers_enforce_its_
     def no_scan(*a, **k):
         raise AssertionError("the ids were read at open")
 
-    monkeypatch.setattr(raw_bin, "scan_tokens", no_scan)
+    monkeypatch.setattr(raw_bin, "scan_tokens", no_scan)  # a spy: opening must never scan the ids
     with open_raw_bin(huge, vocab_size=66, checksum=False) as s:
         assert len(s) == 10**11 and s.vocab_size == 66
     with open_raw_bin(good, vocab_size=500, checksum=False) as s:  # id 999 is not seen at open ...

@@ -27,6 +27,10 @@ from streamdata.verify import verify_store
 
 from ..conftest import CORPUS, train_bpe
 
+# Faults (a kill, a crash, a full disk, a network failure) are injected by patching the storage
+# layer's private write/rename/finish seams: a fault must land in the middle of a write, and a public
+# hook there would exist only for tests.
+
 SHARD = 150  # small shards: output shard boundaries fall inside parts and across part boundaries
 
 

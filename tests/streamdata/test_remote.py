@@ -16,6 +16,10 @@ from streamdata.convert import convert_store
 from streamdata.format import MANIFEST_NAME
 from streamdata.verify import verify_store
 
+# Faults (a kill, a crash, a full disk, a network failure) are injected by patching the storage
+# layer's private write/rename/finish seams: a fault must land in the middle of a write, and a public
+# hook there would exist only for tests.
+
 
 @pytest.fixture
 def mem_url():

@@ -23,6 +23,10 @@ from streamdata.output import LEDGER_FILE, STAGING_DIR, prepare_output
 from streamdata.verify import verify_store
 from streamdata.writer import StoreWriter
 
+# Faults (a kill, a crash, a full disk, a network failure) are injected by patching the storage
+# layer's private write/rename/finish seams: a fault must land in the middle of a write, and a public
+# hook there would exist only for tests.
+
 CHUNK = 4096  # tiny inner chunks so a few hundred thousand tokens cross many chunks and shards
 PER_SHARD = 4  # shard = 16384 tokens
 
