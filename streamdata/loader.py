@@ -28,8 +28,9 @@ Memory stays bounded for stores larger than RAM: the reader calls ``store.releas
 cursor (numpy backend: ``madvise(DONTNEED)`` + ``posix_fadvise(DONTNEED)``) and ``store.prefetch``
 ahead of it. Batch tensors are fresh allocations (never views of the ring), so a consumer may keep
 them as long as it likes. Nothing grows with the stream's length either: the plan is lazy
-(:mod:`streamdata.windows`), the reader tabulates ``table_windows`` windows at a time (:class:`LoaderTuning`), and the
-document index is the store's own (memory-mapped for npy stores), read a batch's span at a time.
+(:mod:`streamdata.windows`), the reader tabulates ``table_windows`` windows at a time
+(:class:`LoaderTuning`), and the document index is the store's own (memory-mapped for npy stores),
+read a batch's span at a time.
 """
 
 from __future__ import annotations
@@ -247,13 +248,13 @@ class LoaderTuning:
       one per batch (a syscall each, and the page cache works in pages anyway).
     - ``join_timeout_s``: seconds ``close()`` waits for a reader thread to exit (a store read can
       block, e.g. on a network FS); after it, a RuntimeWarning, and the thread's ring is abandoned.
-    - ``plan``: the plan's block sizes (:class:`~streamdata.windows.PlanBlocks`).
+    - ``plan_blocks``: the plan's block sizes (:class:`~streamdata.windows.PlanBlocks`).
     """
 
     table_windows: int = 1 << 15
     hint_tokens: int = 1 << 22
     join_timeout_s: float = 60.0
-    plan: PlanBlocks = PlanBlocks()
+    plan_blocks: PlanBlocks = PlanBlocks()
 
     def __post_init__(self):
         fix = "pass e.g. LoaderTuning() for the defaults"
@@ -262,8 +263,8 @@ class LoaderTuning:
         t = self.join_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
             raise ConfigError(f"join_timeout_s={t!r} must be a number of seconds > 0: {fix}")
-        if not isinstance(self.plan, PlanBlocks):
-            raise ConfigError(f"plan={self.plan!r} is not a PlanBlocks: pass streamdata.windows.PlanBlocks(...)")
+        if not isinstance(self.plan_blocks, PlanBlocks):
+            raise ConfigError(f"plan_blocks={self.plan_blocks!r} is not a PlanBlocks: pass streamdata.windows.PlanBlocks(...)")
 
 
 class _ClosesOnExit:
@@ -379,7 +380,7 @@ class WindowLoader(_ClosesOnExit):
         # The store's own index (memory-mapped for npy stores; checked when the store was opened, so
         # the plan skips its monotonicity pass). The plan and the reader read it block by block.
         offsets = self.store.doc_offsets
-        full = plan_windows(offsets, spec, check=False, blocks=self.tuning.plan)
+        full = plan_windows(offsets, spec, check=False, blocks=self.tuning.plan_blocks)
         if batch_windows is not None and batch_tokens is not None:
             raise ConfigError(f"batch_windows={batch_windows} and batch_tokens={batch_tokens} are both set: pass only one")
         if batch_windows is not None:

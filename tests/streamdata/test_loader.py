@@ -87,7 +87,7 @@ def tuning(request):
     """Run a test with the default table/group sizes and again with tiny ones, so a pass crosses
     many batch tables (the reader's blocks of windows) and many groups of the lazy plan."""
     if request.param == "tiny":
-        return LoaderTuning(table_windows=5, plan=PlanBlocks(index_docs=2, pass_docs=3))
+        return LoaderTuning(table_windows=5, plan_blocks=PlanBlocks(index_docs=2, pass_docs=3))
     return LoaderTuning()
 
 
@@ -320,7 +320,7 @@ def test_tuning_errors_are_one_line(stores):
         (lambda: LoaderTuning(hint_tokens=True), "hint_tokens=True"),
         (lambda: LoaderTuning(join_timeout_s=0), "join_timeout_s=0"),
         (lambda: LoaderTuning(join_timeout_s=float("nan")), "join_timeout_s=nan"),
-        (lambda: LoaderTuning(plan=(2, 3)), "plan=(2, 3)"),
+        (lambda: LoaderTuning(plan_blocks=(2, 3)), "plan_blocks=(2, 3)"),
         (lambda: PlanBlocks(index_docs=0), "index_docs=0"),
         (lambda: PlanBlocks(pass_docs=2.5), "pass_docs=2.5"),
         (lambda: WindowLoader(stores["u16"], chunk_size=8, device="cpu", tuning={"table_windows": 5}), "tuning="),
