@@ -156,14 +156,14 @@ def _blocks(col: Any, n: int, size: int) -> Any:
             yield np.asarray(col[lo:hi]).tolist()
 
 
-#: Rows per block when a CSV is written (64Ki rows: a few MB of Python objects at a time).
+#: Rows per block when a CSV is written (64Ki rows: a few MB of Python objects at a time); the
+#: default of :func:`write_report`'s ``csv_block``.
 CSV_BLOCK = BLOCK // 16
 
 
-def _write_csv(path: Path, header: list[str], columns: list[Any], n: int) -> None:
-    """Rows ``0..n-1`` of ``columns`` (arrays, memmaps, BlockViews, ranges or None), written block
-    by block: memory is one block whatever ``n``."""
-    block = CSV_BLOCK
+def _write_csv(path: Path, header: list[str], columns: list[Any], n: int, block: int) -> None:
+    """Rows ``0..n-1`` of ``columns`` (arrays, memmaps, BlockViews, ranges or None), written
+    ``block`` rows at a time: memory is one block whatever ``n``."""
     tmp = temporary(path)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -174,8 +174,10 @@ def _write_csv(path: Path, header: list[str], columns: list[Any], n: int) -> Non
 
 
 def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any] | None = None,
-                 store: Any = None, model: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Path]:
-    """Write the report files for ``res`` (an ``evaluate_streaming_with_metrics`` result) into ``out``."""
+                 store: Any = None, model: dict[str, Any] | None = None, plots: bool = True,
+                 csv_block: int = CSV_BLOCK) -> dict[str, Path]:
+    """Write the report files for ``res`` (an ``evaluate_streaming_with_metrics`` result) into ``out``.
+    ``csv_block``: rows per block of a CSV (the files are the same whatever it is; memory is one block)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -195,7 +197,7 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
         n = len(res["chunk_losses"])
         files["chunks"] = out / REPORT_FILES["chunks"]
         _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds"],
-                   [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times")], n)
+                   [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times")], n, csv_block)
     docs = res.get("per_document")
     if docs is not None:
         nd = len(docs["tokens"])
@@ -204,14 +206,14 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
         _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words",
                                         "complete", *extra],
                    [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"], docs.get("bytes"),
-                    docs.get("words"), docs["complete"], *(docs[k] for k in extra)], nd)
+                    docs.get("words"), docs["complete"], *(docs[k] for k in extra)], nd, csv_block)
     pos = res.get("position_buckets")
     if pos is not None:
         files["positions"] = out / REPORT_FILES["positions"]
         extra = [k for k in ("loss_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in pos]
         _write_csv(files["positions"], ["position_lo", "position_hi", "tokens", "loss", "perplexity", *extra],
                    [pos["lo"], pos["hi"], pos["tokens"], pos["loss"], pos["perplexity"], *(pos[k] for k in extra)],
-                   len(pos["hi"]))
+                   len(pos["hi"]), csv_block)
     if plots:
         files.update(_plots(res, out))
     # results.json last: its presence means the report is complete
