@@ -74,10 +74,10 @@ DEFAULT_CORPUS_PREFIX = "stdlib:"
 SAMPLE_BY = ("document", "paragraph", "line")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
-#: rows whose text lengths are planned at once (materialised datasets): bounds the planner's memory
-#: (8 bytes a row) whatever the dataset's size
+#: rows whose text lengths are planned at once (materialised datasets; Source.batches' plan_rows):
+#: bounds the planner's memory (8 bytes a row) whatever the dataset's size
 _PLAN_ROWS = 8192
-#: documents read per step from a streaming dataset before they are regrouped by bytes
+#: documents read per step from a streaming dataset before they are regrouped by bytes (read_rows)
 _STREAM_READ_ROWS = 64
 
 
@@ -228,13 +228,14 @@ class Source:
         """Number of documents, or None for a streaming dataset (unknown until the end)."""
         return None if self.spec.streaming else len(self.dataset)
 
-    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None) -> Iterator[list[str] | IdsBatch]:
+    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None, *, plan_rows: int = _PLAN_ROWS,
+                read_rows: int = _STREAM_READ_ROWS) -> Iterator[list[str] | IdsBatch]:
         """:meth:`documents` without the origins."""
-        for batch, _ in self.documents(max_bytes, skip, max_docs):
+        for batch, _ in self.documents(max_bytes, skip, max_docs, plan_rows=plan_rows, read_rows=read_rows):
             yield batch
 
-    def documents(self, max_bytes: int, skip: int = 0,
-                  max_docs: int | None = None) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
+    def documents(self, max_bytes: int, skip: int = 0, max_docs: int | None = None, *, plan_rows: int = _PLAN_ROWS,
+                  read_rows: int = _STREAM_READ_ROWS) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
         """Yield lists of document texts in order, starting after the first ``skip`` documents,
         each with its documents' :class:`Origins`.
 
@@ -242,17 +243,21 @@ class Source:
         most ``max_docs`` documents): the tokenizer's memory follows a batch's text, not its document
         count. Documents are never split; one larger than ``max_bytes`` is a batch of its own.
         With ``spec.ids_column`` the batches are :class:`IdsBatch`, sized at 8 bytes an id.
+        ``plan_rows``: rows whose sizes a materialised dataset plans at once (memory: 8 bytes a row);
+        ``read_rows``: rows a streaming dataset reads per step. Neither changes the batches.
         """
-        if max_bytes < 1 or (max_docs is not None and max_docs < 1):
-            raise ConfigError(f"batches: max_bytes={max_bytes} and max_docs={max_docs} must be >= 1")
+        if max_bytes < 1 or (max_docs is not None and max_docs < 1) or plan_rows < 1 or read_rows < 1:
+            raise ConfigError(f"batches: max_bytes={max_bytes}, max_docs={max_docs}, plan_rows={plan_rows} and "
+                              f"read_rows={read_rows} must be >= 1")
         if self.spec.streaming:
-            yield from self._stream_batches(max_bytes, skip, max_docs)
+            yield from self._stream_batches(max_bytes, skip, max_docs, read_rows)
         else:
-            yield from self._planned_batches(max_bytes, skip, max_docs)
+            yield from self._planned_batches(max_bytes, skip, max_docs, plan_rows)
 
-    def _planned_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
+    def _planned_batches(self, max_bytes: int, skip: int, max_docs: int | None,
+                         plan_rows: int) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
         """Materialised dataset: batch boundaries come from the text lengths Arrow already stores
-        (no Python string is made to plan), _PLAN_ROWS rows at a time."""
+        (no Python string is made to plan), ``plan_rows`` rows at a time."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -262,8 +267,8 @@ class Source:
         arrow = ds.with_format("arrow")  # honours an indices mapping (e.g. the blank-unit filter)
         mapped = [c["filename"] for c in (getattr(ds, "cache_files", None) or []) if c.get("filename")]
         start, pending = skip, 0  # the batch being planned: rows [start, c0 + i), ``pending`` bytes
-        for c0 in range(skip, n, _PLAN_ROWS):
-            column = arrow[c0 : min(n, c0 + _PLAN_ROWS)][col]
+        for c0 in range(skip, n, plan_rows):
+            column = arrow[c0 : min(n, c0 + plan_rows)][col]
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
             elif self.spec.ids_column is not None and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
@@ -340,9 +345,9 @@ class Source:
         _check_texts(texts, self.spec.text_column, lo)
         return texts
 
-    def _stream_batches(self, max_bytes: int, skip: int,
-                        max_docs: int | None) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
-        """IterableDataset: read _STREAM_READ_ROWS rows at a time (file by file, see :meth:`_pieces`),
+    def _stream_batches(self, max_bytes: int, skip: int, max_docs: int | None,
+                        read_rows: int) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
+        """IterableDataset: read ``read_rows`` rows at a time (file by file, see :meth:`_pieces`),
         drop blank units and the first ``skip`` documents, and regroup the rest by bytes."""
         import numpy as np
 
@@ -359,7 +364,7 @@ class Source:
 
         for piece, file, row0, row in self._pieces(skip):
             docs += row  # rows datasets skipped for us
-            it = (piece.with_format("arrow") if ids else piece).iter(batch_size=_STREAM_READ_ROWS)
+            it = (piece.with_format("arrow") if ids else piece).iter(batch_size=read_rows)
             while True:
                 try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
                     chunk = next(it)[col]

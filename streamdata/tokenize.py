@@ -654,24 +654,27 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source:
             bar.close()
 
 
-#: characters per slice when counting a long document's words: str.split() on a whole 50 MB document
-#: would hold a list of all its words at once (~60 bytes each)
+#: characters per slice when counting a long document's words (count_words' slice_chars): str.split()
+#: on a whole 50 MB document would hold a list of all its words at once (~60 bytes each)
 _WORDS_SLICE = 1 << 20
 
 
-def count_words(text: str) -> int:
+def count_words(text: str, slice_chars: int = _WORDS_SLICE) -> int:
     r"""Words of ``text`` by lm-evaluation-harness's rule (:data:`~streamdata.format.WORD_RULE`):
     ``len(re.split(r"\s+", text))``, i.e. whitespace runs + 1, so leading and trailing whitespace
     each count an empty word and ``""`` counts 1.
 
     Computed from ``str.split()`` (same whitespace as ``\s``, ~2x faster than the regex and no list
     of empty strings): a slice with ``w`` words holds ``w - 1`` runs between them plus one at each
-    whitespace end, or exactly 1 when it is all whitespace. Long texts are counted slice by slice in
-    bounded memory; a whitespace run cut by a slice boundary (whitespace on both sides) is one run.
+    whitespace end, or exactly 1 when it is all whitespace. Long texts are counted slice by slice
+    (``slice_chars`` characters, >= 1; the count does not depend on it) in bounded memory; a
+    whitespace run cut by a slice boundary (whitespace on both sides) is one run.
     """
+    if slice_chars < 1:
+        raise ConfigError(f"slice_chars={slice_chars} must be >= 1")
     runs, prev_ws = 0, False
-    for lo in range(0, len(text), _WORDS_SLICE):
-        part = text[lo : lo + _WORDS_SLICE]
+    for lo in range(0, len(text), slice_chars):
+        part = text[lo : lo + slice_chars]
         w = len(part.split())
         first_ws = part[0].isspace()
         runs += 1 if w == 0 else w - 1 + first_ws + part[-1].isspace()
