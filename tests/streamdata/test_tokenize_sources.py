@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamdata import ConfigError, TokenizerError, convert_store, open_store, tokenize_dataset
+from streamdata import ConfigError, StoreError, TokenizerError, convert_store, open_store, tokenize_dataset
 from streamdata.cli import main
 from streamdata.format import SOURCE_ARRAYS, read_manifest
 from streamdata.merge import merge_parts
@@ -47,10 +47,10 @@ def two_files(tmp_path):
             write_jsonl(tmp_path / "c.jsonl", C)]
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_jsonl_files_record_file_and_row(tmp_path, two_files, bpe_tokenizer, streaming):
+@pytest.mark.parametrize("streaming,fmt", [(False, "npy"), (True, "npy"), (False, "zarr")])
+def test_jsonl_files_record_file_and_row(tmp_path, two_files, bpe_tokenizer, streaming, fmt):
     m = tokenize_dataset(source=[str(f) for f in two_files], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"),
-                         streaming=streaming, batch_bytes=20)
+                         streaming=streaming, batch_bytes=20, format=fmt)
     assert m.format_version == 3 and [Path(f).name for f in m.source_files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert [x.name for x in m.index][-2:] == list(SOURCE_ARRAYS)
     assert sources(tmp_path / "s") == expected(("a.jsonl", A), ("b.jsonl", B), ("c.jsonl", C))
@@ -78,12 +78,17 @@ def test_parquet_and_saved_dataset(tmp_path, bpe_tokenizer):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_text_lines_record_the_line_counting_blank_ones(tmp_path, bpe_tokenizer, streaming):
-    (tmp_path / "t1.txt").write_text("l zero\n\nl two\n   \nl four\n")
+@pytest.mark.parametrize("sample_by,want", [
+    ("line", [("t1.txt", 0), ("t1.txt", 4), ("t2.txt", 0), ("t2.txt", 1)]),
+    ("paragraph", [("t1.txt", 0), ("t1.txt", 2), ("t2.txt", 0)]),
+    ("document", [("t1.txt", 0), ("t2.txt", 0)])])
+def test_text_files_record_the_unit_counting_blank_ones(tmp_path, bpe_tokenizer, streaming, sample_by, want):
+    # lines "l zero", "", " ", "", "l four"; paragraphs (split at blank lines) "l zero", " ", "l four\n"
+    (tmp_path / "t1.txt").write_text("l zero\n\n \n\nl four\n")
     (tmp_path / "t2.txt").write_text("m zero\nm one")
     tokenize_dataset(source=[str(tmp_path / "t1.txt"), str(tmp_path / "t2.txt")], tokenizer=str(bpe_tokenizer),
-                     out=str(tmp_path / "s"), sample_by="line", streaming=streaming)
-    assert sources(tmp_path / "s") == [("t1.txt", 0), ("t1.txt", 2), ("t1.txt", 4), ("t2.txt", 0), ("t2.txt", 1)]
+                     out=str(tmp_path / "s"), sample_by=sample_by, streaming=streaming)
+    assert sources(tmp_path / "s") == want
 
 
 def test_resume_after_a_crash_keeps_sources(tmp_path, two_files, bpe_tokenizer, monkeypatch):
@@ -126,12 +131,24 @@ def test_parts_merge_and_convert_keep_sources(tmp_path, two_files, bpe_tokenizer
         assert sources(tmp_path / p) == want and verify_store(tmp_path / p).ok
 
 
-def test_ids_column_records_rows(tmp_path):
-    rows = [[1, 2, 3], [4], [5, 6]]
-    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
-    tokenize_dataset(source=str(tmp_path / "ids.jsonl"), tokenizer=None, ids_column="input_ids", vocab_size=10,
-                     out=str(tmp_path / "s"))
-    assert sources(tmp_path / "s") == [("ids.jsonl", r) for r in range(3)]
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ids_column_records_rows(tmp_path, streaming):
+    rows = {"i0.jsonl": [[1, 2, 3], [4], [5, 6]], "i1.jsonl": [[7], [], [8, 9]]}
+    for name, rs in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rs))
+    tokenize_dataset(source=[str(tmp_path / n) for n in rows], tokenizer=None, ids_column="input_ids", vocab_size=10,
+                     out=str(tmp_path / "s"), streaming=streaming, batch_bytes=16)
+    assert sources(tmp_path / "s") == [(n, r) for n, rs in rows.items() for r in range(len(rs))]
+
+
+def test_manifest_lists_sources_whole_or_not_at_all(tmp_path, two_files, bpe_tokenizer):
+    tokenize_dataset(source=[str(f) for f in two_files], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"))
+    path = tmp_path / "s" / "manifest.json"
+    d = json.loads(path.read_text())
+    del d["source_files"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(StoreError, match="come together"):
+        open_store(tmp_path / "s")
 
 
 def test_stores_without_sources_report_none(make_store):
