@@ -296,6 +296,8 @@ def _describe_source(src: dict) -> str:
         return f"{len(files)} {src.get('builder')} file(s) ({first}{', ...' if len(files) > 1 else ''}), column {src.get('text_column')!r}"
     if kind == "saved":
         return f"saved dataset {src.get('path')} split={src.get('split')}"
+    if kind == "default":  # records the number of files, not their list
+        return f"embedded corpus {src.get('id')} ({src.get('files')} standard-library files of Python {src.get('python')})"
     imported = _describe_import(src)
     return imported if imported is not None else json.dumps(src)[:120]
 

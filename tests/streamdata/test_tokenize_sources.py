@@ -222,3 +222,16 @@ def test_show_doc_needs_a_usable_tokenizer(tmp_path, two_files, bpe_tokenizer, c
     capsys.readouterr()
     assert main(["show", str(tmp_path / "ids"), "--doc", "0"]) == 2
     assert "pass --tokenizer PATH" in capsys.readouterr().err
+
+
+def test_info_on_the_embedded_corpus_store(tmp_path, capsys):
+    """The embedded corpus records its file count, not a file list: info described it as an import
+    and failed with a TypeError (files[0] of an int)."""
+    tokenize_dataset(source="stdlib:train", tokenizer="default", out=str(tmp_path / "s"), max_docs=2)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s")]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["source"].startswith("embedded corpus stdlib:train (") and "Python" in rows["source"]
+    assert rows["sources"].startswith("per document: file and row")
+    with open_store(tmp_path / "s") as s:
+        assert np.asarray(s.doc_sources.row[:]).tolist() == [0, 0]  # one document per file
