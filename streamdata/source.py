@@ -319,14 +319,13 @@ class Source:
         return Origins(f + self.file_base, pos - self.file_rows[f])
 
     def _pieces(self, skip: int) -> Iterator[tuple[Any, int, int | None, int]]:
-        """A streaming dataset as (piece, file, first row, rows skipped) in order: one piece per local
-        file when there are several (so rows count within each file), else the dataset itself,
-        whose first ``skip`` rows are skipped by datasets when no blank filter applies."""
+        """A streaming dataset as (piece, file, its first row's number or None when not known, rows
+        datasets skipped) in order: one piece per local file when there are several (so rows count
+        within each file, and skipped documents are read and dropped by the caller), else the
+        dataset itself, whose first ``skip`` rows datasets skips when no blank filter applies."""
         ds = self.dataset
-        if self.kind in ("saved", "hub"):
-            if not self.skip_blank and skip:
-                ds = ds.skip(skip)
-            yield ds, -1, self.row_base, 0 if self.skip_blank else skip
+        if self.kind in ("saved", "hub"):  # never blank-filtered (plain-text files only)
+            yield (ds.skip(skip) if skip else ds), -1, self.row_base, skip
             return
         n = len(self.files)
         if n == 1 or getattr(ds, "n_shards", None) != n:
@@ -362,7 +361,7 @@ class Source:
         def flush() -> tuple[list[str] | IdsBatch, Origins]:
             return (_join(items) if ids else items), Origins(np.array(files, np.int64), np.array(rows, np.int64))
 
-        for piece, file, row0, row in self._pieces(skip):
+        for piece, file, row0, row in self._pieces(skip):  # row: rows of the piece read (or skipped) so far
             docs += row  # rows datasets skipped for us
             it = (piece.with_format("arrow") if ids else piece).iter(batch_size=read_rows)
             while True:

@@ -8,8 +8,9 @@ Checks, in order (a defect stops only the checks that depend on it):
    non-negative and sum to the totals);
 2. per manifest shard: sha256 of its little-endian token bytes equals the recorded checksum, and
    every token id is below the tokenizer's vocabulary size;
-3. per document-index array (the source arrays too, when recorded): its checksum (:func:`streamdata.format.index_sha256`) equals the one in
-   ``manifest.index``. Version-1 stores have no index checksums: a note says so (not a defect).
+3. per document-index array (the source arrays too, when recorded): its checksum
+   (:func:`streamdata.format.index_sha256`) equals the one in ``manifest.index``. Version-1 stores
+   have no index checksums: a note says so (not a defect).
 Notes (facts, not defects) also say when the words were counted by the older ``str-split`` rule
 (stores written before ``word_rule`` was recorded): their word perplexity is not lm-eval's.
 

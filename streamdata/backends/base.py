@@ -176,9 +176,10 @@ def check_document_index(where: str, manifest: Manifest, offsets: np.ndarray, do
     never decreases; every shard boundary is a document boundary (documents never span shards);
     byte/word counts (when known) have one entry per document, are non-negative and sum to the
     manifest totals; source arrays (when recorded) have one entry per document, files within
-    ``-1..len(source_files) - 1`` and rows >= -1. Vectorised in blocks, temporaries bounded by _CHECK_BLOCK: ~4 ns per document
-    for the three arrays together (10^7 documents: 42 ms on the 2-core build machine, page cache
-    warm), so a 10^8-document index costs ~0.4 s at open, plus reading its 2.4 GB when cold.
+    ``-1..len(source_files) - 1`` and rows >= -1. Vectorised in blocks, temporaries bounded by
+    _CHECK_BLOCK: ~4 ns per document for the three arrays together (10^7 documents: 42 ms on the
+    2-core build machine, page cache warm), so a 10^8-document index costs ~0.4 s at open, plus
+    reading its 2.4 GB when cold (the two source arrays add a pass each, and 1.6 GB).
     """
     n, n_tok = manifest.num_documents, manifest.num_tokens
     bad = f"the store is damaged, rebuild it ({where!r})"
