@@ -151,10 +151,19 @@ def test_manifest_lists_sources_whole_or_not_at_all(tmp_path, two_files, bpe_tok
         open_store(tmp_path / "s")
 
 
-def test_stores_without_sources_report_none(make_store):
-    with open_store(make_store([[1, 2], [3]])) as s:
+def test_stores_without_sources_report_none(make_store, tmp_path):
+    root = make_store([[1, 2], [3]])
+    d = json.loads((root / "manifest.json").read_text())
+    d["format_version"] = 2  # as written before sources were recorded
+    (root / "manifest.json").write_text(json.dumps(d))
+    with open_store(root) as s:
         assert s.doc_sources is None
         assert show_document(s, 1, ids_only=True).source.startswith("not recorded")
+    assert verify_store(root).ok
+    convert_store(root, tmp_path / "z", format="zarr")  # a copy of a store without sources has none either
+    assert read_manifest(tmp_path / "z").source_files is None
+    with open_store(tmp_path / "z") as s:
+        assert s.doc_sources is None
 
 
 def test_damaged_source_array_is_a_defect(tmp_path, two_files, bpe_tokenizer):
