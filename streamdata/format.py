@@ -94,12 +94,14 @@ READABLE_VERSIONS = (1, 2, 3)
 #: Where each document came from, recorded at tokenize time (version 3, both or neither; int64 per
 #: document like the other index arrays). ``doc_source_file``: an index into the manifest's
 #: ``source_files``, or -1 when the source is a dataset (hub or ``save_to_disk``), not files.
-#: ``doc_source_row``: for a file, the document's 0-based row in it: the record of a json/jsonl,
-#: parquet or csv file; for plain-text files the line (``--sample-by line``) or paragraph
-#: (``paragraph``) of the file counted from 0 with the blank ones (which are not documents), 0 for
-#: a whole file (``document``). For a dataset, its 0-based row in the split (a part's rows count
-#: from the whole dataset's start). -1: not known (a streaming hub dataset's part after the first,
-#: whose earlier data files' rows were never counted).
+#: ``doc_source_row``: for a file, the document's 0-based row in it, as datasets' builder reads it:
+#: the record of a json/jsonl, parquet or csv file; for plain-text files with ``--sample-by line``
+#: the line (universal newlines), blank lines counted though they are not documents; with
+#: ``paragraph`` the piece between blank lines (``"\n\n"``), whitespace-only pieces counted
+#: (datasets itself drops the empty ones a run of 3+ newlines makes); 0 for a whole file
+#: (``document``). For a dataset, its 0-based row in the split (a part's rows count from the whole
+#: dataset's start). -1: not known (a streaming hub dataset's part after the first, whose earlier
+#: data files' rows were never counted; an Arrow cache reused from an older run's --cache-dir).
 SOURCE_ARRAYS = ("doc_source_file", "doc_source_row")
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
