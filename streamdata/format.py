@@ -100,8 +100,9 @@ READABLE_VERSIONS = (1, 2, 3)
 #: ``paragraph`` the piece between blank lines (``"\n\n"``), whitespace-only pieces counted
 #: (datasets itself drops the empty ones a run of 3+ newlines makes); 0 for a whole file
 #: (``document``). For a dataset, its 0-based row in the split (a part's rows count from the whole
-#: dataset's start). -1: not known (a streaming hub dataset's part after the first, whose earlier
-#: data files' rows were never counted; an Arrow cache reused from an older run's --cache-dir).
+#: dataset's start). -1 rows: not known (a streaming hub dataset's part after the first, whose
+#: earlier data files' rows were never counted); -1 in both arrays: nothing known (local files whose
+#: row counts datasets did not record: an Arrow cache reused from an older run's --cache-dir).
 SOURCE_ARRAYS = ("doc_source_file", "doc_source_row")
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"

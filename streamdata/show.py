@@ -42,7 +42,7 @@ def describe_source(file: str | None, row: int | None, recorded: bool = True) ->
     if not recorded:
         return "not recorded in this store (written before format version 3, or an import)"
     if file is None:
-        return "unknown row of the dataset" if row is None else f"dataset row {row}"
+        return "not known" if row is None else f"dataset row {row}"
     return f"{file} row {row}" if row is not None else f"{file} (row unknown)"
 
 
