@@ -244,3 +244,13 @@ def test_info_on_the_embedded_corpus_store(tmp_path, capsys):
     assert rows["sources"].startswith("per document: file and row")
     with open_store(tmp_path / "s") as s:
         assert np.asarray(s.doc_sources.row[:]).tolist() == [0, 0]  # one document per file
+
+
+def test_a_reused_cache_without_row_counts_records_sources_as_not_known(tmp_path, two_files, bpe_tokenizer):
+    import datasets
+
+    files = [str(f) for f in two_files]
+    datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))  # no counts kept
+    tokenize_dataset(source=files, tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"), cache_dir=str(tmp_path / "cache"))
+    assert sources(tmp_path / "s") == [(None, -1)] * len(A + B + C)
+    assert show_document(tmp_path / "s", 0).source == "not known"
