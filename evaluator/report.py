@@ -4,8 +4,12 @@ Files written to ``out``:
 
     results.json       scalar metrics, the resolved settings, store identity (manifest: format,
                        tokenizer, source, totals), model identity, library versions, machine, time
-    chunks.csv         one row per chunk (window): index, loss, perplexity, seconds
-    documents.csv      one row per document: tokens scored, nll, loss, perplexity, bytes, words, complete
+    chunks.csv         one row per chunk (window): index, loss, perplexity, seconds, and the first and
+                       last document its scored targets lie in (first_document, last_document)
+    documents.csv      one row per document: tokens scored, nll, loss, perplexity, bytes, words, complete,
+                       and its source as tokenize recorded it (source_file and source_row: a file and
+                       its row, or an empty file and the dataset row; both empty when the store
+                       records none): ``streamdata show STORE --doc N`` prints its text
     positions.csv      loss by position in the document, log-spaced buckets [lo, hi)
     perplexity_per_chunk.png, loss_by_position.png   (matplotlib, Agg backend; skipped with a note
                        when matplotlib is missing; over 20,000 chunks, each point is the mean
@@ -196,17 +200,20 @@ def write_report(res: dict[str, Any], out: str | Path, *, config: dict[str, Any]
     if res.get("chunk_losses") is not None:
         n = len(res["chunk_losses"])
         files["chunks"] = out / REPORT_FILES["chunks"]
-        _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds"],
-                   [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times")], n, csv_block)
+        spans = res.get("chunk_documents") or {}  # first/last document of each chunk's scored targets
+        _write_csv(files["chunks"], ["chunk", "loss", "perplexity", "seconds", "first_document", "last_document"],
+                   [range(n), res["chunk_losses"], res["chunk_perplexities"], res.get("chunk_times"),
+                    spans.get("first_document"), spans.get("last_document")], n, csv_block)
     docs = res.get("per_document")
     if docs is not None:
         nd = len(docs["tokens"])
         files["documents"] = out / REPORT_FILES["documents"]
         extra = [k for k in ("nll_reference", "kl_mean", "top1_agreement", "delta_nll_mean") if k in docs]
         _write_csv(files["documents"], ["document", "scored_tokens", "nll", "loss", "perplexity", "bytes", "words",
-                                        "complete", *extra],
+                                        "complete", "source_file", "source_row", *extra],
                    [range(nd), docs["tokens"], docs["nll"], docs["loss"], docs["perplexity"], docs.get("bytes"),
-                    docs.get("words"), docs["complete"], *(docs[k] for k in extra)], nd, csv_block)
+                    docs.get("words"), docs["complete"], docs.get("source_file"), docs.get("source_row"),
+                    *(docs[k] for k in extra)], nd, csv_block)
     pos = res.get("position_buckets")
     if pos is not None:
         files["positions"] = out / REPORT_FILES["positions"]

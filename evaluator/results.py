@@ -24,6 +24,7 @@ from .metrics import (
     summarize_chunks,
     word_perplexity,
 )
+from .provenance import SourceColumn, chunk_document_columns
 from .resolve import ResolvedRun
 from .spill import BlockView, block_sum
 
@@ -72,6 +73,7 @@ def detail(run: ResolvedRun, ed: EvalData, sums: MetricSums, files: dict[str, np
     """
     out: dict[str, Any] = summarize_chunks(files["window_nll"], files["window_tokens"])
     out["chunk_times"] = files["window_seconds"]
+    out["chunk_documents"] = chunk_document_columns(ed.doc_offsets, run.spec)  # what each chunk scored
     # Byte/word metrics count only documents scored to their end, so a max_tokens cut never
     # pairs a partial NLL with a whole document's bytes (nothing is estimated). Documents end in
     # order, so the complete ones are a prefix [0, c): found by bisection, summed in blocks.
@@ -104,6 +106,9 @@ def detail(run: ResolvedRun, ed: EvalData, sums: MetricSums, files: dict[str, np
         "bytes": doc_bytes,
         "words": doc_words,
         "complete": BlockView(lambda e: e <= limit, ends, dtype=bool),
+        # where each document came from, as tokenize recorded it (empty when the store did not)
+        "source_file": SourceColumn(ed.store, "file", nd),
+        "source_row": SourceColumn(ed.store, "row", nd),
     }
     edges, bn, bt = sums.buckets()
     last = int(np.flatnonzero(bt)[-1]) + 1 if bt.any() else 0

@@ -3,6 +3,7 @@
     streamdata tokenize SOURCE... --tokenizer T --out DIR [options]
     streamdata tokenize SOURCE... --ids-column COL --vocab-size V --out DIR [options]
     streamdata info STORE [--json]
+    streamdata show STORE --doc N [--tokenizer PATH] [--ids]
     streamdata verify STORE
     streamdata convert SRC DST [--format npy|zarr] [options]
     streamdata export SRC --to megatron|nanogpt|litdata OUT [options]
@@ -131,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
     i.add_argument("--json", action="store_true", help="print the manifest and derived figures as JSON")
 
+    sh = sub.add_parser("show", help="print one document's text (or ids), token count and source",
+                        description="Print document N of a store: a header line (its token count and its source: "
+                                    "the file and row, or the dataset row, that tokenize recorded) and its text, "
+                                    "decoded with the store's tokenizer without the BOS/EOS ids its policy added.")
+    sh.add_argument("store", help="store folder or URL (or raw .bin / Megatron / datatrove .ds files, a LitData folder)")
+    sh.add_argument("--doc", type=int, required=True, metavar="N", help="document number, 0 to documents - 1")
+    sh.add_argument("--tokenizer", metavar="PATH",
+                    help="tokenizer.json (or a folder holding one) to decode with; default: the one the manifest "
+                         "names, when it is a local file here; it must match the store's recorded tokenizer")
+    sh.add_argument("--ids", action="store_true", help="print the token ids (BOS/EOS included) instead of the text")
+
     v = sub.add_parser("verify", help="check checksums, token ids and the document index",
                        description="Verify a store: shard checksums, ids < vocab size, document index consistency. "
                                    "Exit 1 and list every defect if any is found.")
@@ -253,6 +265,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
             ("tokenizer", f"{tk.get('name')} (vocab {tk.get('vocab_size')}, sha256 {str(tk.get('sha256'))[:12]})"),
             ("special", f"bos={sp.get('bos')} ({sp.get('bos_token')}), eos={sp.get('eos')} ({sp.get('eos_token')})"),
             ("source", _describe_source(src)),
+            ("sources", "per document: file and row (see 'streamdata show STORE --doc N')" if s.doc_sources is not None
+             else "per document: not recorded"),
         ]
         w = max(len(k) for k, _ in rows)
         for k, val in rows:
@@ -282,6 +296,8 @@ def _describe_source(src: dict) -> str:
         return f"{len(files)} {src.get('builder')} file(s) ({first}{', ...' if len(files) > 1 else ''}), column {src.get('text_column')!r}"
     if kind == "saved":
         return f"saved dataset {src.get('path')} split={src.get('split')}"
+    if kind == "default":  # records the number of files, not their list
+        return f"embedded corpus {src.get('id')} ({src.get('files')} standard-library files of Python {src.get('python')})"
     imported = _describe_import(src)
     return imported if imported is not None else json.dumps(src)[:120]
 
@@ -309,6 +325,18 @@ def _describe_import(src: dict) -> str | None:
         return (f"LitData {src.get('path')} ({len(files) - 1} chunk(s), {src.get('data_format')}): {src.get('file_dtype')} "
                 f"ids (recorded in index.json); documents: {src.get('documents')} ({src.get('items')} items)")
     return None
+
+
+def _cmd_show(a: argparse.Namespace) -> int:
+    from .show import show_document
+
+    d = show_document(a.store, a.doc, tokenizer=a.tokenizer, ids_only=a.ids)
+    print(d.header())
+    if a.ids:
+        print(" ".join(str(int(x)) for x in d.ids))
+    else:
+        sys.stdout.write(d.text if d.text.endswith("\n") else d.text + "\n")
+    return 0
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
@@ -384,7 +412,7 @@ def quiet_datasets() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "verify": _cmd_verify, "convert": _cmd_convert,
+    cmd = {"tokenize": _cmd_tokenize, "info": _cmd_info, "show": _cmd_show, "verify": _cmd_verify, "convert": _cmd_convert,
            "export": _cmd_export, "merge": _cmd_merge}[args.command]
     try:
         rc = cmd(args)

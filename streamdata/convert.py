@@ -135,7 +135,7 @@ class _NarrowedStore(TokenStore):
         self._inner = inner
         self.path = inner.path
         self.manifest = dataclasses.replace(inner.manifest, dtype=dtype)
-        self._offsets, self._bytes, self._words = inner.doc_offsets, inner.doc_bytes, inner.doc_words
+        self._index_of(inner)
         self._buf = np.empty(0, dtype=inner.dtype)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
@@ -209,7 +209,8 @@ def _to_npy(store: TokenStore, checked: TokenStore, dst: Path, extra: dict, shar
             checked.verified_all()
         created = {**m.created_by, "converted_by": {"tool": "streamdata.convert", "python": sys.version.split()[0]}}
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
-                        created_by=created, extra=extra, word_rule=word_rule_of(m))
+                        created_by=created, extra=extra, word_rule=word_rule_of(m),
+                        source_files=None if store.doc_sources is None else store.doc_sources.files)
     except BaseException:
         w.abort()
         raise

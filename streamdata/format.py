@@ -1,4 +1,4 @@
-"""On-disk layout of a token store (format version 2), and the manifest that seals it.
+"""On-disk layout of a token store (format version 3), and the manifest that seals it.
 
 This module is the single description of the bytes on disk; the writer
 (:mod:`streamdata.writer`) and the readers (:mod:`streamdata.backends`) point back here.
@@ -15,6 +15,9 @@ Layout of a ``npy`` store::
       index/doc_bytes.npy           int64 [num_documents]: UTF-8 bytes of each document's text
       index/doc_words.npy           int64 [num_documents]: words of each document's text, counted by
                                     the manifest's ``word_rule`` (see WORD_RULES)
+      index/doc_source_file.npy     int64 [num_documents]: where each document came from (version 3,
+      index/doc_source_row.npy      optional): an index into the manifest's ``source_files`` (-1: a
+                                    dataset, not a file) and the row there (see SOURCE_ARRAYS)
       _build/                       only while building (see streamdata.output and the writer):
         streamdata-build.json       the build ledger: our marker, the settings, each source file's
                                     size/mtime/digest, the finished shards; written before anything else
@@ -28,8 +31,10 @@ Manifest (``manifest.json``, :class:`Manifest`): ``format`` (npy | zarr), ``form
 file, length and :func:`index_sha256` of each document-index array), ``totals`` (tokens, documents,
 bytes, words), ``word_rule`` (how the words were counted: :data:`WORD_RULES`; absent in stores
 written before it was recorded, whose words are ``str.split()`` counts, :data:`LEGACY_WORD_RULE`),
-``created_by`` and ``extra`` (``build_settings``: the identity a rerun compares).
+``created_by`` and ``extra`` (``build_settings``: the identity a rerun compares), and since version 3
+``source_files`` (the files ``doc_source_file`` indexes; absent: the store records no sources).
 Version-1 stores (no ``index``) still open; ``verify`` says their index has no checksums.
+Version-2 stores (and imports) have no source arrays: readers report an empty source.
 
 Token address space: shards are concatenated in order, so token ``i`` of the store is token
 ``i - shards[k].start`` of shard ``k``. A document's span includes the EOS/BOS ids the policy adds
@@ -66,6 +71,7 @@ __all__ = [
     "WORD_RULES",
     "word_rule_of",
     "IndexInfo",
+    "SOURCE_ARRAYS",
     "index_sha256",
     "resolve_inside",
     "MANIFEST_NAME",
@@ -79,10 +85,25 @@ __all__ = [
     "sha256_file",
 ]
 
-#: Version written by this code. 2 added ``index`` (a checksum per document-index array).
-FORMAT_VERSION = 2
+#: Version written by this code. 2 added ``index`` (a checksum per document-index array); 3 the
+#: optional source arrays (SOURCE_ARRAYS) and ``source_files`` (a version-2 reader would call
+#: their index entries damage, so the version says it instead).
+FORMAT_VERSION = 3
 #: Versions this code opens (version-1 stores have no index checksums; verify says so).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: Where each document came from, recorded at tokenize time (version 3, both or neither; int64 per
+#: document like the other index arrays). ``doc_source_file``: an index into the manifest's
+#: ``source_files``, or -1 when the source is a dataset (hub or ``save_to_disk``), not files.
+#: ``doc_source_row``: for a file, the document's 0-based row in it, as datasets' builder reads it:
+#: the record of a json/jsonl, parquet or csv file; for plain-text files with ``--sample-by line``
+#: the line (universal newlines), blank lines counted though they are not documents; with
+#: ``paragraph`` the piece between blank lines (``"\n\n"``), whitespace-only pieces counted
+#: (datasets itself drops the empty ones a run of 3+ newlines makes); 0 for a whole file
+#: (``document``). For a dataset, its 0-based row in the split (a part's rows count from the whole
+#: dataset's start). -1 rows: not known (a streaming hub dataset's part after the first, whose
+#: earlier data files' rows were never counted); -1 in both arrays: nothing known (local files whose
+#: row counts datasets did not record: an Arrow cache reused from an older run's --cache-dir).
+SOURCE_ARRAYS = ("doc_source_file", "doc_source_row")
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 INDEX_DIR = "index"
@@ -218,6 +239,8 @@ class Manifest:
     index: list[IndexInfo] = field(default_factory=list)  # empty in version-1 stores and imports
     #: how doc_words were counted (a WORD_RULES key); None: not recorded (see :func:`word_rule_of`)
     word_rule: str | None = None
+    #: the files ``doc_source_file`` indexes (SOURCE_ARRAYS); None: the store records no sources
+    source_files: list[str] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -230,8 +253,9 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d["shards"] = [{k: v for k, v in s.items() if k not in ("start", "doc_start")} for s in d["shards"]]
-        if d["word_rule"] is None:  # not recorded: the JSON stays what it was (store digests unchanged)
-            del d["word_rule"]
+        for k in ("word_rule", "source_files"):
+            if d[k] is None:  # not recorded: the JSON stays what it was (store digests unchanged)
+                del d[k]
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -283,6 +307,16 @@ class Manifest:
         if word_rule is not None and word_rule not in WORD_RULES:
             raise StoreError(f"{where}: word_rule {word_rule!r} is unknown (this reader knows {', '.join(WORD_RULES)}): "
                              "upgrade streamdata, or rebuild the store")
+        source_files = None
+        if "source_files" in d:
+            source_files = f.list(d, "source_files")
+            for i, x in enumerate(source_files):
+                if not isinstance(x, str):
+                    raise f._bad(f"source_files[{i}]", x, "a string")
+        names = {x.name for x in index}
+        if (source_files is not None) != (set(SOURCE_ARRAYS) <= names) or len(names & set(SOURCE_ARRAYS)) == 1:
+            raise StoreError(f"{where}: the source arrays {', '.join(SOURCE_ARRAYS)} and source_files come together, "
+                             "but only some are listed: the manifest was edited or damaged; rebuild the store")
         m = cls(
             dtype=f.str(d, "dtype"),
             tokenizer=tokenizer,
@@ -296,6 +330,7 @@ class Manifest:
             extra=f.dict(d, "extra") if "extra" in d else {},
             index=index,
             word_rule=word_rule,
+            source_files=source_files,
         )
         numpy_dtype(m.dtype)
         if start != m.num_tokens or doc_start != m.num_documents:

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import TokenStore, open_store
-from .backends.base import ChecksummedReads
+from .backends.base import ChecksummedReads, DocSources
 from .backends.zarr import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS_PER_SHARD, check_compression, is_url
 from .errors import ConfigError, StoreError
 from .format import BUILD_DIR, DEFAULT_SHARD_TOKENS, MANIFEST_NAME, STORE_FORMATS, Manifest, ShardInfo, word_rule_of
@@ -333,6 +333,11 @@ class _Concatenated(TokenStore):
         self._offsets = _Joined([p.store.doc_offsets for p in parts], [p.tokens_start for p in parts], offsets=True)
         self._bytes = None if any(p.store.doc_bytes is None for p in parts) else _Joined([p.store.doc_bytes for p in parts])
         self._words = None if any(p.store.doc_words is None for p in parts) else _Joined([p.store.doc_words for p in parts])
+        # sources: a part's rows count from the whole source's start and its files index the whole
+        # source's list (streamdata.source), so they are joined as they are; all parts or none
+        srcs = [p.store.doc_sources for p in parts]
+        if all(x is not None and x.files == srcs[0].files for x in srcs):
+            self._sources = DocSources(list(srcs[0].files), _Joined([x.file for x in srcs]), _Joined([x.row for x in srcs]))
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         for p in self._parts:
@@ -398,7 +403,8 @@ def _to_npy(view: _Concatenated, cfg: MergeConfig, settings: dict[str, Any]) -> 
             copy_documents(p.checked, w, cfg.block_tokens, done - p.docs_start)
         view.verified_all()
         return w.commit(tokenizer=dict(m.tokenizer), special_tokens=dict(m.special_tokens), source=dict(m.source),
-                        created_by=m.created_by, extra=m.extra, word_rule=m.word_rule)
+                        created_by=m.created_by, extra=m.extra, word_rule=m.word_rule,
+                        source_files=None if view.doc_sources is None else view.doc_sources.files)
     except BaseException:
         w.abort()
         raise

@@ -98,7 +98,7 @@ __all__ = [
 LEDGER_MARKER = "streamdata-build-ledger"
 LEDGER_FILE = f"{BUILD_DIR}/streamdata-build.json"
 STAGING_DIR = f"{BUILD_DIR}/npy-staging"  # tokenize --format zarr: the npy store packed into zarr
-_ZARR_ARRAYS = ("tokens", "doc_offsets", "doc_bytes", "doc_words")
+_ZARR_ARRAYS = ("tokens", "doc_offsets", "doc_bytes", "doc_words", "doc_source_file", "doc_source_row")
 _NEW, _OLD, _LOCK = ".streamdata-new", ".streamdata-old", ".streamdata-lock"
 _DIGEST_SPAN = 1 << 20  # SourceFile digest: the first and the last MiB (a full hash of 1 TB is hours)
 
@@ -107,7 +107,7 @@ _TMP = re.compile(r"^\..+\.tmp-\d+$")  # atomic_write_bytes' temporary names
 _LOCKNAME = re.compile(r"^\..+" + re.escape(_LOCK) + "$")
 _TOP = {MANIFEST_NAME, BUILD_DIR, SHARD_DIR, INDEX_DIR, "zarr.json", *_ZARR_ARRAYS}
 _SHARD_NAME = re.compile(r"^tokens-\d{5}\.bin(\.partial)?$")
-_INDEX_NAME = re.compile(r"^doc_(offsets|bytes|words)\.npy$")
+_INDEX_NAME = re.compile(r"^doc_(offsets|bytes|words|source_file|source_row)\.npy$")
 #: the record that seals an export (what manifest.json is to a store): ours, ignored by the target tools
 EXPORT_MARKER = "streamdata-export.json"
 EXPORT_MARKER_ID = "streamdata-export"

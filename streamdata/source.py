@@ -22,6 +22,15 @@ source identity); a saved or hub dataset by row index (``Dataset.shard(K, I, con
 which selects a row range of the Arrow table); a streaming hub dataset by its data files
 (``IterableDataset.shard``). ``Source.identity`` stays the whole source's, ``Source.part`` says
 which slice this is.
+
+Document sources (:meth:`Source.documents`): with each batch comes each document's origin
+(:class:`Origins`, the store's ``doc_source_file``/``doc_source_row``, meaning in
+:data:`streamdata.format.SOURCE_ARRAYS`): an index into ``Source.origin_files`` (the whole source's
+local files, also for a part) and the row in that file, or -1 and the dataset row. Bounded memory:
+a materialised source maps positions to rows from its files' row counts (one int64 per file, taken
+from datasets' ``original_shard_lengths`` as it converts them) and, for blank-filtered text, the
+filter's own indices mapping; a streaming source reads its files one at a time (filtering blank
+units itself, so rows still count them) and numbers rows as it reads.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, SourceError
 
-__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "IdsBatch", "SourceSpec", "Source", "load_source",
+__all__ = ["DEFAULT_CORPUS_PREFIX", "SAMPLE_BY", "IdsBatch", "Origins", "SourceSpec", "Source", "load_source",
            "default_corpus_files", "part_bounds", "utf8_len"]
 
 # file extension -> datasets packaged builder
@@ -65,10 +74,10 @@ DEFAULT_CORPUS_PREFIX = "stdlib:"
 SAMPLE_BY = ("document", "paragraph", "line")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
-#: rows whose text lengths are planned at once (materialised datasets): bounds the planner's memory
-#: (8 bytes a row) whatever the dataset's size
+#: rows whose text lengths are planned at once (materialised datasets; Source.batches' plan_rows):
+#: bounds the planner's memory (8 bytes a row) whatever the dataset's size
 _PLAN_ROWS = 8192
-#: documents read per step from a streaming dataset before they are regrouped by bytes
+#: documents read per step from a streaming dataset before they are regrouped by bytes (read_rows)
 _STREAM_READ_ROWS = 64
 
 
@@ -127,6 +136,27 @@ class IdsBatch:
         return IdsBatch(self.flat[: int(lens.sum())], lens, self.first_row)
 
 
+@dataclass
+class Origins:
+    """Where each document of a batch came from: ``file[i]`` (an index into ``Source.origin_files``,
+    -1 for a dataset) and ``row[i]`` (-1: not known); int64 arrays, cut like the batch (``o[:k]``)."""
+
+    file: Any  # np.ndarray int64
+    row: Any  # np.ndarray int64
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def __getitem__(self, rows: slice) -> "Origins":
+        return Origins(self.file[rows], self.row[rows])
+
+    @staticmethod
+    def unknown(n: int) -> "Origins":
+        import numpy as np
+
+        return Origins(np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+
+
 def _ids_of(column: Any, col: str, first_row: int) -> IdsBatch:
     """An Arrow list-of-integers column -> IdsBatch (no Python lists); anything else is one SourceError
     line naming the first bad row."""
@@ -171,6 +201,18 @@ class Source:
     #: a partitioned read (``spec.num_parts`` set): which slice of the source this is,
     #: {"num_parts", "part", "unit" ("files" | "rows" | "data_files"), "range": [lo, hi), "of": units}
     part: dict[str, Any] | None = None
+    #: the whole source's local files (resolved paths), which Origins.file indexes; empty for a dataset
+    origin_files: list[str] = field(default_factory=list)
+    #: origin_files index of this part's first file (0 unless a part of files)
+    file_base: int = 0
+    #: a dataset's row of this part's first document (a part's range start); None: not known
+    row_base: int | None = 0
+    #: materialised local files: cumulative rows of this part's files as converted (before the blank
+    #: filter), [0, n0, n0 + n1, ...]; None: not known (see load_source)
+    file_rows: Any = None
+    #: streaming plain text by line/paragraph: blank units are dropped while reading (not by a
+    #: dataset filter), so the rows of a file still count them
+    skip_blank: bool = False
 
     def __post_init__(self):
         if self.tmp_cache is not None:
@@ -186,24 +228,36 @@ class Source:
         """Number of documents, or None for a streaming dataset (unknown until the end)."""
         return None if self.spec.streaming else len(self.dataset)
 
-    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None) -> Iterator[list[str] | IdsBatch]:
-        """Yield lists of document texts in order, starting after the first ``skip`` documents.
+    def batches(self, max_bytes: int, skip: int = 0, max_docs: int | None = None, *, plan_rows: int = _PLAN_ROWS,
+                read_rows: int = _STREAM_READ_ROWS) -> Iterator[list[str] | IdsBatch]:
+        """:meth:`documents` without the origins."""
+        for batch, _ in self.documents(max_bytes, skip, max_docs, plan_rows=plan_rows, read_rows=read_rows):
+            yield batch
+
+    def documents(self, max_bytes: int, skip: int = 0, max_docs: int | None = None, *, plan_rows: int = _PLAN_ROWS,
+                  read_rows: int = _STREAM_READ_ROWS) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
+        """Yield lists of document texts in order, starting after the first ``skip`` documents,
+        each with its documents' :class:`Origins`.
 
         A batch holds whole documents of at most ``max_bytes`` UTF-8 bytes of text together (and at
         most ``max_docs`` documents): the tokenizer's memory follows a batch's text, not its document
         count. Documents are never split; one larger than ``max_bytes`` is a batch of its own.
         With ``spec.ids_column`` the batches are :class:`IdsBatch`, sized at 8 bytes an id.
+        ``plan_rows``: rows whose sizes a materialised dataset plans at once (memory: 8 bytes a row);
+        ``read_rows``: rows a streaming dataset reads per step. Neither changes the batches.
         """
-        if max_bytes < 1 or (max_docs is not None and max_docs < 1):
-            raise ConfigError(f"batches: max_bytes={max_bytes} and max_docs={max_docs} must be >= 1")
+        if max_bytes < 1 or (max_docs is not None and max_docs < 1) or plan_rows < 1 or read_rows < 1:
+            raise ConfigError(f"batches: max_bytes={max_bytes}, max_docs={max_docs}, plan_rows={plan_rows} and "
+                              f"read_rows={read_rows} must be >= 1")
         if self.spec.streaming:
-            yield from self._stream_batches(max_bytes, skip, max_docs)
+            yield from self._stream_batches(max_bytes, skip, max_docs, read_rows)
         else:
-            yield from self._planned_batches(max_bytes, skip, max_docs)
+            yield from self._planned_batches(max_bytes, skip, max_docs, plan_rows)
 
-    def _planned_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
+    def _planned_batches(self, max_bytes: int, skip: int, max_docs: int | None,
+                         plan_rows: int) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
         """Materialised dataset: batch boundaries come from the text lengths Arrow already stores
-        (no Python string is made to plan), _PLAN_ROWS rows at a time."""
+        (no Python string is made to plan), ``plan_rows`` rows at a time."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -213,8 +267,8 @@ class Source:
         arrow = ds.with_format("arrow")  # honours an indices mapping (e.g. the blank-unit filter)
         mapped = [c["filename"] for c in (getattr(ds, "cache_files", None) or []) if c.get("filename")]
         start, pending = skip, 0  # the batch being planned: rows [start, c0 + i), ``pending`` bytes
-        for c0 in range(skip, n, _PLAN_ROWS):
-            column = arrow[c0 : min(n, c0 + _PLAN_ROWS)][col]
+        for c0 in range(skip, n, plan_rows):
+            column = arrow[c0 : min(n, c0 + plan_rows)][col]
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
             elif self.spec.ids_column is not None and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
@@ -231,19 +285,57 @@ class Source:
                     j = min(j, i + max_docs - (c0 + i - start))
                 if j <= i:
                     if c0 + i > start:  # row i does not fit: the batch is full
-                        yield self._rows(start, c0 + i)
+                        yield self._rows(start, c0 + i), self._origins(start, c0 + i)
                         start, pending = c0 + i, 0
                         continue
                     j = i + 1  # a document larger than max_bytes: a batch of its own
                 pending += int(cum[j - 1]) - base
                 i = j
                 if i < m:  # row i did not fit (or max_docs was reached)
-                    yield self._rows(start, c0 + i)
+                    yield self._rows(start, c0 + i), self._origins(start, c0 + i)
                     drop_mapped_pages(mapped)
                     start, pending = c0 + i, 0
         if start < n:
-            yield self._rows(start, n)
+            yield self._rows(start, n), self._origins(start, n)
             drop_mapped_pages(mapped)
+
+    def _origins(self, lo: int, hi: int) -> Origins:
+        """Origins of the materialised dataset's documents ``[lo, hi)`` (positions after the blank
+        filter, whose indices mapping gives the rows before it)."""
+        import numpy as np
+
+        indices = getattr(self.dataset, "_indices", None)
+        if indices is not None and self.kind == "files":  # our blank filter's mapping
+            pos = np.asarray(indices.column(0).slice(lo, hi - lo).to_numpy(zero_copy_only=False), dtype=np.int64)
+        else:
+            pos = np.arange(lo, hi, dtype=np.int64)
+        if self.kind in ("saved", "hub"):
+            if self.row_base is None:
+                return Origins.unknown(hi - lo)
+            return Origins(np.full(hi - lo, -1, np.int64), pos + self.row_base)
+        if self.file_rows is None:
+            return Origins.unknown(hi - lo)
+        f = np.searchsorted(self.file_rows, pos, side="right") - 1
+        return Origins(f + self.file_base, pos - self.file_rows[f])
+
+    def _pieces(self, skip: int) -> Iterator[tuple[Any, int, int | None, int]]:
+        """A streaming dataset as (piece, file, its first row's number or None when not known, rows
+        datasets skipped) in order: one piece per local file when there are several (so rows count
+        within each file, and skipped documents are read and dropped by the caller), else the
+        dataset itself, whose first ``skip`` rows datasets skips when no blank filter applies."""
+        ds = self.dataset
+        if self.kind in ("saved", "hub"):  # never blank-filtered (plain-text files only)
+            yield (ds.skip(skip) if skip else ds), -1, self.row_base, skip
+            return
+        n = len(self.files)
+        if n == 1 or getattr(ds, "n_shards", None) != n:
+            known = n == 1
+            if not self.skip_blank and skip:
+                ds = ds.skip(skip)
+            yield ds, self.file_base if known else -1, 0 if known else None, 0 if self.skip_blank else skip
+            return
+        for k in range(n):  # datasets reads local data files as one shard each, in order
+            yield ds.shard(num_shards=n, index=k, contiguous=True), self.file_base + k, 0, 0
 
     def _rows(self, lo: int, hi: int) -> list[str] | IdsBatch:
         if self.spec.ids_column is not None:
@@ -252,76 +344,61 @@ class Source:
         _check_texts(texts, self.spec.text_column, lo)
         return texts
 
-    def _stream_batches(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[list[str]]:
-        """IterableDataset: read _STREAM_READ_ROWS documents at a time and regroup them by bytes."""
-        if self.spec.ids_column is not None:
-            yield from self._stream_ids(max_bytes, skip, max_docs)
-            return
-        col, ds = self.spec.text_column, self.dataset
-        if skip:
-            ds = ds.skip(skip)
-        it = ds.iter(batch_size=_STREAM_READ_ROWS)
-        row = skip
-        batch: list[str] = []
-        size = 0
-        while True:
-            try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
-                texts = next(it)[col]
-            except StopIteration:
-                break
-            except Exception as e:  # pyarrow/datasets/codec errors of several types
-                where = repr(self.files[0]) + (" ..." if len(self.files) > 1 else "") if self.files else "the source"
-                raise SourceError(f"cannot read {where} after document {row} ({_first_line(e)}): "
-                                  "fix or remove the bad rows (nothing was committed)") from None
-            _check_texts(texts, col, row)
-            row += len(texts)
-            for t in texts:
-                b = utf8_len(t)
-                if batch and (size + b > max_bytes or len(batch) == max_docs):
-                    yield batch
-                    batch, size = [], 0
-                batch.append(t)
-                size += b
-        if batch:
-            yield batch
+    def _stream_batches(self, max_bytes: int, skip: int, max_docs: int | None,
+                        read_rows: int) -> Iterator[tuple[list[str] | IdsBatch, Origins]]:
+        """IterableDataset: read ``read_rows`` rows at a time (file by file, see :meth:`_pieces`),
+        drop blank units and the first ``skip`` documents, and regroup the rest by bytes."""
+        import numpy as np
 
-    def _stream_ids(self, max_bytes: int, skip: int, max_docs: int | None) -> Iterator[IdsBatch]:
-        """IterableDataset of an ids column: Arrow batches of _STREAM_READ_ROWS rows regrouped by ids."""
-        col, ds = self.spec.column, self.dataset
-        if skip:
-            ds = ds.skip(skip)
-        it = ds.with_format("arrow").iter(batch_size=_STREAM_READ_ROWS)
-        row, parts, size, count = skip, [], 0, 0  # the batch being built: ``parts``, ``count`` rows, ``size`` bytes
-        while True:
-            try:
-                got = _ids_of(next(it)[col], col, row)
-            except StopIteration:
-                break
-            except SourceError:
-                raise
-            except Exception as e:  # pyarrow/datasets errors of several types
-                raise SourceError(f"cannot read the source after document {row} ({_first_line(e)}): "
-                                  "fix or remove the bad rows (nothing was committed)") from None
-            row += len(got)
-            lo = 0
-            for k, n in enumerate(got.lens.tolist()):
-                if count and (size + 8 * n > max_bytes or count == max_docs):
-                    parts.append(_cut(got, lo, k))
-                    yield _join(parts)
-                    parts, size, count, lo = [], 0, 0, k
-                size += 8 * n
-                count += 1
-            parts.append(_cut(got, lo, len(got)))
-        if count:
-            yield _join(parts)
+        ids = self.spec.ids_column is not None
+        col = self.spec.column
+        # the batch being built: its documents (texts, or one-row IdsBatch pieces), their origins, bytes
+        items: list[Any] = []
+        files: list[int] = []
+        rows: list[int] = []
+        size, docs = 0, 0  # docs: documents read so far, skipped ones included
 
+        def flush() -> tuple[list[str] | IdsBatch, Origins]:
+            return (_join(items) if ids else items), Origins(np.array(files, np.int64), np.array(rows, np.int64))
 
-def _cut(b: IdsBatch, lo: int, hi: int) -> IdsBatch:
-    """Rows ``[lo, hi)`` of ``b``."""
-    import numpy as np
-
-    off = np.concatenate([[0], np.cumsum(b.lens)])
-    return IdsBatch(b.flat[int(off[lo]) : int(off[hi])], b.lens[lo:hi], b.first_row + lo)
+        for piece, file, row0, row in self._pieces(skip):  # row: rows of the piece read (or skipped) so far
+            docs += row  # rows datasets skipped for us
+            it = (piece.with_format("arrow") if ids else piece).iter(batch_size=read_rows)
+            while True:
+                try:  # streaming parses while iterating: malformed JSON or non-UTF-8 text surfaces here
+                    chunk = next(it)[col]
+                except StopIteration:
+                    break
+                except SourceError:
+                    raise
+                except Exception as e:  # pyarrow/datasets/codec errors of several types
+                    where = repr(self.files[0]) + (" ..." if len(self.files) > 1 else "") if self.files else "the source"
+                    raise SourceError(f"cannot read {where} after document {docs} ({_first_line(e)}): "
+                                      "fix or remove the bad rows (nothing was committed)") from None
+                if ids:
+                    got = _ids_of(chunk, col, docs)
+                    off = np.concatenate([[0], np.cumsum(got.lens)])
+                    units = [IdsBatch(got.flat[off[k] : off[k + 1]], got.lens[k : k + 1], docs + k) for k in range(len(got))]
+                    sizes = (8 * got.lens).tolist()
+                else:
+                    _check_texts(chunk, col, docs)
+                    units, sizes = chunk, [utf8_len(t) for t in chunk]
+                for k, (x, b) in enumerate(zip(units, sizes)):
+                    if self.skip_blank and not (x and not x.isspace()):
+                        continue  # a blank line/paragraph separates documents (_not_blank); its row still counts
+                    docs += 1
+                    if docs <= skip:
+                        continue
+                    if items and (size + b > max_bytes or len(items) == max_docs):
+                        yield flush()
+                        items, files, rows, size = [], [], [], 0
+                    items.append(x)
+                    files.append(file)
+                    rows.append(-1 if row0 is None else row0 + row + k)
+                    size += b
+                row += len(units)
+        if items:
+            yield flush()
 
 
 def _join(parts: list[IdsBatch]) -> IdsBatch:
@@ -560,10 +637,13 @@ def load_source(spec: SourceSpec) -> Source:
         inner.identity = {"kind": "default", "id": single, "part": part, "python": sys.version.split()[0],
                           "files": len(files), "files_sha256": digest, "text_column": "text", "streaming": spec.streaming}
         inner.part = part_record
+        inner.origin_files = [str(Path(f).resolve()) for f in files]
+        inner.file_base = 0 if part_record is None else part_record["range"][0]
         return inner
     local_files: list[str] = []
     tmp_cache: str | None = None
     part_record: dict[str, Any] | None = None
+    origin: dict[str, Any] = {}  # Source's origin fields (origin_files, file_base, row_base, file_rows)
     try:
         if single is not None and os.path.isdir(single) and any(os.path.exists(os.path.join(single, m)) for m in _SAVED_MARKERS):
             kind = "saved"
@@ -576,6 +656,7 @@ def load_source(spec: SourceSpec) -> Source:
             identity.update(kind=kind, path=str(Path(single).resolve()), split=spec.split,
                             fingerprint=None if spec.streaming else getattr(ds, "_fingerprint", None))
             ds, part_record = _rows_part(ds, spec, f"saved dataset {single!r}")
+            origin = {"row_base": 0 if part_record is None else part_record["range"][0]}
             if spec.streaming:
                 ds = ds.to_iterable_dataset()
             local_files = sorted(str(p) for p in Path(single).rglob("*") if p.is_file())
@@ -604,6 +685,8 @@ def load_source(spec: SourceSpec) -> Source:
             # a part converts and reads only its own files; the identity below lists all of them (stat only)
             mine, part_record = _files_part(files, spec, f"SOURCE {paths[0]!r}{' ...' if len(paths) > 1 else ''}")
             local_files = [str(f) for f in mine]
+            saved_lengths = datasets.config.SAVE_ORIGINAL_SHARD_LENGTHS
+            datasets.config.SAVE_ORIGINAL_SHARD_LENGTHS = True  # rows per data file: the documents' sources
             try:
                 ds = datasets.load_dataset(builder, data_files=local_files, split="train",
                                            streaming=spec.streaming, **kwargs)
@@ -611,6 +694,11 @@ def load_source(spec: SourceSpec) -> Source:
                 if "corresponds to no data" in str(e):
                     raise SourceError(f"the data files hold no documents (empty dataset): {paths[0]!r}{' ...' if len(paths) > 1 else ''}") from None
                 raise SourceError(f"cannot read data files ({_first_line(e)}): check that they are valid {builder}") from None
+            finally:
+                datasets.config.SAVE_ORIGINAL_SHARD_LENGTHS = saved_lengths
+            origin = {"origin_files": [str(f.resolve()) for f in files],
+                      "file_base": 0 if part_record is None else part_record["range"][0],
+                      "file_rows": None if spec.streaming else _file_rows(ds, len(mine), builder, spec.sample_by)}
             identity.update(kind=kind, builder=builder,
                             files=[{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files])
             if builder == "text":
@@ -629,11 +717,14 @@ def load_source(spec: SourceSpec) -> Source:
                             fingerprint=None if spec.streaming else getattr(ds, "_fingerprint", None))
             cut = _data_files_part if spec.streaming else _rows_part
             ds, part_record = cut(ds, spec, f"dataset {single!r}")
+            # a streaming part of data files starts at a row nobody counted (the earlier files' rows)
+            origin = {"row_base": 0 if part_record is None else
+                      part_record["range"][0] if part_record["unit"] == "rows" or part_record["range"][0] == 0 else None}
     except BaseException:
         if tmp_cache is not None:
             shutil.rmtree(tmp_cache, ignore_errors=True)
         raise
-    source = Source(spec, kind, ds, identity, files=local_files, tmp_cache=tmp_cache, part=part_record)
+    source = Source(spec, kind, ds, identity, files=local_files, tmp_cache=tmp_cache, part=part_record, **origin)
     try:
         _check_columns(source)
     except BaseException:
@@ -664,12 +755,36 @@ def _check_columns(source: Source) -> None:
     if source.identity.get("builder") == "text" and spec.sample_by != "document":
         # Lines/paragraphs cut out of a file: a blank one is a separator, not a document (it would
         # become a document holding only EOS). Filtering the dataset itself keeps resume exact: the
-        # skip count of a resumed build counts the same kept units.
-        source.dataset = source.dataset.filter(_not_blank, batched=True, input_columns=[spec.text_column])
+        # skip count of a resumed build counts the same kept units. A streaming read filters as it
+        # reads instead (Source.skip_blank), so that its rows still count the blank units.
+        if spec.streaming:
+            source.skip_blank = True
+        else:
+            source.dataset = source.dataset.filter(_not_blank, batched=True, input_columns=[spec.text_column])
         source.identity["skip_blank"] = True
         if not spec.streaming and len(source.dataset) == 0:
             raise SourceError(f"every {spec.sample_by} of {paths[0]!r}{' ...' if len(paths) > 1 else ''} is blank "
                               "(no documents): check the files or --sample-by")
+
+
+def _file_rows(ds: Any, files: int, builder: str, sample_by: str) -> Any:
+    """Cumulative rows of each of ``files`` data files in the converted dataset ``ds`` (before any
+    filter), or None when datasets did not record them (an Arrow cache made by an earlier run in an
+    explicit --cache-dir is reused as it is: its documents' sources are then unknown)."""
+    import numpy as np
+
+    n = len(ds)
+    if builder == "text" and sample_by == "document":
+        counts = [1] * files  # one row per file, also an empty one
+    elif files == 1:
+        counts = [n]
+    else:
+        split = (getattr(ds.info, "splits", None) or {}).get("train")
+        counts = list(getattr(split, "original_shard_lengths", None) or [])
+        counts += [0] * (files - len(counts))  # files after the last row (empty ones) are not listed
+    if len(counts) != files or sum(counts) != n:
+        return None
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def _columns(ds: Any) -> list[str] | None:

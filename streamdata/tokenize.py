@@ -584,19 +584,19 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source:
 
         def limited():
             remaining = None if cfg.max_docs is None else cfg.max_docs - skip
-            for texts in source.batches(cfg.batch_bytes, skip=skip, max_docs=cfg.batch_size):
+            for texts, origins in source.documents(cfg.batch_bytes, skip=skip, max_docs=cfg.batch_size):
                 if remaining is not None:
-                    texts = texts[:remaining]
+                    texts, origins = texts[:remaining], origins[:remaining]
                     remaining -= len(texts)
-                yield texts
+                yield texts, origins
                 if remaining == 0:
                     return
 
         def encoded():
             if isinstance(tok, IdsColumn):  # ids already: checked, not encoded
-                for batch in limited():
+                for batch, origins in limited():
                     tok.check(batch)
-                    yield batch, batch.flat, batch.lens
+                    yield batch, origins, batch.flat, batch.lens
                 return
             # Runs in the background thread: reading Arrow and the (GIL-free) Rust encoding of the
             # next batches overlap the counting and writing of batch k in this thread. Two encode
@@ -607,34 +607,34 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source:
             with ThreadPoolExecutor(_ENCODE_CALLS, thread_name_prefix="streamdata-encode") as pool:
                 pending: deque = deque()
                 try:
-                    for texts in limited():
-                        pending.append((texts, pool.submit(_encode, tok.tokenizer, texts)))
+                    for texts, origins in limited():
+                        pending.append((texts, origins, pool.submit(_encode, tok.tokenizer, texts)))
                         if len(pending) == _ENCODE_CALLS:
-                            texts, fut = pending.popleft()
-                            yield (texts, *_flatten(fut.result(), bos_id, eos_id))
+                            texts, origins, fut = pending.popleft()
+                            yield (texts, origins, *_flatten(fut.result(), bos_id, eos_id))
                     while pending:
-                        texts, fut = pending.popleft()
-                        yield (texts, *_flatten(fut.result(), bos_id, eos_id))
+                        texts, origins, fut = pending.popleft()
+                        yield (texts, origins, *_flatten(fut.result(), bos_id, eos_id))
                 finally:
-                    for _, fut in pending:  # stopped early (limit reached, error): no result wanted
+                    for _, _, fut in pending:  # stopped early (limit reached, error): no result wanted
                         fut.cancel()
 
-        for texts, flat, lens in ([] if done else _prefetch(encoded())):
+        for texts, origins, flat, lens in ([] if done else _prefetch(encoded())):
             if cfg.max_tokens is not None:
                 cum = np.cumsum(lens) + writer.tokens_written
                 keep = int(np.searchsorted(cum, cfg.max_tokens, side="left")) + 1
                 if keep < len(lens):
-                    texts, lens = texts[:keep], lens[:keep]
+                    texts, origins, lens = texts[:keep], origins[:keep], lens[:keep]
                     flat = flat[: int(lens.sum())]
             if isinstance(tok, IdsColumn):  # no text: counts unknown (zeros, totals 0: no bits per byte)
                 nbytes = nwords = np.zeros(len(lens), np.int64)
             else:
                 nbytes = [utf8_len(t) for t in texts]
                 nwords = [count_words(t) for t in texts]
-            writer.add_documents(flat, lens, nbytes, nwords)
+            writer.add_documents(flat, lens, nbytes, nwords, origins.file, origins.row)
             if bar is not None:
                 bar.update(len(texts))
-            del texts, flat, lens  # not held while the next batch is awaited
+            del texts, origins, flat, lens  # not held while the next batch is awaited
             if (cfg.max_docs is not None and writer.documents_written >= cfg.max_docs) or (
                 cfg.max_tokens is not None and writer.tokens_written >= cfg.max_tokens
             ):
@@ -642,7 +642,8 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source:
         # a part's manifest says which slice it holds (extra survives convert and the zarr pack)
         writer.finished = writer.commit(tokenizer=tok.identity(), special_tokens=special,
                                         source=source.identity, created_by=created, word_rule=tok.word_rule,
-                                        extra=None if source.part is None else {"part": source.part})
+                                        extra=None if source.part is None else {"part": source.part},
+                                        source_files=source.origin_files)
         return TokenizeResult(writer.finished, False, tokens_before, skip,
                               writer.tokens_written - tokens_before, writer.documents_written - skip)
     except BaseException:
@@ -653,24 +654,27 @@ def _run_pipeline(cfg: TokenizeConfig, tok: LoadedTokenizer | IdsColumn, source:
             bar.close()
 
 
-#: characters per slice when counting a long document's words: str.split() on a whole 50 MB document
-#: would hold a list of all its words at once (~60 bytes each)
+#: characters per slice when counting a long document's words (count_words' slice_chars): str.split()
+#: on a whole 50 MB document would hold a list of all its words at once (~60 bytes each)
 _WORDS_SLICE = 1 << 20
 
 
-def count_words(text: str) -> int:
+def count_words(text: str, slice_chars: int = _WORDS_SLICE) -> int:
     r"""Words of ``text`` by lm-evaluation-harness's rule (:data:`~streamdata.format.WORD_RULE`):
     ``len(re.split(r"\s+", text))``, i.e. whitespace runs + 1, so leading and trailing whitespace
     each count an empty word and ``""`` counts 1.
 
     Computed from ``str.split()`` (same whitespace as ``\s``, ~2x faster than the regex and no list
     of empty strings): a slice with ``w`` words holds ``w - 1`` runs between them plus one at each
-    whitespace end, or exactly 1 when it is all whitespace. Long texts are counted slice by slice in
-    bounded memory; a whitespace run cut by a slice boundary (whitespace on both sides) is one run.
+    whitespace end, or exactly 1 when it is all whitespace. Long texts are counted slice by slice
+    (``slice_chars`` characters, >= 1; the count does not depend on it) in bounded memory; a
+    whitespace run cut by a slice boundary (whitespace on both sides) is one run.
     """
+    if slice_chars < 1:
+        raise ConfigError(f"slice_chars={slice_chars} must be >= 1")
     runs, prev_ws = 0, False
-    for lo in range(0, len(text), _WORDS_SLICE):
-        part = text[lo : lo + _WORDS_SLICE]
+    for lo in range(0, len(text), slice_chars):
+        part = text[lo : lo + slice_chars]
         w = len(part.split())
         first_ws = part[0].isspace()
         runs += 1 if w == 0 else w - 1 + first_ws + part[-1].isspace()

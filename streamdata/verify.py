@@ -8,8 +8,9 @@ Checks, in order (a defect stops only the checks that depend on it):
    non-negative and sum to the totals);
 2. per manifest shard: sha256 of its little-endian token bytes equals the recorded checksum, and
    every token id is below the tokenizer's vocabulary size;
-3. per document-index array: its checksum (:func:`streamdata.format.index_sha256`) equals the one in
-   ``manifest.index``. Version-1 stores have no index checksums: a note says so (not a defect).
+3. per document-index array (the source arrays too, when recorded): its checksum
+   (:func:`streamdata.format.index_sha256`) equals the one in ``manifest.index``. Version-1 stores
+   have no index checksums: a note says so (not a defect).
 Notes (facts, not defects) also say when the words were counted by the older ``str-split`` rule
 (stores written before ``word_rule`` was recorded): their word perplexity is not lm-eval's.
 
@@ -103,6 +104,8 @@ def index_mismatches(store: TokenStore) -> list[tuple[str, str]]:
     if m.format not in _STORED_INDEX or (not m.index and m.format_version < 2):
         return []
     arrays = {"doc_offsets": store.doc_offsets, "doc_bytes": store.doc_bytes, "doc_words": store.doc_words}
+    if store.doc_sources is not None:  # format version 3, recorded at tokenize time
+        arrays.update(doc_source_file=store.doc_sources.file, doc_source_row=store.doc_sources.row)
     recorded = {x.name: x for x in m.index}
     out = []
     for name, arr in arrays.items():

@@ -29,6 +29,7 @@ from .format import (
     INDEX_DIR,
     SHARD_DIR,
     SHARD_PATTERN,
+    SOURCE_ARRAYS,
     IndexInfo,
     Manifest,
     ShardInfo,
@@ -144,6 +145,8 @@ class StoreWriter:
         self._lens: list[np.ndarray] = []
         self._bytes: list[np.ndarray] = []
         self._words: list[np.ndarray] = []
+        self._src_file: list[np.ndarray] = []
+        self._src_row: list[np.ndarray] = []
         self._shard_len = 0
 
     @property
@@ -159,18 +162,24 @@ class StoreWriter:
     def tokens_written(self) -> int:
         return self._tokens_total
 
-    def add_documents(self, flat: np.ndarray, lens: np.ndarray, nbytes: Sequence[int], nwords: Sequence[int]) -> None:
+    def add_documents(self, flat: np.ndarray, lens: np.ndarray, nbytes: Sequence[int], nwords: Sequence[int],
+                      source_file: Sequence[int] | None = None, source_row: Sequence[int] | None = None) -> None:
         """Append whole documents: ``flat`` holds their ids back to back (EOS/BOS included),
-        ``lens[i]`` tokens for document ``i``; ``nbytes``/``nwords`` count each document's text."""
+        ``lens[i]`` tokens for document ``i``; ``nbytes``/``nwords`` count each document's text;
+        ``source_file``/``source_row`` say where each came from (streamdata.format.SOURCE_ARRAYS;
+        None: -1, not known). They are sealed only when :meth:`commit` is given ``source_files``."""
         lens = np.asarray(lens, dtype=np.int64)
         n = len(lens)
         if n == 0:
             return
         nbytes = np.asarray(nbytes, dtype=np.int64)
         nwords = np.asarray(nwords, dtype=np.int64)
+        unknown = np.full(n, -1, np.int64)
+        src_file = unknown if source_file is None else np.asarray(source_file, dtype=np.int64)
+        src_row = unknown if source_row is None else np.asarray(source_row, dtype=np.int64)
         flat = np.asarray(flat)
-        if not (len(nbytes) == len(nwords) == n and int(lens.sum()) == flat.size):
-            raise ValueError("add_documents: lens, nbytes, nwords and flat disagree in length")
+        if not (len(nbytes) == len(nwords) == len(src_file) == len(src_row) == n and int(lens.sum()) == flat.size):
+            raise ValueError("add_documents: lens, nbytes, nwords, sources and flat disagree in length")
         if flat.size:
             hi, lo = int(flat.max()), int(flat.min())
             if hi >= self.vocab_size or lo < 0:
@@ -188,20 +197,24 @@ class StoreWriter:
             j = int(np.searchsorted(cum, room, side="left"))  # first doc (relative) reaching the room
             take = min(j + 1, n - i)
             ntok = int(cum[take - 1])
-            self._append(flat[pos : pos + ntok], lens[i : i + take], nbytes[i : i + take], nwords[i : i + take])
+            self._append(flat[pos : pos + ntok], lens[i : i + take], nbytes[i : i + take], nwords[i : i + take],
+                         src_file[i : i + take], src_row[i : i + take])
             pos += ntok
             i += take
             if self._shard_len >= self.shard_tokens:
                 self._finish_shard()
                 self._open_shard()
 
-    def _append(self, tokens: np.ndarray, lens: np.ndarray, nbytes: np.ndarray, nwords: np.ndarray) -> None:
+    def _append(self, tokens: np.ndarray, lens: np.ndarray, nbytes: np.ndarray, nwords: np.ndarray,
+                src_file: np.ndarray, src_row: np.ndarray) -> None:
         buf = tokens.tobytes()
         _write_bytes(self._f, buf)
         self._hash.update(buf)
         self._lens.append(lens)
         self._bytes.append(nbytes)
         self._words.append(nwords)
+        self._src_file.append(src_file)
+        self._src_row.append(src_row)
         self._shard_len += len(tokens)
         self._docs_seen += len(lens)
         self._tokens_total += len(tokens)
@@ -220,7 +233,9 @@ class StoreWriter:
         tmp_index = index.with_name(index.name + ".partial.npz")
         with create_file(tmp_index) as f:
             np.savez(f, lens=lens, bytes=np.concatenate(self._bytes) if self._bytes else lens[:0],
-                     words=np.concatenate(self._words) if self._words else lens[:0])
+                     words=np.concatenate(self._words) if self._words else lens[:0],
+                     source_file=np.concatenate(self._src_file) if self._src_file else lens[:0],
+                     source_row=np.concatenate(self._src_row) if self._src_row else lens[:0])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_index, index)
@@ -253,11 +268,14 @@ class StoreWriter:
             self._tmp.unlink()
 
     def commit(self, *, tokenizer: dict, special_tokens: dict, source: dict, created_by: dict | None = None,
-               extra: dict | None = None, word_rule: str | None = None) -> Manifest:
+               extra: dict | None = None, word_rule: str | None = None,
+               source_files: Sequence[str] | None = None) -> Manifest:
         """Seal the last shard, merge the per-shard indexes, write the manifest, drop the build ledger.
 
         ``word_rule``: how the documents' words were counted (streamdata.format.WORD_RULES), None when
-        not known (copied counts of a store that recorded none keep recording none)."""
+        not known (copied counts of a store that recorded none keep recording none).
+        ``source_files``: the files the documents' ``source_file`` values index; None: the store
+        records no sources (also when a shard of the build was written by a version without them)."""
         if self._shard_len or not self.state.shards:
             if self._shard_len == 0 and self._docs_seen == 0:
                 self.abort()
@@ -272,10 +290,16 @@ class StoreWriter:
         nwords = np.concatenate([z["words"] for z in lens]).astype(np.int64)
         offsets = np.zeros(len(doc_lens) + 1, dtype=np.int64)
         np.cumsum(doc_lens, out=offsets[1:])
+        arrays = [("doc_offsets", offsets), ("doc_bytes", nbytes), ("doc_words", nwords)]
+        if source_files is not None and all("source_file" in z.files for z in lens):
+            arrays += [(name, np.concatenate([z[key] for z in lens]).astype(np.int64))
+                       for name, key in zip(SOURCE_ARRAYS, ("source_file", "source_row"))]
+        else:
+            source_files = None
         index_dir = self.root / INDEX_DIR
         index_dir.mkdir(exist_ok=True)
         index: list[IndexInfo] = []
-        for name, arr in (("doc_offsets", offsets), ("doc_bytes", nbytes), ("doc_words", nwords)):
+        for name, arr in arrays:
             rel = f"{INDEX_DIR}/{name}.npy"
             with create_file(self.root / rel) as f:
                 np.save(f, arr)
@@ -299,6 +323,7 @@ class StoreWriter:
             extra=dict(extra or {}),
             index=index,
             word_rule=word_rule,
+            source_files=None if source_files is None else list(source_files),
         )
         self.finished = self.output.seal(manifest)
         return self.finished
@@ -310,9 +335,12 @@ def copy_documents(src: "TokenStore", writer: StoreWriter, block_tokens: int, sk
     least one document, however long). Every token of ``src`` is read, in order from token 0, also
     the skipped ones: a :class:`~streamdata.backends.base.ChecksummedReads` source then checks every
     shard, and a damaged shard copied before a crash is caught by the rerun, not skipped unread.
-    Byte/word counts ``src`` does not know (imports) are written as zeros."""
+    Byte/word counts ``src`` does not know (imports) are written as zeros; its document sources
+    (when it records them) are copied, and :meth:`StoreWriter.commit` seals them when given
+    ``src.doc_sources.files``."""
     off = src.doc_offsets
     nb, nw = src.doc_bytes, src.doc_words
+    ds = src.doc_sources
     n = src.num_documents
     buf = np.empty(0, dtype=src.dtype)
     i = 0
@@ -329,6 +357,7 @@ def copy_documents(src: "TokenStore", writer: StoreWriter, block_tokens: int, sk
             lens = np.diff(np.asarray(off[first : j + 1], dtype=np.int64))
             zeros = np.zeros(j - first, np.int64)
             writer.add_documents(flat[int(off[first]) - a :], lens, zeros if nb is None else nb[first:j],
-                                 zeros if nw is None else nw[first:j])
+                                 zeros if nw is None else nw[first:j], None if ds is None else ds.file[first:j],
+                                 None if ds is None else ds.row[first:j])
         src.release(a, b)
         i = j

@@ -25,6 +25,7 @@ import hashlib
 import mmap
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -33,8 +34,8 @@ import numpy as np
 from ..errors import ConfigError, StoreError
 from ..format import Manifest
 
-__all__ = ["INDEX_IN_RAM", "ChecksummedReads", "MappedFile", "TokenStore", "check_document_index", "check_index_in_ram",
-           "find_id_over",
+__all__ = ["INDEX_IN_RAM", "ChecksummedReads", "DocSources", "MappedFile", "TokenStore", "check_document_index",
+           "check_index_in_ram", "find_id_over",
            "imported_identity", "int64_index", "scan_tokens"]
 
 _PAGE = mmap.PAGESIZE
@@ -165,16 +166,30 @@ def int64_index(length: int, fill: Callable[[np.ndarray, int, int], None], in_ra
         os.unlink(tmp)
 
 
+@dataclass(frozen=True)
+class DocSources:
+    """Where each document of a store came from (:data:`streamdata.format.SOURCE_ARRAYS`): document
+    ``i`` is row ``row[i]`` of ``files[file[i]]``, or row ``row[i]`` of the dataset when ``file[i]``
+    is -1 (-1 rows: not known). ``file``/``row``: int64 [num_documents], arrays or memory maps (or a
+    view that supports ``len`` and contiguous slices); read a block at a time, never whole."""
+
+    files: list[str]
+    file: Any
+    row: Any
+
+
 def check_document_index(where: str, manifest: Manifest, offsets: np.ndarray, doc_bytes: np.ndarray | None,
-                         doc_words: np.ndarray | None) -> None:
+                         doc_words: np.ndarray | None, sources: DocSources | None = None) -> None:
     """Refuse (StoreError, one line) a document index that would give wrong numbers.
 
     Checks: ``offsets`` has ``documents + 1`` entries, starts at 0, ends at the token total and
     never decreases; every shard boundary is a document boundary (documents never span shards);
     byte/word counts (when known) have one entry per document, are non-negative and sum to the
-    manifest totals. Vectorised in blocks, temporaries bounded by _CHECK_BLOCK: ~4 ns per document
-    for the three arrays together (10^7 documents: 42 ms on the 2-core build machine, page cache
-    warm), so a 10^8-document index costs ~0.4 s at open, plus reading its 2.4 GB when cold.
+    manifest totals; source arrays (when recorded) have one entry per document, files within
+    ``-1..len(source_files) - 1`` and rows >= -1. Vectorised in blocks, temporaries bounded by
+    _CHECK_BLOCK: ~4 ns per document for the three arrays together (10^7 documents: 42 ms on the
+    2-core build machine, page cache warm), so a 10^8-document index costs ~0.4 s at open, plus
+    reading its 2.4 GB when cold (the two source arrays add a pass each, and 1.6 GB).
     """
     n, n_tok = manifest.num_documents, manifest.num_tokens
     bad = f"the store is damaged, rebuild it ({where!r})"
@@ -210,6 +225,16 @@ def check_document_index(where: str, manifest: Manifest, offsets: np.ndarray, do
         want = manifest.totals.get(name)
         if want is not None and total != int(want):
             raise StoreError(f"doc_{name} sums to {total} but the manifest totals say {int(want)}: {bad}")
+    if sources is not None:
+        for name, arr, hi in (("doc_source_file", sources.file, len(sources.files)), ("doc_source_row", sources.row, None)):
+            if len(arr) != n:
+                raise StoreError(f"{name} has {len(arr)} entries, the manifest needs {n}: {bad}")
+            for lo in range(0, n, _CHECK_BLOCK):
+                block = np.asarray(arr[lo : lo + _CHECK_BLOCK])
+                out = np.flatnonzero((block < -1) | (block >= hi)) if hi is not None else np.flatnonzero(block < -1)
+                if out.size:
+                    raise StoreError(f"{name} is {int(block[out[0]])} at document {lo + int(out[0])}, outside "
+                                     f"[-1, {'inf' if hi is None else hi}): {bad}")
 
 
 class TokenStore(ABC):
@@ -239,6 +264,7 @@ class TokenStore(ABC):
     _offsets: np.ndarray
     _bytes: np.ndarray | None = None
     _words: np.ndarray | None = None
+    _sources: DocSources | None = None
 
     @property
     def doc_offsets(self) -> np.ndarray:
@@ -255,6 +281,17 @@ class TokenStore(ABC):
         """int64 ``[num_documents]`` whitespace-separated words per document, or None when unknown."""
         return self._words
 
+    @property
+    def doc_sources(self) -> DocSources | None:
+        """Where each document came from (file and row, or dataset row), or None when the store
+        does not record it (stores written before format version 3, imports, in-memory ids)."""
+        return self._sources
+
+    def _index_of(self, inner: "TokenStore") -> None:
+        """Take ``inner``'s document index as this store's (wrappers that read through another store)."""
+        self._offsets, self._bytes, self._words = inner.doc_offsets, inner.doc_bytes, inner.doc_words
+        self._sources = inner.doc_sources
+
     def release(self, start: int, stop: int) -> None:  # noqa: B027 - optional hint, default no-op
         """Hint: tokens ``[start, stop)`` will not be read again soon; the backend may drop them."""
 
@@ -267,7 +304,7 @@ class TokenStore(ABC):
     # ---- shared behaviour -----------------------------------------------------------------
     def _check_index(self) -> None:
         """Run :func:`check_document_index` on this store's arrays (backends call it at the end of open)."""
-        check_document_index(self.path, self.manifest, self._offsets, self._bytes, self._words)
+        check_document_index(self.path, self.manifest, self._offsets, self._bytes, self._words, self._sources)
 
     @property
     def dtype(self) -> np.dtype:
@@ -374,7 +411,7 @@ class ChecksummedReads(TokenStore):
     def __init__(self, inner: TokenStore, damaged: Callable[[str], str]):
         self._inner, self._damaged = inner, damaged
         self.path, self.manifest = inner.path, inner.manifest
-        self._offsets, self._bytes, self._words = inner.doc_offsets, inner.doc_bytes, inner.doc_words
+        self._index_of(inner)
         self._shards = list(inner.manifest.shards)
         self._next = 0  # the next token to hash
         self._k = 0  # the shard being hashed

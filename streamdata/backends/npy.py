@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from ..format import INDEX_DIR, Manifest, numpy_dtype, resolve_inside
-from .base import MappedFile, TokenStore, check_document_index
+from ..format import INDEX_DIR, SOURCE_ARRAYS, Manifest, numpy_dtype, resolve_inside
+from .base import DocSources, MappedFile, TokenStore, check_document_index
 
 __all__ = ["NpyTokenStore", "npy_header"]
 
@@ -77,7 +77,7 @@ class NpyTokenStore(TokenStore):
                 self._shards.append(_Shard(resolve_inside(root, s.file, "shard"), s.start, s.tokens, dtype))
             n = manifest.num_documents
             recorded = {x.name: x for x in manifest.index}
-            unknown = sorted(set(recorded) - set(_INDEX_NAMES))
+            unknown = sorted(set(recorded) - set(_INDEX_NAMES) - set(SOURCE_ARRAYS))
             if unknown:
                 raise StoreError(f"{self.path!r}: manifest lists unknown index arrays {unknown}: the store is damaged, rebuild it")
             arrays = {}
@@ -85,9 +85,13 @@ class NpyTokenStore(TokenStore):
                 rel = recorded[name].file if name in recorded else f"{INDEX_DIR}/{name}.npy"
                 arrays[name] = self._load_index(resolve_inside(root, rel, "index"), length)
             self._offsets, self._bytes, self._words = (arrays[k] for k in _INDEX_NAMES)
+            if manifest.source_files is not None:  # version 3 (both arrays or neither: Manifest.from_dict)
+                self._sources = DocSources(list(manifest.source_files),
+                                           *(self._load_index(resolve_inside(root, recorded[k].file, "index"), n)
+                                             for k in SOURCE_ARRAYS))
             self._starts = np.array([s.start for s in self._shards] + [len(self)], dtype=np.int64)
             self._start_list = [s.start for s in self._shards]  # for bisect (read_into's fast path)
-            check_document_index(self.path, manifest, self._offsets, self._bytes, self._words)
+            check_document_index(self.path, manifest, self._offsets, self._bytes, self._words, self._sources)
         except BaseException:
             self.close()
             raise

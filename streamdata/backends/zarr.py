@@ -19,6 +19,8 @@ Layout of a ``zarr`` store (``manifest["format"] == "zarr"``)::
       doc_bytes/, doc_words/    int64 [documents]: UTF-8 bytes / whitespace words of each document's
                                 text (zeros when the source did not know them, e.g. raw .bin imports;
                                 then manifest totals bytes == words == 0)
+      doc_source_file/,         int64 [documents], optional (format version 3): where each document
+      doc_source_row/           came from (streamdata.format.SOURCE_ARRAYS; manifest source_files)
       _build/                   only while packing: zarr-pack.json (resume ledger), and for
                                 ``tokenize --format zarr`` the npy staging store (npy-staging/)
 
@@ -78,6 +80,7 @@ from ..format import (
     MANIFEST_NAME,
     IndexInfo,
     Manifest,
+    SOURCE_ARRAYS,
     ShardInfo,
     fsync_dir,
     manifest_missing,
@@ -87,7 +90,7 @@ from ..format import (
     word_rule_of,
 )
 from ..output import Output, full_disk_is_one_line, json_normalised as _norm, prepare_output
-from .base import INDEX_IN_RAM, MappedFile, TokenStore, check_document_index, check_index_in_ram, int64_index
+from .base import INDEX_IN_RAM, DocSources, MappedFile, TokenStore, check_document_index, check_index_in_ram, int64_index
 
 __all__ = [
     "COMPRESSIONS",
@@ -512,11 +515,11 @@ class ZarrTokenStore(TokenStore):
         m = self.manifest
         names = [s.file for s in m.shards] + [x.file for x in m.index]
         if [s.file for s in m.shards] != ["tokens"] or any(x.file != x.name for x in m.index) \
-                or not {x.name for x in m.index} <= {"doc_offsets", "doc_bytes", "doc_words"}:
+                or not {x.name for x in m.index} <= {"doc_offsets", "doc_bytes", "doc_words", *SOURCE_ARRAYS}:
             raise StoreError(f"zarr store {self.path!r}: manifest names {names}, expected the arrays tokens, doc_offsets, "
-                             f"doc_bytes, doc_words: {_DAMAGED}")
+                             f"doc_bytes, doc_words (and {', '.join(SOURCE_ARRAYS)}): {_DAMAGED}")
         if not self._loc.remote:
-            for rel in ("tokens", "doc_offsets", "doc_bytes", "doc_words"):
+            for rel in ("tokens", "doc_offsets", "doc_bytes", "doc_words", *(SOURCE_ARRAYS if m.source_files is not None else ())):
                 resolve_inside(self._loc.root, rel, "zarr array")
 
     def _check_unchanged(self) -> None:
@@ -561,16 +564,19 @@ class ZarrTokenStore(TokenStore):
         _check_array(self._tokens, "tokens", self.path, dtype, m.num_tokens)
         n = m.num_documents
         idx = {}
-        for name, length in (("doc_offsets", n + 1), ("doc_bytes", n), ("doc_words", n)):
+        sources = SOURCE_ARRAYS if m.source_files is not None else ()
+        for name, length in (("doc_offsets", n + 1), ("doc_bytes", n), ("doc_words", n), *((k, n) for k in sources)):
             a = _open_array(group, name, self.path)
             _check_array(a, name, self.path, np.dtype(np.int64), length)
             # Read the index once, so document lookups never go back to the (possibly remote,
             # compressed) store: into RAM when small, else block by block into a memory map.
             idx[name] = self._load_index(a, name, length)
         self._offsets, self._bytes, self._words = idx["doc_offsets"], idx["doc_bytes"], idx["doc_words"]
-        for a in (self._offsets, self._bytes, self._words):
+        for a in idx.values():
             a.flags.writeable = False
-        check_document_index(self.path, m, self._offsets, self._bytes, self._words)
+        if sources:
+            self._sources = DocSources(list(m.source_files), *(idx[k] for k in SOURCE_ARRAYS))
+        check_document_index(self.path, m, self._offsets, self._bytes, self._words, self._sources)
         # inner chunk (with sharding, Array.chunks is the inner chunk shape)
         self.chunk_tokens = int(self._tokens.chunks[0])
         want = DEFAULT_BLOCK_TOKENS if block_tokens is None else int(block_tokens)
@@ -833,8 +839,8 @@ def pack_into_output(
     # -- document index (cheap: rewritten whole on every run)
     sums, index = _write_index(group, store, compression)
     loc.fsync_tree("tokens")
-    for name in ("doc_offsets", "doc_bytes", "doc_words"):
-        loc.fsync_tree(name)
+    for x in index:
+        loc.fsync_tree(x.name)
     loc.fsync("zarr.json")
 
     manifest = Manifest(
@@ -847,6 +853,7 @@ def pack_into_output(
         format="zarr",
         index=index,
         word_rule=word_rule_of(m),  # the counts are copied, and so is the rule that counted them
+        source_files=None if store.doc_sources is None else list(store.doc_sources.files),
         created_by=dict(m.created_by),
         extra={**out_extra,
                "zarr": {"chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "compression": compression,
@@ -856,7 +863,8 @@ def pack_into_output(
 
 
 def _write_index(group, store: TokenStore, compression: str) -> tuple[tuple[int, int], list[IndexInfo]]:
-    """Write doc_offsets/doc_bytes/doc_words in 1Mi-entry blocks.
+    """Write doc_offsets/doc_bytes/doc_words (and the source arrays, when ``store`` has them) in
+    1Mi-entry blocks.
 
     Returns ((sum bytes, sum words), one IndexInfo per array). The checksum is of the values as
     little-endian int64 (:func:`streamdata.format.index_sha256`), hashed block by block as written,
@@ -864,8 +872,10 @@ def _write_index(group, store: TokenStore, compression: str) -> tuple[tuple[int,
     """
     n = store.num_documents
     sums, index = [], []
+    src_arrays = () if store.doc_sources is None else (("doc_source_file", store.doc_sources.file, n),
+                                                       ("doc_source_row", store.doc_sources.row, n))
     for name, src, length in (("doc_offsets", store.doc_offsets, n + 1), ("doc_bytes", store.doc_bytes, n),
-                              ("doc_words", store.doc_words, n)):
+                              ("doc_words", store.doc_words, n), *src_arrays):
         arr = group.create_array(name, shape=(length,), dtype=np.int64, chunks=(min(_INDEX_CHUNK, max(1, length)),),
                                  compressors=_compressors(compression), fill_value=0, overwrite=True,
                                  dimension_names=("document",))

@@ -26,7 +26,7 @@ def test_every_writer_records_index_checksums(make_store, tmp_path, fmt):
             write_zarr_store(src, tmp_path / "z", chunk_tokens=4, chunks_per_shard=2)
         root = tmp_path / "z"
     m = read_manifest(root)
-    assert m.format_version == FORMAT_VERSION == 2
+    assert m.format_version == FORMAT_VERSION == 3
     assert [x.name for x in m.index] == ["doc_offsets", "doc_bytes", "doc_words"]
     with open_store(root) as s:
         arrays = _index_arrays(s)

@@ -39,13 +39,11 @@ def _jsonl(path: Path, texts) -> Path:
 
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("max_bytes,max_docs,skip", [(1, None, 0), (300, None, 0), (2000, None, 7), (2000, 4, 3), (1 << 30, None, 0)])
-def test_batches_hold_whole_documents_within_the_byte_budget(tmp_path, monkeypatch, streaming, max_bytes, max_docs, skip):
-    monkeypatch.setattr(source_mod, "_PLAN_ROWS", 7)  # batches must also cross planning windows
-    monkeypatch.setattr(source_mod, "_STREAM_READ_ROWS", 5)
+def test_batches_hold_whole_documents_within_the_byte_budget(tmp_path, streaming, max_bytes, max_docs, skip):
     texts = _texts()
     src = load_source(SourceSpec(paths=(str(_jsonl(tmp_path / "d.jsonl", texts)),), streaming=streaming))
-    try:
-        batches = list(src.batches(max_bytes, skip=skip, max_docs=max_docs))
+    try:  # plan_rows/read_rows small: batches must also cross planning windows and read steps
+        batches = list(src.batches(max_bytes, skip=skip, max_docs=max_docs, plan_rows=7, read_rows=5))
     finally:
         src.close()
     assert [t for b in batches for t in b] == texts[skip:]  # every document, in order, none split
@@ -77,14 +75,13 @@ def test_bad_batch_settings(tmp_path, kw, msg, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_count_words_in_slices_equals_lm_evals_formula(monkeypatch):
+def test_count_words_in_slices_equals_lm_evals_formula():
     rng = np.random.default_rng(3)
     alphabet = list("ab é🙂") + ["\u3000", "\x1c", "\x85", "\xa0", "\n", "\t"]  # Unicode whitespace \s matches
     for slice_chars in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(tokenize_mod, "_WORDS_SLICE", slice_chars)
         for _ in range(200):
             t = "".join(rng.choice(alphabet, size=int(rng.integers(0, 90))))
-            assert tokenize_mod.count_words(t) == len(re.split(r"\s+", t)), (slice_chars, t)
+            assert tokenize_mod.count_words(t, slice_chars) == len(re.split(r"\s+", t)), (slice_chars, t)
 
 
 def _mapping_rss_kb(path: str) -> int:

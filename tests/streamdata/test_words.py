@@ -53,19 +53,13 @@ def test_count_words_is_lm_evals_formula(text):
 def test_count_words_in_slices_equals_the_direct_formula(text, slice_chars):
     """Long texts are counted slice by slice: words and whitespace runs cut by a slice boundary
     (tiny slices here, so most texts cross many) are each counted once."""
-    real = tokenize_mod._WORDS_SLICE
-    tokenize_mod._WORDS_SLICE = slice_chars
-    try:
-        assert tokenize_mod.count_words(text) == lm_eval_words(text)
-    finally:
-        tokenize_mod._WORDS_SLICE = real
+    assert tokenize_mod.count_words(text, slice_chars) == lm_eval_words(text)
 
 
 @pytest.mark.parametrize("text", ["ab" * 7 + " " * 9 + "cd", " " * 20, "x" * 20, " a" * 10 + " "])
-def test_runs_and_words_across_boundaries(text, monkeypatch):
+def test_runs_and_words_across_boundaries(text):
     for slice_chars in range(1, len(text) + 2):
-        monkeypatch.setattr(tokenize_mod, "_WORDS_SLICE", slice_chars)
-        assert tokenize_mod.count_words(text) == lm_eval_words(text), slice_chars
+        assert tokenize_mod.count_words(text, slice_chars) == lm_eval_words(text), slice_chars
 
 
 def test_tokenize_counts_and_records_the_lm_eval_rule(tmp_path, bpe_tokenizer, capsys):
