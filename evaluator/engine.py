@@ -249,9 +249,6 @@ class _Run:
         self.ckpt, self.state, self.folder, self.opts = ckpt, state, folder, opts
         self.num_windows = windows.full_plan_windows
         self.expected = state["expected"] if state is not None else windows.num_scored  # every target once
-        # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
-        # (debug.allowed()) only where the loop syncs by design; a no-op by default.
-        self.debug = opts.sync_debug if opts.sync_debug is not None else SyncDebug.from_env(self.dev)
         self.writer: Any = None  # PerTokenWriter (or the scoring's wrapper of it)
         self.spill: SpillFiles | None = None
         self.elapsed0, self.resumed_from = 0.0, None  # seconds and window of a resumed run
@@ -283,6 +280,9 @@ class _Run:
                 f"{'document' if spec.doc_mode == 'document' else 'stream'} needs >= 2, or 1 with a BOS prefix)"
             )
         records = {} if state is None else state["files"]  # what the checkpoint relies on: checked on resume
+        # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
+        # (debug.allowed()) only where the loop syncs by design; a no-op by default.
+        self.debug = self.opts.sync_debug if self.opts.sync_debug is not None else SyncDebug.from_env(dev)
         if self.opts.per_token:
             self.writer = self.opts.scoring.per_token(self._per_token_writer(records.get("per_token")))
         self.timer = Timer(dev, enabled=self.opts.detailed, clock=self.opts.clock)  # chunk_times: detailed only
