@@ -14,8 +14,10 @@ from .engine import StreamingEvaluator, create_streaming_evaluator
 from .errors import ConfigError, DataError, EvaluatorError, ModelError
 from .metrics import bits_per_byte, byte_perplexity, perplexity, word_perplexity
 from .models import DEFAULT_MODEL_DIR, ForwardOutput, ModelAdapter, load_model, wrap_model
+from .results import CompareResult, RunResult
 
 __all__ = [
+    "CompareResult",
     "ConfigError",
     "DEFAULT_MODEL_DIR",
     "DataError",
@@ -24,6 +26,7 @@ __all__ = [
     "ForwardOutput",
     "ModelAdapter",
     "ModelError",
+    "RunResult",
     "StreamingEvalConfig",
     "StreamingEvaluator",
     "WindowBatch",

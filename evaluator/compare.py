@@ -43,11 +43,12 @@ from .metrics import MetricSums, perplexity
 from .models import StatefulModuleAdapter, load_model
 from .pair import PairAdapter
 from .quantiles import quantiles
-from .results import detail as run_detail
+from .results import CompareResult, detail as run_detail
 from .run_folder import RunFolder, check_output_file, per_token_name
 from .spill import COLUMNS as RUN_SPILL, BlockView
+from .sync_debug import SyncDebug
 
-__all__ = ["COMPARE", "QUANTILES", "compare_streaming"]
+__all__ = ["COMPARE", "QUANTILES", "compare_result", "compare_streaming"]
 
 #: Spilled columns: the run's, plus every further statistic per window and per document.
 SPILL = {**RUN_SPILL, **{f"window_{c}": ("<f8", "windows") for c in COLUMNS[1:]},
@@ -162,7 +163,8 @@ def _check_tokenizers(cfg: StreamingEvalConfig, pair: PairAdapter) -> None:
 def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: StreamingEvalConfig | None = None,
                       reference_device: str | None = None, allow_vocab_prefix: bool = False,
                       per_token_kl: str | os.PathLike | None = None, max_tokens: int | None = None,
-                      checkpoint_dir: "str | os.PathLike | RunFolder | None" = None, **options: Any) -> dict[str, Any]:
+                      checkpoint_dir: "str | os.PathLike | RunFolder | None" = None,
+                      sync_debug: SyncDebug | None = None, **options: Any) -> dict[str, Any]:
     """Compare ``candidate`` with ``reference`` on every scored target of ``data``.
 
     ``candidate``/``reference``: what :class:`~evaluator.StreamingEvaluator` accepts (a module, a
@@ -176,8 +178,21 @@ def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: Stre
     per-chunk/document/position figures) plus the comparison's (see :data:`COMPARE`): kl_mean,
     kl_stderr, kl_median, kl_p90, kl_p95, kl_p99, kl_p999, kl_min, kl_max, top1_agreement (%),
     candidate_top1_accuracy (%), loss/perplexity of both, perplexity_ratio, delta_nll_mean,
-    ``per_token_kl`` (a read-only float32 memmap) and ``per_token_kl_path``.
+    ``per_token_kl`` (a read-only float32 memmap) and ``per_token_kl_path``: :func:`compare_result`'s
+    :class:`~evaluator.results.CompareResult` as a dict.
     """
+    return compare_result(candidate, reference, data, config=config, reference_device=reference_device,
+                          allow_vocab_prefix=allow_vocab_prefix, per_token_kl=per_token_kl, max_tokens=max_tokens,
+                          checkpoint_dir=checkpoint_dir, sync_debug=sync_debug, **options).to_dict()
+
+
+def compare_result(candidate: Any, reference: Any, data: Any, *, config: StreamingEvalConfig | None = None,
+                   reference_device: str | None = None, allow_vocab_prefix: bool = False,
+                   per_token_kl: str | os.PathLike | None = None, max_tokens: int | None = None,
+                   checkpoint_dir: "str | os.PathLike | RunFolder | None" = None,
+                   sync_debug: SyncDebug | None = None, **options: Any) -> CompareResult:
+    """:func:`compare_streaming` as a typed :class:`~evaluator.results.CompareResult` (the same
+    arguments; ``sync_debug``: see :meth:`evaluator.StreamingEvaluator.run_result`)."""
     if config is None:
         config = StreamingEvalConfig(**options)
     elif options:
@@ -204,14 +219,10 @@ def compare_streaming(candidate: Any, reference: Any, data: Any, *, config: Stre
     pair = PairAdapter(cand, ref, reference_device, allow_vocab_prefix)
     _check_tokenizers(config, pair)  # before the models are moved and checked on the device
     ev = StreamingEvaluator(pair, config=dataclasses.replace(config, device=None if device is None else str(device)))
-    res = ev.run(data, max_tokens=max_tokens, detailed=True, per_token=True, checkpoint_dir=ckdir, scoring=COMPARE)
-    kl = res.pop("per_token_losses")
-    res["per_token_kl"], res["per_token_kl_path"] = kl, res.pop("per_token_path")
-    qs = quantiles(kl, [0.0, *QUANTILES.values(), 1.0])
-    res["kl_min"], res["kl_max"] = qs[0], qs[-1]
-    res.update(zip(QUANTILES, qs[1:-1]))
-    res.update(candidate=cand.name, reference=ref.name, reference_device=str(ref.device),
-               compared_vocab=pair.compared_vocab or pair.vocab_size, vocab_candidate=cand.vocab_size,
-               vocab_reference=ref.vocab_size)
-    res["models"] = pair.describe()
-    return res
+    run = ev.run_result(data, max_tokens=max_tokens, detailed=True, per_token=True, checkpoint_dir=ckdir,
+                        scoring=COMPARE, sync_debug=sync_debug)
+    qs = quantiles(run.per_token_losses, [0.0, *QUANTILES.values(), 1.0])
+    return CompareResult(run, kl_min=qs[0], kl_max=qs[-1], kl_quantiles=dict(zip(QUANTILES, qs[1:-1])),
+                         candidate=cand.name, reference=ref.name, reference_device=str(ref.device),
+                         compared_vocab=pair.compared_vocab or pair.vocab_size, vocab_candidate=cand.vocab_size,
+                         vocab_reference=ref.vocab_size, models=pair.describe())

@@ -30,7 +30,6 @@ What this module decides, and why:
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,8 +41,8 @@ import torch
 from streamdata.errors import StreamdataError
 
 from .errors import ConfigError
-from .metrics import PerTokenWriter
-from .run_folder import PrefixDigest, RunFolder, partial
+from .metrics import named_per_token_file, temp_per_token_file
+from .run_folder import RunFolder
 from .spill import BLOCK, COLUMNS
 
 __all__ = ["DistInfo", "current", "session", "rank_range", "open_run_folder", "TIMEOUT_ENV"]
@@ -292,19 +291,19 @@ def barrier(info: DistInfo, device: torch.device) -> None:
 
 # ---- per-token losses: one file, a slice per rank ---------------------------------------------------
 def shared_per_token_file(path: str | None, total: int, info: DistInfo, device: torch.device) -> tuple[str, str | None]:
-    """(file every rank writes, final name or None for an anonymous temporary file).
+    """(file every rank writes, final name or None for an anonymous temporary file): each rank's
+    :class:`~evaluator.metrics.PerTokenWriter` writes its slice of it (``file=``, ``base=``), and
+    rank 0 publishes it (:func:`~evaluator.metrics.publish_per_token`) once every rank has finished.
 
     Rank 0 creates the file (``path + '.partial'``, or a temporary file whose name it broadcasts)
     at its full size without truncating what an interrupted run wrote (ranks resume into it);
     the others open it after a barrier. A finished run's published file is reused as it is."""
     if info.is_main:
         if path is None:
-            fd, file = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
+            file = temp_per_token_file()
         else:
-            file = partial(path)
-            if not os.path.isfile(file) and os.path.isfile(path):
-                file = path  # resumed after completion
-            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+            file = named_per_token_file(path)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size != max(1, total) * 4:
                 os.ftruncate(fd, max(1, total) * 4)
@@ -319,52 +318,3 @@ def shared_per_token_file(path: str | None, total: int, info: DistInfo, device: 
             os.unlink(file)
         raise
     return shared, path
-
-
-class RankTokenWriter(PerTokenWriter):
-    """A :class:`~evaluator.metrics.PerTokenWriter` for rank's slice ``[base, base + count)`` of the one
-    per-token file (created by :func:`shared_per_token_file`): ``filled``/``total`` count this
-    rank's values; publishing the file is rank 0's job once every rank has flushed."""
-
-    def __init__(self, file: str, base: int, count: int, filled: int = 0, block: int = 1 << 20,
-                 anonymous: bool = False, allow_sync: Any = None, record: dict[str, Any] | None = None):
-        if allow_sync is not None:  # (see PerTokenWriter)
-            self._allow_sync = allow_sync
-        self.total, self.base, self._base = count, base, base
-        self.anonymous = anonymous  # rank 0's temporary file (no final name): removed by discard
-        self.filled = self._written = filled
-        self._block, self._buf, self._k = block, None, 0
-        self.path, self._file = file, file
-        # this rank's slice only: the others check theirs (rank 0 sized the file already)
-        self._digest = self._resume(record, None) if filled else PrefixDigest(base * 4)
-        self._fd = os.open(file, os.O_RDWR)
-
-    def _pwrite(self, values: np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(values, dtype="<f4").tobytes())
-        pos = (self.base + self._written) * 4
-        self._written += len(values)
-        while view:
-            k = os.pwrite(self._fd, view, pos)
-            view, pos = view[k:], pos + k
-
-    def finish(self) -> None:  # type: ignore[override]
-        self.flush()
-        self._close()
-
-    def discard(self) -> None:
-        self._close()
-        if self.anonymous and os.path.exists(self._file):
-            os.unlink(self._file)
-
-
-def publish_per_token(file: str, path: str | None, total: int) -> np.memmap:
-    """Rank 0, after every rank flushed: the final name (or the unlinked temporary file) as a
-    read-only memmap of all ``total`` losses."""
-    if path is None:
-        out = np.memmap(file, dtype=np.float32, mode="r", shape=(total,))
-        os.unlink(file)
-        return out
-    if file != path:
-        os.replace(file, path)
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(total,))
-

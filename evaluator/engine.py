@@ -4,7 +4,11 @@ The parts, each with one job: :mod:`evaluator.resolve` decides the run (mode, wi
 before any compute; :mod:`evaluator.runners` feed one batch through the model into the sums
 (sliding; carried state for stateful and kv-cache, each with its own out-of-memory rule);
 :mod:`evaluator.checkpoint` makes a run resumable after a crash; :mod:`evaluator.results`
-assembles the results. :class:`StreamingEvaluator` is the short loop between them.
+assembles the results (:class:`~evaluator.results.RunResult`). :class:`StreamingEvaluator` decides
+a run and hands it to a per-run ``_Run``, the short loop between them in three steps: ``open``
+(per-token file, spill files, sums, runner, resume, progress), ``iterate`` (the batch loop; batch
+times: :mod:`evaluator.timing`, the no-sync proof: :mod:`evaluator.sync_debug`), ``finish`` (final
+checkpoint, rank reductions, the result).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import dataclasses
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,15 +32,17 @@ from .checkpoint import Checkpointer, run_identity
 from .config import StreamingEvalConfig, check_max_tokens, resolve_device
 from .data import EvalData, open_data
 from .errors import ConfigError, DataError
-from .metrics import MetricSums, PerTokenWriter
+from .metrics import MetricSums, PerTokenWriter, publish_per_token
 from .models import ModelAdapter, load_model
 from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
-from .results import summary
+from .results import RunResult
 from .run_folder import RunFolder, check_output_file
 from .runners import CarriedRunner, Runner, SlidingRunner
 from .scoring import NLL, Scoring
 from .spill import SpillFiles
+from .sync_debug import SyncDebug
+from .timing import Timer
 
 __all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
 
@@ -124,12 +130,26 @@ class StreamingEvaluator:
 
     def run(self, data: Any, *, max_tokens: int | None = None, log_interval: int | None = None, detailed: bool = True,
             per_token: bool = False, checkpoint_dir: "str | os.PathLike | RunFolder | None" = None,
-            scoring: Scoring | None = None) -> dict[str, Any]:
+            scoring: Scoring | None = None, sync_debug: SyncDebug | None = None,
+            clock: Callable[[], float] | None = None) -> dict[str, Any]:
         """The one entry every evaluation goes through (:meth:`evaluate_streaming` and
         :meth:`evaluate_streaming_with_metrics` are its two common forms; a model comparison and the
-        benchmarks call it too). ``detailed``: per-chunk/per-document/per-position results;
-        ``per_token``: the per-token file; ``scoring``: what is scored per target and how it is
-        summed (:data:`evaluator.scoring.NLL`, the default; :data:`evaluator.compare.COMPARE`)."""
+        benchmarks call it too): :meth:`run_result`'s results as a dict."""
+        return self.run_result(data, max_tokens=max_tokens, log_interval=log_interval, detailed=detailed,
+                               per_token=per_token, checkpoint_dir=checkpoint_dir, scoring=scoring,
+                               sync_debug=sync_debug, clock=clock).to_dict()
+
+    def run_result(self, data: Any, *, max_tokens: int | None = None, log_interval: int | None = None,
+                   detailed: bool = True, per_token: bool = False,
+                   checkpoint_dir: "str | os.PathLike | RunFolder | None" = None, scoring: Scoring | None = None,
+                   sync_debug: SyncDebug | None = None, clock: Callable[[], float] | None = None) -> RunResult:
+        """:meth:`run` as a typed :class:`~evaluator.results.RunResult`. ``detailed``:
+        per-chunk/per-document/per-position results; ``per_token``: the per-token file; ``scoring``:
+        what is scored per target and how it is summed (:data:`evaluator.scoring.NLL`, the default;
+        :data:`evaluator.compare.COMPARE`). ``sync_debug``: the batch loop's
+        :class:`~evaluator.sync_debug.SyncDebug` (default: ``STREAMEVAL_SYNC_DEBUG``'s);
+        ``clock``: a host clock (seconds) for the per-chunk times instead of the device's own
+        (:class:`~evaluator.timing.Timer`)."""
         cfg = self.config
         scoring = NLL if scoring is None else scoring
         if scoring is not NLL and dd.current() is not None:
@@ -146,10 +166,12 @@ class StreamingEvaluator:
             dd.open_run_folder(target, dd.current())
         with folder if folder is not target else nullcontext():
             check_output_file(cfg.per_token_path, "per_token_path")  # every output path before any compute
-            return self._run_in(data, max_tokens, log_interval, detailed, per_token, folder, scoring)
+            opts = _Options(log_interval, detailed, per_token, scoring, sync_debug, clock)
+            return self._run_in(data, max_tokens, folder, opts)
 
-    def _run_in(self, data: Any, max_tokens: int | None, log_interval: int, detailed: bool, per_token: bool,
-                folder: RunFolder | None, scoring: "Scoring") -> dict[str, Any]:
+    def _run_in(self, data: Any, max_tokens: int | None, folder: RunFolder | None, opts: "_Options") -> RunResult:
+        """Decide the run over the opened data (settings, this process's part, the checkpoint to
+        resume), then hand it to a :class:`_Run` over the window loader."""
         cfg = self.config
         with open_data(data) as ed:
             if ed.num_tokens == 0:
@@ -162,27 +184,7 @@ class StreamingEvaluator:
                 raise ConfigError(f"compile={cfg.compile!r} applies to mode 'sliding' (fixed-shape batches), but this run "
                                   f"resolved mode {run.mode!r} ({run.mode_reason}): pass mode='sliding', or leave compile unset")
             part = _Part.of(dd.current(), run, ed, None if folder is None else folder.root, cfg.split_warmup)
-            ckpt = None
-            if folder is not None:
-                folder.check_world(part.info)
-                ident = run_identity(ed, self.adapter, run, detailed, per_token)
-                if cfg.compile is not None:  # compiled kernels round differently: never mixed with eager sums
-                    ident.settings.update(compile=cfg.compile)
-                if scoring is not NLL:  # another kind of numbers: never resumed as a run (or vice versa)
-                    ident.settings.update(scoring=scoring.name)
-                if part.info is not None:  # one checkpoint per rank, of its own block (its rank folder)
-                    ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
-                    if part.warmup is not None:  # the approximation changes the numbers
-                        ident.settings.update(split_warmup=part.warmup)
-                ckpt = Checkpointer(folder.part_dir(part.info), ident, cfg.checkpoint_interval)
-                carry = run.carry_check
-                if carry is not None and not carry.checkpoint:
-                    # Said now, not found at the end: the run finishes and reports, only its
-                    # progress cannot be resumed (the final checkpoint records it complete).
-                    ckpt.interval_s = 0.0
-                    if cfg.verbose:
-                        print(f"[streameval] no checkpoints before the end of this run: {carry.checkpoint_reason} "
-                              "(an interrupted run starts over)", file=sys.stderr, flush=True)
+            ckpt = None if folder is None else self._checkpointer(folder, ed, run, part, opts)
             state = ckpt.load() if ckpt is not None else None
             windows = ed.windows(run.spec, self.device, run.batch_windows, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
@@ -190,181 +192,270 @@ class StreamingEvaluator:
                 # compile None: a no-op. STREAMEVAL_COMPILE_BACKEND: a test's "eager"/"aot_eager"
                 # (the same graph capture without code generation); default inductor.
                 with self.adapter.compiled(cfg.compile, os.environ.get("STREAMEVAL_COMPILE_BACKEND") or "inductor"):
-                    return self._loop(ed, run, windows, log_interval, detailed, per_token, ckpt, state, part, scoring,
-                                      folder)
+                    return _Run(self, ed, run, windows, part, ckpt, state, folder, opts).execute()
             finally:
                 windows.close()
 
-    def _loop(self, ed: EvalData, run: ResolvedRun, windows: WindowLoader, log_interval: int, detailed: bool,
-              per_token: bool, ckpt: Checkpointer | None, state: dict[str, Any] | None,
-              part: "_Part", scoring: "Scoring", folder: RunFolder | None) -> dict[str, Any]:
-        cfg, dev, spec = self.config, self.device, run.spec
-        info = part.info
-        num_windows = windows.full_plan_windows
-        expected = state["expected"] if state is not None else windows.num_scored  # every target once
+    def _checkpointer(self, folder: RunFolder, ed: EvalData, run: ResolvedRun, part: "_Part",
+                      opts: "_Options") -> Checkpointer:
+        """This process's checkpoint in the run folder, under the identity of everything that
+        changes the numbers (a checkpoint of another identity is refused when loaded)."""
+        cfg = self.config
+        folder.check_world(part.info)
+        ident = run_identity(ed, self.adapter, run, opts.detailed, opts.per_token)
+        if cfg.compile is not None:  # compiled kernels round differently: never mixed with eager sums
+            ident.settings.update(compile=cfg.compile)
+        if opts.scoring is not NLL:  # another kind of numbers: never resumed as a run (or vice versa)
+            ident.settings.update(scoring=opts.scoring.name)
+        if part.info is not None:  # one checkpoint per rank, of its own block (its rank folder)
+            ident.settings.update(world_size=part.info.world_size, rank=part.info.rank)
+            if part.warmup is not None:  # the approximation changes the numbers
+                ident.settings.update(split_warmup=part.warmup)
+        ckpt = Checkpointer(folder.part_dir(part.info), ident, cfg.checkpoint_interval)
+        carry = run.carry_check
+        if carry is not None and not carry.checkpoint:
+            # Said now, not found at the end: the run finishes and reports, only its
+            # progress cannot be resumed (the final checkpoint records it complete).
+            ckpt.interval_s = 0.0
+            if cfg.verbose:
+                print(f"[streameval] no checkpoints before the end of this run: {carry.checkpoint_reason} "
+                      "(an interrupted run starts over)", file=sys.stderr, flush=True)
+        return ckpt
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What a call of :meth:`StreamingEvaluator.run_result` asks of the run, besides the config."""
+
+    log_interval: int
+    detailed: bool
+    per_token: bool
+    scoring: Scoring
+    sync_debug: SyncDebug | None
+    clock: Callable[[], float] | None
+
+
+class _Run:
+    """One run over its window loader, in three steps: :meth:`open` (the per-token file, the spill
+    files, the sums, the runner, a resumed state, progress), :meth:`iterate` (the batch loop: no
+    sync but the designed ones, no allocation per batch), :meth:`finish` (the final checks and
+    checkpoint, the reductions over ranks, the :class:`~evaluator.results.RunResult`).
+    :meth:`execute` runs them and removes what an error leaves unfinished."""
+
+    def __init__(self, ev: StreamingEvaluator, ed: EvalData, run: ResolvedRun, windows: WindowLoader, part: "_Part",
+                 ckpt: Checkpointer | None, state: dict[str, Any] | None, folder: RunFolder | None, opts: _Options):
+        self.ev, self.cfg, self.dev = ev, ev.config, ev.device
+        self.ed, self.run, self.windows, self.part, self.info = ed, run, windows, part, part.info
+        self.ckpt, self.state, self.folder, self.opts = ckpt, state, folder, opts
+        self.num_windows = windows.full_plan_windows
+        self.expected = state["expected"] if state is not None else windows.num_scored  # every target once
+        self.writer: Any = None  # PerTokenWriter (or the scoring's wrapper of it)
+        self.spill: SpillFiles | None = None
+        self.elapsed0, self.resumed_from = 0.0, None  # seconds and window of a resumed run
+        self.next_window = windows.plan.first
+
+    def execute(self) -> RunResult:
+        try:
+            self.open()
+            try:
+                self.iterate()
+                self.progress.finish(self.nll_sum, self.tokens)
+            finally:
+                self.progress.close()
+            return self.finish()
+        finally:
+            if self.writer is not None:
+                self.writer.discard()
+            if self.spill is not None:
+                self.spill.discard()
+
+    # ---- open ----------------------------------------------------------------------------
+    def open(self) -> None:
+        ed, state, info, part, dev = self.ed, self.state, self.info, self.part, self.dev
         # (one rank's block may be empty, e.g. more ranks than documents: only an empty plan is an error)
-        if expected == 0 and (info is None or part.total_scored == 0):
+        if self.expected == 0 and (info is None or part.total_scored == 0):
+            spec = self.run.spec
             raise DataError(
                 f"{ed.name} has no token to score ({ed.limit(spec.max_tokens)} tokens; each "
                 f"{'document' if spec.doc_mode == 'document' else 'stream'} needs >= 2, or 1 with a BOS prefix)"
             )
-        path = cfg.per_token_path
-        if per_token and path is None and ckpt is not None:
-            path = str(folder.per_token_path("nll"))  # resumable: in the run folder
-        writer, spill = None, None
-        filled = 0 if state is None else int(state["per_token_filled"])
         records = {} if state is None else state["files"]  # what the checkpoint relies on: checked on resume
         # STREAMEVAL_SYNC_DEBUG=warn|error: torch's sync debug mode over the batch loop, lifted
         # (debug.allowed()) only where the loop syncs by design; a no-op by default.
-        debug = _SyncDebug.from_env(dev)
-        try:
-            if not per_token:
-                writer = None
-            elif info is None:  # (its block drains are syncs by design)
-                writer = scoring.per_token(PerTokenWriter(path, expected, filled=filled, allow_sync=debug.allowed,
-                                                          record=records.get("per_token")))
-            else:  # one file, this rank's slice at its own offset
-                shared, path = dd.shared_per_token_file(path, part.total_scored, info, dev)
-                writer = dd.RankTokenWriter(shared, part.scored_before, expected, filled=filled,
-                                            anonymous=path is None and info.is_main, allow_sync=debug.allowed,
-                                            record=records.get("per_token"))
-            timer = _Timer(dev, enabled=detailed)  # chunk_times are a detailed-only result
-            if detailed:
-                # Per-window and per-document sums leave the device in blocks into files: beside the
-                # checkpoint (the CLI's --out) so a resumed run continues them, else in a temporary
-                # folder removed at the end (and on errors).
-                spill = SpillFiles(None if ckpt is None else ckpt.folder, num_windows, ed.num_documents,
-                                   resume=state is not None, columns=scoring.spill, records=records.get("spill"))
-            sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
-            args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
-            runner: Runner = SlidingRunner(*args, batch_windows=run.batch_windows) if run.mode == "sliding" \
-                else CarriedRunner(*args, document_mode=spec.doc_mode == "document",
-                                   save_model_state=run.carry_check is None or run.carry_check.checkpoint)
-            elapsed0, resumed_from = 0.0, None
-            warm = None
-            if state is not None:
-                sums.load_state_dict(state["sums"])
-                runner.load(state["runner"])  # (a warm-up already in the carried state)
-                elapsed0, resumed_from = float(state["elapsed"]), int(state["next_window"])
-            else:
-                warm = part.warmup_ids(ed, run, self.adapter.vocab_size, dev)
-            progress = Progress(total_windows=num_windows if info is None else part.hi, total_tokens=expected,
-                                done_windows=windows.plan.first, done_tokens=sums.tokens, log_interval=log_interval,
-                                verbose=cfg.verbose and (info is None or info.is_main),
-                                world_size=1 if info is None else info.world_size)
-            if resumed_from is not None:
-                progress.note(f"resuming from window {resumed_from:,} of {num_windows:,} ({ckpt.path})")
-            t_start = time.perf_counter()
-            next_window = windows.plan.first
+        self.debug = self.opts.sync_debug if self.opts.sync_debug is not None else SyncDebug.from_env(dev)
+        if self.opts.per_token:
+            self.writer = self.opts.scoring.per_token(self._per_token_writer(records.get("per_token")))
+        self.timer = Timer(dev, enabled=self.opts.detailed, clock=self.opts.clock)  # chunk_times: detailed only
+        if self.opts.detailed:
+            # Per-window and per-document sums leave the device in blocks into files: beside the
+            # checkpoint (the CLI's --out) so a resumed run continues them, else in a temporary
+            # folder removed at the end (and on errors).
+            self.spill = SpillFiles(None if self.ckpt is None else self.ckpt.folder, self.num_windows, ed.num_documents,
+                                    resume=state is not None, columns=self.opts.scoring.spill,
+                                    records=records.get("spill"))
+        self.sums = MetricSums(dev, self.opts.detailed, self.spill, seconds=self.timer.drain,
+                               columns=self.opts.scoring.columns)
+        self.runner = self._runner()
+        self.warm = None  # split_warmup: the context fed unscored before this rank's block
+        if state is not None:
+            self.sums.load_state_dict(state["sums"])
+            self.runner.load(state["runner"])  # (a warm-up already in the carried state)
+            self.elapsed0, self.resumed_from = float(state["elapsed"]), int(state["next_window"])
+        else:
+            self.warm = part.warmup_ids(ed, self.run, self.ev.adapter.vocab_size, dev)
+        self.progress = Progress(total_windows=self.num_windows if info is None else part.hi,
+                                 total_tokens=self.expected, done_windows=self.windows.plan.first,
+                                 done_tokens=self.sums.tokens, log_interval=self.opts.log_interval,
+                                 verbose=self.cfg.verbose and (info is None or info.is_main),
+                                 world_size=1 if info is None else info.world_size)
+        if self.resumed_from is not None:
+            self.progress.note(f"resuming from window {self.resumed_from:,} of {self.num_windows:,} ({self.ckpt.path})")
+        self.t_start = time.perf_counter()
 
-            def checkpoint(complete: bool) -> None:
-                if writer is not None:
-                    writer.flush()
-                sums_state = sums.state_dict()  # flushes the detail block and syncs its files first
-                files: dict[str, Any] = {}  # the digests of what this state relies on (run_folder.py)
-                if spill is not None:  # windows below window_base and documents below doc_base are final
-                    files["spill"] = spill.digests(sums_state["window_base"], max(0, sums_state["doc_base"]), complete)
-                if writer is not None:
-                    files["per_token"] = writer.digest()
-                ckpt.save({"next_window": next_window, "windows_total": num_windows, "expected": expected,
-                           "sums": sums_state, "files": files,
-                           "runner": runner.state(),
-                           "per_token_filled": 0 if writer is None else writer.filled,
-                           "elapsed": elapsed0 + time.perf_counter() - t_start,
-                           "resumed_from": -1 if resumed_from is None else resumed_from}, complete=complete)
+    def _per_token_writer(self, record: dict[str, Any] | None) -> PerTokenWriter:
+        """The per-token file (one process: all of it; a torchrun rank: its slice of the one file)."""
+        path, info = self.cfg.per_token_path, self.info
+        filled = 0 if self.state is None else int(self.state["per_token_filled"])
+        if path is None and self.ckpt is not None:
+            path = str(self.folder.per_token_path("nll"))  # resumable: in the run folder
+        if info is None:  # (its block drains are syncs by design)
+            return PerTokenWriter(path, self.expected, filled=filled, allow_sync=self.debug.allowed, record=record)
+        shared, path = dd.shared_per_token_file(path, self.part.total_scored, info, self.dev)
+        return PerTokenWriter(path, self.part.total_scored, filled=filled, allow_sync=self.debug.allowed, record=record,
+                              file=shared, base=self.part.scored_before, count=self.expected,
+                              anonymous=path is None and info.is_main)
 
-            # On cuda:N everything (kernels, events, the allocator) must use device N, not the
-            # thread's current device (0 by default: a stray context there, and wrong timings).
-            on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
-            try:
-                with on_device, torch.inference_mode(), self._autocast():
-                    if warm is not None:
-                        runner.warm_up(warm)
-                    with debug:
-                        for batch in runner.units(windows):  # (carried document mode: regrouped, plan order)
-                            if detailed:  # may flush the previous block first (a sync every few thousand windows)
-                                with debug.allowed():
-                                    sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
-                            timer.start()
-                            runner.step(batch)
-                            timer.stop(batch.num_windows)
-                            next_window = batch.first_window + batch.num_windows
-                            with debug.allowed():  # a progress line reads the running sum (every log_interval)
-                                progress.update(batch.num_windows, batch.num_scored, sums.total)
-                            if ckpt is not None and ckpt.due():
-                                with debug.allowed():
-                                    checkpoint(complete=False)
-                    nll_sum, tokens = sums.total()  # syncs: total_time includes all queued work
-                    sums.flush()
-                progress.finish(nll_sum, tokens)
-            finally:
-                progress.close()
-            if tokens != expected:  # the loop and the plan disagree: a bug, never a user error
-                raise RuntimeError(f"internal error: scored {tokens} targets, the window semantics give {expected}")
-            if ckpt is not None:
-                checkpoint(complete=True)
-            total_time = elapsed0 + time.perf_counter() - t_start  # checkpoint writes included
-            if info is not None:  # float64/int64 sums over the ranks (never averages); the slowest rank's time
-                (nll_sum,) = dd.all_reduce_scalars([nll_sum], torch.float64, info, dev)
-                (tokens,) = dd.all_reduce_scalars([tokens], torch.int64, info, dev)
-                (total_time,) = dd.all_reduce_scalars([total_time], torch.float64, info, dev, op="max")
-                if tokens != part.total_scored:
-                    raise RuntimeError(f"internal error: the ranks scored {tokens} targets, the plan gives {part.total_scored}")
-            res = summary(run, ed, self.adapter.name, nll_sum, tokens, num_windows, total_time, compile=cfg.compile)
-            res.update(scoring.summary(sums))
-            res["world_size"] = 1 if info is None else info.world_size
-            res["backend"] = None if info is None else info.backend
+    def _runner(self) -> Runner:
+        run, ev = self.run, self.ev
+        args = (ev.adapter, self.windows.plan, self.sums, self.writer, run.loss_slice, self.dev, self.opts.scoring.score)
+        if run.mode == "sliding":
+            return SlidingRunner(*args, batch_windows=run.batch_windows)
+        return CarriedRunner(*args, document_mode=run.spec.doc_mode == "document",
+                             save_model_state=run.carry_check is None or run.carry_check.checkpoint)
+
+    # ---- iterate -------------------------------------------------------------------------
+    def iterate(self) -> None:
+        """Every batch of the loader through the runner into the sums; leaves ``nll_sum`` and
+        ``tokens`` (synced: the total time then includes all queued work)."""
+        # locals: the loop reads nothing through self per batch
+        runner, sums, timer, progress, debug = self.runner, self.sums, self.timer, self.progress, self.debug
+        detailed, ckpt, windows = self.opts.detailed, self.ckpt, self.windows
+        warm, next_window = self.warm, self.next_window
+        # On cuda:N everything (kernels, events, the allocator) must use device N, not the
+        # thread's current device (0 by default: a stray context there, and wrong timings).
+        on_device = torch.cuda.device(self.dev) if self.dev.type == "cuda" else nullcontext()
+        with on_device, torch.inference_mode(), self.ev._autocast():
+            if warm is not None:
+                runner.warm_up(warm)
+            with debug:
+                for batch in runner.units(windows):  # (carried document mode: regrouped, plan order)
+                    if detailed:  # may flush the previous block first (a sync every few thousand windows)
+                        with debug.allowed():
+                            sums.begin_batch(batch.first_window, batch.num_windows, *batch.doc_range)
+                    timer.start()
+                    runner.step(batch)
+                    timer.stop(batch.num_windows)
+                    next_window = batch.first_window + batch.num_windows
+                    with debug.allowed():  # a progress line reads the running sum (every log_interval)
+                        progress.update(batch.num_windows, batch.num_scored, sums.total)
+                    if ckpt is not None and ckpt.due():
+                        with debug.allowed():
+                            self.checkpoint(next_window, complete=False)
+            self.next_window = next_window
+            self.nll_sum, self.tokens = sums.total()  # syncs: total_time includes all queued work
+            sums.flush()
+
+    def checkpoint(self, next_window: int, complete: bool) -> None:
+        """Save everything summed before ``next_window`` (flushed and made durable first)."""
+        writer, spill = self.writer, self.spill
+        if writer is not None:
+            writer.flush()
+        sums_state = self.sums.state_dict()  # flushes the detail block and syncs its files first
+        files: dict[str, Any] = {}  # the digests of what this state relies on (run_folder.py)
+        if spill is not None:  # windows below window_base and documents below doc_base are final
+            files["spill"] = spill.digests(sums_state["window_base"], max(0, sums_state["doc_base"]), complete)
+        if writer is not None:
+            files["per_token"] = writer.digest()
+        self.ckpt.save({"next_window": next_window, "windows_total": self.num_windows, "expected": self.expected,
+                        "sums": sums_state, "files": files,
+                        "runner": self.runner.state(),
+                        "per_token_filled": 0 if writer is None else writer.filled,
+                        "elapsed": self.elapsed0 + time.perf_counter() - self.t_start,
+                        "resumed_from": -1 if self.resumed_from is None else self.resumed_from}, complete=complete)
+
+    # ---- finish --------------------------------------------------------------------------
+    def finish(self) -> RunResult:
+        """Check the count, save the final checkpoint, reduce over the ranks, assemble the result."""
+        info, dev, part, nll_sum, tokens = self.info, self.dev, self.part, self.nll_sum, self.tokens
+        if tokens != self.expected:  # the loop and the plan disagree: a bug, never a user error
+            raise RuntimeError(f"internal error: scored {tokens} targets, the window semantics give {self.expected}")
+        if self.ckpt is not None:
+            self.checkpoint(self.next_window, complete=True)
+        total_time = self.elapsed0 + time.perf_counter() - self.t_start  # checkpoint writes included
+        warmup = None
+        if info is not None:  # float64/int64 sums over the ranks (never averages); the slowest rank's time
+            (nll_sum,) = dd.all_reduce_scalars([nll_sum], torch.float64, info, dev)
+            (tokens,) = dd.all_reduce_scalars([tokens], torch.int64, info, dev)
+            (total_time,) = dd.all_reduce_scalars([total_time], torch.float64, info, dev, op="max")
+            if tokens != part.total_scored:
+                raise RuntimeError(f"internal error: the ranks scored {tokens} targets, the plan gives {part.total_scored}")
             if part.warmup is not None:  # say that these numbers are an approximation, and of what
-                res["split_warmup"] = {
-                    "tokens": part.warmup, "restarts": info.world_size - 1,
-                    "note": f"approximation: each of the {info.world_size - 1} later processes restarted the carried "
-                            f"state at its block after {part.warmup} unscored tokens of warm-up context"}
-            if resumed_from is not None:
-                res["resumed_from_window"] = resumed_from
-            if runner.micro_batch is not None and runner.micro_batch < run.batch_windows:
-                res["batch_size_after_oom"] = runner.micro_batch
-            if detailed:
-                files = spill.finish()
-                spill = None
-                if info is not None:
-                    files = self._reduce_detail(part, sums, files, num_windows, ed.num_documents)
-                if files is not None:  # (other ranks than 0 return the totals only)
-                    res.update(scoring.detail(run, ed, sums, files))
-                res["per_token_losses"], res["per_token_path"] = None, None
-                if writer is not None:
-                    if writer.filled != expected:
-                        raise RuntimeError(f"internal error: wrote {writer.filled} per-token losses, expected {expected}")
-                    if info is None:
-                        res["per_token_losses"], res["per_token_path"] = writer.finish(), writer.path
-                    else:
-                        shared = writer.path
-                        writer.finish()
-                        dd.barrier(info, dev)  # every rank's slice is on disk before rank 0 publishes
-                        if info.is_main:
-                            res["per_token_losses"] = dd.publish_per_token(shared, path, part.total_scored)
-                            res["per_token_path"] = path
-                    writer = None
-            return res
-        finally:
-            if writer is not None:
-                writer.discard()
-            if spill is not None:
-                spill.discard()
+                warmup = {"tokens": part.warmup, "restarts": info.world_size - 1,
+                          "note": f"approximation: each of the {info.world_size - 1} later processes restarted the "
+                                  f"carried state at its block after {part.warmup} unscored tokens of warm-up context"}
+        micro = self.runner.micro_batch
+        res = RunResult.of(self.run, self.ed, self.ev.adapter.name, nll_sum, tokens, self.num_windows, total_time,
+                           compile=self.cfg.compile, scored=self.opts.scoring.summary(self.sums),
+                           world_size=1 if info is None else info.world_size,
+                           backend=None if info is None else info.backend, split_warmup=warmup,
+                           resumed_from_window=self.resumed_from,
+                           batch_size_after_oom=micro if micro is not None and micro < self.run.batch_windows else None,
+                           detailed=self.opts.detailed)
+        if self.opts.detailed:
+            self._finish_detail(res)
+        return res
 
-    def _reduce_detail(self, part: "_Part", sums: MetricSums, files: dict[str, Any], num_windows: int,
-                       num_documents: int) -> dict[str, Any] | None:
-        """Every rank's position buckets and spilled columns summed (float64/int64) into rank 0's
-        files (beside the checkpoints, else a temporary folder); None on the other ranks."""
-        info, dev = part.info, self.device
-        sums.bucket_nll, sums.bucket_tokens = dd.all_reduce_([sums.bucket_nll, sums.bucket_tokens], info, dev)
-        final = SpillFiles(part.root if part.checkpointed else None, num_windows, num_documents) if info.is_main else None
-        try:
-            dd.reduce_spill(files, final, info, dev)
-        except BaseException:
-            if final is not None:
-                final.discard()
-            raise
-        return final.finish() if final is not None else None
+    def _finish_detail(self, res: RunResult) -> None:
+        """The detail figures from the spilled files (every rank's summed into rank 0's) and the
+        per-token file, finished and published (under torchrun: by rank 0, once every rank's slice
+        is on disk)."""
+        info, part, sums, dev = self.info, self.part, self.sums, self.dev
+        files = self.spill.finish()
+        self.spill = None
+        if info is not None:
+            files = _reduce_detail(part, sums, files, self.num_windows, self.ed.num_documents, dev)
+        if files is not None:  # (other ranks than 0 return the totals only)
+            res.detail = self.opts.scoring.detail(self.run, self.ed, sums, files)
+        writer = self.writer
+        if writer is None:
+            return
+        if writer.filled != self.expected:
+            raise RuntimeError(f"internal error: wrote {writer.filled} per-token losses, expected {self.expected}")
+        if info is None:
+            res.per_token_losses, res.per_token_path = writer.finish(), writer.path
+        else:
+            writer.finish()
+            dd.barrier(info, dev)  # every rank's slice is on disk before rank 0 publishes
+            if info.is_main:
+                res.per_token_losses = publish_per_token(writer.file, writer.path, part.total_scored)
+                res.per_token_path = writer.path
+        self.writer = None
+
+
+def _reduce_detail(part: "_Part", sums: MetricSums, files: dict[str, Any], num_windows: int, num_documents: int,
+                   dev: torch.device) -> dict[str, Any] | None:
+    """Every rank's position buckets and spilled columns summed (float64/int64) into rank 0's
+    files (beside the checkpoints, else a temporary folder); None on the other ranks."""
+    info = part.info
+    sums.bucket_nll, sums.bucket_tokens = dd.all_reduce_([sums.bucket_nll, sums.bucket_tokens], info, dev)
+    final = SpillFiles(part.root if part.checkpointed else None, num_windows, num_documents) if info.is_main else None
+    try:
+        dd.reduce_spill(files, final, info, dev)
+    except BaseException:
+        if final is not None:
+            final.discard()
+        raise
+    return final.finish() if final is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,104 +514,6 @@ class _Part:
         if a == 0 and run.spec.prepend_bos_id is not None:
             ids = np.concatenate([[run.spec.prepend_bos_id], ids])
         return torch.from_numpy(ids).to(device) if ids.size else None
-
-
-SYNC_DEBUG_ENV = "STREAMEVAL_SYNC_DEBUG"
-_SYNC_DEBUG_MODES = {"": 0, "0": 0, "off": 0, "warn": 1, "1": 2, "error": 2}
-
-
-class _SyncDebug:
-    """``torch.cuda.set_sync_debug_mode`` over the batch loop (opt-in: ``STREAMEVAL_SYNC_DEBUG``
-    = ``warn`` or ``error``/``1``; CUDA only), so a test or a user can prove the loop queues work
-    without waiting for the device. :meth:`allowed` lifts it where the loop syncs by design: the
-    progress line (every ``log_interval`` windows), the detail block flush (every few thousand
-    windows), the per-token block drain, a checkpoint. The previous mode comes back on exit, also
-    on errors. The mode is process-wide: the loader's reader thread runs under it too."""
-
-    def __init__(self, mode: int):
-        self.mode = mode
-        self.active = mode != 0
-        self._saved: list[int] = []
-
-    @staticmethod
-    def from_env(device: torch.device) -> "_SyncDebug":
-        text = os.environ.get(SYNC_DEBUG_ENV, "").strip().lower()
-        if text not in _SYNC_DEBUG_MODES:
-            raise ConfigError(f"{SYNC_DEBUG_ENV}={text!r} is not one of warn, error, 1, 0: "
-                              "set it to warn or error, or unset it")
-        # Syncs exist only on CUDA: elsewhere the setting has nothing to check.
-        return _SyncDebug(_SYNC_DEBUG_MODES[text] if device.type == "cuda" else 0)
-
-    def _set(self, mode: int) -> None:
-        self._saved.append(torch.cuda.get_sync_debug_mode())
-        torch.cuda.set_sync_debug_mode(mode)
-
-    def _restore(self) -> None:
-        torch.cuda.set_sync_debug_mode(self._saved.pop())
-
-    def __enter__(self) -> "_SyncDebug":
-        if self.active:
-            self._set(self.mode)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            self._restore()
-
-    @contextmanager
-    def allowed(self):
-        if not self.active:
-            yield
-            return
-        self._set(0)
-        try:
-            yield
-        finally:
-            self._restore()
-
-
-class _Timer:
-    """Wall time per batch of windows without syncing the device in the loop: CUDA events recorded
-    around each batch on the stream the work is queued on, read at the end; perf_counter on the CPU
-    (which computes synchronously). Disabled (no events at all) when no per-chunk times are asked for."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.enabled = enabled
-        self.marks: list[tuple[Any, Any, int]] = []  # batches since the last drain: (start, stop, windows)
-        self._t0: Any = None
-
-    def _now(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        e = torch.cuda.Event(enable_timing=True)
-        # An event recorded without a stream lands on the *current device's* stream, which is not
-        # the evaluation's device on cuda:N: name the stream the batch's kernels are queued on.
-        e.record(torch.cuda.current_stream(self.device))
-        return e
-
-    def start(self) -> None:
-        if self.enabled:
-            self._t0 = self._now()
-
-    def stop(self, windows: int) -> None:
-        if self.enabled:
-            self.marks.append((self._t0, self._now(), windows))
-
-    def drain(self, n: int) -> np.ndarray:
-        """Seconds per window of the ``n`` windows timed since the last drain (each batch's time
-        shared equally among its windows). On CUDA the caller has synced the device (the events
-        must have completed)."""
-        out = np.empty(n, np.float64)
-        i = 0
-        for a, b, k in self.marks:
-            out[i : i + k] = (a.elapsed_time(b) / 1000.0 if self.cuda else b - a) / k
-            i += k
-        self.marks = []
-        if i != n:
-            raise RuntimeError(f"internal error: {i} windows timed, {n} flushed")
-        return out
 
 
 def create_streaming_evaluator(model: Any, config: StreamingEvalConfig | None = None) -> StreamingEvaluator:

@@ -37,6 +37,7 @@ __all__ = [
     "byte_perplexity",
     "perplexity",
     "position_bucket_edges",
+    "publish_per_token",
     "token_nll",
     "word_perplexity",
 ]
@@ -323,11 +324,18 @@ class PerTokenWriter:
     sync per block, not per batch), written with ``pwrite`` (no writable mapping, so written pages
     do not count in the process's RSS).
 
-    A named file is written as ``PATH.partial`` and renamed to ``PATH`` only by :meth:`finish`, so
-    a file at ``PATH`` is always complete; ``filled`` > 0 continues a checkpointed ``.partial``
-    file. Without a path the file is an anonymous temporary: it is unlinked by :meth:`finish` (the
-    returned memmap stays readable: the mapping keeps the data) and by :meth:`discard` on errors,
-    so nothing is left on disk either way.
+    The file holds ``total`` values; this writer writes its slice ``[base, base + count)`` (``count``
+    default ``total - base``; ``filled`` and ``total`` attributes count the slice's values). One
+    process: ``base`` 0, the whole file, created here. Under torchrun every rank writes its own
+    slice of one ``file`` that :func:`evaluator.distributed.shared_per_token_file` created; its
+    creator (rank 0) publishes it with :func:`publish_per_token` once every rank has flushed, and
+    only the creator's ``anonymous`` writer removes it on errors.
+
+    A named file is written as ``PATH.partial`` and renamed to ``PATH`` only when published, so a
+    file at ``PATH`` is always complete; ``filled`` > 0 continues a checkpointed ``.partial`` file.
+    Without a path the file is an anonymous temporary: it is unlinked when published (the returned
+    memmap stays readable: the mapping keeps the data) and by :meth:`discard` on errors, so nothing
+    is left on disk either way.
 
     ``record`` (a resume, ``filled`` > 0): the checkpoint's record of the file; the values it
     relies on (the first ``filled``) must match their digest (evaluator/run_folder.py). The values
@@ -335,37 +343,47 @@ class PerTokenWriter:
     """
 
     _WHAT = "per-token file"
-    _base = 0  # first value of this writer's slice of the file (a torchrun rank's offset)
 
     # A context manager around each of the writer's syncs (a block drained to the host): the
-    # engine's sync debug mode lifts itself there (evaluator/engine.py); nothing by default.
+    # engine's sync debug mode lifts itself there (evaluator/sync_debug.py); nothing by default.
     _allow_sync: Callable[[], ContextManager[Any]] = staticmethod(nullcontext)
 
     def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20,
-                 allow_sync: Callable[[], ContextManager[Any]] | None = None, record: dict[str, Any] | None = None):
+                 allow_sync: Callable[[], ContextManager[Any]] | None = None, record: dict[str, Any] | None = None,
+                 *, file: str | None = None, base: int = 0, count: int | None = None,
+                 anonymous: bool | None = None):
         if allow_sync is not None:
             self._allow_sync = allow_sync
-        self.total = total
+        self.path = None if path is None else str(path)
+        self.base = base  # first value of this writer's slice (a torchrun rank's offset)
+        self.total = total - base if count is None else count  # values of the slice
+        self._size = max(1, total) * 4  # bytes of the whole file
+        self.own_file = file is None  # created (and published by finish) here
+        self.anonymous = self.path is None if anonymous is None else anonymous  # removed by discard
         self.filled = filled  # values accepted (on disk or in the device block)
         self._written = filled  # values on disk
         self._block, self._buf, self._k = block, None, 0
-        if path is None:
-            fd, tmp = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
-            os.close(fd)
-            self.path, self._file = None, tmp
+        if file is not None:
+            self._file = file
+        elif self.path is None:
+            self._file = temp_per_token_file()
         else:
-            self.path = str(path)
-            self._file = partial(self.path)
-        size = max(1, total) * 4
-        if filled == total and self.path is not None and not os.path.isfile(self._file) and os.path.isfile(self.path):
-            self._file = self.path  # a finished run resumed from its final checkpoint: already published
-        if filled:
-            self._digest = self._resume(record, size)
+            self._file = named_per_token_file(self.path) if filled == total else partial(self.path)
+        if filled:  # (a shared file: this slice only, the other ranks check theirs; rank 0 sized it)
+            self._digest = self._resume(record, self._size if self.own_file else None)
             self._fd = os.open(self._file, os.O_RDWR)
-        else:
+        elif self.own_file:
             self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(self._fd, size)  # sparse: disk is used as values arrive
+            os.ftruncate(self._fd, self._size)  # sparse: disk is used as values arrive
             self._digest = PrefixDigest(0)
+        else:
+            self._fd = os.open(self._file, os.O_RDWR)
+            self._digest = PrefixDigest(base * 4)
+
+    @property
+    def file(self) -> str:
+        """The file written now (``PATH.partial``, a temporary file, or a shared file)."""
+        return self._file
 
     def _resume(self, record: dict[str, Any] | None, size: int | None) -> PrefixDigest:
         """Check the file a resume continues: its record's digest, else (no record) its size."""
@@ -375,8 +393,8 @@ class PerTokenWriter:
             raise damaged(self._file, self._WHAT, "it is missing")
         if size is not None and os.path.getsize(self._file) != size:
             raise damaged(self._file, self._WHAT, f"it is not {size // 4} float32 values")
-        d = PrefixDigest(self._base * 4)
-        d.extend_file(self._file, (self._base + self.filled) * 4)
+        d = PrefixDigest(self.base * 4)
+        d.extend_file(self._file, (self.base + self.filled) * 4)
         return d
 
     def digest(self) -> dict[str, Any] | None:
@@ -384,7 +402,7 @@ class PerTokenWriter:
         None for an anonymous temporary file (nothing resumes from it)."""
         if self.path is None:
             return None
-        self._digest.extend(self._fd, (self._base + self._written) * 4)
+        self._digest.extend(self._fd, (self.base + self._written) * 4)
         return self._digest.record(self._file, os.fstat(self._fd).st_size)
 
     def write(self, nll: torch.Tensor) -> None:
@@ -403,7 +421,7 @@ class PerTokenWriter:
         self.filled += n
 
     def _pwrite(self, values: np.ndarray) -> None:
-        view, pos = memoryview(np.ascontiguousarray(values, dtype="<f4").tobytes()), self._written * 4
+        view, pos = memoryview(np.ascontiguousarray(values, dtype="<f4").tobytes()), (self.base + self._written) * 4
         self._written += len(values)
         while view:
             k = os.pwrite(self._fd, view, pos)
@@ -426,23 +444,47 @@ class PerTokenWriter:
             self._fd = -1
         self._buf = None
 
-    def finish(self) -> np.memmap:
-        """Flush, publish the file under its final name, and return a read-only memmap of it."""
+    def finish(self) -> np.memmap | None:
+        """Flush and close; a file created here is published (:func:`publish_per_token`) and
+        returned as a read-only memmap. A shared file: None (its creator publishes it once every
+        writer has finished)."""
         self.flush()
         self._close()
-        if self.path is None:
-            out = np.memmap(self._file, dtype=np.float32, mode="r", shape=(self.total,))
-            os.unlink(self._file)
-            return out
-        os.replace(self._file, self.path)
-        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.total,))
+        return publish_per_token(self._file, self.path, self.total) if self.own_file else None
 
     def discard(self) -> None:
         """After an error: close; an anonymous temporary file is removed, a ``.partial`` one kept
         (a checkpointed run resumes into it; it never looks complete)."""
         self._close()
-        if self.path is None and os.path.exists(self._file):
+        if self.anonymous and os.path.exists(self._file):
             os.unlink(self._file)
+
+
+def temp_per_token_file() -> str:
+    """A new empty temporary per-token file (an anonymous run's; removed when published)."""
+    fd, tmp = tempfile.mkstemp(prefix="streameval-per-token-", suffix=".f32")
+    os.close(fd)
+    return tmp
+
+
+def named_per_token_file(path: str) -> str:
+    """The file a run with the final name ``path`` writes: ``PATH.partial``, or ``PATH`` itself
+    when a finished run resumes from its final checkpoint (already published)."""
+    file = partial(path)
+    return path if not os.path.isfile(file) and os.path.isfile(path) else file
+
+
+def publish_per_token(file: str, path: str | None, total: int) -> np.memmap:
+    """The finished per-token ``file`` of ``total`` values as a read-only memmap, under its final
+    name ``path`` (renamed; a ``PATH`` file is always complete), or, without a path, of the
+    temporary file unlinked at once (the mapping keeps the data; nothing is left on disk)."""
+    if path is None:
+        out = np.memmap(file, dtype=np.float32, mode="r", shape=(total,))
+        os.unlink(file)
+        return out
+    if file != path:
+        os.replace(file, path)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(total,))
 
 
 def summarize_chunks(window_nll: Any, window_tokens: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ class Scoring:
     spill: dict[str, tuple[str, str]] | None = None  # SpillFiles columns (None: a run's)
     # wraps the PerTokenWriter (e.g. to write one column of [m, C] values); identity for a run
     per_token: Callable[[Any], Any] = lambda writer: writer
-    summary: Callable[[MetricSums], dict[str, Any]] = lambda sums: {}  # keys added to results.summary's
+    summary: Callable[[MetricSums], dict[str, Any]] = lambda sums: {}  # keys after the run's settings (RunResult.scored)
     detail: Callable[..., dict[str, Any]] = detail  # (run, ed, sums, files) -> the detail keys
 
 

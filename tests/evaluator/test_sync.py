@@ -26,6 +26,7 @@ from evaluator.errors import ConfigError
 from evaluator.metrics import PerTokenWriter
 from evaluator.progress import Progress
 from evaluator.runners import SlidingRunner
+from evaluator.sync_debug import SYNC_DEBUG_ENV, SyncDebug
 
 from .helpers import V, Bigram, TinyRNN, tiny_gpt2
 
@@ -61,7 +62,7 @@ def test_the_loop_has_no_hidden_sync(make_store, docs, monkeypatch, factory, kw,
     store = make_store(docs * 8, vocab_size=V)
     model = factory()
     ref = _run(model, store, detailed, **kw)  # warm (lazy CUDA init, first-call syncs of libraries)
-    monkeypatch.setenv(engine_mod.SYNC_DEBUG_ENV, "warn")
+    monkeypatch.setenv(SYNC_DEBUG_ENV, "warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = _run(model, store, detailed, **kw)
@@ -71,7 +72,7 @@ def test_the_loop_has_no_hidden_sync(make_store, docs, monkeypatch, factory, kw,
     assert not ours, "syncs inside the loop from our code:\n" + "\n".join(ours)
     if not library_may_sync:
         assert not syncs, [f"{w.filename}:{w.lineno}" for w in syncs]
-        monkeypatch.setenv(engine_mod.SYNC_DEBUG_ENV, "error")  # and the strict mode passes too
+        monkeypatch.setenv(SYNC_DEBUG_ENV, "error")  # and the strict mode passes too
         res = _run(model, store, detailed, **kw)
     assert res["total_tokens"] == ref["total_tokens"] and res["nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-6)
 
@@ -101,7 +102,7 @@ def fake_mode(monkeypatch):
 
 def test_set_lifted_and_restored(fake_mode):
     fake_mode.mode = 1  # a caller's own setting comes back afterwards
-    d = engine_mod._SyncDebug(2)
+    d = SyncDebug(2)
     with d:
         assert fake_mode.mode == 2
         with d.allowed():
@@ -117,8 +118,7 @@ def test_set_lifted_and_restored(fake_mode):
 
 
 def test_the_engine_checks_the_loop_and_lifts_the_designed_syncs(fake_mode, make_store, docs, monkeypatch):
-    # on the CPU the setting is inert; force it on to see where the engine applies it
-    monkeypatch.setattr(engine_mod._SyncDebug, "from_env", staticmethod(lambda dev: engine_mod._SyncDebug(2)))
+    # on the CPU the environment's setting is inert; pass the mode in to see where the engine applies it
     seen = {"step": set(), "update": set()}
     real_step, real_update = SlidingRunner.step, Progress.update
 
@@ -138,7 +138,7 @@ def test_the_engine_checks_the_loop_and_lifts_the_designed_syncs(fake_mode, make
     monkeypatch.setattr(PerTokenWriter, "_pwrite", lambda self, v: drains.append(fake_mode.mode) or real_pwrite(self, v))
     store = make_store(docs, vocab_size=V)
     ev = StreamingEvaluator(Bigram(), device="cpu", verbose=False, mode="sliding", chunk_size=32, batch_size=2)
-    res = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True)
+    res = ev.run(store, detailed=True, per_token=True, sync_debug=SyncDebug(2))
     assert res["total_tokens"] > 0
     assert seen == {"step": {2}, "update": {0}}
     assert fake_mode.mode == 0 and fake_mode.calls[0] == 2
@@ -146,16 +146,16 @@ def test_the_engine_checks_the_loop_and_lifts_the_designed_syncs(fake_mode, make
     # a comparison writes one column of its statistics through a wrapper: lifted all the same
     drains.clear()
     assert compare_streaming(Bigram(), Bigram(), store, device="cpu", verbose=False, mode="sliding", chunk_size=32,
-                             batch_size=2)["total_tokens"] == res["total_tokens"]
+                             batch_size=2, sync_debug=SyncDebug(2))["total_tokens"] == res["total_tokens"]
     assert len(drains) > 2 and set(drains) == {0}
 
 
 def test_inert_off_cuda_and_bad_values_are_one_line(fake_mode, make_store, docs, monkeypatch):
     store = make_store(docs, vocab_size=V)
-    monkeypatch.setenv(engine_mod.SYNC_DEBUG_ENV, "error")
+    monkeypatch.setenv(SYNC_DEBUG_ENV, "error")
     ev = StreamingEvaluator(Bigram(), device="cpu", verbose=False, mode="sliding", chunk_size=32)
     assert ev.evaluate_streaming(store)["total_tokens"] > 0
     assert fake_mode.calls == []  # nothing to check on a CPU: never set
-    monkeypatch.setenv(engine_mod.SYNC_DEBUG_ENV, "loud")
+    monkeypatch.setenv(SYNC_DEBUG_ENV, "loud")
     with pytest.raises(ConfigError, match=r"STREAMEVAL_SYNC_DEBUG='loud' is not one of warn, error"):
         ev.evaluate_streaming(store)
