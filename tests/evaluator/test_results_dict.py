@@ -22,7 +22,9 @@ from .helpers import V, Bigram
 SETTINGS = ["loss", "perplexity", "total_tokens", "num_chunks", "total_time", "tokens_per_second", "avg_chunk_time",
             "nll_sum", "mode", "mode_reason", "doc_mode", "chunk_size", "overlap", "tail", "batch_size", "bos_id",
             "bos_policy", "max_tokens", "device", "dtype", "compile", "model", "data", "carry_check"]
-DETAIL = ["chunk_losses", "chunk_perplexities", "avg_chunk_loss", "std_chunk_loss", "chunk_times", "bits_per_byte",
+# (chunk_documents: added since, the document range of each chunk, for chunks.csv)
+DETAIL = ["chunk_losses", "chunk_perplexities", "avg_chunk_loss", "std_chunk_loss", "chunk_times", "chunk_documents",
+          "bits_per_byte",
           "byte_perplexity", "word_perplexity", "total_bytes", "total_words", "byte_metric_documents", "num_documents",
           "word_rule", "per_document", "position_buckets"]
 RUN_KEYS = SETTINGS + ["world_size", "backend"] + DETAIL + ["per_token_losses", "per_token_path"]
