@@ -59,19 +59,6 @@ QUANTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p95": 0.95, "kl_p99": 0.99, "k
 
 
 # ---- results -----------------------------------------------------------------------------------
-class _ColumnWriter:
-    """The per-token file takes one column (the KL) of the [m, C] statistics."""
-
-    def __init__(self, writer: Any, column: int):
-        self._w, self._col = writer, column
-
-    def write(self, values: torch.Tensor) -> None:
-        self._w.write(values[:, self._col])
-
-    def __getattr__(self, name: str) -> Any:  # flush, finish, discard, filled, path
-        return getattr(self._w, name)
-
-
 def _stderr(s: float, s2: float, n: int) -> float:
     """Standard error of a mean from the float64 sum and sum of squares of n values."""
     if n < 2:
@@ -100,19 +87,8 @@ def _summary(sums: MetricSums) -> dict[str, Any]:
     }
 
 
-class _FirstColumn:
-    """The run's detail assembly reads the position buckets of the first column (the candidate's NLL)."""
-
-    def __init__(self, sums: MetricSums):
-        self._s = sums
-
-    def buckets(self):
-        edges, bn, bt = self._s.buckets()
-        return edges, bn[:, 0], bt
-
-
 def _detail(run: Any, ed: Any, sums: MetricSums, files: dict[str, Any]) -> dict[str, Any]:
-    out = run_detail(run, ed, _FirstColumn(sums), files)  # the candidate's chunk/document/byte figures
+    out = run_detail(run, ed, sums, files)  # the candidate's chunk/document/byte figures (its NLL: column 0)
     nd = ed.num_documents
     tok = files["document_tokens"][:nd]
     doc = {c: files[f"document_{c}"][:nd] for c in COLUMNS[1:]}
@@ -124,7 +100,7 @@ def _detail(run: Any, ed: Any, sums: MetricSums, files: dict[str, Any]) -> dict[
         top1_agreement=BlockView(lambda a, b: 100.0 * a / b, doc["agree"], tok),
         delta_nll_mean=BlockView(lambda a, b, c: (a - b) / c, files["document_nll"][:nd], doc["nll_ref"], tok),
     )
-    _, bn, bt = sums.buckets()
+    _, bn, bt = sums.buckets(column=None)
     pos = out["position_buckets"]
     last = len(pos["hi"])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -139,7 +115,7 @@ def _detail(run: Any, ed: Any, sums: MetricSums, files: dict[str, Any]) -> dict[
 
 #: The comparison's scoring (see the module docstring).
 COMPARE = Scoring("compare", score=pair_stats, columns=COLUMNS, spill=SPILL,
-                  per_token=lambda w: _ColumnWriter(w, KL), summary=_summary, detail=_detail)
+                  per_token_column=KL, summary=_summary, detail=_detail)
 
 
 # ---- the API -----------------------------------------------------------------------------------

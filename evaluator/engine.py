@@ -284,7 +284,7 @@ class _Run:
         # (debug.allowed()) only where the loop syncs by design; a no-op by default.
         self.debug = self.opts.sync_debug if self.opts.sync_debug is not None else SyncDebug.from_env(dev)
         if self.opts.per_token:
-            self.writer = self.opts.scoring.per_token(self._per_token_writer(records.get("per_token")))
+            self.writer = self._per_token_writer(records.get("per_token"))
         self.timer = Timer(dev, enabled=self.opts.detailed, clock=self.opts.clock)  # chunk_times: detailed only
         if self.opts.detailed:
             # Per-window and per-document sums leave the device in blocks into files: beside the
@@ -316,14 +316,16 @@ class _Run:
         """The per-token file (one process: all of it; a torchrun rank: its slice of the one file)."""
         path, info = self.cfg.per_token_path, self.info
         filled = 0 if self.state is None else int(self.state["per_token_filled"])
+        column = self.opts.scoring.per_token_column
         if path is None and self.ckpt is not None:
             path = str(self.folder.per_token_path("nll"))  # resumable: in the run folder
         if info is None:  # (its block drains are syncs by design)
-            return PerTokenWriter(path, self.expected, filled=filled, allow_sync=self.debug.allowed, record=record)
+            return PerTokenWriter(path, self.expected, filled=filled, allow_sync=self.debug.allowed, record=record,
+                                  column=column)
         shared, path = dd.shared_per_token_file(path, self.part.total_scored, info, self.dev)
         return PerTokenWriter(path, self.part.total_scored, filled=filled, allow_sync=self.debug.allowed, record=record,
                               file=shared, base=self.part.scored_before, count=self.expected,
-                              anonymous=path is None and info.is_main)
+                              anonymous=path is None and info.is_main, column=column)
 
     def _runner(self) -> Runner:
         run, ev = self.run, self.ev

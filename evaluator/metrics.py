@@ -279,9 +279,14 @@ class MetricSums:
         """float64 sums of every column [C] (one device sync)."""
         return self.nll.reshape(-1).cpu().numpy()
 
-    def buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(upper edges, NLL sums, token counts) of the position buckets (one sync; the end only)."""
-        return self.edges_np, self.bucket_nll.cpu().numpy(), self.bucket_tokens.cpu().numpy()
+    def buckets(self, column: int | None = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(upper edges, sums, token counts) of the position buckets (one sync; the end only). The
+        sums of value column ``column`` ([buckets]; the first, the NLL, by default), or of every
+        column ([buckets, C]) with ``column=None``."""
+        sums = self.bucket_nll
+        if column is not None and sums.dim() == 2:
+            sums = sums[:, column]
+        return self.edges_np, sums.cpu().numpy(), self.bucket_tokens.cpu().numpy()
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint: the total, the bucket sums, and how far the spill files are valid, as exact
@@ -340,6 +345,9 @@ class PerTokenWriter:
     ``record`` (a resume, ``filled`` > 0): the checkpoint's record of the file; the values it
     relies on (the first ``filled``) must match their digest (evaluator/run_folder.py). The values
     after them are written again by the resumed run.
+
+    ``column``: the values written come as [m, C] per-target statistics (a model comparison) and
+    this column is the one the file keeps; None: [m] values.
     """
 
     _WHAT = "per-token file"
@@ -351,11 +359,12 @@ class PerTokenWriter:
     def __init__(self, path: str | os.PathLike | None, total: int, filled: int = 0, block: int = 1 << 20,
                  allow_sync: Callable[[], ContextManager[Any]] | None = None, record: dict[str, Any] | None = None,
                  *, file: str | None = None, base: int = 0, count: int | None = None,
-                 anonymous: bool | None = None):
+                 anonymous: bool | None = None, column: int | None = None):
         if allow_sync is not None:
             self._allow_sync = allow_sync
         self.path = None if path is None else str(path)
         self.base = base  # first value of this writer's slice (a torchrun rank's offset)
+        self.column = column  # values come as [m, C] statistics: this column is written (None: [m] values)
         self.total = total - base if count is None else count  # values of the slice
         self._size = max(1, total) * 4  # bytes of the whole file
         self.own_file = file is None  # created (and published by finish) here
@@ -406,6 +415,8 @@ class PerTokenWriter:
         return self._digest.record(self._file, os.fstat(self._fd).st_size)
 
     def write(self, nll: torch.Tensor) -> None:
+        if self.column is not None:
+            nll = nll[:, self.column]
         n = nll.numel()
         if self._k + n > self._block:
             self._drain()

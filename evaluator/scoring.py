@@ -32,8 +32,8 @@ class Scoring:
     score: Callable[..., torch.Tensor] | None = None
     columns: tuple[str, ...] = ("nll",)  # MetricSums value columns (the first one is what progress shows)
     spill: dict[str, tuple[str, str]] | None = None  # SpillFiles columns (None: a run's)
-    # wraps the PerTokenWriter (e.g. to write one column of [m, C] values); identity for a run
-    per_token: Callable[[Any], Any] = lambda writer: writer
+    # the column of [m, C] values the per-token file keeps (None: the score is [m] values, a run's)
+    per_token_column: int | None = None
     summary: Callable[[MetricSums], dict[str, Any]] = lambda sums: {}  # keys after the run's settings (RunResult.scored)
     detail: Callable[..., dict[str, Any]] = detail  # (run, ed, sums, files) -> the detail keys
 
