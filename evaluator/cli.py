@@ -254,7 +254,7 @@ def demo_size(*, full: bool, max_tokens: int | None, on_cpu: bool) -> tuple[int,
     if full and max_tokens is not None:
         raise EvaluatorError("--full and --max-tokens both set the demo's size: pass one of them")
     if max_tokens is not None:
-        return max_tokens, "--max-tokens"
+        return max_tokens, f"--max-tokens {max_tokens}"
     if full or not on_cpu:
         return DEMO_FULL_TOKENS, "the full size"
     return DEMO_CPU_TOKENS, "the size on a CPU"

@@ -33,7 +33,7 @@ def test_the_size_is_the_cpu_one_on_a_cpu_and_the_full_one_elsewhere():
     assert demo_size(full=False, max_tokens=None, on_cpu=True) == (DEMO_CPU_TOKENS, "the size on a CPU")
     assert demo_size(full=False, max_tokens=None, on_cpu=False) == (DEMO_FULL_TOKENS, "the full size")
     assert demo_size(full=True, max_tokens=None, on_cpu=True) == (DEMO_FULL_TOKENS, "the full size")
-    assert demo_size(full=False, max_tokens=5000, on_cpu=True) == (5000, "--max-tokens")
+    assert demo_size(full=False, max_tokens=5000, on_cpu=True) == (5000, "--max-tokens 5000")
 
 
 def test_full_and_max_tokens_together_is_one_line(capsys, tmp_path):
