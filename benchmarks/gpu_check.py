@@ -31,7 +31,7 @@ line and exits 1 (no numbers are made up). ``--dry-run`` runs the same steps on 
 
 Dependencies: torch, transformers, numpy, tokenizers, tqdm, pytest (the tests step) and matplotlib
 (the PNG); never datasets or zarr (the stores are written by streamdata's writer from synthetic
-ids). On a machine without some of them, see the README's "GPU check" section (wheels carried along).
+ids). On a machine without some of them, see docs/benchmarks.md, "GPU check" (wheels carried along).
 """
 
 from __future__ import annotations
