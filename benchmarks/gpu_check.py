@@ -7,6 +7,8 @@ of the budget; a step that fails or times out is recorded and the rest still run
 
 - ``tests``: pytest over every test file that holds CUDA-marked tests (``-m cuda``), then the
   inductor test of ``--compile`` (``STREAMEVAL_TEST_INDUCTOR=1``); pass/fail/skip counts from JUnit XML;
+- ``demo``: the README's first command, ``streameval demo --full`` (the full-size demo, 1,000,000
+  tokens) on the device, into a temporary folder: its wall time (tokenizing the stdlib included);
 - ``eval``: ``benchmarks.bench_eval --compile`` on a synthetic store of random ids (GPT-2-small-shaped
   random model, bf16, chunk 1024, overlap 512, 512Ki tokens): end to end vs compute only, overlap 0
   vs the seed's batch-1 loop, overlap 512 vs the transformers guide loop, eager and compiled;
@@ -29,7 +31,7 @@ line and exits 1 (no numbers are made up). ``--dry-run`` runs the same steps on 
 
 Dependencies: torch, transformers, numpy, tokenizers, tqdm, pytest (the tests step) and matplotlib
 (the PNG); never datasets or zarr (the stores are written by streamdata's writer from synthetic
-ids). On a machine without some of them, see the README's "GPU check" section (wheels carried along).
+ids). On a machine without some of them, see docs/benchmarks.md, "GPU check" (wheels carried along).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "eval", "loader", "memory", "docs", "precision", "distributed")
+STEPS = ("tests", "demo", "eval", "loader", "memory", "docs", "precision", "distributed")
 # The issue's goals (ratios measured in one run, same model and tokens).
 GOALS = {
     "end_to_end_vs_compute": 0.97,
@@ -163,6 +165,10 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
     # one step, two pytest runs: the second runs even when the first has failures
     steps.append(Step("tests", ["bash", "-c", " ; ".join(_q(c) for c in (tests, inductor)) + " ; exit 0"],
                       170, {"STREAMEVAL_TEST_INDUCTOR": "0" if dry else "1"}))
+    # the demo into a fresh temporary folder beside the store: timed from scratch, never a reused run
+    demo = [py, "-m", "evaluator", "demo", *(["--max-tokens", "3000", "--chunk-size", "64", "--overlap", "16", "--device", "cpu"] if dry
+                                             else ["--full", "--device", device]), "--out", str(store.parent / "demo")]
+    steps.append(Step("demo", demo, 90))
     if dry:
         ev = ["--device", "cpu", "--tokens", "400", "--chunk-size", "32", "--overlap", "16", "--batch-size", "4",
               "--repeat", "1", "--model", "benchmarks.gpu_check:tiny_model", "--threads", "1"]
@@ -209,6 +215,8 @@ def collect(step: Step, out: Path) -> None:
     folder = out / step.name
     if step.name == "tests":
         step.data = {k: junit_counts(folder / f"{k}.xml") for k in ("cuda", "inductor")}
+    elif step.name == "demo":  # its report is in its own --out
+        step.data = _json(Path(step.argv[step.argv.index("--out") + 1]) / "results.json")
     else:
         files = sorted(folder.glob("*.json")) if folder.is_dir() else []
         step.data = _json(files[0]) if files else None
@@ -257,6 +265,13 @@ def summarize(steps: dict[str, Step]) -> list[dict[str, Any]]:
             ok = False
         row("CUDA tests", "; ".join(parts) or "no results", "0 failed", ok,
             "" if parts else f"{t.status}; see tests/tests.log" if t.status == "ok" else t.status)
+
+    dm = steps.get("demo")
+    if dm is not None:
+        r = dm.data if dm.status == "ok" else None
+        row("demo, full size: wall time (s)", dm.seconds if r else None, "(no goal)", None,
+            f"{r['total_tokens']:,} tokens scored in {r['total_time']:.1f} s ({r['tokens_per_second']:,.0f} tok/s), "
+            f"perplexity {r['perplexity']:.1f}" if r else dm.status)
 
     e = steps.get("eval")
     ev = e.data if e is not None else None

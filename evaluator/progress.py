@@ -20,7 +20,7 @@ from typing import Callable, TextIO
 
 from .metrics import perplexity
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "duration"]
 
 
 class Progress:
@@ -78,7 +78,7 @@ class Progress:
             who, scale = "rank 0 ", f" (all {self.world_size} ranks, est. {self.world_size} x rank 0)"
         share = 100.0 * self.tokens / self.total_tokens if self.total_tokens else 100.0
         left = self.total_tokens - self.tokens
-        eta = "done" if self.done >= self.total_windows else f"ETA {_duration(left / rate)}" if rate > 0 else "ETA ?"
+        eta = "done" if self.done >= self.total_windows else f"ETA {duration(left / rate)}" if rate > 0 else "ETA ?"
         self._line_at = self.done
         print(f"[streameval] {who}chunk {self.done:,}/{self.total_windows:,} ({share:.1f}%)  loss {nll / n:.4f}  "
               f"ppl {perplexity(nll, n):.3f}  {rate * self.world_size:,.0f} tok/s{scale}  {eta}",
@@ -100,7 +100,7 @@ class Progress:
             self.bar = None
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """1h02m, 3m05s, 12s: how long, as people read it."""
     s = int(round(seconds))
     if s >= 3600:

@@ -102,16 +102,43 @@ def test_summary_judges_each_goal():
     assert t["pass"] is False and t["value"] == "no results"
 
 
+def test_the_demo_step_times_the_full_size_demo_on_the_device(tmp_path):
+    """The README's first command, timed where a user would run it (issue 25, item 2): the full-size
+    demo on the GPU, into a temporary folder (a fresh run: nothing reused), its wall time a summary row."""
+    store = tmp_path / "tmp" / "store"
+    steps = {s.name: s for s in gc.plan_steps(tmp_path / "o", store, dry=False, device="cuda:0", gpus=1)}
+    demo = steps["demo"].argv
+    assert demo[1:5] == ["-m", "evaluator", "demo", "--full"] and demo[demo.index("--device") + 1] == "cuda:0"
+    assert demo[demo.index("--out") + 1] == str(tmp_path / "tmp" / "demo")
+    dry = gc.plan_steps(tmp_path / "o", store, dry=True, device="cuda", gpus=0)
+    toy = next(s for s in dry if s.name == "demo").argv
+    assert "--full" not in toy and toy[toy.index("--device") + 1] == "cpu" and "--max-tokens" in toy
+
+    s = gc.Step("demo", demo, 90)
+    s.status, s.seconds = "ok", 31.5
+    run = tmp_path / "tmp" / "demo"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"total_tokens": 1_000_000, "total_time": 4.0, "tokens_per_second": 250_000.0,
+                                                   "perplexity": 130.2, "device": "cuda:0"}))
+    gc.collect(s, tmp_path / "o")
+    row = {r["measure"]: r for r in gc.summarize({"demo": s})}["demo, full size: wall time (s)"]
+    assert row["value"] == 31.5 and row["pass"] is None
+    assert row["note"] == "1,000,000 tokens scored in 4.0 s (250,000 tok/s), perplexity 130.2"
+    s.status, s.seconds, s.data = "timed out after 90 s", 90.0, None
+    row = {r["measure"]: r for r in gc.summarize({"demo": s})}["demo, full size: wall time (s)"]
+    assert row["value"] is None and row["note"] == "timed out after 90 s"  # never a time for a run that did not finish
+
+
 def test_dry_run_of_one_step_writes_json_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "gc"
-    rc = gc.main(["--dry-run", "--out", str(out), "--skip", "tests", "eval", "memory", "docs", "precision",
+    rc = gc.main(["--dry-run", "--out", str(out), "--skip", "tests", "demo", "eval", "memory", "docs", "precision",
                                                  "distributed"])
     text = capsys.readouterr().out
     assert rc == 0
     data = json.loads((out / "gpu_check.json").read_text())
     assert data["dry_run"] is True and data["steps"]["loader"]["status"] == "ok"
-    assert data["steps"]["eval"]["status"] == "skipped: --skip"
+    assert data["steps"]["eval"]["status"] == "skipped: --skip" and data["steps"]["demo"]["status"] == "skipped: --skip"
     assert (out / "loader" / "bench_loader.json").is_file() and (out / "gpu_check.png").stat().st_size > 0
     assert "measure" in text and "dry run" in text
 

@@ -1,9 +1,12 @@
-"""The README cannot drift (issue 17): its options tables are the parsers' options, and every
-``bash``/``python`` block runs as written, with local stand-ins for hub ids (a tokenizer trained
-here, a tiny ``save_pretrained`` GPT-2, local jsonl) and no network.
+"""The README and docs/ cannot drift (issues 17, 27): the options tables (docs/cli.md) are the
+parsers' options, every ``bash``/``python`` block of README.md and docs/*.md runs as written, with
+local stand-ins for hub ids (a tokenizer trained here, a tiny ``save_pretrained`` GPT-2, local
+jsonl) and no network, and every relative link and #anchor points to a file and heading that exist.
 
-A block that cannot run here carries ``<!-- readme-test: skip: WHY -->`` on the line before its
-fence; :data:`SKIPPED` lists them, so a new skip is a visible change to this file.
+The blocks run in one working folder, README first, then the pages in :data:`PAGES` order (a page
+may use a store an earlier one built). A block that cannot run here carries
+``<!-- readme-test: skip: WHY -->`` on the line before its fence; :data:`SKIPPED` lists them, so a
+new skip is a visible change to this file.
 
 Regenerate the options tables after changing a parser: ``python -m tests.test_readme --write``.
 """
@@ -22,14 +25,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+OPTIONS = DOCS / "cli.md"  # the options tables
+#: the pages under docs/, in the order their blocks run (after README's); a new page is added here
+PAGES = ["tokenize.md", "windows.md", "evaluate.md", "distributed.md", "lm-eval.md", "compare.md", "benchmarks.md",
+         "formats.md", "safety.md", "cli.md", "layout.md", "design.md"]
 
 #: first line of each block that is skipped, with the README's reason
 SKIPPED = {
     "# 1. the main job on the embedded default: create .venv, install, tokenize the running Python's": "installs packages (.ci/setup)",
     ".venv/bin/python -m pytest -q -m cuda": "needs a GPU",
     ".venv/bin/python -m pytest -q tests/evaluator/test_architectures.py": "the test suite runs this file itself",
-    "streameval demo --out runs/demo        # the embedded default: stdlib store + bundled model, 1M tokens":
-        "tokenizes the whole stdlib and scores 1M tokens (minutes on a CPU)",
+    "streameval demo --out runs/demo        # the embedded default: stdlib store + bundled model (CPU: 250,000 tokens)":
+        "tokenizes the whole stdlib and scores 250,000 tokens (a minute or more on a CPU)",
     "python -m benchmarks                    # the suite: stages, verdict, sweeps, baselines, memory scaling":
         "minutes of measurement; tests/benchmarks runs every benchmark at toy sizes",
     "#!/bin/bash": "needs a SLURM cluster (the one-machine loop above runs the same commands)",
@@ -121,24 +129,96 @@ def render_options(text: str) -> str:
 
 
 def test_options_tables_match_the_parsers():
-    text = README.read_text(encoding="utf-8")
+    text = OPTIONS.read_text(encoding="utf-8")
     names = _OPT_BEGIN.findall(text)
     assert sorted(names) == sorted(parsers()), "one options table per verb"
-    assert render_options(text) == text, "README options tables are stale: python -m tests.test_readme --write"
+    assert render_options(text) == text, "docs/cli.md options tables are stale: python -m tests.test_readme --write"
 
 
 # ---- code blocks ---------------------------------------------------------------------------------
 _BLOCK = re.compile(r"(<!-- readme-test: skip: (.+?) -->\n)?```(bash|python)\n(.*?)```", re.S)
 
 
+def pages() -> list[Path]:
+    """README.md, then docs/*.md in the order their blocks run."""
+    return [README] + [DOCS / name for name in PAGES]
+
+
+def test_every_page_is_listed():
+    assert sorted(PAGES) == sorted(p.name for p in DOCS.glob("*.md")), "add the new page to PAGES"
+
+
 def blocks() -> list[tuple[str, str, str | None]]:
-    """(language, code, skip reason or None) of every bash/python block, in README order."""
-    return [(m.group(3), m.group(4), m.group(2)) for m in _BLOCK.finditer(README.read_text(encoding="utf-8"))]
+    """(language, code, skip reason or None) of every bash/python block, README's first, then each page's."""
+    return [(m.group(3), m.group(4), m.group(2)) for page in pages()
+            for m in _BLOCK.finditer(page.read_text(encoding="utf-8"))]
 
 
 def test_skipped_blocks_are_the_listed_ones():
     skipped = {code.splitlines()[0]: why for _, code, why in blocks() if why}
     assert skipped == SKIPPED
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end >= 0 else len(text)]
+
+
+def test_setup_says_how_long_the_demo_and_the_tests_take():
+    """The first command tells its time (issue 25): the set-up section states the demo's time on a
+    CPU, measured, with the machine and the date, and on a GPU (or that it is not measured yet and
+    which command records it); and the suite's times, whole and fast lane (issue 27)."""
+    setup = " ".join(_section(README.read_text(encoding="utf-8"), "Set-up").split())
+    assert "**How long the demo takes.**" in setup
+    said = setup[setup.index("**How long the demo takes.**"):]
+    assert re.search(r"Measured on a .{0,60}2-core.{0,80}\d{4}-\d\d-\d\d\)", said)  # the machine and the date
+    assert re.search(r"\b\d+ s in all when the machine was quiet", said)
+    gpu = said[said.index("On a GPU:"):]
+    assert re.match(r"On a GPU: (\d+ s|not measured yet; `python -m benchmarks\.gpu_check)", gpu)
+    assert re.search(r"the whole suite takes about [\d.]+ minutes \(\d+ tests, \d+ s measured", setup)
+    assert re.search(r'`\.venv/bin/python -m pytest -q -m "not slow"` is the fast lane \(\d+ tests, \d+ s\)', setup)
+
+
+_FENCED = re.compile(r"^```.*?^```", re.S | re.M)
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """The ids GitHub gives a page's headings: lower case, punctuation other than '-' and '_'
+    dropped, spaces as '-'; a repeated id gets -1, -2, ..."""
+    seen: dict[str, int] = {}
+    for line in _FENCED.sub("", page.read_text(encoding="utf-8")).splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            seen[slug if slug not in seen else f"{slug}-{seen[slug]}"] = 0
+            seen[slug] = seen.get(slug, 0) + 1
+    return set(seen)
+
+
+def test_anchor_ids_are_githubs():
+    ids = anchors(README)
+    assert {"set-up-on-a-fresh-machine-two-commands", "resume-a-long-run", "documentation"} <= ids
+    assert {"python--m-benchmarks", "streameval-demo"} <= anchors(OPTIONS)
+
+
+def test_every_link_resolves_and_every_page_is_linked_from_the_readme():
+    linked = set()
+    for page in pages():
+        text = re.sub(r"`[^`\n]*`", "", _FENCED.sub("", page.read_text(encoding="utf-8")))  # links outside code
+        for target in _LINK.findall(text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: (not checked: no network)
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: ({target})"
+            assert dest.exists(), f"{where} points to a missing file"
+            if anchor:
+                assert dest.suffix == ".md" and anchor in anchors(dest), f"{where} points to a missing heading"
+            if page == README:
+                linked.add(dest)
+    assert {DOCS / name for name in PAGES} <= linked, "every page under docs/ is linked from README.md"
 
 
 def _stand_ins(work: Path) -> None:
@@ -221,15 +301,15 @@ def test_every_readme_block_runs(tmp_path):
         else:
             cmd = [sys.executable, "-c", code]
         p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, f"README {lang} block failed:\n{code}\n--- stderr:\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"{lang} block failed:\n{code}\n--- stderr:\n{p.stderr[-3000:]}"
         ran += 1
     assert ran == len(blocks()) - len(SKIPPED)
     assert (work / "runs" / "gpt2-wt103" / "results.json").is_file()
     assert (work / "stores" / "code2" / "manifest.json").is_file()
 
 
-if __name__ == "__main__":  # python -m tests.test_readme --write: regenerate the options tables
+if __name__ == "__main__":  # python -m tests.test_readme --write: regenerate the options tables in docs/cli.md
     if sys.argv[1:] == ["--write"]:
-        README.write_text(render_options(README.read_text(encoding="utf-8")), encoding="utf-8")
+        OPTIONS.write_text(render_options(OPTIONS.read_text(encoding="utf-8")), encoding="utf-8")
     else:
         sys.exit("usage: python -m tests.test_readme --write")
