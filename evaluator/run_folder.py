@@ -1,5 +1,5 @@
 """The run folder (``streameval run/compare/demo --out DIR``, the API's ``checkpoint_dir``): the one
-home of every name in it and of the rules that keep it safe (README "Safety", the run-folder part).
+home of every name in it and of the rules that keep it safe (docs/safety.md, "Run folders").
 
 Layout (every name below is spelled here and nowhere else)::
 

@@ -160,7 +160,7 @@ def _damaged(path: str, file: str, command: str) -> str:
 
 
 def checked_source(store: TokenStore, command: str = "convert") -> TokenStore:
-    """``store`` read through its recorded checksums (README "Safety": a copy never launders damage);
+    """``store`` read through its recorded checksums (docs/safety.md: a copy never launders damage);
     ``command`` names what to rerun in the refusal (convert, export).
 
     Our formats (npy, zarr) record checksums when they are written: the index is checked here

@@ -7,7 +7,7 @@ to resume from, and :meth:`Output.seal` / :meth:`Output.abort` to finish. It is 
 (not part of :mod:`streamdata.format`) because it is about a build's lifecycle (locks, renames,
 clean-up), while ``format`` describes the bytes of a finished store.
 
-Rules (README "Safety"):
+Rules (docs/safety.md):
 
 - **Only our markers make a folder ours.** A folder is a *store of ours* when its ``manifest.json``
   parses with our ``format`` (npy, zarr) and a readable ``format_version``; it is a *build of ours*
@@ -759,7 +759,7 @@ def lock_output(target: str | os.PathLike, storage_options: dict | None = None) 
 
 
 def _refuse_symlink(d: _Dir) -> None:
-    """A symlinked ``--out`` is refused (README "Safety"): an overwrite renames the output folder,
+    """A symlinked ``--out`` is refused (docs/safety.md): an overwrite renames the output folder,
     which would move the link and not the store, and the lock beside the link would not guard the
     real folder against a writer that names it. Symlinks in the parent path are fine."""
     if d.local and os.path.islink(d.root):

@@ -5,7 +5,7 @@ document at a time and four side by side, with checkpoints and an interrupted ru
 per-token loss against a brute-force full forward of each document (fp32: 1e-5), and in bfloat16
 within twice the distance of the bfloat16 full forward itself from the fp32 one.
 
-README "Models verified" lists these; this file is the command that verifies them."""
+docs/evaluate.md "Models verified" lists these; this file is the command that verifies them."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 tensor input in every mode, no host sync in the hot loop, and per-chunk times measured on the
 evaluation's own device.
 
-Run with the CUDA sanitizer too (README, "Tests"): ``TORCH_CUDA_SANITIZER=1 pytest -m cuda``.
+Run with the CUDA sanitizer too (README, set-up): ``TORCH_CUDA_SANITIZER=1 pytest -m cuda``.
 """
 
 from __future__ import annotations
