@@ -22,6 +22,7 @@ import torch
 from streamdata.loader import WindowLoader
 from streamdata.windows import plan_windows
 
+from . import autobatch
 from . import distributed as dd
 from .carry_check import autocast_for
 from .checkpoint import Checkpointer, run_identity
@@ -69,6 +70,9 @@ class StreamingEvaluator:
         self.adapter.to(self.device)
         self.config = config
         self._chunk_size = resolve_chunk_size(config, self.adapter)
+        # Keyword arguments for the runner (evaluator/runners.py): tests and benchmarks set e.g.
+        # lookahead/segment_slots (parallel documents) or batch_timer (the auto batch ladder's clock).
+        self.runner_options: dict[str, Any] = {}
 
     # ---- settings ------------------------------------------------------------------------
     @property
@@ -184,6 +188,9 @@ class StreamingEvaluator:
                         print(f"[streameval] no checkpoints before the end of this run: {carry.checkpoint_reason} "
                               "(an interrupted run starts over)", file=sys.stderr, flush=True)
             state = ckpt.load() if ckpt is not None else None
+            if state is not None and run.batch_auto and state["runner"].get("ladder") is not None:
+                # autobatch: the bound the interrupted run measured within (free memory moves)
+                run = dataclasses.replace(run, batch_windows=int(state["runner"]["ladder"]["bound"]))
             windows = ed.windows(run.spec, self.device, run.batch_windows, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
             try:
@@ -237,9 +244,10 @@ class StreamingEvaluator:
                                    resume=state is not None, columns=scoring.spill, records=records.get("spill"))
             sums = MetricSums(dev, detailed, spill, seconds=timer.drain, columns=scoring.columns)
             args = (self.adapter, windows.plan, sums, writer, run.loss_slice, dev, scoring.score)
-            runner: Runner = SlidingRunner(*args, batch_windows=run.batch_windows) if run.mode == "sliding" \
-                else CarriedRunner(*args, document_mode=spec.doc_mode == "document",
-                                   save_model_state=run.carry_check is None or run.carry_check.checkpoint)
+            runner: Runner = SlidingRunner(*args, batch_windows=run.batch_windows, **self.runner_options) \
+                if run.mode == "sliding" else CarriedRunner(*args, document_mode=spec.doc_mode == "document",
+                                   save_model_state=run.carry_check is None or run.carry_check.checkpoint,
+                                   **self.runner_options)
             elapsed0, resumed_from = 0.0, None
             warm = None
             if state is not None:
@@ -254,6 +262,8 @@ class StreamingEvaluator:
                                 world_size=1 if info is None else info.world_size)
             if resumed_from is not None:
                 progress.note(f"resuming from window {resumed_from:,} of {num_windows:,} ({ckpt.path})")
+            ladder = autobatch.attach(runner, run.batch_windows, run.batch_auto, None if state is None else state["runner"],
+                                      dev, debug.allowed, progress.note)  # batch_size="auto": measured
             t_start = time.perf_counter()
             next_window = windows.plan.first
 
@@ -321,8 +331,7 @@ class StreamingEvaluator:
                             f"state at its block after {part.warmup} unscored tokens of warm-up context"}
             if resumed_from is not None:
                 res["resumed_from_window"] = resumed_from
-            if runner.micro_batch is not None and runner.micro_batch < run.batch_windows:
-                res["batch_size_after_oom"] = runner.micro_batch
+            autobatch.record(res, ladder, runner.micro_batch, run.batch_windows)  # batch_size(_choice, _after_oom)
             if detailed:
                 files = spill.finish()
                 spill = None

@@ -61,9 +61,11 @@ CASES = [
     ("sliding", Bigram, dict(chunk_size=16, overlap=4, batch_size=3), "stream"),
     ("sliding-doc", Bigram, dict(chunk_size=16, overlap=0, batch_size=2, bos=3), "document"),
     ("stateful", lambda: TinyRNN("lstm"), dict(chunk_size=20, mode="stateful"), "stream"),
-    ("stateful-doc", lambda: TinyRNN("gru"), dict(chunk_size=20, mode="stateful"), "document"),
+    # batch_size=1 in document mode: one document at a time (auto measures its size by timing, so two
+    # runs may group documents differently: tests/evaluator/test_autobatch.py resumes auto runs)
+    ("stateful-doc", lambda: TinyRNN("gru"), dict(chunk_size=20, mode="stateful", batch_size=1), "document"),
     ("kv-cache", lambda: tiny_gpt2(n_positions=2048), dict(chunk_size=24, mode="kv-cache"), "stream"),
-    ("kv-cache-doc", lambda: tiny_gpt2(n_positions=256), dict(chunk_size=24, mode="kv-cache"), "document"),
+    ("kv-cache-doc", lambda: tiny_gpt2(n_positions=256), dict(chunk_size=24, mode="kv-cache", batch_size=1), "document"),
 ]
 
 
@@ -186,9 +188,9 @@ def gpt2_dir(tmp_path_factory):
 RUNS = [  # (model, flags, kill point, n)
     ("gpt2", ["--chunk-size", "16", "--overlap", "4", "--batch-size", "2"], "mid-write", 3),
     ("gpt2", ["--chunk-size", "16", "--overlap", "4", "--batch-size", "2"], "mid-batch", 7),
-    ("rnn", ["--chunk-size", "20", "--mode", "stateful", "--doc-mode", "document"], "mid-write", 4),
+    ("rnn", ["--chunk-size", "20", "--mode", "stateful", "--doc-mode", "document", "--batch-size", "1"], "mid-write", 4),
     ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache"], "mid-write", 2),
-    ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache", "--doc-mode", "document"], "mid-batch", 5),
+    ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache", "--doc-mode", "document", "--batch-size", "1"], "mid-batch", 5),
 ]
 
 
