@@ -59,6 +59,7 @@ GOALS = {
     "docs_parallel_vs_batch1": 5.0,
     "memory_1M_vs_100M": 0.05,  # relative difference of the device peaks, at most
     "bf16_chunked_vs_full": 2.0,  # chunked kv-cache's distance from fp32 over the bf16 full forward's, at most
+    "auto_batch_vs_best_fixed": 0.95,  # batch_size="auto" (measured) over the best size of a fixed-size sweep
 }
 
 
@@ -189,10 +190,10 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
         prec = ["--device", "cuda"]
         env = {}
     steps.append(Step("eval", [py, "-m", "benchmarks.bench_eval", "--store", str(store), *ev, "--compile",
-                               "--out", str(d["eval"])], 160, env))
+                               "--auto-batch", "--out", str(d["eval"])], 190, env))
     steps.append(Step("loader", [py, "-m", "benchmarks.bench_loader", *ld, "--workers", "0", "--out", str(d["loader"])], 45))
     steps.append(Step("memory", [py, "-m", "benchmarks.bench_scaling", "--part", "eval", *mem, "--out", str(d["memory"])], 45))
-    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--out", str(d["docs"])], 90))
+    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--auto-batch", "--out", str(d["docs"])], 120))
     steps.append(Step("precision", [py, "-m", "benchmarks.bench_precision", *prec, "--out", str(d["precision"])], 45))
     if dry or gpus > 1:
         steps.append(Step("distributed", [py, "-m", "benchmarks.bench_distributed", *dist, "--out", str(d["distributed"])], 90))
@@ -314,6 +315,21 @@ def summarize(steps: dict[str, Step]) -> list[dict[str, Any]]:
             g = GOALS["docs_parallel_vs_batch1"]
             row("document mode kv-cache, parallel vs batch 1", found[1] if found else None, f">= {g:g}x",
                 None if found is None else found[1] >= g, f"bench_docs '{found[0]}'" if found else dcs.status)
+
+    # batch_size="auto" (evaluator/autobatch.py) vs a sweep of fixed sizes and vs the old rule: the
+    # auto_batch block of bench_eval (sliding) and bench_docs (parallel documents)
+    for name, step in (("sliding", e), ("parallel documents", dcs)):
+        if step is None:
+            continue
+        ab = _get(step.data, "auto_batch")
+        v = _get(ab, "ratio_auto_vs_best_fixed")
+        g = GOALS["auto_batch_vs_best_fixed"]
+        row(f"batch auto vs the best fixed size, {name}", v, f">= {g:g}x", None if v is None else v >= g,
+            f"auto chose {_get(ab, 'auto_choice', 'chosen')}, the sweep's best {_get(ab, 'best_fixed')}"
+            if v is not None else step.status if step.status != "ok" else "no auto_batch rows")
+        v = _get(ab, "ratio_auto_vs_old_rule")
+        row(f"batch auto vs the old rule ({_get(ab, 'old_rule')}), {name}", v, "(no goal)", None,
+            "" if v is not None else "no auto_batch rows")
 
     pc = steps.get("precision")
     if pc is not None:
