@@ -261,10 +261,10 @@ def test_a_cache_that_cannot_be_saved_is_said_at_the_start_and_the_run_finishes(
 
     model = _model(models, "gpt2")
     store = make_store(docs, vocab_size=V)
-    want = _evaluate(model, store, mode="kv-cache")
+    want = _evaluate(model, store, mode="kv-cache", batch_size=1)  # (a fixed size: auto's depends on timing)
     monkeypatch.setattr(hf_cache, "cache_state", unsaveable)
     ev = StreamingEvaluator(model, chunk_size=CHUNK, device="cpu", verbose=True, doc_mode="document", mode="kv-cache",
-                            checkpoint_interval=1e-9)
+                            checkpoint_interval=1e-9, batch_size=1)
     got = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=tmp_path / "ck")
     err = capsys.readouterr().err
     assert "no checkpoints before the end of this run" in err and "Quantizer" in err
