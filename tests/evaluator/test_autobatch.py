@@ -17,7 +17,7 @@ import evaluator.runners as runners_mod
 from evaluator import StreamingEvaluator
 from evaluator.autobatch import Ladder, ladder_sizes
 
-from .helpers import V, Bigram, OOMAbove, TinyRNN, brute_sliding_nll, full_nll
+from .helpers import V, Bigram, Interrupt, OOMAbove, TinyRNN, brute_sliding_nll, full_nll, interrupt_after
 
 # Speed per size in scored tokens per "second" of the fake timer: fastest at 4.
 RATES = {1: 1.0, 2: 1.6, 4: 2.5, 8: 2.0, 16: 1.0}
@@ -122,10 +122,6 @@ def test_the_choice_is_in_results_json(tmp_path):
     assert got["batch_size_choice"]["ladder"]["2"] == pytest.approx(1.6)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("where", ["inside", "after"])  # the ladder
 def test_a_resumed_run_keeps_the_choice_and_the_bound(tmp_path, make_store, monkeypatch, where):
     """Interrupted inside or after the ladder, then resumed where free memory gives another bound: the
@@ -141,19 +137,10 @@ def test_a_resumed_run_keeps_the_choice_and_the_bound(tmp_path, make_store, monk
     with monkeypatch.context() as m:  # count the units (segments): the ladder is done before the last one
         m.setattr(runners_mod.CarriedRunner, "step", lambda self, b: (seen.__setitem__(0, seen[0] + 1), real(self, b)))
         ref = evaluate()
-    after = 2 if where == "inside" else seen[0] - 1
     assert ref["batch_size_choice"]["note"] is None and seen[0] > 3
-    seen[0] = 0
-
-    def step(self, batch):
-        if seen[0] == after:
-            raise Interrupt
-        seen[0] += 1
-        return real(self, batch)
-
     ck = tmp_path / "ck"
     with monkeypatch.context() as m:
-        m.setattr(runners_mod.CarriedRunner, "step", step)
+        interrupt_after(m, runners_mod.CarriedRunner, 2 if where == "inside" else seen[0] - 1)
         with pytest.raises(Interrupt):
             evaluate(ck)
     monkeypatch.setattr(resolve_mod, "_available_ram", lambda: 1 << 20)  # the bound would now be 1

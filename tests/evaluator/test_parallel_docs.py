@@ -13,7 +13,7 @@ import torch
 import evaluator.runners as runners_mod
 from evaluator import StreamingEvaluator
 
-from .helpers import V, OOMAbove, TinyRNN, full_nll, tiny_gpt2, tiny_rwkv
+from .helpers import V, Interrupt, OOMAbove, TinyRNN, full_nll, interrupt_after, tiny_gpt2, tiny_rwkv
 
 # Lengths in tokens: no target (0, 1), one to three targets, chunk edges (CHUNK = 7), several chunks.
 LENGTHS = [1, 2, 3, 4, 7, 8, 9, 15, 40, 0, 2, 23, 64, 5, 3, 57, 1, 30, 6, 8, 2]
@@ -128,10 +128,6 @@ def test_out_of_memory_halves_the_group_then_the_window(make_store):
     _check_against(res, ref)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", ["gpt2-kv", "gru"])
 @pytest.mark.parametrize("after", [1, 4, 9])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(models, make_store, tmp_path, monkeypatch, name, after):
@@ -147,17 +143,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(models, make_store,
         return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=ck)
 
     ref = evaluate()
-    real, seen = runners_mod.CarriedRunner.step, [0]
-
-    def step(self, batch):
-        if seen[0] == after:
-            raise Interrupt
-        seen[0] += 1
-        return real(self, batch)
-
     ck = tmp_path / "ck"
     with monkeypatch.context() as m:
-        m.setattr(runners_mod.CarriedRunner, "step", step)
+        interrupt_after(m, runners_mod.CarriedRunner, after)
         with pytest.raises(Interrupt):
             evaluate(ck)
     res = evaluate(ck)
