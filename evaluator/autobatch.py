@@ -6,7 +6,10 @@ parallel-documents bound (carried document mode), a memory estimate (free GPU me
 available RAM, capped at 64). Within it the runner's micro size (windows per forward in sliding mode,
 documents per group in parallel-document mode, see :mod:`evaluator.runners`) climbs the ladder
 ``1, 2, 4, ..., bound`` (starting at ``bound // 64`` when the bound is larger: tiny sizes only waste
-the device there), each rung timed over at least ``min_units`` forwards (groups) and ``min_seconds``.
+the device there), each rung timed over at least ``min_units`` forwards (groups) and ``min_seconds``
+(or ``max_units`` forwards: on a GPU small sizes take milliseconds). The ladder spends at most a
+``share`` (a tenth) of the run's rows (windows; documents in parallel-document mode): a rung that
+would not fit is not tried, so a short run is not spent measuring.
 The climb stops at the first rung whose rate (scored tokens per second) is below the best so far
 (throughput rises with the size until the device is busy, then falls: a rung past the peak is the
 only one run at a size known to be worse), or at the bound; the fastest rung is kept for the rest
@@ -88,10 +91,12 @@ class Ladder:
     """The measurement of one run (see the module docstring). The runner asks :meth:`size` before a
     forward while :attr:`active`, and reports it with :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, bound: int, timer: Timer, *, min_units: int = 2, min_seconds: float = 0.5,
-                 tolerance: float = 0.0):
+    def __init__(self, bound: int, timer: Timer, *, budget: int | None = None, min_units: int = 2,
+                 max_units: int = 8, min_seconds: float = 0.25, tolerance: float = 0.0):
         self.bound, self.timer = int(bound), timer
-        self.min_units, self.min_seconds, self.tolerance = min_units, min_seconds, tolerance
+        self.budget = budget  # rows (windows or documents) the ladder may spend; None: no limit
+        self.min_units, self.max_units, self.min_seconds, self.tolerance = min_units, max_units, min_seconds, tolerance
+        self.spent = 0  # rows fed while the ladder ran (timed or not)
         self.sizes = ladder_sizes(self.bound)
         self.k = 0  # the rung being measured
         self.rungs: dict[int, list[float]] = {}  # size -> [tokens, seconds, units] timed
@@ -115,6 +120,7 @@ class Ladder:
     def stop(self, size: int, tokens: int) -> None:
         if not self.active:
             return
+        self.spent += size
         if not self.warm:  # the first forward of this process: warm-up, not timed
             self.warm = True
             return
@@ -125,10 +131,14 @@ class Ladder:
         r[0] += tokens
         r[1] += seconds
         r[2] += 1
-        if r[2] < self.min_units or r[1] < self.min_seconds:
+        over = self.budget is not None and self.spent >= self.budget
+        if r[2] < self.min_units or (r[1] < self.min_seconds and r[2] < self.max_units and not over):
             return
         rates = self.rates()
         if rates[size] < (1 - self.tolerance) * max(rates.values()) or self.k + 1 == len(self.sizes):
+            self._finish()
+        elif self.budget is not None and self.spent + self.min_units * self.sizes[self.k + 1] > self.budget:
+            self.note = f"the ladder's share of the run ({self.budget} rows) ends before size {self.sizes[self.k + 1]}"
             self._finish()
         else:
             self.k += 1
@@ -171,14 +181,16 @@ class Ladder:
                 "ladder": {str(s): r for s, r in sorted(self.rates().items())}, "note": self.note or None}
 
     def state(self) -> dict[str, Any]:
-        return {"bound": self.bound, "k": self.k, "chosen": self.chosen, "note": self.note,
+        return {"bound": self.bound, "k": self.k, "chosen": self.chosen, "note": self.note, "spent": self.spent,
+                "budget": self.budget,
                 "rungs": {str(s): list(r) for s, r in self.rungs.items()}}
 
     def load(self, state: dict[str, Any]) -> None:
         """Continue an earlier process's ladder (its rungs and choice); this process warms up again."""
         if int(state["bound"]) != self.bound:
             raise RuntimeError(f"internal error: ladder bound {state['bound']} resumed with bound {self.bound}")
-        self.k, self.chosen, self.note = int(state["k"]), state["chosen"], state["note"]
+        self.k, self.chosen, self.note, self.spent = int(state["k"]), state["chosen"], state["note"], int(state["spent"])
+        self.budget = state["budget"]  # the whole run's share (a resumed plan is only the rest of it)
         self.rungs = {int(s): [float(r[0]), float(r[1]), int(r[2])] for s, r in state["rungs"].items()}
 
 
@@ -189,7 +201,8 @@ def attach(runner: Any, batch_windows: int, auto: bool, state: dict[str, Any] | 
     runner; ``note`` tells the user the plan now and the choice when it is made. None otherwise."""
     if not auto:
         return None
-    ladder = Ladder(batch_windows, runner.batch_timer or WallTimer(device, allow_sync))
+    ladder = Ladder(batch_windows, runner.batch_timer or WallTimer(device, allow_sync),
+                    budget=None if runner.ladder_share is None else int(runner.ladder_share * runner.ladder_rows()))
     if state is not None and state.get("ladder") is not None:
         ladder.load(state["ladder"])
     elif ladder.active:

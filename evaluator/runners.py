@@ -85,15 +85,22 @@ class Runner(ABC):
 
     def __init__(self, adapter: ModelAdapter, plan: WindowPlan, sums: MetricSums, writer: PerTokenWriter | None,
                  loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] | None = None, *,
-                 batch_timer: Timer | None = None):
+                 batch_timer: Timer | None = None, ladder_share: float | None = 0.1):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
         self.scorer = scorer  # None: metrics.token_nll (looked up per call)
-        self.batch_timer = batch_timer  # the ladder's timer (None: autobatch.WallTimer; a test's fake)
-        self.ladder: Ladder | None = None  # batch_size="auto": measures the micro size (evaluator/autobatch.py)
+        # batch_size="auto" (evaluator/autobatch.py): the ladder that measures the micro size (set by
+        # autobatch.attach), its timer (None: autobatch.WallTimer; a test's fake) and the share of the
+        # run's rows (ladder_rows) it may spend (None: no limit)
+        self.ladder: Ladder | None = None
+        self.batch_timer, self.ladder_share = batch_timer, ladder_share
 
     def _tuning(self) -> bool:
         return self.ladder is not None and self.ladder.active
+
+    def ladder_rows(self) -> int:
+        """Rows of this process's plan in the ladder's unit: windows (one forward holds micro of them)."""
+        return len(self.plan)
 
     def _score(self, out: Any, targets: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
@@ -259,6 +266,11 @@ class CarriedRunner(Runner):
             self._micro = int(state["micro"])
         if self.started:
             self.adapter.load_state(state["model_state"])
+
+    def ladder_rows(self) -> int:
+        """Documents of this process's plan (a group holds micro of them; empty ones counted too)."""
+        p = self.plan
+        return 0 if len(p) == 0 else int(p.block(len(p) - 1, len(p)).doc[0]) - int(p.block(0, 1).doc[0]) + 1
 
     def units(self, loader: Any) -> Any:
         """Document mode with ``loader.batch_windows`` = B > 1: the loader's batches regrouped into

@@ -37,10 +37,11 @@ class RateTimer:
         return tokens / self.rates.get(size, 0.5)
 
 
-def _ev(model, timer=None, **kw):
+def _ev(model, timer=None, share=1.0, **kw):
+    """``share``: of the run's rows the ladder may spend (1.0: the whole ladder fits these runs; None: no limit)."""
     ev = StreamingEvaluator(model, device="cpu", verbose=kw.pop("verbose", False), **kw)
     if timer is not None:
-        ev.runner_options = {"batch_timer": timer}
+        ev.runner_options = {"batch_timer": timer, "ladder_share": share}
     return ev
 
 
@@ -63,6 +64,17 @@ def test_the_ladder_keeps_the_fastest_and_stops_past_it():
     assert lad.line() == "batch size 8 (measured: 1: 410 tok/s, 2: 661, 4: 880, 8: 973, 16: 950; bound 64)"
     assert ladder_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and ladder_sizes(256) == [4, 8, 16, 32, 64, 128, 256]
     assert ladder_sizes(12) == [1, 2, 4, 8, 12] and ladder_sizes(1) == [1]
+    # a share of 20 rows: after 1 + 2 + 4 + 8 rows (1, 2, 4) a rung of 8 (16 rows) does not fit
+    lad = Ladder(64, RateTimer({1: 1, 2: 2, 4: 3, 8: 4}), budget=20, min_seconds=0.0)
+    while lad.active:
+        lad.start()
+        lad.stop(lad.size(), 10)
+    assert lad.chosen == 4 and lad.spent == 15 and "ends before size 8" in lad.note
+    # on a GPU small sizes take milliseconds: max_units forwards end a rung short of min_seconds
+    lad = Ladder(64, RateTimer({1: 1e6, 2: 1.0}), min_seconds=1.0, max_units=3)
+    for _ in range(4):
+        lad.stop(lad.size(), 10)
+    assert lad.size() == 2 and lad.rungs[1][2] == 3
 
 
 def test_sliding_auto_picks_the_measured_fastest_with_the_fixed_size_results(capsys):
@@ -179,6 +191,13 @@ def test_one_carried_stream_has_no_batch_to_measure():
 def test_a_short_run_keeps_the_best_size_measured():
     """The run ends inside the ladder (6 windows: one untimed, two of size 1, one forward of 2): the
     fastest size measured is the choice, and it says so."""
-    res = _ev(Bigram(), RateTimer(), chunk_size=16, mode="sliding").evaluate_streaming(_x(16 * 6 + 1))
+    res = _ev(Bigram(), RateTimer(), share=None, chunk_size=16, mode="sliding").evaluate_streaming(_x(16 * 6 + 1))
     assert res["batch_size"] == 2 and res["batch_size_choice"]["note"] == "the run ended during the ladder"
     assert sorted(res["batch_size_choice"]["ladder"]) == ["1", "2"]
+
+
+def test_the_ladder_spends_a_tenth_of_the_run():
+    """100 windows: the ladder may feed 10 (1 untimed, 1 + 1, 2 + 2): a rung of 4 (8 more) would not fit."""
+    res = _ev(Bigram(), RateTimer(), share=0.1, chunk_size=16, mode="sliding").evaluate_streaming(_x(16 * 100 + 1))
+    assert res["batch_size"] == 2 and sorted(res["batch_size_choice"]["ladder"]) == ["1", "2"]
+    assert res["batch_size_choice"]["note"] == "the ladder's share of the run (10 rows) ends before size 4"
