@@ -15,7 +15,7 @@ import torch
 import evaluator.resolve as resolve_mod
 import evaluator.runners as runners_mod
 from evaluator import StreamingEvaluator
-from evaluator.autobatch import Ladder, ladder_sizes
+from evaluator.autobatch import Ladder, WallTimer, ladder_sizes
 
 from .helpers import V, Bigram, Interrupt, OOMAbove, TinyRNN, brute_sliding_nll, full_nll, interrupt_after
 
@@ -201,3 +201,26 @@ def test_the_ladder_spends_a_tenth_of_the_run():
     res = _ev(Bigram(), RateTimer(), share=0.1, chunk_size=16, mode="sliding").evaluate_streaming(_x(16 * 100 + 1))
     assert res["batch_size"] == 2 and sorted(res["batch_size_choice"]["ladder"]) == ["1", "2"]
     assert res["batch_size_choice"]["note"] == "the ladder's share of the run (10 rows) ends before size 4"
+
+
+def test_the_wall_timer_syncs_a_gpu_only_inside_the_sync_allowance(monkeypatch):
+    """On CUDA the clock reads after a device sync at both ends, each under the engine's sync-debug
+    allowance (STREAMEVAL_SYNC_DEBUG); on a CPU nothing is synced."""
+    from contextlib import contextmanager
+
+    inside, calls = [False], []
+
+    @contextmanager
+    def allowed():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append((inside[0], device)))
+    gpu = WallTimer(torch.device("cuda", 1), allowed)
+    gpu.start()
+    assert gpu.stop(4, 100) >= 0 and calls == [(True, torch.device("cuda", 1))] * 2
+    calls.clear()
+    cpu = WallTimer(torch.device("cpu"), allowed)
+    cpu.start()
+    assert cpu.stop(4, 100) >= 0 and calls == []
