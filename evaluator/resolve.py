@@ -210,8 +210,8 @@ def batch_windows_for(config: StreamingEvalConfig, adapter: ModelAdapter, device
         return cpu_guess(mode, L)
     else:
         # Host memory the forwards may take: half of what is available now (the loader, the store's
-        # page cache and other processes keep the rest); an overshoot costs an out-of-memory retry
-        # at half the size where the allocator reports one, so the bound stays conservative.
+        # page cache and other processes keep the rest). Conservative because a host that overcommits
+        # may kill the process rather than report out of memory (which the runners would retry in halves).
         free, cap = _available_ram() // 2, _CPU_AUTO_MAX_WINDOWS
     per_window = _bytes_per_window(config, adapter, mode, L)
     budget = 0.6 * free - 3 * config.loss_slice * (adapter.vocab_size or 50000) * 4
