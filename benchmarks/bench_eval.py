@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_eval [--store S] [--model M] [--device D] [--tokens N] [--chunk-size L]
                                     [--overlap O] [--batch-size B] [--dtype T] [--repeat R] [--threads K]
-                                    [--compile [MODE]] [--auto-batch] [--out DIR]
+                                    [--compile [MODE]] [--auto-batch [--auto-tokens N]] [--out DIR]
 
 On the same model and the first ``N`` tokens of the same store, in one run:
 - ours + checkpoints: ours with a checkpoint folder (``--checkpoint-interval``, default 60 s as the
@@ -25,7 +25,9 @@ On the same model and the first ``N`` tokens of the same store, in one run:
 - auto batch (``--auto-batch``): ours (overlap 0) with ``batch_size="auto"`` (measured on the run's
          first forwards, evaluator/autobatch.py) against a sweep of fixed sizes (the ladder's sizes
          within auto's memory bound) and against the rule auto followed before (on a CPU the fixed
-         guess 2048 // L; on CUDA the memory estimate, i.e. the bound): one run each, after the rest;
+         guess 2048 // L; on CUDA the memory estimate, i.e. the bound): one run each, after the rest,
+         of ``--auto-tokens`` tokens (default ``N``: the ladder spends at most a tenth of a run, so a
+         short run may end it before the largest sizes);
 - (c) the transformers perplexity guide (huggingface.co/docs/transformers/perplexity): ``max_length=L``,
          ``stride=L - O``, batch 1, labels -100 on the context part, ``model(input_ids, labels=...)``,
          ``outputs.loss * trg_len`` accumulated. It scores every label that is not -100 after the
@@ -535,6 +537,7 @@ def main(argv=None) -> int:
                          "in this mode (default: default); compiling is part of the untimed warm-up")
     ap.add_argument("--auto-batch", action="store_true",
                     help="add the auto-batch rows: batch auto (measured) vs a sweep of fixed sizes and vs the old rule")
+    ap.add_argument("--auto-tokens", type=int, help="tokens of each auto-batch run (default: --tokens)")
     ap.add_argument("--out", help="folder for bench_eval.json")
     a = ap.parse_args(argv)
 
@@ -545,6 +548,7 @@ def main(argv=None) -> int:
     O = L // 2 if a.overlap is None else a.overlap
     repeat = a.repeat or 3
     with open_store(store_path) as store:
+        len_store = len(store)
         adapter = load_adapter(a.model, device, int(store.vocab_size or 50257), dtype, n_positions=max(1024, L))
         print(f"store {store_path}: {len(store):,} tokens ({store.dtype}); evaluating the first {min(N, len(store)):,}")
         print(f"model {a.model}: {describe_model(adapter.module)}; device {device}"
@@ -556,13 +560,13 @@ def main(argv=None) -> int:
                     + (("ours_compiled", "ours_overlap_compiled") if a.compile else ()),
                     checkpoint_interval=a.checkpoint_interval, compile=a.compile or "default")
         if a.auto_batch:
-            m["auto_batch"] = measure_auto_batch(adapter, store, chunk_size=L, tokens=N, device=device)
+            m["auto_batch"] = measure_auto_batch(adapter, store, chunk_size=L, tokens=a.auto_tokens or N, device=device)
     print()
     print_results(m)
     if "auto_batch" in m:
         from ._util import auto_batch_table
 
-        print(f"\nauto batch, overlap 0, {m['tokens']:,} tokens, one run each:\n{auto_batch_table(m['auto_batch'])}")
+        print(f"\nauto batch, overlap 0, {min(a.auto_tokens or N, len_store):,} tokens, one run each:\n{auto_batch_table(m['auto_batch'])}")
     print()
     print_ratios(m)
     print(f"\nscored = targets whose NLL entered the sum (N - 1 = {m['tokens'] - 1:,} for every row); positions = "
