@@ -18,12 +18,11 @@ of the run.
 Nothing is computed twice or thrown away: every window of a rung is scored into the sums as usual,
 so the results equal a run with fixed sizes (bit for bit where a model's rows do not depend on the
 batch they share; otherwise within the rounding that any two batch sizes differ by, the matmul
-blocking of another batch shape: ~1e-7 relative in carried document mode, none for sliding windows on
-the CPUs we tried). The choice depends on timing, so two runs of one command may choose differently
-and then differ in those last bits: pass a fixed batch size where runs must agree bit for bit.
-The run's very first forward is not timed (allocations, kernel
-selection), nor a forward of another size than the rung's (a batch's remainder, an out-of-memory
-half). Out of memory during the ladder ends it: the fastest rung below the failed size is kept.
+blocking of another batch shape: ~1e-7 relative in carried document mode; none for a tiny GPT-2's
+sliding windows on the 2-core test CPU). The choice depends on timing, so two runs of one command
+may choose differently and then differ in those last bits: pass a fixed batch size where runs must
+agree bit for bit. The run's very first forward is not timed (allocations, kernel selection), nor a
+forward of another size than the rung's (a batch's remainder, an out-of-memory half). Out of memory during the ladder ends it: the fastest rung below the failed size is kept.
 
 Timing: :class:`WallTimer` reads ``time.perf_counter``; on CUDA it synchronizes the device before
 and after each timed forward, only while the ladder runs (under the engine's sync-debug allowance),
