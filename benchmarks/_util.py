@@ -191,3 +191,36 @@ def one_line_errors(prog: str, flags: Sequence[str] = ("device", "store", "model
         return run
 
     return wrap
+
+
+def auto_batch_rows(run: Callable[[int | str], dict[str, Any]], sizes: Sequence[int], old_rule: int,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``batch_size="auto"`` (measured, evaluator/autobatch.py) against a sweep of fixed sizes and
+    against the rule auto followed before (``old_rule``: the CPU's fixed guess, or on CUDA the
+    memory estimate, i.e. the bound): one run each of ``run(batch) -> the engine's results`` on the
+    same tokens, in this order (auto first: no warmer than the others). The figures are the
+    engine's tokens_per_second; ratios: auto / the sweep's best (goal >= 0.95), auto / the old rule."""
+    auto = run("auto")
+    fixed: dict[int, float] = {}
+    for s in dict.fromkeys([*sizes, old_rule]):
+        fixed[s] = run(s)["tokens_per_second"]
+        log(f"  batch {s:>4}: {fmt_rate(fixed[s])} tok/s")
+    best = max(fixed, key=fixed.get)
+    a = auto["tokens_per_second"]
+    log(f"  auto: {fmt_rate(a)} tok/s ({auto.get('batch_size_choice')})")
+    return {"auto_tok_per_s": a, "auto_choice": auto.get("batch_size_choice"), "fixed_tok_per_s": {str(k): v for k, v in fixed.items()},
+            "best_fixed": best, "old_rule": old_rule, "ratio_auto_vs_best_fixed": a / fixed[best],
+            "ratio_auto_vs_old_rule": a / fixed[old_rule]}
+
+
+def auto_batch_table(d: dict[str, Any]) -> str:
+    """The rows of :func:`auto_batch_rows` as a table."""
+    c = d.get("auto_choice") or {}
+    rows = [["auto (measured)", c.get("chosen"), fmt_rate(d["auto_tok_per_s"]), "1.00x"]]
+    for k, v in d["fixed_tok_per_s"].items():
+        what = "fixed" + (", best of the sweep" if int(k) == d["best_fixed"] else "") + \
+               (", the old auto rule" if int(k) == d["old_rule"] else "")
+        rows.append([what, k, fmt_rate(v), f"{d['auto_tok_per_s'] / v:.2f}x"])
+    return (table(rows, ["batch", "size", "scored tok/s", "auto / this"])
+            + f"\nauto vs best fixed {d['ratio_auto_vs_best_fixed']:.2f}x (goal >= 0.95x); auto vs the old rule "
+              f"{d['ratio_auto_vs_old_rule']:.2f}x; ladder {c.get('ladder')}")

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_docs [--docs N] [--min-len A] [--max-len Z] [--positions P] [--chunk-size L]
                                     [--batch-size B] [--layers K] [--hidden H] [--heads NH] [--kv-heads NKV]
                                     [--intermediate I] [--vocab V] [--dtype D] [--device cpu|cuda]
-                                    [--repeat R] [--out DIR]
+                                    [--repeat R] [--auto-batch] [--out DIR]
 
 One run builds one in-memory store (:class:`streamdata.backends.memory.MemoryTokenStore`) of ``N``
 documents whose lengths are drawn uniformly from ``[A, Z]`` tokens (random ids, seed 0) and one
@@ -20,6 +20,11 @@ The figure is the engine's ``tokens_per_second``: scored targets over the evalua
 is parallel over batch 1, measured in the same run on the same tokens. Each row also reports the
 relative difference of ``nll_sum`` from the batch-1 figure (float rounding of batched kernels:
 ~1e-7 in fp32, ~1e-3 in bf16).
+
+``--auto-batch`` adds, after the rounds, ``batch_size="auto"`` (measured on the run's first groups,
+evaluator/autobatch.py) against a sweep of fixed sizes (the ladder's sizes within auto's memory
+bound) and against the rule auto followed before (1 document on a CPU, the memory estimate on CUDA):
+one run each on the same store.
 
 Defaults: on CPU a small model and 160 documents of 16-400 tokens (about a minute on 2 cores); on
 CUDA the issue's shape: 2,000 documents of 100-4,000 tokens, 4,096 positions, bf16, a 12-layer
@@ -76,6 +81,23 @@ def _evaluate(model: Any, store: Any, a: argparse.Namespace, B: int) -> dict[str
     return ev.evaluate_streaming(store)
 
 
+def _auto_batch(model: Any, store: Any, a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from evaluator import StreamingEvaluator
+    from evaluator.autobatch import ladder_sizes
+    from evaluator.resolve import batch_windows_for, cpu_guess
+
+    from ._util import auto_batch_rows
+
+    ev = StreamingEvaluator(model, chunk_size=a.chunk_size, mode="kv-cache", doc_mode="document", batch_size="auto",
+                            dtype=a.dtype, device=a.device, verbose=False)
+    bound = batch_windows_for(ev.config, ev.adapter, torch.device(a.device), "kv-cache", a.chunk_size)
+    old = bound if a.device == "cuda" else cpu_guess("kv-cache", a.chunk_size)
+    print(f"auto batch: bound {bound}, sweep {ladder_sizes(bound)}, old rule {old}")
+    return auto_batch_rows(lambda B: _evaluate(model, store, a, B), ladder_sizes(bound), old)
+
+
 @one_line_errors("bench_docs")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_docs", description=__doc__.split("\n\n")[0])
@@ -90,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=int,
                        help=f"{what} (default: cpu {CPU.get(name, 'P')}, cuda {CUDA.get(name, 'P')})")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default: cpu float32, cuda bfloat16)")
+    p.add_argument("--auto-batch", action="store_true",
+                   help="add the auto-batch rows: batch auto (measured) vs a sweep of fixed sizes and vs the old rule")
     p.add_argument("--out", help="folder for bench_docs.json (default: none written)")
     a = p.parse_args(argv)
     for k, v in (CUDA if a.device == "cuda" else CPU).items():
@@ -136,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
           f"targets), L={a.chunk_size}, Llama-shaped {a.layers}x{a.hidden} ({a.heads}/{a.kv_heads} heads, "
           f"{a.positions} positions), {a.dtype}, {a.device}, best of {a.repeat}:")
     print(table(rows, ["variant", "scored tok/s", "vs batch 1", "loop s", "nll rel diff"]))
-    write_json(a.out, "bench_docs.json", {"ratio_parallel_vs_batch_1": best[variants[1][0]]["vs_batch_1"],
-                                          "settings": vars(a), "rows": best})
+    payload = {"ratio_parallel_vs_batch_1": best[variants[1][0]]["vs_batch_1"], "settings": vars(a), "rows": best}
+    if a.auto_batch:  # (after the ratio above: benchmarks.gpu_check reads the first ratio it finds)
+        payload["auto_batch"] = _auto_batch(model, store, a)
+        from ._util import auto_batch_table
+
+        print(f"\nauto batch, one run each:\n{auto_batch_table(payload['auto_batch'])}")
+    write_json(a.out, "bench_docs.json", payload)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_eval [--store S] [--model M] [--device D] [--tokens N] [--chunk-size L]
                                     [--overlap O] [--batch-size B] [--dtype T] [--repeat R] [--threads K]
-                                    [--compile [MODE]] [--out DIR]
+                                    [--compile [MODE]] [--auto-batch [--auto-tokens N]] [--out DIR]
 
 On the same model and the first ``N`` tokens of the same store, in one run:
 - ours + checkpoints: ours with a checkpoint folder (``--checkpoint-interval``, default 60 s as the
@@ -22,6 +22,12 @@ On the same model and the first ``N`` tokens of the same store, in one run:
          first window gets at least ``O`` tokens of context): same positions computed as (c);
 - ours, compiled (``--compile [MODE]``): ours and ours-overlap again with ``compile=MODE`` (torch.compile
          of the model body, static [B, L] batches); its warm-up compiles the graph (not timed);
+- auto batch (``--auto-batch``): ours (overlap 0) with ``batch_size="auto"`` (measured on the run's
+         first forwards, evaluator/autobatch.py) against a sweep of fixed sizes (the ladder's sizes
+         within auto's memory bound) and against the rule auto followed before (on a CPU the fixed
+         guess 2048 // L; on CUDA the memory estimate, i.e. the bound): one run each, after the rest,
+         of ``--auto-tokens`` tokens (default ``N``: the ladder spends at most a tenth of a run, so a
+         short run may end it before the largest sizes);
 - (c) the transformers perplexity guide (huggingface.co/docs/transformers/perplexity): ``max_length=L``,
          ``stride=L - O``, batch 1, labels -100 on the context part, ``model(input_ids, labels=...)``,
          ``outputs.loss * trg_len`` accumulated. It scores every label that is not -100 after the
@@ -335,7 +341,8 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
     cuda = device.type == "cuda"
     resolved_B = None
     if ev0 is not None:
-        resolved_B = run_ours(ev0, store, min(N, 2 * L + 1)).batch
+        # auto measures its size on the run's first forwards: a whole run tells the size ours uses
+        resolved_B = run_ours(ev0, store, N if batch == "auto" else min(N, 2 * L + 1)).batch
         if cuda:
             run_ours(ev0, store, min(N, resolved_B * L + 1))
     batches = None
@@ -420,6 +427,25 @@ def measure(adapter, store, *, chunk_size: int, overlap: int, tokens: int, batch
             "device": str(device), "load_into_ram_s": load_s, "results": results, "ratios": ratios,
             "paired_ratios": paired,
             "peak_memory_kind": "device (max_memory_allocated)" if device.type == "cuda" else "host RSS (VmHWM delta)"}
+
+
+def measure_auto_batch(adapter, store, *, chunk_size: int, tokens: int, device: torch.device,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The auto-batch rows (see the module docstring): :func:`benchmarks._util.auto_batch_rows` over
+    ours with overlap 0 on the first ``tokens`` tokens."""
+    from evaluator.autobatch import ladder_sizes
+    from evaluator.config import StreamingEvalConfig
+    from evaluator.resolve import batch_windows_for, cpu_guess
+
+    from ._util import auto_batch_rows
+
+    L = int(chunk_size)
+    bound = batch_windows_for(StreamingEvalConfig(batch_size="auto"), adapter, device, "sliding", L)
+    old = bound if device.type == "cuda" else cpu_guess("sliding", L)
+    log(f"auto batch: bound {bound}, sweep {ladder_sizes(bound)}, old rule {old}; one run each of "
+        f"{min(tokens, len(store)):,} tokens")
+    return auto_batch_rows(lambda B: make_evaluator(adapter, L, 0, B, device).evaluate_streaming(store, max_tokens=tokens),
+                           ladder_sizes(bound), old, log)
 
 
 def print_results(m: dict[str, Any], print_fn: Callable[[str], None] = print) -> None:
@@ -509,6 +535,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead"),
                     help="add the rows 'ours, compiled' (overlap 0 and --overlap) with torch.compile of the model body "
                          "in this mode (default: default); compiling is part of the untimed warm-up")
+    ap.add_argument("--auto-batch", action="store_true",
+                    help="add the auto-batch rows: batch auto (measured) vs a sweep of fixed sizes and vs the old rule")
+    ap.add_argument("--auto-tokens", type=int, help="tokens of each auto-batch run (default: --tokens)")
     ap.add_argument("--out", help="folder for bench_eval.json")
     a = ap.parse_args(argv)
 
@@ -519,6 +548,7 @@ def main(argv=None) -> int:
     O = L // 2 if a.overlap is None else a.overlap
     repeat = a.repeat or 3
     with open_store(store_path) as store:
+        len_store = len(store)
         adapter = load_adapter(a.model, device, int(store.vocab_size or 50257), dtype, n_positions=max(1024, L))
         print(f"store {store_path}: {len(store):,} tokens ({store.dtype}); evaluating the first {min(N, len(store)):,}")
         print(f"model {a.model}: {describe_model(adapter.module)}; device {device}"
@@ -529,8 +559,14 @@ def main(argv=None) -> int:
                     variants=("ours", "ours_ckpt", "compute", "quickref", "ours_overlap", "guide")
                     + (("ours_compiled", "ours_overlap_compiled") if a.compile else ()),
                     checkpoint_interval=a.checkpoint_interval, compile=a.compile or "default")
+        if a.auto_batch:
+            m["auto_batch"] = measure_auto_batch(adapter, store, chunk_size=L, tokens=a.auto_tokens or N, device=device)
     print()
     print_results(m)
+    if "auto_batch" in m:
+        from ._util import auto_batch_table
+
+        print(f"\nauto batch, overlap 0, {min(a.auto_tokens or N, len_store):,} tokens, one run each:\n{auto_batch_table(m['auto_batch'])}")
     print()
     print_ratios(m)
     print(f"\nscored = targets whose NLL entered the sum (N - 1 = {m['tokens'] - 1:,} for every row); positions = "

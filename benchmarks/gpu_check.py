@@ -11,12 +11,15 @@ of the budget; a step that fails or times out is recorded and the rest still run
   tokens) on the device, into a temporary folder: its wall time (tokenizing the stdlib included);
 - ``eval``: ``benchmarks.bench_eval --compile`` on a synthetic store of random ids (GPT-2-small-shaped
   random model, bf16, chunk 1024, overlap 512, 512Ki tokens): end to end vs compute only, overlap 0
-  vs the seed's batch-1 loop, overlap 512 vs the transformers guide loop, eager and compiled;
+  vs the seed's batch-1 loop, overlap 512 vs the transformers guide loop, eager and compiled; and
+  ``--auto-batch`` on 4Mi tokens: batch auto (measured) vs the best of a fixed-size sweep (goal
+  >= 0.95x) and vs the old rule (the memory estimate);
 - ``loader``: ``benchmarks.bench_loader`` (chunk 1024, 32 windows per batch): the loader alone, set
   against the model's consumption (compute-only positions per second from ``eval``);
 - ``memory``: ``benchmarks.bench_scaling --part eval`` at 1M and 100M tokens: device peak while streaming;
 - ``docs``: ``benchmarks.bench_docs`` (parallel documents in kv-cache mode vs batch 1; the issue's
-  Llama shape, 600 documents of 100-4,000 tokens), when the module exists (else "not available");
+  Llama shape, 600 documents of 100-4,000 tokens), when the module exists (else "not available"),
+  with ``--auto-batch``: the same auto-batch rows for parallel documents;
 - ``precision``: ``benchmarks.bench_precision --device cuda`` (the embedded model, document mode,
   chunked kv-cache and the full forward in fp32/bf16/fp16, each against the fp32 full forward): the
   bf16 chunked distance over the bf16 full forward's own (goal <= 2x);
@@ -61,6 +64,7 @@ GOALS = {
     "docs_parallel_vs_batch1": 5.0,
     "memory_1M_vs_100M": 0.05,  # relative difference of the device peaks, at most
     "bf16_chunked_vs_full": 2.0,  # chunked kv-cache's distance from fp32 over the bf16 full forward's, at most
+    "auto_batch_vs_best_fixed": 0.95,  # batch_size="auto" (measured) over the best size of a fixed-size sweep
 }
 
 
@@ -183,8 +187,9 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
         env = {"STREAMEVAL_COMPILE_BACKEND": "aot_eager"}  # graph capture without code generation: seconds
     else:
         # 512Ki tokens: the batch-1 loops (~70k tok/s) take ~8 s a run; ours ~1 s
+        # the auto-batch rows on 4Mi tokens (~4 s a run): the ladder spends at most a tenth of a run
         ev = ["--tokens", str(1 << 19), "--chunk-size", "1024", "--overlap", "512", "--dtype", "bfloat16",
-              "--repeat", "2", "--device", device]
+              "--repeat", "2", "--device", device, "--auto-tokens", str(1 << 22)]
         ld = ["--tokens", str(32 << 20), "--chunk-size", "1024", "--overlap", "512", "--batch-windows", "32",
               "--repeat", "2"]
         mem = ["--lengths", "1e6", "1e8", "--device", device]
@@ -195,10 +200,10 @@ def plan_steps(out: Path, store: Path, dry: bool, device: str, gpus: int) -> lis
         prec = ["--device", "cuda"]
         env = {}
     steps.append(Step("eval", [py, "-m", "benchmarks.bench_eval", "--store", str(store), *ev, "--compile",
-                               "--out", str(d["eval"])], 160, env))
+                               "--auto-batch", "--out", str(d["eval"])], 220, env))
     steps.append(Step("loader", [py, "-m", "benchmarks.bench_loader", *ld, "--workers", "0", "--out", str(d["loader"])], 45))
     steps.append(Step("memory", [py, "-m", "benchmarks.bench_scaling", "--part", "eval", *mem, "--out", str(d["memory"])], 45))
-    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--out", str(d["docs"])], 90))
+    steps.append(Step("docs", [py, "-m", "benchmarks.bench_docs", *docs, "--auto-batch", "--out", str(d["docs"])], 120))
     steps.append(Step("precision", [py, "-m", "benchmarks.bench_precision", *prec, "--out", str(d["precision"])], 45))
     if dry or gpus > 1:
         steps.append(Step("distributed", [py, "-m", "benchmarks.bench_distributed", *dist, "--out", str(d["distributed"])], 90))
@@ -330,6 +335,21 @@ def summarize(steps: dict[str, Step]) -> list[dict[str, Any]]:
             row("document mode kv-cache, parallel vs batch 1", found[1] if found else None, f">= {g:g}x",
                 None if found is None else found[1] >= g, f"bench_docs '{found[0]}'" if found else dcs.status)
 
+    # batch_size="auto" (evaluator/autobatch.py) vs a sweep of fixed sizes and vs the old rule: the
+    # auto_batch block of bench_eval (sliding) and bench_docs (parallel documents)
+    for name, step in (("sliding", e), ("parallel documents", dcs)):
+        if step is None:
+            continue
+        ab = _get(step.data, "auto_batch")
+        v = _get(ab, "ratio_auto_vs_best_fixed")
+        g = GOALS["auto_batch_vs_best_fixed"]
+        row(f"batch auto vs the best fixed size, {name}", v, f">= {g:g}x", None if v is None else v >= g,
+            f"auto chose {_get(ab, 'auto_choice', 'chosen')}, the sweep's best {_get(ab, 'best_fixed')}"
+            if v is not None else step.status if step.status != "ok" else "no auto_batch rows")
+        v = _get(ab, "ratio_auto_vs_old_rule")
+        row(f"batch auto vs the old rule ({_get(ab, 'old_rule')}), {name}", v, "(no goal)", None,
+            "" if v is not None else "no auto_batch rows")
+
     pc = steps.get("precision")
     if pc is not None:
         v = _get(pc.data, "dtypes", "bfloat16", "ratio_mean_abs")
@@ -419,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, Step] = {}
     try:
         t0 = time.perf_counter()
-        # random ids over GPT-2's vocabulary (bench_eval builds a GPT-2-small-shaped model over it)
-        store = synthetic_store(tmp / "store", 2000 if a.dry_run else (1 << 20) + 1, 512 if a.dry_run else 50257,
+        # random ids over GPT-2's vocabulary (bench_eval builds a GPT-2-small-shaped model over it);
+        # 4Mi tokens: the eval step's auto-batch runs (--auto-tokens), its other rows read the first 512Ki
+        store = synthetic_store(tmp / "store", 2000 if a.dry_run else (1 << 22) + 1, 512 if a.dry_run else 50257,
                                 doc_tokens=500 if a.dry_run else 1 << 20)
         print(f"synthetic store: {time.perf_counter() - t0:.1f} s", flush=True)
         for step in plan_steps(out, store, a.dry_run, a.device, gpus):

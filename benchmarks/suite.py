@@ -580,7 +580,7 @@ def run_suite(store: str | None = None, model: str | None = None, device: str | 
                        device=dev, log=log)
         res["eval"] = m
         B = m["batch"]
-        if st.batch != "auto":  # what a user's batch_size="auto" gives, for the record (no run)
+        if st.batch != "auto":  # the bound a user's batch_size="auto" measures within, for the record (no run)
             res["auto_batch"] = evaluator_auto_batch(adapter, dev, L)
         # 3. loader alone and its baselines
         log(f"loader alone (chunk {L}, {B} windows/batch, whole store) and loader baselines ...")
@@ -634,7 +634,7 @@ def report(res: dict[str, Any], print_fn: Callable[[str], None] = print) -> None
     st, ev, S = res["settings"], res["eval"], res["stages"]
     dev = res["device"]
     item = "token ids"
-    bnote = "" if st["batch"] == "auto" else f" (set by the suite; the evaluator's auto would pick {res.get('auto_batch', '?')})"
+    bnote = "" if st["batch"] == "auto" else f" (set by the suite; the evaluator's auto would measure within {res.get('auto_batch', '?')})"
     print_fn(f"\n== stages ({res['model']}; {dev}; chunk {ev['chunk_size']}, batch {ev['batch']}{bnote}) ==")
     d = res["disk"]
     rows = []

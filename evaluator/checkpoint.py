@@ -131,7 +131,9 @@ def run_identity(ed: EvalData, adapter: ModelAdapter, run: ResolvedRun, detailed
     spec = run.spec
     settings = {
         "mode": run.mode, "doc_mode": spec.doc_mode, "chunk_size": spec.chunk_size, "overlap": spec.overlap,
-        "tail": spec.tail, "batch_windows": run.batch_windows, "bos_id": spec.prepend_bos_id, "max_tokens": spec.max_tokens,
+        "tail": spec.tail, "bos_id": spec.prepend_bos_id, "max_tokens": spec.max_tokens,
+        # auto: measured within a memory bound that a resumed run takes from the checkpoint (autobatch)
+        "batch_windows": "auto" if run.batch_auto else run.batch_windows,
         "dtype": run.dtype, "loss_slice": run.loss_slice, "device_type": run.device.type,
         "detailed": detailed, "per_token": per_token,
     }

@@ -98,8 +98,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, chunk_default: Any, overlap
                    help="stream: one concatenated stream; document: each document on its own (default: stream)")
     p.add_argument("--batch-size", type=_batch, default="auto",
                    help="windows per forward in sliding mode; documents side by side (each with its own state or "
-                        "cache) in stateful/kv-cache mode with --doc-mode document (1 in stream mode); or auto: from "
-                        "free GPU memory, on a CPU a fixed sliding default and 1 document (default: auto)")
+                        "cache) in stateful/kv-cache mode with --doc-mode document (1 in stream mode); or auto: the "
+                        "run's first forwards try sizes within the memory bound and keep the fastest (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     if not compare:  # (compare: each model whole on one device)
         p.add_argument("--device-map", type=_device_map, metavar="MAP",

@@ -60,10 +60,11 @@ class StreamingEvalConfig:
     # stream: the store is one token stream (documents joined by their EOS ids), context crosses
     # documents. document: every document is evaluated on its own (state/cache reset at its start).
     doc_mode: str = "stream"
-    # Windows per forward in sliding mode (an int, or "auto": from free device memory; a fixed
-    # default on CPU). A batch that runs out of device memory is retried in halves. In stateful and
-    # kv-cache mode with doc_mode "document": documents run side by side, each with its own carried
-    # state or cache ("auto": from free GPU memory; 1 on a CPU); doc_mode "stream" is one stream: 1.
+    # Windows per forward in sliding mode. In stateful and kv-cache mode with doc_mode "document":
+    # documents run side by side, each with its own carried state or cache; doc_mode "stream" is one
+    # stream: 1. "auto": measured on the run's first forwards within a memory bound (free GPU memory,
+    # or available RAM capped at 64), the fastest kept (evaluator/autobatch.py; compiled on a CPU: a
+    # fixed 2048 // chunk_size). A batch that runs out of device memory is retried in halves.
     batch_size: Union[int, str] = "auto"
     # "bfloat16"/"float16": autocast for the model (a model given by name is also loaded in this
     # dtype); the loss is always computed in fp32 and summed in fp64.

@@ -26,6 +26,7 @@ import torch
 from streamdata.loader import WindowLoader
 from streamdata.windows import plan_windows
 
+from . import autobatch
 from . import distributed as dd
 from .carry_check import autocast_for
 from .checkpoint import Checkpointer, run_identity
@@ -75,6 +76,9 @@ class StreamingEvaluator:
         self.adapter.to(self.device)
         self.config = config
         self._chunk_size = resolve_chunk_size(config, self.adapter)
+        # Keyword arguments for the runner (evaluator/runners.py): tests and benchmarks set e.g.
+        # lookahead/segment_slots (parallel documents) or batch_timer (the auto batch ladder's clock).
+        self.runner_options: dict[str, Any] = {}
 
     # ---- settings ------------------------------------------------------------------------
     @property
@@ -186,6 +190,9 @@ class StreamingEvaluator:
             part = _Part.of(dd.current(), run, ed, None if folder is None else folder.root, cfg.split_warmup)
             ckpt = None if folder is None else self._checkpointer(folder, ed, run, part, opts)
             state = ckpt.load() if ckpt is not None else None
+            if state is not None and run.batch_auto and state["runner"].get("ladder") is not None:
+                # autobatch: the bound the interrupted run measured within (free memory moves)
+                run = dataclasses.replace(run, batch_windows=int(state["runner"]["ladder"]["bound"]))
             windows = ed.windows(run.spec, self.device, run.batch_windows, vocab_size=self.adapter.vocab_size,
                                  start_at=part.lo if state is None else int(state["next_window"]), stop_at=part.hi)
             try:
@@ -310,6 +317,10 @@ class _Run:
                                  world_size=1 if info is None else info.world_size)
         if self.resumed_from is not None:
             self.progress.note(f"resuming from window {self.resumed_from:,} of {self.num_windows:,} ({self.ckpt.path})")
+        # batch_size="auto": the runner's first forwards measure a ladder of sizes (None: a fixed size)
+        self.ladder = autobatch.attach(self.runner, self.run.batch_windows, self.run.batch_auto,
+                                       None if state is None else state["runner"], dev, self.debug.allowed,
+                                       self.progress.note)
         self.t_start = time.perf_counter()
 
     def _per_token_writer(self, record: dict[str, Any] | None) -> PerTokenWriter:
@@ -331,9 +342,10 @@ class _Run:
         run, ev = self.run, self.ev
         args = (ev.adapter, self.windows.plan, self.sums, self.writer, run.loss_slice, self.dev, self.opts.scoring.score)
         if run.mode == "sliding":
-            return SlidingRunner(*args, batch_windows=run.batch_windows)
+            return SlidingRunner(*args, batch_windows=run.batch_windows, **ev.runner_options)
         return CarriedRunner(*args, document_mode=run.spec.doc_mode == "document",
-                             save_model_state=run.carry_check is None or run.carry_check.checkpoint)
+                             save_model_state=run.carry_check is None or run.carry_check.checkpoint,
+                             **ev.runner_options)
 
     # ---- iterate -------------------------------------------------------------------------
     def iterate(self) -> None:
@@ -405,14 +417,12 @@ class _Run:
                 warmup = {"tokens": part.warmup, "restarts": info.world_size - 1,
                           "note": f"approximation: each of the {info.world_size - 1} later processes restarted the "
                                   f"carried state at its block after {part.warmup} unscored tokens of warm-up context"}
-        micro = self.runner.micro_batch
         res = RunResult.of(self.run, self.ed, self.ev.adapter.name, nll_sum, tokens, self.num_windows, total_time,
                            compile=self.cfg.compile, scored=self.opts.scoring.summary(self.sums),
                            world_size=1 if info is None else info.world_size,
                            backend=None if info is None else info.backend, split_warmup=warmup,
-                           resumed_from_window=self.resumed_from,
-                           batch_size_after_oom=micro if micro is not None and micro < self.run.batch_windows else None,
-                           detailed=self.opts.detailed)
+                           resumed_from_window=self.resumed_from, detailed=self.opts.detailed)
+        autobatch.record(res, self.ladder, self.runner.micro_batch, self.run.batch_windows)  # the batch fields
         if self.opts.detailed:
             self._finish_detail(res)
         return res

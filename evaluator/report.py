@@ -50,7 +50,7 @@ _SCALARS = (
     "loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "total_tokens", "num_chunks",
     "num_documents", "total_bytes", "total_words", "byte_metric_documents", "total_time", "tokens_per_second",
     "avg_chunk_time", "avg_chunk_loss", "std_chunk_loss", "nll_sum", "mode", "doc_mode", "chunk_size", "overlap",
-    "tail", "batch_size", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
+    "tail", "batch_size", "batch_size_choice", "batch_size_after_oom", "bos_id", "bos_policy", "max_tokens", "device", "dtype", "model", "data",
     "per_token_path", "mode_reason", "resumed_from_window", "word_rule", "world_size", "backend",
     # a model comparison (evaluator/compare.py); loss/perplexity above are then the candidate's
     "candidate", "reference", "reference_device", "compared_vocab", "vocab_candidate", "vocab_reference",

@@ -8,6 +8,7 @@ error naming the value and the fix, raised before the first window is read.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +20,15 @@ from .data import EvalData
 from .errors import ConfigError, DataError, ModelError
 from .models import ModelAdapter
 
-__all__ = ["ResolvedRun", "resolve_chunk_size", "resolve_run", "batch_windows_for"]
+__all__ = ["ResolvedRun", "resolve_chunk_size", "resolve_run", "batch_windows_for", "cpu_guess"]
 
-# Sliding windows per forward when batch_size="auto" on a CPU: there is no link to hide and no
-# device sync to save, and large forwards fall out of cache. Measured (benchmarks/RESULTS.md, 4x256
-# GPT-2, chunk 512): batch 1/4/8/32 gave 10.3k/10.7k/8.4k/6.1k tok/s, so ~2k tokens per forward.
-_CPU_AUTO_TOKENS = 2048
+# batch_size="auto" is measured within a memory bound (evaluator/autobatch.py): at most this many
+# windows (documents) per batch, on CUDA and on a CPU (where even 64 is past the fastest size seen).
 _AUTO_MAX_WINDOWS = 256
+_CPU_AUTO_MAX_WINDOWS = 64
+# The old CPU guess, kept for compiled runs (one static shape: no ladder of sizes to compile) and as
+# the benchmarks' baseline: sliding ~2k tokens per forward, carried documents one at a time.
+_CPU_AUTO_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,14 @@ class ResolvedRun:
     spec: WindowSpec  # the window rules: chunk, overlap (0 in carried modes), doc mode, tail, BOS id, max_tokens
     # Windows per batch from config.batch_size (a run setting, not a window rule): windows per forward
     # in sliding mode; documents side by side in carried document mode; 1 for one carried stream.
+    # With batch_auto, the memory bound within which the runner measures its size (evaluator/autobatch.py).
     batch_windows: int
     device: torch.device
     dtype: str
     loss_slice: int
     bos_policy: str
     carry_check: CarryCheck | None = None  # what the carry check measured (carried caches only)
+    batch_auto: bool = False  # batch_size="auto" with a batch to size: measured by the runner
 
 
 def resolve_chunk_size(config: StreamingEvalConfig, adapter: ModelAdapter) -> int:
@@ -69,8 +74,9 @@ def resolve_run(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData
         )
     spec = WindowSpec(chunk_size=chunk_size, overlap=config.overlap if mode == "sliding" else 0, doc_mode=config.doc_mode,
                       tail=config.tail if mode == "sliding" else "short", prepend_bos_id=bos_id, max_tokens=max_tokens)
-    return ResolvedRun(mode, why, spec, batch_windows_for(config, adapter, device, mode, chunk_size), device,
-                       config.dtype, config.loss_slice, config.bos, check)
+    bw = batch_windows_for(config, adapter, device, mode, chunk_size)
+    return ResolvedRun(mode, why, spec, bw, device, config.dtype, config.loss_slice, config.bos, check,
+                       batch_auto=config.batch_size == "auto" and measured_batch(config, mode))
 
 
 def _check_tokenizer(config: StreamingEvalConfig, adapter: ModelAdapter, ed: EvalData) -> None:
@@ -176,25 +182,46 @@ def _resolve_mode(config: StreamingEvalConfig, a: ModelAdapter, ed: EvalData, bo
     return mode, f"requested; {chk.reason}", chk
 
 
+def measured_batch(config: StreamingEvalConfig, mode: str) -> bool:
+    """Whether ``batch_size="auto"`` is measured (evaluator/autobatch.py): there is a batch (sliding,
+    or carried document mode) and no compiled body (one static shape: a ladder would compile each rung)."""
+    return (mode == "sliding" or config.doc_mode == "document") and config.compile is None
+
+
+def cpu_guess(mode: str, L: int) -> int:
+    """The fixed CPU rule ``batch_size="auto"`` used before it was measured (compiled runs keep it)."""
+    return max(1, min(_AUTO_MAX_WINDOWS, _CPU_AUTO_TOKENS // L)) if mode == "sliding" else 1
+
+
 def batch_windows_for(config: StreamingEvalConfig, adapter: ModelAdapter, device: torch.device, mode: str, L: int) -> int:
     """Windows per batch in sliding mode; in stateful/kv-cache mode the documents run side by side
     (document mode: one carried state or cache per document, evaluator.runners.CarriedRunner.units),
-    and 1 in stream mode (one stream, one state)."""
+    and 1 in stream mode (one stream, one state). ``"auto"``: the memory bound within which the
+    runner measures the fastest size (:func:`measured_batch`), or, compiled on a CPU, :func:`cpu_guess`."""
     if mode != "sliding" and config.doc_mode != "document":
         return 1
     bs = config.batch_size
     if bs != "auto":
         return int(bs)
-    if device.type != "cuda":
-        if mode != "sliding":
-            # One document at a time: a checkpoint (and a crash) lands after any window, not after a
-            # segment of up to 8 B documents. Pass batch_size=B to run documents side by side on a CPU too.
-            return 1
-        return max(1, min(_AUTO_MAX_WINDOWS, _CPU_AUTO_TOKENS // L))
-    # Free memory / a per-window estimate: activations of one layer at a time (~32 values per
-    # hidden unit per token, in the autocast/param dtype) plus the fp32 head slice. An overshoot
-    # costs one out-of-memory retry at half the size, never a wrong result.
-    free, _ = torch.cuda.mem_get_info(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cap = _AUTO_MAX_WINDOWS
+    elif not measured_batch(config, mode):
+        return cpu_guess(mode, L)
+    else:
+        # Host memory the forwards may take: half of what is available now (the loader, the store's
+        # page cache and other processes keep the rest). Conservative because a host that overcommits
+        # may kill the process rather than report out of memory (which the runners would retry in halves).
+        free, cap = _available_ram() // 2, _CPU_AUTO_MAX_WINDOWS
+    per_window = _bytes_per_window(config, adapter, mode, L)
+    budget = 0.6 * free - 3 * config.loss_slice * (adapter.vocab_size or 50000) * 4
+    return int(max(1, min(cap, budget // max(1, per_window))))
+
+
+def _bytes_per_window(config: StreamingEvalConfig, adapter: ModelAdapter, mode: str, L: int) -> int:
+    """A window's memory estimate: activations of one layer at a time (~32 values per hidden unit
+    per token, in the autocast/param dtype) plus the fp32 head slice; an overshoot costs one
+    out-of-memory retry at half the size, never a wrong result."""
     cfg = getattr(adapter.module, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 4096
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32
@@ -209,5 +236,19 @@ def batch_windows_for(config: StreamingEvalConfig, adapter: ModelAdapter, device
         # The model builds [B, L, vocab] logits itself (no body/head split to slice the head):
         # counted at 4 bytes, since many models upcast their logits to fp32.
         per_window += L * (adapter.vocab_size or 50000) * 4
-    budget = 0.6 * free - 3 * config.loss_slice * (adapter.vocab_size or 50000) * 4
-    return int(max(1, min(_AUTO_MAX_WINDOWS, budget // max(1, per_window))))
+    return per_window
+
+
+def _available_ram() -> int:
+    """Bytes of host memory available now (Linux: MemAvailable; elsewhere the physical memory / 2)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30

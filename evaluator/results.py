@@ -73,6 +73,7 @@ class RunResult:
     # keys present only when set:
     split_warmup: dict[str, Any] | None = None  # the approximation a split carried state made
     resumed_from_window: int | None = None
+    batch_size_choice: dict[str, Any] | None = None  # batch_size="auto": the measured ladder (evaluator.autobatch)
     batch_size_after_oom: int | None = None  # the micro-batch an out-of-memory error left
     # ---- detail (detailed runs): the Scoring's detail keys (None on ranks other than 0), the per-token file
     detailed: bool = False
@@ -112,7 +113,7 @@ class RunResult:
 
 _NAMES = [f.name for f in dataclasses.fields(RunResult)]
 _SETTINGS = _NAMES[: _NAMES.index("scored")]  # the figures and the settings, always present
-_WHEN_SET = ("split_warmup", "resumed_from_window", "batch_size_after_oom")
+_WHEN_SET = ("split_warmup", "resumed_from_window", "batch_size_choice", "batch_size_after_oom")
 
 
 @dataclasses.dataclass

@@ -19,8 +19,8 @@ Parallel documents (carried modes, document mode, ``B > 1``). The loader yields 
 order; :meth:`CarriedRunner.units` regroups them into *units* that the engine treats as batches
 (sums, per-token file, timer, progress and checkpoints all work per unit, in plan order):
 
-- a *segment*: consecutive whole documents of the plan (at most ``_LOOKAHEAD * B`` of them, in
-  at most ``max(_LOOKAHEAD * B * chunk_size, _SEGMENT_SLOTS)`` slot tokens: a window takes a
+- a *segment*: consecutive whole documents of the plan (at most ``lookahead * B`` of them, in
+  at most ``max(lookahead * B * chunk_size, segment_slots)`` slot tokens: a window takes a
   ``chunk_size`` row), whose windows are copied into a device buffer as they arrive. Its documents are sorted by length (longest first,
   stable) and cut into groups of ``B``; a group starts from a fresh state with batch dimension ``B``
   and feeds, at step ``k``, chunk ``k`` of every document that has one as one ``[B', T]`` forward
@@ -39,6 +39,12 @@ group: the group is restarted from a fresh state in two halves (and later groups
 size); a single document falls back to the window-halving rule. Nothing is recorded until the
 whole segment succeeded, so no target is counted twice.
 
+Batch size by measurement (``batch_size="auto"``, :mod:`evaluator.autobatch`): ``B`` is then a
+memory bound, and a :class:`~evaluator.autobatch.Ladder` sets the micro size (sliding: windows per
+forward; parallel documents: documents per group) on the run's first forwards (groups), timing
+each; while it measures, a segment holds ``tune_groups`` groups of the rung's size, so rungs follow
+each other quickly (which documents are streamed still follows ``B``).
+
 Hot loop rules: no device sync per batch (sums stay on the device, counts come from the plan);
 per-window/per-document sums and per-token losses leave the device in blocks (one sync per block,
 see metrics.py).
@@ -55,6 +61,7 @@ import torch
 from streamdata.loader import WindowBatch
 from streamdata.windows import WindowBlock, WindowPlan
 
+from .autobatch import Ladder, LadderTimer
 from .errors import ModelError
 from .metrics import MetricSums, PerTokenWriter, token_nll
 from .models import ForwardOutput, ModelAdapter
@@ -62,12 +69,12 @@ from .models import ForwardOutput, ModelAdapter
 __all__ = ["CarriedRunner", "Runner", "SlidingRunner"]
 
 _OOM = torch.OutOfMemoryError  # torch >= 2.5, every device type; a RuntimeError too
-# Parallel documents: a segment holds at most _LOOKAHEAD * B documents (the look-ahead the length
-# sort sees: more means less padding, and more buffered windows) and max(_LOOKAHEAD * B * L,
-# _SEGMENT_SLOTS) window slots of L tokens (int64 inputs and targets: 16 bytes a slot token, 32 with
-# detailed metrics; 2^20 slot tokens = 16-32 MiB of device memory).
-_LOOKAHEAD = 8
-_SEGMENT_SLOTS = 1 << 20
+# Parallel documents (CarriedRunner's defaults): a segment holds at most LOOKAHEAD * B documents (the
+# look-ahead the length sort sees: more means less padding, and more buffered windows) and
+# max(LOOKAHEAD * B * L, SEGMENT_SLOTS) window slots of L tokens (int64 inputs and targets: 16 bytes a
+# slot token, 32 with detailed metrics; 2^20 slot tokens = 16-32 MiB of device memory).
+LOOKAHEAD = 8
+SEGMENT_SLOTS = 1 << 20
 _SCAN = 4096  # windows of the plan read per step while planning a segment
 
 
@@ -77,10 +84,23 @@ class Runner(ABC):
     carries its own windows (``batch.windows``), so a runner never indexes whole-plan arrays."""
 
     def __init__(self, adapter: ModelAdapter, plan: WindowPlan, sums: MetricSums, writer: PerTokenWriter | None,
-                 loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] | None = None):
+                 loss_slice: int, device: torch.device, scorer: Callable[..., torch.Tensor] | None = None, *,
+                 batch_timer: LadderTimer | None = None, ladder_share: float | None = 0.1):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
         self.scorer = scorer  # None: metrics.token_nll (looked up per call)
+        # batch_size="auto" (evaluator/autobatch.py): the ladder that measures the micro size (set by
+        # autobatch.attach), its timer (None: autobatch.WallTimer; a test's fake) and the share of the
+        # run's rows (ladder_rows) it may spend (None: no limit)
+        self.ladder: Ladder | None = None
+        self.batch_timer, self.ladder_share = batch_timer, ladder_share
+
+    def _tuning(self) -> bool:
+        return self.ladder is not None and self.ladder.active
+
+    def ladder_rows(self) -> int:
+        """Rows of this process's plan in the ladder's unit: windows (one forward holds micro of them)."""
+        return len(self.plan)
 
     def _score(self, out: Any, targets: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Per-target values of the scored targets ``flat`` (indices into ``targets`` flattened),
@@ -129,8 +149,8 @@ class Runner(ABC):
 
 
 class SlidingRunner(Runner):
-    def __init__(self, *args: Any, batch_windows: int):
-        super().__init__(*args)
+    def __init__(self, *args: Any, batch_windows: int, **kw: Any):
+        super().__init__(*args, **kw)
         self.batch_windows = batch_windows
         self.micro = batch_windows  # windows per forward; halved after an out-of-memory error
         # A compiled model (inside adapter.compiled()) gets one static shape, [micro, chunk_size]:
@@ -147,10 +167,10 @@ class SlidingRunner(Runner):
     def state(self) -> dict[str, Any]:
         # The micro-batch size decides how windows are grouped per forward (float results may
         # depend on it): a resumed run keeps the size the crashed one had reached.
-        return {"micro": self.micro}
+        return {"micro": self.micro, "ladder": None if self.ladder is None else self.ladder.state()}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.micro = int(state["micro"])
+        self.micro = int(state["micro"])  # (the ladder's state: evaluator.autobatch.attach)
 
     def step(self, batch: WindowBatch) -> None:
         rows = batch.num_windows
@@ -162,6 +182,10 @@ class SlidingRunner(Runner):
                                f"{batch.first_window}.., batch says {batch.num_scored}")
         i = 0
         while i < rows:
+            tune = self._tuning()
+            if tune:
+                self.micro = self.ladder.size()
+                self.ladder.start()
             m = min(self.micro, rows - i)
             T = batch.inputs.shape[1] if self.static else int(lens[i : i + m].max())
             count = int(scored[i : i + m].sum())
@@ -177,8 +201,14 @@ class SlidingRunner(Runner):
                 oom = True
             if oom:
                 self.micro = max(1, m // 2)
+                if tune:
+                    self.ladder.out_of_memory(self.micro)
+                    self.micro = self.ladder.size()
                 _empty_cache(self.device)
                 continue
+            if tune:
+                self.ladder.stop(m, count)
+                self.micro = self.ladder.size()
             if self.detailed:
                 self._record(nll, count, flat // T + (batch.first_window + i),  # global window ids
                              batch.doc_ids[i : i + m, :T].reshape(-1).index_select(0, flat),
@@ -204,9 +234,13 @@ class SlidingRunner(Runner):
 
 
 class CarriedRunner(Runner):
-    def __init__(self, *args: Any, document_mode: bool, save_model_state: bool = True):
-        super().__init__(*args)
+    def __init__(self, *args: Any, document_mode: bool, save_model_state: bool = True, lookahead: int = LOOKAHEAD,
+                 segment_slots: int = SEGMENT_SLOTS, tune_groups: int = 2, **kw: Any):
+        super().__init__(*args, **kw)
         self.document_mode = document_mode
+        # Parallel documents: segments of at most lookahead * B documents in max(lookahead * B * L,
+        # segment_slots) slot tokens (see LOOKAHEAD); tune_groups groups a segment while the ladder measures.
+        self.lookahead, self.segment_slots, self.tune_groups = lookahead, segment_slots, tune_groups
         # False: the carry check found the model's cache cannot be restored exactly, so checkpoints
         # (only the final one: the engine turns the periodic ones off) record no model state.
         self.save_model_state = save_model_state
@@ -223,7 +257,8 @@ class CarriedRunner(Runner):
         # a resumed run keeps the size the crashed one had reached.
         saved = self.started and self.save_model_state
         return {"model_state": self.adapter.save_state() if saved else None, "prev_doc": self.prev_doc,
-                "started": self.started, "micro": self._micro}
+                "started": self.started, "micro": self._micro,
+                "ladder": None if self.ladder is None else self.ladder.state()}
 
     def load(self, state: dict[str, Any]) -> None:
         self.prev_doc, self.started = state["prev_doc"], bool(state["started"])
@@ -231,6 +266,11 @@ class CarriedRunner(Runner):
             self._micro = int(state["micro"])
         if self.started:
             self.adapter.load_state(state["model_state"])
+
+    def ladder_rows(self) -> int:
+        """Documents of this process's plan (a group holds micro of them; empty ones counted too)."""
+        p = self.plan
+        return 0 if len(p) == 0 else int(p.block(len(p) - 1, len(p)).doc[0]) - int(p.block(0, 1).doc[0]) + 1
 
     def units(self, loader: Any) -> Any:
         """Document mode with ``loader.batch_windows`` = B > 1: the loader's batches regrouped into
@@ -328,8 +368,11 @@ class CarriedRunner(Runner):
         """The segment that starts at global window ``w`` (a document's first window), or None when
         that document is too long to buffer (it is then streamed)."""
         plan, L = self.plan, self.plan.chunk_size
-        cap_docs, cap_slots = _LOOKAHEAD * B, max(_LOOKAHEAD * B * L, _SEGMENT_SLOTS)
+        cap_docs, cap_slots = self.lookahead * B, max(self.lookahead * B * L, self.segment_slots)
         per_doc = cap_slots // B  # a document longer than this (in slot tokens) is streamed
+        if self._tuning():  # short segments while measuring: a rung's groups, then the next rung
+            self._micro = self.ladder.size()
+            cap_docs = min(cap_docs, self.tune_groups * self._micro)
         i0 = w - plan.first
         docs: list[tuple[int, int, np.ndarray]] = []  # (plan index of its first window, doc id, window lengths)
         slots = 0
@@ -373,6 +416,9 @@ class CarriedRunner(Runner):
         out: dict[int, torch.Tensor] = {}  # slot -> fp32 NLL of that window's targets
         while todo:
             g, lo, hi = todo.pop(0)
+            tune = self._tuning()
+            if tune:
+                self.ladder.start()
             try:
                 got = self._run_group(seg, seg.groups[g], lo, hi)
                 oom = False
@@ -383,12 +429,21 @@ class CarriedRunner(Runner):
                 a.begin_stream()
                 _empty_cache(self.device)
                 if hi - lo == 1:
+                    if tune:  # one document does not fit: the ladder ends at 1
+                        self.ladder.out_of_memory(1)
+                        self._micro = self.ladder.size()
                     got = self._run_one_doc(seg, seg.groups[g], lo)
                 else:
                     h = (hi - lo) // 2
                     self._micro = min(self._micro, h)
+                    if tune:
+                        self.ladder.out_of_memory(h)
+                        self._micro = self.ladder.size()
                     todo[:0] = [(g, lo, lo + h), (g, lo + h, hi)]
                     continue
+            elif tune:
+                self.ladder.stop(hi - lo, int(sum(int(d.sum()) for d in seg.groups[g].docs[lo:hi])))
+                self._micro = self.ladder.size()
             out.update(got)
         a.begin_stream()  # drop the last group's state/cache (nothing is carried past a segment)
         self.started, self.prev_doc = False, None

@@ -94,6 +94,17 @@ def test_summary_judges_each_goal():
     assert prec["value"] == 1.3 and prec["pass"] is True
     assert rows["distributed over every GPU vs 1"]["value"] == 1.9
     # a step that produced nothing: n/a with its status, never a number
+    # batch auto's rows, from the auto_batch blocks of bench_eval and bench_docs
+    ab = {"ratio_auto_vs_best_fixed": 0.97, "ratio_auto_vs_old_rule": 1.4, "auto_choice": {"chosen": 8},
+          "best_fixed": 16, "old_rule": 2}
+    got = {r["measure"]: r for r in gc.summarize(_steps(eval={**ev, "auto_batch": ab},
+                                                         docs={"ratio": 6.2, "auto_batch": {**ab, "old_rule": 1,
+                                                                                            "ratio_auto_vs_best_fixed": 0.9}}))}
+    assert got["batch auto vs the best fixed size, sliding"]["pass"] is True
+    assert got["batch auto vs the best fixed size, sliding"]["note"] == "auto chose 8, the sweep's best 16"
+    assert got["batch auto vs the old rule (2), sliding"]["value"] == 1.4
+    assert got["batch auto vs the best fixed size, parallel documents"]["pass"] is False
+    assert rows["batch auto vs the best fixed size, sliding"]["value"] is None  # no auto_batch block: n/a
     missing = {r["measure"]: r for r in gc.summarize(_steps(eval=None, docs="not available"))}
     assert missing["end to end vs compute only"]["value"] is None and missing["end to end vs compute only"]["pass"] is None
     assert "not available" in missing["document mode kv-cache, parallel vs batch 1"]["note"]

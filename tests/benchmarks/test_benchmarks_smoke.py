@@ -146,3 +146,27 @@ def test_bench_loader_cli(toy_store, tmp_path):
         n_in = int(plan_windows(s.doc_offsets, 64, 0, "stream").length.size) * 64
     assert next(r for r in fills if r["overlap"] == 0)["tokens"] == n_in
     assert all(_positive(r["vs_int64_limit"]) for r in data["results"] if r["variant"] == "(d) WindowLoader")
+
+
+@pytest.mark.slow  # ~2 s: two benchmarks, nine runs each
+def test_auto_batch_rows(toy_store, tmp_path, capsys):
+    """bench_eval/bench_docs --auto-batch: batch auto against every size of the sweep and the old rule."""
+    from benchmarks import bench_docs, bench_eval
+    from evaluator.autobatch import ladder_sizes
+
+    assert bench_eval.main(["--store", str(toy_store), "--model", MODEL, "--device", "cpu", "--tokens", "500",
+                            "--chunk-size", "32", "--repeat", "1", "--auto-batch", "--out", str(tmp_path)]) == 0
+    ab = json.loads((tmp_path / "bench_eval.json").read_text())["auto_batch"]
+    sweep = list(dict.fromkeys(ladder_sizes(ab["auto_choice"]["bound"]) + [2048 // 32]))  # the old rule: 2048 // L
+    assert [int(k) for k in ab["fixed_tok_per_s"]] == sweep and ab["old_rule"] == 64 and ab["best_fixed"] in sweep
+    assert _positive(ab["ratio_auto_vs_best_fixed"]) and _positive(ab["ratio_auto_vs_old_rule"])
+    assert "auto vs best fixed" in capsys.readouterr().out
+    assert bench_docs.main(["--device", "cpu", "--docs", "12", "--min-len", "8", "--max-len", "60", "--positions", "64",
+                            "--batch-size", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+                            "--intermediate", "64", "--vocab", "512", "--repeat", "1", "--auto-batch",
+                            "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_docs.json").read_text())
+    from benchmarks.gpu_check import _find_ratio
+
+    assert _find_ratio(data)[0] == "ratio_parallel_vs_batch_1"  # (gpu_check's docs row: the first ratio found)
+    assert data["auto_batch"]["old_rule"] == 1 and _positive(data["auto_batch"]["ratio_auto_vs_best_fixed"])

@@ -164,3 +164,20 @@ class OOMAbove(nn.Module):
 def gru_lm():
     """``tests.evaluator.helpers:gru_lm``: a factory for ``--model`` (deterministic weights)."""
     return TinyRNN("gru")
+
+
+class Interrupt(Exception):
+    """A crash inside a run, raised by :func:`interrupt_after` (the process survives)."""
+
+
+def interrupt_after(monkeypatch, cls, k: int) -> None:
+    """Make ``cls.step`` raise :class:`Interrupt` after ``k`` steps (batches, or units of a carried run)."""
+    real, seen = cls.step, [0]
+
+    def step(self, batch):
+        if seen[0] == k:
+            raise Interrupt(f"interrupted after {k} steps")
+        seen[0] += 1
+        return real(self, batch)
+
+    monkeypatch.setattr(cls, "step", step)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import evaluator.runners as runners_mod
 from evaluator import ModelError, StreamingEvaluator
 
-from .helpers import V, tiny_gpt2, tiny_rwkv
-from .test_resume import Interrupt, _interrupt_after, _same
+from .helpers import V, Interrupt, interrupt_after, tiny_gpt2, tiny_rwkv
+from .test_resume import _same
 
 CHUNK = 8
 WINDOW = 5  # sliding_window of Mistral/Gemma2: smaller than the chunk, so the cache drops keys
@@ -151,7 +151,7 @@ def test_carried_mode_equals_full_forward_and_resumes_exactly(name, make_store, 
         np.testing.assert_allclose(np.asarray(whole["per_token_losses"]), ref, rtol=1e-5, atol=1e-5)
         ck = tmp_path / f"ck{batch}"
         with monkeypatch.context() as m:
-            _interrupt_after(m, runners_mod.CarriedRunner, 3 if batch == 1 else 1)  # (B > 1: a step is a segment)
+            interrupt_after(m, runners_mod.CarriedRunner, 3 if batch == 1 else 1)  # (B > 1: a step is a segment)
             with pytest.raises(Interrupt):
                 _evaluate(model, store, ck, batch_size=batch)
         resumed = _evaluate(model, store, ck, batch_size=batch)
@@ -267,10 +267,10 @@ def test_a_cache_that_cannot_be_saved_is_said_at_the_start_and_the_run_finishes(
 
     model = _model(models, "gpt2")
     store = make_store(docs, vocab_size=V)
-    want = _evaluate(model, store, mode="kv-cache")
+    want = _evaluate(model, store, mode="kv-cache", batch_size=1)  # (a fixed size: auto's depends on timing)
     monkeypatch.setattr(hf_cache, "cache_state", unsaveable)
     ev = StreamingEvaluator(model, chunk_size=CHUNK, device="cpu", verbose=True, doc_mode="document", mode="kv-cache",
-                            checkpoint_interval=1e-9)
+                            checkpoint_interval=1e-9, batch_size=1)
     got = ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=tmp_path / "ck")
     err = capsys.readouterr().err
     assert "no checkpoints before the end of this run" in err and "Quantizer" in err

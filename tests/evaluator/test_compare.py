@@ -21,8 +21,7 @@ from evaluator.cli import main
 from evaluator.compare import compare_streaming
 from evaluator.pair import PairAdapter
 
-from .helpers import V, TinyRNN, tiny_gpt2
-from .test_resume import Interrupt, _interrupt_after
+from .helpers import V, Interrupt, TinyRNN, interrupt_after, tiny_gpt2
 
 
 SHARP = 3.0
@@ -195,7 +194,7 @@ def test_an_interrupted_comparison_resumes_to_the_uninterrupted_result(pair, tmp
     whole = compare_streaming(cand, ref, v, **kw)
     ck = tmp_path / "ck"
     with monkeypatch.context() as m:
-        _interrupt_after(m, runners_mod.CarriedRunner, 4)
+        interrupt_after(m, runners_mod.CarriedRunner, 4)
         with pytest.raises(Interrupt):
             compare_streaming(cand, ref, v, checkpoint_dir=str(ck), **kw)
     assert (ck / "per_token_kl.f32.partial").exists()

@@ -273,7 +273,7 @@ def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "evaluator", "run",
            str(store), "--model", str(model_dir), "--chunk-size", "16", "--mode", "kv-cache", "--doc-mode", "document",
-           "--device", "cpu", "--out", str(out), "--per-token", "--quiet", "--no-plots"]
+           "--batch-size", "1", "--device", "cpu", "--out", str(out), "--per-token", "--quiet", "--no-plots"]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("report: ") == 1  # rank 0 only
@@ -283,7 +283,7 @@ def test_cli_under_torchrun_rank0_writes_the_report(tmp_path, make_store):
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same fp32 addition order
     try:
         ref = StreamingEvaluator(str(model_dir), chunk_size=16, mode="kv-cache", doc_mode="document", device="cpu",
-                                 verbose=False).evaluate_streaming_with_metrics(str(store), compute_per_token_metrics=True)
+                                 batch_size=1, verbose=False).evaluate_streaming_with_metrics(str(store), compute_per_token_metrics=True)
     finally:
         torch.set_num_threads(threads)
     assert res["total_tokens"] == ref["total_tokens"]

@@ -13,7 +13,7 @@ import torch
 import evaluator.runners as runners_mod
 from evaluator import StreamingEvaluator
 
-from .helpers import V, OOMAbove, TinyRNN, full_nll, tiny_gpt2, tiny_rwkv
+from .helpers import V, Interrupt, OOMAbove, TinyRNN, full_nll, interrupt_after, tiny_gpt2, tiny_rwkv
 
 # Lengths in tokens: no target (0, 1), one to three targets, chunk edges (CHUNK = 7), several chunks.
 LENGTHS = [1, 2, 3, 4, 7, 8, 9, 15, 40, 0, 2, 23, 64, 5, 3, 57, 1, 30, 6, 8, 2]
@@ -46,9 +46,11 @@ def _brute(model, docs, bos=None):
     return out
 
 
-def _run(model, mode, store, B, **kw):
+def _run(model, mode, store, B, runner_options=None, **kw):
+    """``runner_options``: CarriedRunner keywords (lookahead, segment_slots, batch_timer)."""
     ev = StreamingEvaluator(model, chunk_size=kw.pop("chunk_size", CHUNK), device="cpu", verbose=False, mode=mode,
                             doc_mode="document", batch_size=B, **kw)
+    ev.runner_options = dict(runner_options or {})
     return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True)
 
 
@@ -81,13 +83,12 @@ def test_bos_prefix_and_a_one_token_document(models, make_store, name):
 
 
 @pytest.mark.parametrize("name", ["gpt2-kv", "rwkv", "gru"])
-def test_parallel_equals_batch_one_per_window_and_document(models, make_store, name, monkeypatch):
+def test_parallel_equals_batch_one_per_window_and_document(models, make_store, name):
     """Small segments (look-ahead 1: B documents each) so that many segments and groups occur."""
     model, mode = models[name], MODELS[name][1]
     store = make_store(_docs(), vocab_size=V, shard_tokens=37)
     one = _run(model, mode, store, 1)
-    monkeypatch.setattr(runners_mod, "_LOOKAHEAD", 1)
-    par = _run(model, mode, store, 4)
+    par = _run(model, mode, store, 4, runner_options={"lookahead": 1})
     assert par["num_chunks"] == one["num_chunks"] and par["total_tokens"] == one["total_tokens"]
     np.testing.assert_array_equal(np.asarray(par["per_document"]["tokens"]), np.asarray(one["per_document"]["tokens"]))
     np.testing.assert_allclose(np.asarray(par["chunk_losses"]), np.asarray(one["chunk_losses"]), rtol=1e-5)
@@ -102,13 +103,11 @@ def test_documents_too_long_to_buffer_are_streamed(models, make_store, name, mon
     """A segment of at most 2 * 3 * 7 = 42 slot tokens: documents longer than 14 tokens (3 windows
     or more) are streamed one window at a time between the grouped ones."""
     model, mode = models[name], MODELS[name][1]
-    monkeypatch.setattr(runners_mod, "_LOOKAHEAD", 2)
-    monkeypatch.setattr(runners_mod, "_SEGMENT_SLOTS", 1)
     seen = []
     real = runners_mod.CarriedRunner.step
     monkeypatch.setattr(runners_mod.CarriedRunner, "step", lambda self, b: (seen.append(type(b).__name__), real(self, b)))
     docs = _docs()
-    res = _run(model, mode, make_store(docs, vocab_size=V), 3)
+    res = _run(model, mode, make_store(docs, vocab_size=V), 3, runner_options={"lookahead": 2, "segment_slots": 1})
     assert {"_Run", "_Segment"} <= set(seen)
     _check_against(res, _brute(model, docs))
 
@@ -129,37 +128,24 @@ def test_out_of_memory_halves_the_group_then_the_window(make_store):
     _check_against(res, ref)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", ["gpt2-kv", "gru"])
 @pytest.mark.parametrize("after", [1, 4, 9])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(models, make_store, tmp_path, monkeypatch, name, after):
     """Checkpoints after every unit (segments and streamed windows); a crash after ``after`` units
     and a rerun give the uninterrupted run's numbers bit for bit."""
     model, mode = models[name], MODELS[name][1]
-    monkeypatch.setattr(runners_mod, "_LOOKAHEAD", 2)
-    monkeypatch.setattr(runners_mod, "_SEGMENT_SLOTS", 1)  # long documents streamed: checkpoints inside them too
     store = make_store(_docs(), vocab_size=V)
 
     def evaluate(ck=None):
         ev = StreamingEvaluator(model, chunk_size=CHUNK, device="cpu", verbose=False, mode=mode, doc_mode="document",
                                 batch_size=3, checkpoint_interval=1e-9)
+        ev.runner_options = {"lookahead": 2, "segment_slots": 1}  # long documents streamed: checkpoints inside them too
         return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=ck)
 
     ref = evaluate()
-    real, seen = runners_mod.CarriedRunner.step, [0]
-
-    def step(self, batch):
-        if seen[0] == after:
-            raise Interrupt
-        seen[0] += 1
-        return real(self, batch)
-
     ck = tmp_path / "ck"
     with monkeypatch.context() as m:
-        m.setattr(runners_mod.CarriedRunner, "step", step)
+        interrupt_after(m, runners_mod.CarriedRunner, after)
         with pytest.raises(Interrupt):
             evaluate(ck)
     res = evaluate(ck)

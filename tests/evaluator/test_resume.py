@@ -19,7 +19,7 @@ import evaluator.runners as runners_mod
 from evaluator import StreamingEvaluator
 from evaluator.cli import main
 
-from .helpers import V, Bigram, TinyRNN, tiny_gpt2
+from .helpers import V, Bigram, Interrupt, TinyRNN, interrupt_after, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,23 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def docs():
     rng = np.random.default_rng(5)
     return [rng.integers(1, V, size=int(n)).tolist() for n in rng.integers(2, 120, size=14)]
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch, cls, k):
-    """Make ``cls.step`` raise after ``k`` batches (the process survives: an in-process crash)."""
-    real, seen = cls.step, [0]
-
-    def step(self, batch):
-        if seen[0] == k:
-            raise Interrupt(f"interrupted after {k} batches")
-        seen[0] += 1
-        return real(self, batch)
-
-    monkeypatch.setattr(cls, "step", step)
 
 
 def _same(a, b):
@@ -61,9 +44,11 @@ CASES = [
     ("sliding", Bigram, dict(chunk_size=16, overlap=4, batch_size=3), "stream"),
     ("sliding-doc", Bigram, dict(chunk_size=16, overlap=0, batch_size=2, bos=3), "document"),
     ("stateful", lambda: TinyRNN("lstm"), dict(chunk_size=20, mode="stateful"), "stream"),
-    ("stateful-doc", lambda: TinyRNN("gru"), dict(chunk_size=20, mode="stateful"), "document"),
+    # batch_size=1 in document mode: one document at a time (auto measures its size by timing, so two
+    # runs may group documents differently: tests/evaluator/test_autobatch.py resumes auto runs)
+    ("stateful-doc", lambda: TinyRNN("gru"), dict(chunk_size=20, mode="stateful", batch_size=1), "document"),
     ("kv-cache", lambda: tiny_gpt2(n_positions=2048), dict(chunk_size=24, mode="kv-cache"), "stream"),
-    ("kv-cache-doc", lambda: tiny_gpt2(n_positions=256), dict(chunk_size=24, mode="kv-cache"), "document"),
+    ("kv-cache-doc", lambda: tiny_gpt2(n_positions=256), dict(chunk_size=24, mode="kv-cache", batch_size=1), "document"),
 ]
 
 
@@ -81,7 +66,7 @@ def test_interrupted_api_run_resumes_to_the_uninterrupted_result(tmp_path, make_
     cls = runners_mod.SlidingRunner if kw.get("mode", "sliding") == "sliding" else runners_mod.CarriedRunner
     ck = tmp_path / "ck"
     with monkeypatch.context() as m:
-        _interrupt_after(m, cls, 5)
+        interrupt_after(m, cls, 5)
         with pytest.raises(Interrupt):
             evaluate(ck)
     progress = json.loads((ck / "progress.json").read_text())
@@ -127,7 +112,7 @@ def test_per_token_temporary_files_are_removed_after_success_and_error(tmp_path,
     assert res["per_token_path"] is None and len(res["per_token_losses"]) == 299
     assert np.isfinite(np.asarray(res["per_token_losses"])).all()  # still readable: the mapping keeps it
     assert not list(tmp_path.glob("streameval-per-token-*"))
-    _interrupt_after(monkeypatch, runners_mod.SlidingRunner, 2)
+    interrupt_after(monkeypatch, runners_mod.SlidingRunner, 2)
     with pytest.raises(Interrupt):
         ev.evaluate_streaming_with_metrics(x, compute_per_token_metrics=True)
     assert not list(tmp_path.glob("streameval-per-token-*"))
@@ -186,9 +171,9 @@ def gpt2_dir(tmp_path_factory):
 RUNS = [  # (model, flags, kill point, n)
     ("gpt2", ["--chunk-size", "16", "--overlap", "4", "--batch-size", "2"], "mid-write", 3),
     ("gpt2", ["--chunk-size", "16", "--overlap", "4", "--batch-size", "2"], "mid-batch", 7),
-    ("rnn", ["--chunk-size", "20", "--mode", "stateful", "--doc-mode", "document"], "mid-write", 4),
+    ("rnn", ["--chunk-size", "20", "--mode", "stateful", "--doc-mode", "document", "--batch-size", "1"], "mid-write", 4),
     ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache"], "mid-write", 2),
-    ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache", "--doc-mode", "document"], "mid-batch", 5),
+    ("gpt2", ["--chunk-size", "24", "--mode", "kv-cache", "--doc-mode", "document", "--batch-size", "1"], "mid-batch", 5),
 ]
 
 

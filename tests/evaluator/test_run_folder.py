@@ -21,8 +21,7 @@ import evaluator.compare as compare_mod
 import evaluator.runners as runners_mod
 from evaluator.cli import main
 
-from .helpers import V, tiny_gpt2
-from .test_resume import Interrupt, _interrupt_after
+from .helpers import V, Interrupt, interrupt_after, tiny_gpt2
 
 RNN = "tests.evaluator.helpers:gru_lm"
 
@@ -35,7 +34,7 @@ def _gpt2_dirs(tmp_path):
 
 
 def _interrupt(monkeypatch, k):
-    _interrupt_after(monkeypatch, runners_mod.CarriedRunner, k)
+    interrupt_after(monkeypatch, runners_mod.CarriedRunner, k)
 
 
 @pytest.fixture
