@@ -10,7 +10,7 @@ the same windows: KL divergence, top-1 agreement, both perplexities).
 from .compare import compare_streaming
 from .config import StreamingEvalConfig
 from .data import EvalData, WindowBatch, WindowSpec, open_data
-from .engine import StreamingEvaluator, create_streaming_evaluator
+from .engine import RunTuning, StreamingEvaluator, create_streaming_evaluator
 from .errors import ConfigError, DataError, EvaluatorError, ModelError
 from .metrics import bits_per_byte, byte_perplexity, perplexity, word_perplexity
 from .models import DEFAULT_MODEL_DIR, ForwardOutput, ModelAdapter, load_model, wrap_model
@@ -27,6 +27,7 @@ __all__ = [
     "ModelAdapter",
     "ModelError",
     "RunResult",
+    "RunTuning",
     "StreamingEvalConfig",
     "StreamingEvaluator",
     "WindowBatch",

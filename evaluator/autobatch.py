@@ -27,7 +27,7 @@ forward of another size than the rung's (a batch's remainder, an out-of-memory h
 Timing: :class:`WallTimer` reads ``time.perf_counter``; on CUDA it synchronizes the device before
 and after each timed forward, only while the ladder runs (under the engine's sync-debug allowance),
 so the rest of the run keeps its no-sync-per-batch rule. A test passes its own timer
-(``runner_options={"batch_timer": ...}``, see :class:`LadderTimer`).
+(``StreamingEvaluator(..., tuning=RunTuning(batch_timer=...))``, see :class:`LadderTimer`).
 
 Resume: the ladder's state (rungs measured, the choice, its share) travels in the runner's
 checkpoint state with the bound, and a resumed run uses them (the loader batch and the micro size

@@ -39,13 +39,47 @@ from .progress import Progress
 from .resolve import ResolvedRun, resolve_chunk_size, resolve_run
 from .results import RunResult
 from .run_folder import RunFolder, check_output_file
-from .runners import CarriedRunner, Runner, SlidingRunner
+from .autobatch import LadderTimer
+from .runners import LOOKAHEAD, SEGMENT_SLOTS, CarriedRunner, Runner, SlidingRunner
 from .scoring import NLL, Scoring
 from .spill import SpillFiles
 from .sync_debug import SyncDebug
 from .timing import Timer
 
-__all__ = ["StreamingEvaluator", "create_streaming_evaluator"]
+__all__ = ["RunTuning", "StreamingEvaluator", "create_streaming_evaluator"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTuning:
+    """Sizes and hooks that change how a run is computed, never its numbers: the blocks in which
+    per-window/per-document sums and per-token values leave the device, the parallel-document
+    look-ahead, the auto batch ladder's timer and share. The defaults are what runs use; tests pass
+    tiny blocks to cross every block boundary and a fake timer to make the ladder's choice exact.
+
+    ``lookahead``/``segment_slots``: a parallel-document segment holds at most ``lookahead * B``
+    documents in ``max(lookahead * B * L, segment_slots)`` slot tokens (evaluator/runners.py);
+    ``tune_groups``: document groups per segment while the ladder measures; ``batch_timer``: the
+    ladder's clock (None: wall time, synced on CUDA); ``ladder_share``: the share of the run's rows
+    the ladder may spend (None: no limit); ``block_windows``/``block_documents``: rows of the
+    detail block on the device (evaluator/metrics.py); ``per_token_block``: float32 values gathered
+    on the device per drain of the per-token file."""
+
+    lookahead: int = LOOKAHEAD
+    segment_slots: int = SEGMENT_SLOTS
+    tune_groups: int = 2
+    batch_timer: LadderTimer | None = None
+    ladder_share: float | None = 0.1
+    block_windows: int = 4096
+    block_documents: int = 4096
+    per_token_block: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("lookahead", "segment_slots", "tune_groups", "block_windows", "block_documents", "per_token_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"RunTuning({name}={value!r}): pass an int >= 1")
+        if self.ladder_share is not None and not 0 < self.ladder_share <= 1:
+            raise ConfigError(f"RunTuning(ladder_share={self.ladder_share!r}): pass a share in (0, 1], or None")
 
 
 class StreamingEvaluator:
@@ -59,7 +93,8 @@ class StreamingEvaluator:
     """
 
     def __init__(self, model: Any, chunk_size: int | None = None, overlap: int = 0, device: str | None = None,
-                 verbose: bool = True, *, config: StreamingEvalConfig | None = None, **options: Any):
+                 verbose: bool = True, *, config: StreamingEvalConfig | None = None, tuning: RunTuning | None = None,
+                 **options: Any):
         if config is None:
             config = StreamingEvalConfig(chunk_size=chunk_size, overlap=overlap, device=device, verbose=verbose, **options)
         elif chunk_size is not None or overlap or device is not None or options:
@@ -76,9 +111,7 @@ class StreamingEvaluator:
         self.adapter.to(self.device)
         self.config = config
         self._chunk_size = resolve_chunk_size(config, self.adapter)
-        # Keyword arguments for the runner (evaluator/runners.py): tests and benchmarks set e.g.
-        # lookahead/segment_slots (parallel documents) or batch_timer (the auto batch ladder's clock).
-        self.runner_options: dict[str, Any] = {}
+        self.tuning = RunTuning() if tuning is None else tuning  # how, never what (block sizes, ladder hooks)
 
     # ---- settings ------------------------------------------------------------------------
     @property
@@ -301,6 +334,7 @@ class _Run:
                                     resume=state is not None, columns=self.opts.scoring.spill,
                                     records=records.get("spill"))
         self.sums = MetricSums(dev, self.opts.detailed, self.spill, seconds=self.timer.drain,
+                               block_windows=self.ev.tuning.block_windows, block_documents=self.ev.tuning.block_documents,
                                columns=self.opts.scoring.columns)
         self.runner = self._runner()
         self.warm = None  # split_warmup: the context fed unscored before this rank's block
@@ -327,25 +361,27 @@ class _Run:
         """The per-token file (one process: all of it; a torchrun rank: its slice of the one file)."""
         path, info = self.cfg.per_token_path, self.info
         filled = 0 if self.state is None else int(self.state["per_token_filled"])
-        column = self.opts.scoring.per_token_column
+        column, block = self.opts.scoring.per_token_column, self.ev.tuning.per_token_block
         if path is None and self.ckpt is not None:
             path = str(self.folder.per_token_path("nll"))  # resumable: in the run folder
         if info is None:  # (its block drains are syncs by design)
             return PerTokenWriter(path, self.expected, filled=filled, allow_sync=self.debug.allowed, record=record,
-                                  column=column)
+                                  column=column, block=block)
         shared, path = dd.shared_per_token_file(path, self.part.total_scored, info, self.dev)
         return PerTokenWriter(path, self.part.total_scored, filled=filled, allow_sync=self.debug.allowed, record=record,
                               file=shared, base=self.part.scored_before, count=self.expected,
-                              anonymous=path is None and info.is_main, column=column)
+                              anonymous=path is None and info.is_main, column=column, block=block)
 
     def _runner(self) -> Runner:
         run, ev = self.run, self.ev
         args = (ev.adapter, self.windows.plan, self.sums, self.writer, run.loss_slice, self.dev, self.opts.scoring.score)
+        t = ev.tuning
+        ladder = dict(batch_timer=t.batch_timer, ladder_share=t.ladder_share)
         if run.mode == "sliding":
-            return SlidingRunner(*args, batch_windows=run.batch_windows, **ev.runner_options)
+            return SlidingRunner(*args, batch_windows=run.batch_windows, **ladder)
         return CarriedRunner(*args, document_mode=run.spec.doc_mode == "document",
                              save_model_state=run.carry_check is None or run.carry_check.checkpoint,
-                             **ev.runner_options)
+                             lookahead=t.lookahead, segment_slots=t.segment_slots, tune_groups=t.tune_groups, **ladder)
 
     # ---- iterate -------------------------------------------------------------------------
     def iterate(self) -> None:

@@ -498,15 +498,15 @@ def publish_per_token(file: str, path: str | None, total: int) -> np.memmap:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(total,))
 
 
-def summarize_chunks(window_nll: Any, window_tokens: Any) -> dict[str, Any]:
-    """Per-chunk loss and perplexity (read-only arrays computed block by block from the spilled
-    sums, see :class:`evaluator.spill.BlockView`), and their mean and (population) standard
+def summarize_chunks(window_nll: Any, window_tokens: Any, block: int = BLOCK) -> dict[str, Any]:
+    """Per-chunk loss and perplexity (read-only arrays computed ``block`` rows at a time from the
+    spilled sums, see :class:`evaluator.spill.BlockView`), and their mean and (population) standard
     deviation, computed in bounded memory."""
-    losses = BlockView(np.divide, window_nll, window_tokens)
+    losses = BlockView(np.divide, window_nll, window_tokens, block=block)
     n = len(losses)
     if n == 0:
         mean = std = math.nan
-    elif n <= BLOCK:  # one block: numpy's own mean and std of the whole array, as always
+    elif n <= block:  # one block: numpy's own mean and std of the whole array, as always
         loss = losses[:]
         mean, std = float(np.mean(loss)), float(np.std(loss))
     else:  # two passes over the file: the mean, then the squared deviations (no cancellation)
@@ -514,7 +514,7 @@ def summarize_chunks(window_nll: Any, window_tokens: Any) -> dict[str, Any]:
         std = math.sqrt(math.fsum(float(np.square(b - mean).sum()) for b in losses.blocks()) / n)
     return {
         "chunk_losses": losses,
-        "chunk_perplexities": BlockView(lambda a, b: np.exp(a / b), window_nll, window_tokens),
+        "chunk_perplexities": BlockView(lambda a, b: np.exp(a / b), window_nll, window_tokens, block=block),
         "avg_chunk_loss": mean,
         "std_chunk_loss": std,
     }

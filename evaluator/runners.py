@@ -88,7 +88,7 @@ class Runner(ABC):
                  batch_timer: LadderTimer | None = None, ladder_share: float | None = 0.1):
         self.adapter, self.plan, self.sums, self.writer = adapter, plan, sums, writer
         self.loss_slice, self.device, self.detailed = loss_slice, device, sums.detailed
-        self.scorer = scorer  # None: metrics.token_nll (looked up per call)
+        self.scorer = token_nll if scorer is None else scorer  # a run's fp32 NLL, or a comparison's statistics
         # batch_size="auto" (evaluator/autobatch.py): the ladder that measures the micro size (set by
         # autobatch.attach), its timer (None: autobatch.WallTimer; a test's fake) and the share of the
         # run's rows (ladder_rows) it may spend (None: no limit)
@@ -108,8 +108,6 @@ class Runner(ABC):
         (:func:`~evaluator.metrics.token_nll`) for a run, [count, C] statistics for a model
         comparison (:func:`evaluator.kl.pair_stats`). The one place a runner turns a forward's
         output into numbers, so a comparison swaps only this and the sums' columns."""
-        if self.scorer is None:
-            return token_nll(out, targets, flat, self.loss_slice)
         return self.scorer(out, targets, flat, self.loss_slice)
 
     @property

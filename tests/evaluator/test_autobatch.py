@@ -1,6 +1,6 @@
 """batch_size="auto" by measurement (evaluator/autobatch.py): the run's first forwards climb a ladder
-of micro sizes within the memory bound and keep the fastest. A fake timer (``runner_options=
-{"batch_timer": ...}``) makes each size's speed known, so the choice is exact; every window is still
+of micro sizes within the memory bound and keep the fastest. A fake timer (``RunTuning(
+batch_timer=...)``) makes each size's speed known, so the choice is exact; every window is still
 scored once (results as a fixed size's), the choice lands in the results, results.json and on stderr,
 and a resumed run keeps it. An explicit batch size is left alone."""
 
@@ -14,7 +14,7 @@ import torch
 
 import evaluator.resolve as resolve_mod
 import evaluator.runners as runners_mod
-from evaluator import StreamingEvaluator
+from evaluator import RunTuning, StreamingEvaluator
 from evaluator.autobatch import Ladder, WallTimer, ladder_sizes
 
 from .helpers import V, Bigram, Interrupt, OOMAbove, TinyRNN, brute_sliding_nll, full_nll, interrupt_after
@@ -41,7 +41,7 @@ def _ev(model, timer=None, share=1.0, **kw):
     """``share``: of the run's rows the ladder may spend (1.0: the whole ladder fits these runs; None: no limit)."""
     ev = StreamingEvaluator(model, device="cpu", verbose=kw.pop("verbose", False), **kw)
     if timer is not None:
-        ev.runner_options = {"batch_timer": timer, "ladder_share": share}
+        ev.tuning = RunTuning(batch_timer=timer, ladder_share=share)
     return ev
 
 

@@ -8,6 +8,7 @@ Run with the CUDA sanitizer too (README, set-up): ``TORCH_CUDA_SANITIZER=1 pytes
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import evaluator.engine as engine_mod
 import evaluator.runners as runners_mod
 import evaluator.metrics as metrics_mod
 from evaluator import StreamingEvaluator
+from evaluator.scoring import NLL
 from evaluator.runners import CarriedRunner, SlidingRunner
 
 from .helpers import V, Bigram, TinyRNN, tiny_gpt2
@@ -122,7 +124,7 @@ def test_oom_retry_on_a_real_device(make_store, docs, monkeypatch):
             torch.empty(1 << 50, dtype=torch.uint8, device=targets.device)  # raises OutOfMemoryError
         return real(out, targets, flat, loss_slice)
 
-    monkeypatch.setattr(runners_mod, "token_nll", big_alloc_first)
-    res = _evaluate(Bigram(), store, "cuda", **kw)
+    ev = StreamingEvaluator(Bigram(), device="cuda", verbose=False, **kw)
+    res = ev.run(store, per_token=True, scoring=dataclasses.replace(NLL, score=big_alloc_first))
     assert res["batch_size_after_oom"] == 2 and res["total_tokens"] == ref["total_tokens"]
     assert res["nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-12)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import evaluator.runners as runners_mod
-from evaluator import StreamingEvaluator
+from evaluator import RunTuning, StreamingEvaluator
 
 from .helpers import V, Interrupt, OOMAbove, TinyRNN, full_nll, interrupt_after, tiny_gpt2, tiny_rwkv
 
@@ -46,11 +46,11 @@ def _brute(model, docs, bos=None):
     return out
 
 
-def _run(model, mode, store, B, runner_options=None, **kw):
-    """``runner_options``: CarriedRunner keywords (lookahead, segment_slots, batch_timer)."""
+def _run(model, mode, store, B, tuning=None, **kw):
+    """``tuning``: a RunTuning (e.g. a small lookahead or segment_slots)."""
     ev = StreamingEvaluator(model, chunk_size=kw.pop("chunk_size", CHUNK), device="cpu", verbose=False, mode=mode,
                             doc_mode="document", batch_size=B, **kw)
-    ev.runner_options = dict(runner_options or {})
+    ev.tuning = tuning or RunTuning()
     return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True)
 
 
@@ -88,7 +88,7 @@ def test_parallel_equals_batch_one_per_window_and_document(models, make_store, n
     model, mode = models[name], MODELS[name][1]
     store = make_store(_docs(), vocab_size=V, shard_tokens=37)
     one = _run(model, mode, store, 1)
-    par = _run(model, mode, store, 4, runner_options={"lookahead": 1})
+    par = _run(model, mode, store, 4, tuning=RunTuning(lookahead=1))
     assert par["num_chunks"] == one["num_chunks"] and par["total_tokens"] == one["total_tokens"]
     np.testing.assert_array_equal(np.asarray(par["per_document"]["tokens"]), np.asarray(one["per_document"]["tokens"]))
     np.testing.assert_allclose(np.asarray(par["chunk_losses"]), np.asarray(one["chunk_losses"]), rtol=1e-5)
@@ -107,7 +107,7 @@ def test_documents_too_long_to_buffer_are_streamed(models, make_store, name, mon
     real = runners_mod.CarriedRunner.step
     monkeypatch.setattr(runners_mod.CarriedRunner, "step", lambda self, b: (seen.append(type(b).__name__), real(self, b)))
     docs = _docs()
-    res = _run(model, mode, make_store(docs, vocab_size=V), 3, runner_options={"lookahead": 2, "segment_slots": 1})
+    res = _run(model, mode, make_store(docs, vocab_size=V), 3, tuning=RunTuning(lookahead=2, segment_slots=1))
     assert {"_Run", "_Segment"} <= set(seen)
     _check_against(res, _brute(model, docs))
 
@@ -139,7 +139,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(models, make_store,
     def evaluate(ck=None):
         ev = StreamingEvaluator(model, chunk_size=CHUNK, device="cpu", verbose=False, mode=mode, doc_mode="document",
                                 batch_size=3, checkpoint_interval=1e-9)
-        ev.runner_options = {"lookahead": 2, "segment_slots": 1}  # long documents streamed: checkpoints inside them too
+        ev.tuning = RunTuning(lookahead=2, segment_slots=1)  # long documents streamed: checkpoints inside them too
         return ev.evaluate_streaming_with_metrics(store, compute_per_token_metrics=True, checkpoint_dir=ck)
 
     ref = evaluate()

@@ -7,7 +7,6 @@ files never outlive the call."""
 from __future__ import annotations
 
 import csv
-import functools
 import math
 import os
 import tracemalloc
@@ -18,13 +17,12 @@ import pytest
 import torch
 
 import evaluator.engine as engine_mod
-import evaluator.metrics as metrics_mod
 import evaluator.report as report_mod
 import evaluator.runners as runners_mod
 import evaluator.spill as spill_mod
-from evaluator import StreamingEvaluator
+from evaluator import RunTuning, StreamingEvaluator
 from evaluator.cli import main
-from evaluator.metrics import MetricSums, PerTokenWriter, summarize_chunks
+from evaluator.metrics import MetricSums, summarize_chunks
 from evaluator.report import write_report
 from evaluator.spill import BlockView, SpillFiles, block_sum
 
@@ -42,15 +40,14 @@ def _docs(seed=0):
     return [rng.integers(1, V, n).tolist() for n in lens]
 
 
-def _tiny_blocks(monkeypatch, w=1, d=1, per_token=5):
-    monkeypatch.setattr(engine_mod, "MetricSums", functools.partial(MetricSums, block_windows=w, block_documents=d))
+def _tiny_blocks(w=1, d=1, per_token=5):
     # per-token losses too: blocks of 5 values (batches both fill a block and exceed one)
-    monkeypatch.setattr(engine_mod, "PerTokenWriter", functools.partial(PerTokenWriter, block=per_token))
+    return RunTuning(block_windows=w, block_documents=d, per_token_block=per_token)
 
 
-def _evaluate(model, data, **kw):
+def _evaluate(model, data, tuning=None, **kw):
     ck = kw.pop("checkpoint_dir", None)
-    ev = StreamingEvaluator(model, device="cpu", verbose=False, **kw)
+    ev = StreamingEvaluator(model, device="cpu", verbose=False, tuning=tuning, **kw)
     return ev.evaluate_streaming_with_metrics(data, compute_per_token_metrics=True, checkpoint_dir=ck)
 
 
@@ -84,13 +81,11 @@ def test_tiny_blocks_give_bit_identical_results(make_store, monkeypatch, name, f
     store = make_store(docs, vocab_size=V, nbytes=[3 * len(d) + 1 for d in docs], nwords=[len(d) // 2 for d in docs])
     model = factory()
     # one block larger than the whole run: what whole-run device arrays (the old design) held
-    monkeypatch.setattr(engine_mod, "MetricSums", functools.partial(MetricSums, block_windows=1 << 16, block_documents=1 << 16))
-    whole = _evaluate(model, store, doc_mode=doc_mode, **kw)
+    whole = _evaluate(model, store, doc_mode=doc_mode, tuning=RunTuning(block_windows=1 << 16, block_documents=1 << 16), **kw)
     flushes = []
     real_flush = MetricSums.flush
     monkeypatch.setattr(MetricSums, "flush", lambda self: (flushes.append(1), real_flush(self))[1])
-    _tiny_blocks(monkeypatch)
-    tiny = _evaluate(model, store, doc_mode=doc_mode, **kw)
+    tiny = _evaluate(model, store, doc_mode=doc_mode, tuning=_tiny_blocks(), **kw)
     assert len(flushes) > 5  # the block left the device many times mid-run
     _identical(tiny, whole)
     # and both agree with the documents' own sums
@@ -102,7 +97,7 @@ def test_tiny_blocks_give_bit_identical_results(make_store, monkeypatch, name, f
 def test_resume_continues_the_spilled_files_exactly(tmp_path, make_store, monkeypatch, name, factory, kw, doc_mode):
     store = make_store(_docs(1), vocab_size=V)
     model = factory()
-    _tiny_blocks(monkeypatch, w=2, d=2)
+    kw = dict(kw, tuning=_tiny_blocks(w=2, d=2))
     ref = _evaluate(model, store, doc_mode=doc_mode, **kw)
     ck = tmp_path / "ck"
     cls = runners_mod.SlidingRunner if kw.get("mode", "sliding") == "sliding" else runners_mod.CarriedRunner
@@ -189,6 +184,7 @@ def _metric_state_at_stop(tmp_path, monkeypatch, tokens: int, batches: int = 3) 
             super().__init__(*a, **k)
             made.append(self)
 
+    # (instrumentation, not tuning: the test reads the very MetricSums the engine builds)
     monkeypatch.setattr(engine_mod, "MetricSums", Recorded)
     seen, out = [0], {}
     real = runners_mod.SlidingRunner.step
@@ -252,16 +248,13 @@ def test_block_view_and_block_sum():
     assert block_sum(a, 7, block=4) == 28.0 and block_sum(a, 3, block=4) == 6.0
 
 
-def test_chunk_mean_and_std_across_blocks_match_numpy(monkeypatch):
+def test_chunk_mean_and_std_across_blocks_match_numpy():
     rng = np.random.default_rng(0)
     nll, tok = rng.random(1000) * 50, rng.integers(1, 30, 1000)
     one = summarize_chunks(nll, tok)
     loss = nll / tok
     assert one["avg_chunk_loss"] == float(np.mean(loss)) and one["std_chunk_loss"] == float(np.std(loss))
-    # summarize_chunks takes no block size (metrics.py): the module constants stay patched here
-    monkeypatch.setattr(metrics_mod, "BLOCK", 64)
-    monkeypatch.setattr(spill_mod, "BLOCK", 64)
-    many = summarize_chunks(nll, tok)
+    many = summarize_chunks(nll, tok, block=64)
     assert many["avg_chunk_loss"] == pytest.approx(np.mean(loss), rel=1e-14)
     assert many["std_chunk_loss"] == pytest.approx(np.std(loss), rel=1e-12)
     np.testing.assert_array_equal(np.asarray(many["chunk_perplexities"]), np.exp(loss))
