@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluator import ConfigError, DataError, ModelError, StreamingEvalConfig, StreamingEvaluator
+from evaluator import ConfigError, DataError, ModelError, RunTuning, StreamingEvalConfig, StreamingEvaluator
 
 from .helpers import V, Bigram, TinyRNN, tiny_gpt2
 
@@ -233,3 +233,15 @@ def test_the_loader_enforces_the_store_vocabulary_when_the_model_has_more_rows(t
     with pytest.raises(streamdata.StoreError, match=r"token id 90 at position 4 .* \[0, 64\)") as e:
         ev.evaluate_streaming(store)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(block_windows=0), "RunTuning(block_windows=0): pass an int >= 1"),
+    (dict(per_token_block=2.5), "RunTuning(per_token_block=2.5): pass an int >= 1"),
+    (dict(lookahead=True), "RunTuning(lookahead=True): pass an int >= 1"),
+    (dict(ladder_share=0), "RunTuning(ladder_share=0): pass a share in (0, 1], or None"),
+])
+def test_bad_run_tuning_is_one_line(kw, text):
+    with pytest.raises(ConfigError) as e:
+        RunTuning(**kw)
+    assert str(e.value) == text
