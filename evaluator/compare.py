@@ -176,7 +176,7 @@ def compare_result(candidate: Any, reference: Any, data: Any, *, config: Streami
     if config.device_map is not None:
         raise ConfigError(f"device_map={config.device_map!r} is not supported by compare: pass device and "
                           "reference_device (each model on one device)")
-    if getattr(config, "compile", None) is not None:
+    if config.compile is not None:
         raise ConfigError(f"compile={config.compile!r} is not supported by compare (it compiles one model's body): "
                           "leave compile unset")
     device = resolve_device(config.device) if config.device is not None else None  # bad names fail first
