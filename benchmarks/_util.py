@@ -171,7 +171,8 @@ def fmt_bytes(x: int | None) -> str:
 
 def one_line_errors(prog: str, flags: Sequence[str] = ("device", "store", "model", "chunk_size", "tokens")):
     """Decorator for a benchmark's ``main(argv)``: a user error (a ``StreamdataError``: no GPU for
-    ``--device cuda``, a missing store, ...) is one line on stderr in flag terms and exit 2, as the CLIs do."""
+    ``--device cuda``, a missing store, ...) is one line on stderr in flag terms and exit 2, as the CLIs do;
+    and no library progress bars when stderr is a pipe or a log file, as the CLIs do."""
     import functools
     import sys
 
@@ -182,6 +183,10 @@ def one_line_errors(prog: str, flags: Sequence[str] = ("device", "store", "model
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv=None) -> int:
+            if not sys.stderr.isatty():  # library bars drawn into a pipe or a log file are noise
+                from evaluator.progress import quiet_library_bars
+
+                quiet_library_bars()
             try:
                 return main(argv)
             except StreamdataError as e:

@@ -26,11 +26,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
-from streamdata.cli import quiet_datasets, stdout_closed
+from streamdata.cli import stdout_closed
 from streamdata.errors import StreamdataError, SuggestingParser, cli_flags, in_cli_terms
 from streamdata.windows import DOC_MODES, TAILS
 
 from .errors import EvaluatorError
+from .progress import quiet_library_bars
 
 __all__ = ["main", "demo_size", "DEMO_FULL_TOKENS", "DEMO_CPU_TOKENS"]
 
@@ -332,23 +333,11 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No progress bars from transformers/datasets ("Loading weights", "Generating train split"): with
-    --quiet (our own lines are off already), and whenever stderr is a pipe or a log file."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    quiet_datasets()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet or not sys.stderr.isatty():  # library bars drawn into a pipe or a log file are noise
-        _quiet_libraries()
+        quiet_library_bars()
     cmd = {"run": _cmd_run, "demo": _cmd_demo, "compare": _cmd_compare}[args.command]
     try:
         rc = cmd(args)

@@ -108,3 +108,18 @@ def duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+def quiet_library_bars() -> None:
+    """No progress bars from transformers and datasets ("Loading weights", "Generating train
+    split"): the CLIs call it with --quiet (our own lines are off already) and whenever stderr is a
+    pipe or a log file, where a bar is a line of noise per refresh; the benchmarks too."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    from streamdata.cli import quiet_datasets
+
+    quiet_datasets()

@@ -40,3 +40,36 @@ def test_memory_step_with_a_relative_cache_from_another_cwd(tmp_path, monkeypatc
     res = memory_scaling((3000, 6000), torch.device("cpu"), Path("cache"), 256, 2, log=lambda s: None, threads=1)
     assert [r["scored"] for r in res["rows"]] == [2999, 5999]
     assert (tmp_path / "cache").is_dir() and Path(res["store"]).is_relative_to(tmp_path / "cache")
+
+
+def test_benchmarks_draw_no_library_bars_into_a_pipe(monkeypatch):
+    """A benchmark logged to a file or a pipe showed transformers' "Loading weights" bar (one line
+    of noise per refresh): like the CLIs, a benchmark's main turns library bars off when stderr is
+    not a terminal, and leaves them alone on a terminal."""
+    import io
+
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    from benchmarks._util import one_line_errors
+
+    @one_line_errors("bench")
+    def main(argv=None) -> int:
+        return 0
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    try:
+        hf_logging.enable_progress_bar()
+        ds_logging.enable_progress_bar()
+        monkeypatch.setattr("sys.stderr", Tty())
+        assert main([]) == 0
+        assert hf_logging.is_progress_bar_enabled() and ds_logging.is_progress_bar_enabled()
+        monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe or a log file
+        assert main([]) == 0
+        assert not hf_logging.is_progress_bar_enabled() and not ds_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        ds_logging.enable_progress_bar()
